@@ -1,0 +1,367 @@
+//! HTTP handlers: parsing, validation and the `{code, message, data}` envelope. No business
+//! logic: every operation is one call on [`Presence`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, StatusStyle};
+use crate::error::{ok, Error};
+use crate::metrics::Metrics;
+use crate::presence::{
+    parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_user_id,
+    Platform, Settings, Status, UserId,
+};
+use crate::shard::Presence;
+
+/// The base path of the presence API.
+pub const BASE: &str = "/api/v1/presence";
+
+/// Every route and its methods, as served. `docs/openapi.yaml` is checked against this list.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/api/v1/presence/online", &["POST"]),
+    ("/api/v1/presence/offline", &["POST"]),
+    ("/api/v1/presence/heartbeat", &["POST"]),
+    ("/api/v1/presence/status/batch", &["POST"]),
+    ("/api/v1/presence/status/{userId}", &["GET", "PUT", "DELETE"]),
+    ("/api/v1/presence/statuses", &["GET"]),
+    ("/livez", &["GET"]),
+    ("/readyz", &["GET"]),
+    ("/metrics", &["GET"]),
+];
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct AppState {
+    pub presence: Arc<dyn Presence>,
+    pub metrics: Arc<Metrics>,
+    /// False while starting or draining.
+    pub ready: Arc<AtomicBool>,
+    pub limits: Arc<Limits>,
+}
+
+/// Limits and fixed answers from the configuration.
+pub struct Limits {
+    pub batch_limit: usize,
+    pub max_body_bytes: usize,
+    pub heartbeat_interval_ms: u64,
+    pub styles: Vec<StatusStyle>,
+    inflight: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn from_config(c: &Config) -> Result<Limits, crate::config::ConfigError> {
+        Ok(Limits {
+            batch_limit: c.batch_limit as usize,
+            max_body_bytes: c.max_body_bytes as usize,
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
+            styles: c.status_styles()?,
+            inflight: Arc::new(Semaphore::new(c.max_inflight as usize)),
+        })
+    }
+}
+
+/// The whole HTTP surface of a node.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/online", post(online))
+        .route("/offline", post(offline))
+        .route("/heartbeat", post(heartbeat))
+        .route("/status/batch", post(batch))
+        .route("/status/{userId}", get(status).put(set_status).delete(clear_status))
+        .route("/statuses", get(statuses))
+        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(middleware::from_fn_with_state(state.clone(), shed))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
+    let ops = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), track));
+    Router::new()
+        .nest(BASE, api)
+        .merge(ops)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// A JSON body: checks Content-Type and size, and names the field at fault on a bad shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| {
+                let m = m.trim().to_ascii_lowercase();
+                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !json {
+            return Err(Error::UnsupportedMediaType);
+        }
+        let limit = state.limits.max_body_bytes;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                Error::PayloadTooLarge(limit)
+            } else {
+                Error::BadRequest(format!("could not read request body: {e}"))
+            }
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                Error::BadRequest(format!("malformed JSON: {inner}"))
+            } else if path == "." {
+                Error::BadRequest(format!("invalid request body: {inner}"))
+            } else {
+                Error::BadRequest(format!("invalid field {path}: {inner}"))
+            }
+        })?;
+        Ok(ApiJson(value))
+    }
+}
+
+fn user_id_path(raw: &str) -> Result<UserId, Error> {
+    parse_user_id(raw)
+}
+
+fn platform(raw: &str) -> Result<Platform, Error> {
+    Platform::parse(raw).ok_or_else(|| {
+        Error::BadRequest("platform must be one of WEB, IOS, ANDROID, PC".into())
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OnlineRequest {
+    user_id: u64,
+    device_id: String,
+    platform: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OfflineRequest {
+    user_id: u64,
+    device_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeartbeatRequest {
+    user_id: u64,
+    device_id: String,
+    #[serde(default = "yes")]
+    active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchRequest {
+    user_ids: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SetStatusRequest {
+    status: Option<String>,
+    custom_text: Option<String>,
+    expires_at: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeartbeatAnswer {
+    next_heartbeat_interval: u64,
+}
+
+async fn online(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<OnlineRequest>,
+) -> Result<Response, Error> {
+    let user = validate_user_id(req.user_id)?;
+    let device = validate_device_id(&req.device_id)?;
+    let platform = platform(&req.platform)?;
+    let view = s.presence.online(user, &device, platform).await?;
+    Ok(ok("上线成功", view))
+}
+
+async fn offline(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<OfflineRequest>,
+) -> Result<Response, Error> {
+    let user = validate_user_id(req.user_id)?;
+    let device = validate_device_id(&req.device_id)?;
+    s.presence.offline(user, &device).await?;
+    Ok(ok("下线成功", ()))
+}
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> Result<Response, Error> {
+    let user = validate_user_id(req.user_id)?;
+    let device = validate_device_id(&req.device_id)?;
+    s.presence.heartbeat(user, &device, req.active).await?;
+    let answer = HeartbeatAnswer { next_heartbeat_interval: s.limits.heartbeat_interval_ms };
+    Ok(ok("心跳成功", answer))
+}
+
+async fn status(State(s): State<AppState>, Path(raw): Path<String>) -> Result<Response, Error> {
+    let user = user_id_path(&raw)?;
+    Ok(ok("success", s.presence.status(user).await?))
+}
+
+async fn batch(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Response, Error> {
+    let limit = s.limits.batch_limit;
+    if req.user_ids.len() > limit {
+        return Err(Error::BadRequest(format!("userIds may hold at most {limit} ids")));
+    }
+    for &id in &req.user_ids {
+        validate_user_id(id)?;
+    }
+    Ok(ok("success", s.presence.batch(&req.user_ids).await?))
+}
+
+async fn set_status(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    ApiJson(req): ApiJson<SetStatusRequest>,
+) -> Result<Response, Error> {
+    let user = user_id_path(&raw)?;
+    let manual = match req.status.as_deref() {
+        None => None,
+        Some(text) => match Status::parse(text) {
+            Some(st @ (Status::Online | Status::Busy | Status::Away)) => Some(st),
+            _ => {
+                return Err(Error::BadRequest(
+                    "status must be one of ONLINE, BUSY, AWAY".into(),
+                ))
+            }
+        },
+    };
+    let text = req.custom_text.as_deref().map(validate_custom_text).transpose()?;
+    if manual.is_none() && text.is_none() {
+        return Err(Error::BadRequest("status or customText is required".into()));
+    }
+    let expires_at = match req.expires_at.as_deref() {
+        None => None,
+        Some(t) => Some(parse_time(t).ok_or_else(|| {
+            Error::BadRequest("expiresAt must be an RFC 3339 time".into())
+        })?),
+    };
+    let settings = Settings { manual, text, expires_at };
+    Ok(ok("success", s.presence.set_status(user, settings).await?))
+}
+
+async fn clear_status(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, Error> {
+    let user = user_id_path(&raw)?;
+    Ok(ok("success", s.presence.clear_status(user).await?))
+}
+
+async fn statuses(State(s): State<AppState>) -> Response {
+    ok("success", &s.limits.styles)
+}
+
+async fn livez() -> Response {
+    ok("success", serde_json::json!({ "live": true }))
+}
+
+async fn readyz(State(s): State<AppState>) -> Result<Response, Error> {
+    if !s.ready.load(Ordering::Relaxed) || !s.presence.healthy().await {
+        s.metrics.ready.set(0);
+        return Err(Error::NotReady);
+    }
+    s.metrics.ready.set(1);
+    Ok(ok("success", serde_json::json!({ "ready": true })))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(State(s): State<AppState>, method: Method, uri: axum::http::Uri) -> Error {
+    record(&s.metrics, "unmatched", &method, "404", None);
+    Error::NotFound(uri.path().chars().take(200).collect())
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
+}
+
+fn record(m: &Metrics, route: &str, method: &Method, code: &str, started: Option<Instant>) {
+    let method = method_label(method);
+    m.http_requests.with_label_values(&[route, method, code]).inc();
+    if let Some(t) = started {
+        m.http_duration.with_label_values(&[route, method]).observe(t.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts and times every matched request.
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    record(&s.metrics, &route, &method, resp.status().as_str(), Some(started));
+    resp
+}
+
+/// Answers 503 at once when too many requests are in flight, instead of queueing.
+async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match s.limits.inflight.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => Error::Overloaded.into_response(),
+    }
+}

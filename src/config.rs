@@ -1,0 +1,298 @@
+//! The one `Config`: every option is a flag and a `PRESENCE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::presence::{Rules, Status};
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// presence-service: who is online, on which devices, busy or away, since when.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "presence-service", version, about)]
+pub struct Config {
+    /// Address of the HTTP API, health and metrics.
+    #[arg(long, env = "PRESENCE_LISTEN", default_value = "0.0.0.0:8004")]
+    pub listen: SocketAddr,
+
+    /// Interval clients are told to heartbeat at (`nextHeartbeatInterval`).
+    #[arg(long, env = "PRESENCE_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A device goes OFFLINE this long after its last heartbeat.
+    #[arg(long, env = "PRESENCE_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// A user with no activity on any device for this long is AWAY.
+    #[arg(long, env = "PRESENCE_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A timed-out device that heartbeats within this window is revived.
+    #[arg(long, env = "PRESENCE_RESUME_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub resume_window: Duration,
+
+    /// Most user ids in one batch query.
+    #[arg(long, env = "PRESENCE_BATCH_LIMIT", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_limit: u32,
+
+    /// Most devices one user may have online at once.
+    #[arg(long, env = "PRESENCE_MAX_DEVICES", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_devices: u32,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "PRESENCE_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_body_bytes: u32,
+
+    /// Most HTTP requests in flight; more are answered 503 at once.
+    #[arg(long, env = "PRESENCE_MAX_INFLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight: u32,
+
+    /// Resolution of the timer wheel; a timeout fires at most one tick late.
+    #[arg(long, env = "PRESENCE_TIMER_TICK", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub timer_tick: Duration,
+
+    /// How long SIGTERM waits for requests in flight before exiting.
+    #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// JSON overriding the label, icon and colour of statuses, e.g. `{"BUSY":{"color":"#FF0000"}}`.
+    #[arg(long, env = "PRESENCE_STATUS_STYLES")]
+    pub status_styles: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+
+    /// OTLP/gRPC endpoint for traces; no traces are exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// A configuration error, naming the variable at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}: {}", self.variable, self.message)
+    }
+}
+
+/// How one status looks to clients (状态图标).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusStyle {
+    pub status: Status,
+    pub label: String,
+    pub icon: String,
+    pub color: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StyleOverride {
+    label: Option<String>,
+    icon: Option<String>,
+    color: Option<String>,
+}
+
+impl Config {
+    /// Parses flags and environment, or prints the error and exits: 64 for a bad value.
+    pub fn load() -> Config {
+        match Config::try_load(std::env::args_os()) {
+            Ok(c) => c,
+            Err(Ok(e)) => {
+                eprintln!("error: {e}");
+                std::process::exit(EXIT_USAGE);
+            }
+            Err(Err(e)) => e.exit(),
+        }
+    }
+
+    /// Parses and validates. `Err(Err(_))` is clap's own exit (help, version).
+    pub fn try_load<I, T>(args: I) -> Result<Config, Result<ConfigError, clap::Error>>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = Config::try_parse_from(args).map_err(|e| match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Err(e),
+            _ => Ok(clap_error(&e)),
+        })?;
+        config.validate().map_err(Ok)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |variable: &str, message: &str| {
+            Err(ConfigError { variable: variable.into(), message: message.into() })
+        };
+        let ms = |d: Duration| d.as_millis();
+        if ms(self.heartbeat_interval) == 0 {
+            return bad("PRESENCE_HEARTBEAT_INTERVAL", "must be at least 1ms");
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad(
+                "PRESENCE_HEARTBEAT_TIMEOUT",
+                "must be longer than PRESENCE_HEARTBEAT_INTERVAL",
+            );
+        }
+        if ms(self.idle_timeout) == 0 {
+            return bad("PRESENCE_IDLE_TIMEOUT", "must be at least 1ms");
+        }
+        let day = Duration::from_secs(86_400);
+        for (var, d) in [
+            ("PRESENCE_HEARTBEAT_INTERVAL", self.heartbeat_interval),
+            ("PRESENCE_HEARTBEAT_TIMEOUT", self.heartbeat_timeout),
+            ("PRESENCE_IDLE_TIMEOUT", self.idle_timeout),
+            ("PRESENCE_RESUME_WINDOW", self.resume_window),
+        ] {
+            if d > day {
+                return bad(var, "must be at most 24h");
+            }
+        }
+        if self.timer_tick < Duration::from_millis(1) || self.timer_tick > Duration::from_secs(1) {
+            return bad("PRESENCE_TIMER_TICK", "must be between 1ms and 1s");
+        }
+        if self.drain_timeout > Duration::from_secs(600) {
+            return bad("PRESENCE_DRAIN_TIMEOUT", "must be at most 10m");
+        }
+        self.status_styles().map(|_| ())
+    }
+
+    /// The timing rules for the domain.
+    pub fn rules(&self) -> Rules {
+        Rules {
+            heartbeat_timeout: self.heartbeat_timeout.as_millis() as i64,
+            idle_timeout: self.idle_timeout.as_millis() as i64,
+            resume_window: self.resume_window.as_millis() as i64,
+            max_devices: self.max_devices as usize,
+        }
+    }
+
+    /// The status styles: defaults, overridden by `PRESENCE_STATUS_STYLES`.
+    pub fn status_styles(&self) -> Result<Vec<StatusStyle>, ConfigError> {
+        let err = |message: String| ConfigError { variable: "PRESENCE_STATUS_STYLES".into(), message };
+        let mut styles: Vec<StatusStyle> = [
+            (Status::Online, "在线", "circle-check", "#22C55E"),
+            (Status::Offline, "离线", "circle-outline", "#9CA3AF"),
+            (Status::Busy, "忙碌", "minus-circle", "#EF4444"),
+            (Status::Away, "离开", "clock", "#F59E0B"),
+        ]
+        .into_iter()
+        .map(|(status, label, icon, color)| StatusStyle {
+            status,
+            label: label.into(),
+            icon: icon.into(),
+            color: color.into(),
+        })
+        .collect();
+        let Some(json) = &self.status_styles else { return Ok(styles) };
+        let overrides: std::collections::BTreeMap<String, StyleOverride> =
+            serde_json::from_str(json).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        for (name, o) in overrides {
+            let status = Status::parse(&name)
+                .ok_or_else(|| err(format!("unknown status {name:?}")))?;
+            let style = styles.iter_mut().find(|s| s.status == status).expect("all statuses");
+            if let Some(label) = o.label {
+                if label.is_empty() || label.chars().count() > 32 {
+                    return Err(err(format!("{name}.label must be 1 to 32 characters")));
+                }
+                style.label = label;
+            }
+            if let Some(icon) = o.icon {
+                if icon.is_empty() || icon.len() > 256 {
+                    return Err(err(format!("{name}.icon must be 1 to 256 bytes")));
+                }
+                style.icon = icon;
+            }
+            if let Some(color) = o.color {
+                let hex = color.strip_prefix('#').unwrap_or("");
+                if !(hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())) {
+                    return Err(err(format!("{name}.color must be #RRGGBB")));
+                }
+                style.color = color;
+            }
+        }
+        Ok(styles)
+    }
+}
+
+/// Turns a clap error into one that names the environment variable of the argument at fault.
+fn clap_error(e: &clap::Error) -> ConfigError {
+    let message = e.kind().as_str().unwrap_or("invalid value").to_owned();
+    let detail = e.to_string();
+    let detail = detail.lines().next().unwrap_or("").trim_start_matches("error: ").to_owned();
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let long = arg.split_whitespace().next().unwrap_or("").trim_start_matches("--").to_owned();
+    let variable = Config::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .and_then(|a| a.get_env().map(|v| v.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| if long.is_empty() { "arguments".into() } else { format!("--{long}") });
+    ConfigError { variable, message: if detail.is_empty() { message } else { detail } }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["presence-service"];
+        all.extend_from_slice(args);
+        Config::try_load(all).map_err(|e| e.expect("not a help request"))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.listen.port(), 8004);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(60));
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.batch_limit, 1000);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = load(&["--heartbeat-timeout", "soon"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
+        let e = load(&["--batch-limit", "0"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_BATCH_LIMIT");
+        let e = load(&["--heartbeat-timeout", "10s"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
+        let e = load(&["--timer-tick", "2s"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_TIMER_TICK");
+        let e = load(&["--status-styles", r#"{"BUSY":{"color":"red"}}"#]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_STATUS_STYLES");
+    }
+
+    #[test]
+    fn styles_override() {
+        let c = load(&["--status-styles", r##"{"BUSY":{"label":"勿扰","color":"#FF0000"}}"##]).unwrap();
+        let s = c.status_styles().unwrap();
+        let busy = s.iter().find(|s| s.status == Status::Busy).unwrap();
+        assert_eq!((busy.label.as_str(), busy.color.as_str()), ("勿扰", "#FF0000"));
+        assert_eq!(busy.icon, "minus-circle");
+    }
+}

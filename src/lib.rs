@@ -1,0 +1,27 @@
+//! presence-service: a Kubernetes-native, horizontally sharded presence service for instant
+//! messaging. It answers who is online, on which devices, busy or away, and since when.
+//!
+//! # Layout
+//! - [`config`]: the one `Config`, from flags and `PRESENCE_*` variables.
+//! - [`error`]: the one error type and its HTTP envelope.
+//! - [`presence`]: the domain rules (aggregation, idle, manual status, timeouts), pure.
+//! - [`timer`]: the timer wheel behind every deadline.
+//! - [`store`]: the persistence boundary (`Store`) and the in-memory store.
+//! - [`shard`]: owns users: live state, their timers, write-through to the store.
+//! - [`api`]: HTTP handlers: parsing, validation and the envelope, no business logic.
+//! - [`metrics`]: the Prometheus registry and every metric.
+//! - [`telemetry`]: logs (`tracing`) and OpenTelemetry trace export.
+//! - [`node`]: wires one process together and runs it until shutdown.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod presence;
+pub mod shard;
+pub mod store;
+pub mod telemetry;
+pub mod timer;
+
+pub use error::Error;

@@ -1,0 +1,22 @@
+//! The presence-service binary: parse the configuration, start telemetry, run the node.
+
+use presence_service::config::{Config, EXIT_USAGE};
+use presence_service::node::{self, Node};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::load();
+    let _telemetry = presence_service::telemetry::init(&config).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(EXIT_USAGE);
+    });
+    let node = Node::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        node::signal().await;
+        trigger.cancel();
+    });
+    node.run(shutdown).await
+}

@@ -1,0 +1,153 @@
+//! The Prometheus registry and every metric the service exports.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric, registered in one registry per node.
+pub struct Metrics {
+    pub registry: Registry,
+    pub online_users: IntGauge,
+    pub online_devices: IntGauge,
+    pub cached_users: IntGauge,
+    pub heartbeats: IntCounterVec,
+    pub timeouts: IntCounter,
+    pub transitions: IntCounterVec,
+    pub timer_fired: IntCounter,
+    pub timer_lag: Histogram,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub store_ops: IntCounterVec,
+    pub store_duration: HistogramVec,
+    pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique");
+        };
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let online_users = gauge("presence_online_users", "Users with at least one online device.");
+        let online_devices = gauge("presence_online_devices", "Devices online.");
+        let cached_users =
+            gauge("presence_cached_users", "Users whose live state this node holds in memory.");
+        let ready = gauge("presence_ready", "1 when the node is ready to serve, 0 otherwise.");
+        let heartbeats = IntCounterVec::new(
+            Opts::new("presence_heartbeats_total", "Heartbeats received, by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let timeouts = IntCounter::new(
+            "presence_device_timeouts_total",
+            "Devices marked offline because their heartbeats stopped.",
+        )
+        .expect("valid metric");
+        let transitions = IntCounterVec::new(
+            Opts::new("presence_status_transitions_total", "Changes of a user's effective status."),
+            &["from", "to"],
+        )
+        .expect("valid metric");
+        let timer_fired = IntCounter::new(
+            "presence_timer_fired_total",
+            "Timer wheel entries that were due and processed.",
+        )
+        .expect("valid metric");
+        let timer_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "presence_timer_lag_seconds",
+                "How late a timer tick ran compared with its scheduled time.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        )
+        .expect("valid metric");
+        let http_requests = IntCounterVec::new(
+            Opts::new("presence_http_requests_total", "HTTP requests, by route, method and code."),
+            &["route", "method", "code"],
+        )
+        .expect("valid metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("presence_http_request_duration_seconds", "HTTP request latency.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method"],
+        )
+        .expect("valid metric");
+        let store_ops = IntCounterVec::new(
+            Opts::new("presence_store_operations_total", "Store operations, by operation and result."),
+            &["op", "result"],
+        )
+        .expect("valid metric");
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new("presence_store_operation_duration_seconds", "Store operation latency.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("presence_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for c in [
+            Box::new(online_users.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(online_devices.clone()),
+            Box::new(cached_users.clone()),
+            Box::new(ready.clone()),
+            Box::new(heartbeats.clone()),
+            Box::new(timeouts.clone()),
+            Box::new(transitions.clone()),
+            Box::new(timer_fired.clone()),
+            Box::new(timer_lag.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_duration.clone()),
+            Box::new(store_ops.clone()),
+            Box::new(store_duration.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            reg(c);
+        }
+        // Pre-create the label sets dashboards expect, so they read 0 rather than nothing.
+        for r in ["ok", "not_online"] {
+            heartbeats.with_label_values(&[r]);
+        }
+        Metrics {
+            registry,
+            online_users,
+            online_devices,
+            cached_users,
+            heartbeats,
+            timeouts,
+            transitions,
+            timer_fired,
+            timer_lag,
+            http_requests,
+            http_duration,
+            store_ops,
+            store_duration,
+            ready,
+            build_info,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding does not fail");
+        String::from_utf8(buf).expect("text format is utf-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

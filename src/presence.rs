@@ -1,0 +1,862 @@
+//! The domain rules of presence: device liveness, idle detection, manual status and aggregation.
+//!
+//! Everything here is pure: no I/O, no clock, no locks. Every operation takes `now` (Unix
+//! milliseconds) and the [`Rules`], mutates one [`UserState`] and reports an [`Effect`] that the
+//! caller (the shard) turns into persistence, metrics and timers.
+
+use compact_str::CompactString;
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+use crate::error::Error;
+
+/// Unix time in milliseconds.
+pub type Millis = i64;
+
+/// A user id: a positive 64-bit integer.
+pub type UserId = u64;
+
+/// Maximum length of a device id.
+pub const DEVICE_ID_MAX: usize = 128;
+/// Maximum length of a custom status text, in characters.
+pub const CUSTOM_TEXT_MAX: usize = 100;
+
+/// The four presence states of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Online,
+    #[default]
+    Offline,
+    Busy,
+    Away,
+}
+
+impl Status {
+    /// All states, in the order `GET /statuses` lists them.
+    pub const ALL: [Status; 4] = [Status::Online, Status::Offline, Status::Busy, Status::Away];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "ONLINE",
+            Status::Offline => "OFFLINE",
+            Status::Busy => "BUSY",
+            Status::Away => "AWAY",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// The client platforms of the contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Platform {
+    Web,
+    Ios,
+    Android,
+    Pc,
+}
+
+impl Platform {
+    pub const ALL: [Platform; 4] = [Platform::Web, Platform::Ios, Platform::Android, Platform::Pc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Web => "WEB",
+            Platform::Ios => "IOS",
+            Platform::Android => "ANDROID",
+            Platform::Pc => "PC",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Platform> {
+        Platform::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// Checks a userId: a positive 64-bit integer.
+pub fn validate_user_id(id: u64) -> Result<UserId, Error> {
+    if id == 0 {
+        return Err(Error::BadRequest("userId must be a positive 64-bit integer".into()));
+    }
+    Ok(id)
+}
+
+/// Parses a userId from text (a path segment).
+pub fn parse_user_id(s: &str) -> Result<UserId, Error> {
+    let ok = !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    match ok.then(|| s.parse::<u64>().ok()).flatten() {
+        Some(id) => validate_user_id(id),
+        None => Err(Error::BadRequest("userId must be a positive 64-bit integer".into())),
+    }
+}
+
+/// Checks a deviceId: 1 to 128 characters from `[A-Za-z0-9_.:-]`.
+pub fn validate_device_id(id: &str) -> Result<CompactString, Error> {
+    if id.is_empty() {
+        return Err(Error::BadRequest("deviceId must not be empty".into()));
+    }
+    if id.len() > DEVICE_ID_MAX {
+        return Err(Error::BadRequest(format!(
+            "deviceId must be at most {DEVICE_ID_MAX} characters"
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+    {
+        return Err(Error::BadRequest(
+            "deviceId may only contain A-Z, a-z, 0-9, '_', '.', ':' and '-'".into(),
+        ));
+    }
+    Ok(CompactString::from(id))
+}
+
+/// Checks a custom status text: 1 to 100 characters, no control characters.
+pub fn validate_custom_text(text: &str) -> Result<CompactString, Error> {
+    let chars = text.chars().count();
+    if chars == 0 || chars > CUSTOM_TEXT_MAX {
+        return Err(Error::BadRequest(format!(
+            "customText must be 1 to {CUSTOM_TEXT_MAX} characters"
+        )));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Error::BadRequest("customText must not contain control characters".into()));
+    }
+    Ok(CompactString::from(text))
+}
+
+/// The timing rules, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rules {
+    /// A device goes offline this long after its last heartbeat (or online).
+    pub heartbeat_timeout: Millis,
+    /// A user with no activity on any online device for this long is AWAY.
+    pub idle_timeout: Millis,
+    /// A timed-out device that heartbeats again within this window is revived.
+    pub resume_window: Millis,
+    /// At most this many devices per user.
+    pub max_devices: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            heartbeat_timeout: 60_000,
+            idle_timeout: 300_000,
+            resume_window: 300_000,
+            max_devices: 16,
+        }
+    }
+}
+
+/// One device of a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: CompactString,
+    pub platform: Platform,
+    /// When this device (last) came online.
+    pub online_at: Millis,
+    /// The last heartbeat or online: the device times out `heartbeat_timeout` after this.
+    pub last_seen: Millis,
+    /// The last moment the user interacted on this device.
+    pub last_active: Millis,
+    /// 0 while online; when the device timed out otherwise (it may then resume).
+    #[serde(default)]
+    pub timed_out_at: Millis,
+}
+
+impl Device {
+    pub fn is_online(&self) -> bool {
+        self.timed_out_at == 0
+    }
+}
+
+/// A user's own settings: manual status and custom text. They persist while offline.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Settings {
+    pub manual: Option<Status>,
+    pub text: Option<CompactString>,
+    /// When the settings clear themselves.
+    pub expires_at: Option<Millis>,
+}
+
+impl Settings {
+    fn live(&self, now: Millis) -> bool {
+        self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+/// Everything known about one user. This is also the record that a store persists.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserState {
+    /// Increases on every visible change.
+    pub version: u64,
+    /// The last time the user was active (online, an active heartbeat, offline); 0 if never.
+    pub last_active: Millis,
+    /// The effective status as last settled.
+    pub status: Status,
+    pub settings: Option<Box<Settings>>,
+    pub devices: SmallVec<[Device; 1]>,
+}
+
+/// A change of effective status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub from: Status,
+    pub to: Status,
+}
+
+/// What an operation did, for persistence, metrics and timers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effect {
+    /// The status, device list or settings changed: the version was bumped.
+    pub visible: bool,
+    pub transition: Option<Transition>,
+    /// Change in the number of online devices.
+    pub devices_delta: i32,
+    /// Devices that timed out in this step.
+    pub timeouts: u32,
+    /// Settings that expired in this step.
+    pub expired: bool,
+}
+
+impl Effect {
+    /// The combined effect of `self` followed by `next`.
+    pub fn then(self, next: Effect) -> Effect {
+        let transition = match (self.transition, next.transition) {
+            (Some(a), Some(b)) => (a.from != b.to).then_some(Transition { from: a.from, to: b.to }),
+            (a, b) => a.or(b),
+        };
+        Effect {
+            visible: self.visible || next.visible,
+            transition,
+            devices_delta: self.devices_delta + next.devices_delta,
+            timeouts: self.timeouts + next.timeouts,
+            expired: self.expired || next.expired,
+        }
+    }
+
+    /// Change in the number of online users (0, 1 or -1).
+    pub fn users_delta(&self) -> i32 {
+        match self.transition {
+            Some(Transition { from: Status::Offline, .. }) => 1,
+            Some(Transition { to: Status::Offline, .. }) => -1,
+            _ => 0,
+        }
+    }
+}
+
+/// The answer to a heartbeat from a device that is not online.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotOnline;
+
+impl UserState {
+    /// Online devices.
+    pub fn online_devices(&self) -> impl Iterator<Item = &Device> {
+        self.devices.iter().filter(|d| d.is_online())
+    }
+
+    /// The settings, unless they have expired by `now`.
+    pub fn live_settings(&self, now: Millis) -> Option<&Settings> {
+        self.settings.as_deref().filter(|s| s.live(now))
+    }
+
+    /// The effective status: OFFLINE without an online device; else the manual status; else AWAY
+    /// when no online device was active within the idle timeout; else ONLINE.
+    pub fn effective_status(&self, now: Millis, rules: &Rules) -> Status {
+        let Some(active) = self.online_devices().map(|d| d.last_active).max() else {
+            return Status::Offline;
+        };
+        if let Some(manual) = self.live_settings(now).and_then(|s| s.manual) {
+            return manual;
+        }
+        if active.saturating_add(rules.idle_timeout) <= now {
+            Status::Away
+        } else {
+            Status::Online
+        }
+    }
+
+    /// Recomputes the effective status and bumps the version when something visible changed.
+    fn settle(&mut self, now: Millis, rules: &Rules, mut effect: Effect) -> Effect {
+        let status = self.effective_status(now, rules);
+        if status != self.status {
+            effect.transition = Some(Transition { from: self.status, to: status });
+            self.status = status;
+            effect.visible = true;
+        }
+        if effect.visible {
+            self.version += 1;
+        }
+        effect
+    }
+
+    /// A device comes online. Idempotent for a device that is already online.
+    pub fn online(
+        &mut self,
+        id: &str,
+        platform: Platform,
+        now: Millis,
+        rules: &Rules,
+    ) -> Result<Effect, Error> {
+        let mut effect = Effect::default();
+        self.last_active = self.last_active.max(now);
+        match self.devices.iter_mut().find(|d| d.id == id) {
+            Some(d) if d.is_online() => {
+                d.last_seen = d.last_seen.max(now);
+                d.last_active = d.last_active.max(now);
+                if d.platform != platform {
+                    d.platform = platform;
+                    effect.visible = true;
+                }
+            }
+            Some(d) => {
+                *d = Device::new(id, platform, now);
+                effect.visible = true;
+                effect.devices_delta += 1;
+            }
+            None => {
+                if self.devices.len() >= rules.max_devices {
+                    // Make room by forgetting the oldest timed-out device, if any.
+                    let oldest = self
+                        .devices
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| !d.is_online())
+                        .min_by_key(|(_, d)| d.timed_out_at)
+                        .map(|(i, _)| i);
+                    match oldest {
+                        Some(i) => {
+                            self.devices.remove(i);
+                        }
+                        None => return Err(Error::TooManyDevices(rules.max_devices)),
+                    }
+                }
+                self.devices.push(Device::new(id, platform, now));
+                effect.visible = true;
+                effect.devices_delta += 1;
+            }
+        }
+        Ok(self.settle(now, rules, effect))
+    }
+
+    /// A device goes offline explicitly. Final: the device cannot resume. Idempotent.
+    pub fn offline(&mut self, id: &str, now: Millis, rules: &Rules) -> Effect {
+        let mut effect = Effect::default();
+        if let Some(i) = self.devices.iter().position(|d| d.id == id) {
+            let d = self.devices.remove(i);
+            if d.is_online() {
+                effect.visible = true;
+                effect.devices_delta -= 1;
+                self.last_active = self.last_active.max(now);
+            }
+        }
+        self.settle(now, rules, effect)
+    }
+
+    /// A heartbeat. `active` says the user interacted since the previous one. A device that timed
+    /// out less than the resume window ago is revived; any other unknown device is [`NotOnline`].
+    pub fn heartbeat(
+        &mut self,
+        id: &str,
+        active: bool,
+        now: Millis,
+        rules: &Rules,
+    ) -> Result<Effect, NotOnline> {
+        let mut effect = Effect::default();
+        let d = self.devices.iter_mut().find(|d| d.id == id).ok_or(NotOnline)?;
+        if !d.is_online() {
+            if d.timed_out_at.saturating_add(rules.resume_window) <= now {
+                return Err(NotOnline);
+            }
+            *d = Device::new(id, d.platform, now);
+            effect.visible = true;
+            effect.devices_delta += 1;
+        }
+        d.last_seen = d.last_seen.max(now);
+        if active {
+            d.last_active = d.last_active.max(now);
+            self.last_active = self.last_active.max(now);
+        }
+        Ok(self.settle(now, rules, effect))
+    }
+
+    /// Replaces the settings (manual status and/or custom text).
+    pub fn set_settings(&mut self, settings: Settings, now: Millis, rules: &Rules) -> Effect {
+        let mut effect = Effect::default();
+        let new = (settings != Settings::default()).then(|| Box::new(settings));
+        if new != self.settings {
+            self.settings = new;
+            effect.visible = true;
+        }
+        self.settle(now, rules, effect)
+    }
+
+    /// Clears the settings.
+    pub fn clear_settings(&mut self, now: Millis, rules: &Rules) -> Effect {
+        self.set_settings(Settings::default(), now, rules)
+    }
+
+    /// Applies everything due by `now`. Callers run this before any operation whose state may
+    /// have a deadline at or before `now` (the operations themselves assume it has run): device timeouts, forgetting devices past the resume
+    /// window, settings expiry and going idle.
+    pub fn advance(&mut self, now: Millis, rules: &Rules) -> Effect {
+        let effect = self.expire(now, rules);
+        self.settle(now, rules, effect)
+    }
+
+    fn expire(&mut self, now: Millis, rules: &Rules) -> Effect {
+        let mut effect = Effect::default();
+        for d in self.devices.iter_mut().filter(|d| d.is_online()) {
+            let deadline = d.last_seen.saturating_add(rules.heartbeat_timeout);
+            if deadline <= now {
+                d.timed_out_at = deadline;
+                effect.visible = true;
+                effect.devices_delta -= 1;
+                effect.timeouts += 1;
+            }
+        }
+        self.devices
+            .retain(|d| d.is_online() || d.timed_out_at.saturating_add(rules.resume_window) > now);
+        if self.settings.as_ref().is_some_and(|s| !s.live(now)) {
+            self.settings = None;
+            effect.visible = true;
+            effect.expired = true;
+        }
+        effect
+    }
+
+    /// When [`UserState::advance`] next has something to do, if ever.
+    pub fn next_deadline(&self, rules: &Rules) -> Option<Millis> {
+        let mut next: Option<Millis> = None;
+        let mut at = |t: Millis| next = Some(next.map_or(t, |n| n.min(t)));
+        let mut max_active = None::<Millis>;
+        for d in &self.devices {
+            if d.is_online() {
+                at(d.last_seen.saturating_add(rules.heartbeat_timeout));
+                max_active = Some(max_active.map_or(d.last_active, |m| m.max(d.last_active)));
+            } else {
+                at(d.timed_out_at.saturating_add(rules.resume_window));
+            }
+        }
+        let settings = self.settings.as_deref();
+        if let Some(t) = settings.and_then(|s| s.expires_at) {
+            at(t);
+        }
+        let manual = settings.is_some_and(|s| s.manual.is_some());
+        if let (Some(active), false, Status::Online) = (max_active, manual, self.status) {
+            at(active.saturating_add(rules.idle_timeout));
+        }
+        next
+    }
+
+    /// Nothing left to time: the state can leave memory (it stays in the store).
+    pub fn is_dormant(&self) -> bool {
+        self.devices.is_empty() && self.settings.as_ref().is_none_or(|s| s.expires_at.is_none())
+    }
+}
+
+impl Device {
+    fn new(id: &str, platform: Platform, now: Millis) -> Device {
+        Device {
+            id: CompactString::from(id),
+            platform,
+            online_at: now,
+            last_seen: now,
+            last_active: now,
+            timed_out_at: 0,
+        }
+    }
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with a `Z`, to the second as in the contract.
+pub fn format_time(ms: Millis) -> Option<String> {
+    if ms <= 0 {
+        return None;
+    }
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Parses an RFC 3339 time (any offset) to Unix milliseconds.
+pub fn parse_time(s: &str) -> Option<Millis> {
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+}
+
+/// A device as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceView {
+    pub device_id: String,
+    pub platform: Platform,
+    pub online_time: Option<String>,
+}
+
+/// A user's presence as `GET /status/{userId}` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusView {
+    pub user_id: UserId,
+    pub status: Status,
+    pub last_active_time: Option<String>,
+    pub devices: Vec<DeviceView>,
+    pub custom_text: Option<String>,
+    pub manual_status: Option<Status>,
+    pub version: u64,
+}
+
+/// One entry of a batch query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchEntry {
+    pub user_id: UserId,
+    pub status: Status,
+    pub last_active_time: Option<String>,
+    pub custom_text: Option<String>,
+}
+
+impl UserState {
+    /// The full view at `now`. Works on a state read from a store too: whatever is due by `now`
+    /// (timeouts, expiry, idle) is applied to a copy first.
+    pub fn view(&self, user_id: UserId, now: Millis, rules: &Rules) -> StatusView {
+        let settled;
+        let st = if self.next_deadline(rules).is_some_and(|t| t <= now) {
+            let mut copy = self.clone();
+            copy.advance(now, rules);
+            settled = copy;
+            &settled
+        } else {
+            self
+        };
+        let settings = st.live_settings(now);
+        StatusView {
+            user_id,
+            status: st.status,
+            last_active_time: format_time(st.last_active),
+            devices: st
+                .online_devices()
+                .map(|d| DeviceView {
+                    device_id: d.id.to_string(),
+                    platform: d.platform,
+                    online_time: format_time(d.online_at),
+                })
+                .collect(),
+            custom_text: settings.and_then(|s| s.text.as_ref()).map(|t| t.to_string()),
+            manual_status: settings.and_then(|s| s.manual),
+            version: st.version,
+        }
+    }
+
+    /// The short view of a batch query.
+    pub fn batch_entry(&self, user_id: UserId, now: Millis, rules: &Rules) -> BatchEntry {
+        let settings = self.live_settings(now);
+        let status = if self.next_deadline(rules).is_some_and(|t| t <= now) {
+            let mut copy = self.clone();
+            copy.advance(now, rules);
+            copy.status
+        } else {
+            self.status
+        };
+        BatchEntry {
+            user_id,
+            status,
+            last_active_time: format_time(self.last_active),
+            custom_text: settings.and_then(|s| s.text.as_ref()).map(|t| t.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const R: Rules = Rules {
+        heartbeat_timeout: 60_000,
+        idle_timeout: 300_000,
+        resume_window: 300_000,
+        max_devices: 4,
+    };
+    const T0: Millis = 1_700_000_000_000;
+
+    fn online(st: &mut UserState, id: &str, now: Millis) -> Effect {
+        st.online(id, Platform::Web, now, &R).unwrap()
+    }
+
+    #[test]
+    fn never_seen_user_is_offline() {
+        let st = UserState::default();
+        let v = st.view(7, T0, &R);
+        assert_eq!(v.status, Status::Offline);
+        assert!(v.devices.is_empty());
+        assert_eq!(v.last_active_time, None);
+        assert_eq!(v.version, 0);
+    }
+
+    #[test]
+    fn online_then_offline_keeps_last_active() {
+        let mut st = UserState::default();
+        let e = online(&mut st, "d1", T0);
+        assert_eq!(e.transition, Some(Transition { from: Status::Offline, to: Status::Online }));
+        assert_eq!(e.users_delta(), 1);
+        assert_eq!(st.version, 1);
+        let e = st.offline("d1", T0 + 5_000, &R);
+        assert_eq!(e.transition.unwrap().to, Status::Offline);
+        assert_eq!(e.users_delta(), -1);
+        assert_eq!(st.version, 2);
+        assert_eq!(st.last_active, T0 + 5_000);
+        assert_eq!(st.view(1, T0 + 10_000, &R).last_active_time, format_time(T0 + 5_000));
+    }
+
+    #[test]
+    fn online_is_idempotent() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        let e = online(&mut st, "d1", T0 + 1_000);
+        assert!(!e.visible);
+        assert_eq!(e.transition, None);
+        assert_eq!(st.devices.len(), 1);
+        assert_eq!(st.devices[0].online_at, T0);
+        assert_eq!(st.version, 1);
+    }
+
+    #[test]
+    fn device_times_out_exactly_at_deadline() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        st.heartbeat("d1", false, T0 + 30_000, &R).unwrap();
+        assert_eq!(st.next_deadline(&R), Some(T0 + 90_000));
+        assert_eq!(st.advance(T0 + 89_999, &R), Effect::default());
+        let e = st.advance(T0 + 90_000, &R);
+        assert_eq!(e.timeouts, 1);
+        assert_eq!(e.transition.unwrap().to, Status::Offline);
+        assert_eq!(st.devices[0].timed_out_at, T0 + 90_000);
+    }
+
+    #[test]
+    fn idle_goes_away_and_active_heartbeat_comes_back() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        let mut t = T0;
+        while t < T0 + 300_000 {
+            t += 30_000;
+            st.heartbeat("d1", false, t, &R).unwrap();
+            if t < T0 + 300_000 {
+                assert_eq!(st.status, Status::Online, "at {t}");
+            }
+        }
+        assert_eq!(st.status, Status::Away);
+        // The timer would have fired at exactly T0 + idle.
+        let mut st2 = UserState::default();
+        online(&mut st2, "d1", T0);
+        st2.heartbeat("d1", false, T0 + 290_000, &R).unwrap();
+        assert_eq!(st2.next_deadline(&R), Some(T0 + 300_000));
+        let e = st2.advance(T0 + 300_000, &R);
+        assert_eq!(e.transition, Some(Transition { from: Status::Online, to: Status::Away }));
+        // While away there is no idle deadline, only the device timeout.
+        assert_eq!(st2.next_deadline(&R), Some(T0 + 350_000));
+        let e = st2.heartbeat("d1", true, T0 + 310_000, &R).unwrap();
+        assert_eq!(e.transition, Some(Transition { from: Status::Away, to: Status::Online }));
+    }
+
+    #[test]
+    fn manual_status_overrides_idle_and_persists_offline() {
+        let mut st = UserState::default();
+        let s = Settings { manual: Some(Status::Busy), text: Some("会议中".into()), expires_at: None };
+        let e = st.set_settings(s, T0, &R);
+        assert!(e.visible);
+        assert_eq!(st.status, Status::Offline);
+        assert_eq!(st.view(1, T0, &R).custom_text.as_deref(), Some("会议中"));
+        online(&mut st, "d1", T0 + 1);
+        assert_eq!(st.status, Status::Busy);
+        for t in (T0 + 50_000..=T0 + 400_000).step_by(50_000) {
+            st.heartbeat("d1", false, t, &R).unwrap();
+        }
+        assert_eq!(st.status, Status::Busy);
+        st.offline("d1", T0 + 400_001, &R);
+        assert_eq!(st.status, Status::Offline);
+        assert!(st.is_dormant());
+        online(&mut st, "d2", T0 + 500_000);
+        assert_eq!(st.status, Status::Busy);
+        let e = st.clear_settings(T0 + 500_001, &R);
+        assert_eq!(e.transition, Some(Transition { from: Status::Busy, to: Status::Online }));
+        assert_eq!(st.view(1, T0 + 500_001, &R).custom_text, None);
+    }
+
+    #[test]
+    fn settings_expire() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        let s = Settings { manual: Some(Status::Away), text: None, expires_at: Some(T0 + 10_000) };
+        st.set_settings(s, T0, &R);
+        assert_eq!(st.status, Status::Away);
+        assert_eq!(st.next_deadline(&R), Some(T0 + 10_000));
+        assert!(!st.is_dormant());
+        // A view before the timer runs already hides expired settings.
+        assert_eq!(st.view(1, T0 + 10_000, &R).status, Status::Online);
+        let e = st.advance(T0 + 10_000, &R);
+        assert!(e.expired);
+        assert_eq!(e.transition, Some(Transition { from: Status::Away, to: Status::Online }));
+        assert!(st.settings.is_none());
+    }
+
+    #[test]
+    fn resume_within_window_and_not_after() {
+        let mut st = UserState::default();
+        st.online("d1", Platform::Ios, T0, &R).unwrap();
+        st.advance(T0 + 60_000, &R);
+        assert_eq!(st.status, Status::Offline);
+        let e = st.heartbeat("d1", true, T0 + 60_000 + 299_999, &R).unwrap();
+        assert_eq!(e.transition.unwrap().to, Status::Online);
+        assert_eq!(st.devices[0].platform, Platform::Ios);
+        assert_eq!(st.devices[0].online_at, T0 + 359_999);
+        // Time out again and wait past the window: forgotten.
+        st.advance(T0 + 359_999 + 60_000, &R);
+        assert!(!st.is_dormant());
+        let later = T0 + 359_999 + 60_000 + 300_000;
+        assert_eq!(st.next_deadline(&R), Some(later));
+        st.advance(later, &R);
+        assert_eq!(st.heartbeat("d1", true, later, &R), Err(NotOnline));
+        assert!(st.devices.is_empty());
+        assert!(st.is_dormant());
+    }
+
+    #[test]
+    fn explicit_offline_is_final() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        st.offline("d1", T0 + 1, &R);
+        assert_eq!(st.heartbeat("d1", true, T0 + 2, &R), Err(NotOnline));
+    }
+
+    #[test]
+    fn device_limit_recycles_timed_out_then_refuses() {
+        let mut st = UserState::default();
+        for i in 0..4 {
+            online(&mut st, &format!("d{i}"), T0);
+        }
+        assert!(matches!(
+            st.online("d9", Platform::Pc, T0, &R),
+            Err(Error::TooManyDevices(4))
+        ));
+        assert_eq!(st.devices.len(), 4);
+        st.heartbeat("d0", false, T0 + 30_000, &R).unwrap();
+        st.heartbeat("d1", false, T0 + 30_000, &R).unwrap();
+        st.heartbeat("d2", false, T0 + 30_000, &R).unwrap();
+        st.advance(T0 + 60_000, &R); // d3 times out
+        assert!(st.online("d9", Platform::Pc, T0 + 60_001, &R).is_ok());
+        assert!(st.devices.iter().all(|d| d.id != "d3"));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(parse_user_id("0").is_err());
+        assert!(parse_user_id("-1").is_err());
+        assert!(parse_user_id("18446744073709551616").is_err());
+        assert_eq!(parse_user_id("18446744073709551615").unwrap(), u64::MAX);
+        assert!(parse_user_id("+5").is_err());
+        assert!(validate_device_id("").is_err());
+        assert!(validate_device_id(&"a".repeat(129)).is_err());
+        assert!(validate_device_id(&"a".repeat(128)).is_ok());
+        assert!(validate_device_id("dev ice").is_err());
+        assert!(validate_device_id("web:tab-1_a.b").is_ok());
+        assert!(validate_custom_text(&"会".repeat(100)).is_ok());
+        assert!(validate_custom_text(&"会".repeat(101)).is_err());
+        assert!(validate_custom_text("a\nb").is_err());
+        assert_eq!(format_time(T0).unwrap(), "2023-11-14T22:13:20Z");
+        assert_eq!(parse_time("2023-11-14T23:13:20+01:00"), Some(T0));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Online(u8),
+        Offline(u8),
+        Heartbeat(u8, bool),
+        SetManual(Option<Status>),
+        Clear,
+        Wait(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..6).prop_map(Op::Online),
+            (0u8..6).prop_map(Op::Offline),
+            ((0u8..6), any::<bool>()).prop_map(|(d, a)| Op::Heartbeat(d, a)),
+            prop_oneof![
+                Just(None),
+                Just(Some(Status::Online)),
+                Just(Some(Status::Busy)),
+                Just(Some(Status::Away))
+            ]
+            .prop_map(Op::SetManual),
+            Just(Op::Clear),
+            (0u32..400_000).prop_map(Op::Wait),
+        ]
+    }
+
+    proptest! {
+        /// Aggregation invariants hold after any sequence of operations, with the timer firing
+        /// at every deadline as the shard does.
+        #[test]
+        fn aggregation_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut st = UserState::default();
+            let mut now = T0;
+            let mut online_devices: i64 = 0;
+            let mut last_version = 0;
+            for op in ops {
+                let pre = if st.next_deadline(&R).is_some_and(|t| t <= now) { st.advance(now, &R) } else { Effect::default() };
+                let effect = pre.then(match op {
+                    Op::Online(d) => st.online(&format!("d{d}"), Platform::Web, now, &R).unwrap_or_default(),
+                    Op::Offline(d) => st.offline(&format!("d{d}"), now, &R),
+                    Op::Heartbeat(d, a) => st.heartbeat(&format!("d{d}"), a, now, &R).unwrap_or_default(),
+                    Op::SetManual(m) => st.set_settings(Settings { manual: m, text: None, expires_at: None }, now, &R),
+                    Op::Clear => st.clear_settings(now, &R),
+                    Op::Wait(ms) => {
+                        let until = now + ms as i64;
+                        let mut e = Effect::default();
+                        // Fire every deadline on the way, as the timer wheel does.
+                        while let Some(t) = st.next_deadline(&R).filter(|t| *t <= until) {
+                            prop_assert!(t >= now, "deadline {t} in the past of {now}");
+                            now = t;
+                            let step = st.advance(now, &R);
+                            e.devices_delta += step.devices_delta;
+                            e.visible |= step.visible;
+                            prop_assert!(step != Effect::default() || st.next_deadline(&R) != Some(t), "deadline without progress");
+                        }
+                        now = until;
+                        e
+                    }
+                });
+                online_devices += effect.devices_delta as i64;
+                // The counter the shard keeps matches the state.
+                prop_assert_eq!(online_devices, st.online_devices().count() as i64);
+                // The cached status is always the rule's status at this moment.
+                prop_assert_eq!(st.status, st.effective_status(now, &R));
+                // OFFLINE exactly when no device is online.
+                prop_assert_eq!(st.status == Status::Offline, st.online_devices().count() == 0);
+                // A manual status wins whenever a device is online.
+                if let (Some(m), true) = (st.live_settings(now).and_then(|s| s.manual), st.online_devices().count() > 0) {
+                    prop_assert_eq!(st.status, m);
+                }
+                // Versions never go back, and move on every visible change.
+                prop_assert!(st.version >= last_version);
+                prop_assert_eq!(st.version > last_version, effect.visible);
+                last_version = st.version;
+                // Device ids stay unique and bounded.
+                let mut ids: Vec<_> = st.devices.iter().map(|d| d.id.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                prop_assert_eq!(ids.len(), st.devices.len());
+                prop_assert!(st.devices.len() <= R.max_devices);
+                // No deadline is ever in the past after settling.
+                if let Some(t) = st.next_deadline(&R) {
+                    prop_assert!(t > now, "deadline {t} not after {now}");
+                }
+            }
+        }
+    }
+}

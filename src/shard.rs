@@ -1,0 +1,533 @@
+//! Owns users: their live state in memory, their deadlines on the timer wheel, and the
+//! write-through of every visible change to the store.
+//!
+//! State is split into lock stripes by user id, so writes for one user are serialized and writes
+//! for different users run in parallel. A heartbeat that changes nothing visible takes one stripe
+//! lock, updates two integers and returns: no allocation, no store round trip, no timer work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::presence::{
+    BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
+};
+use crate::store::Store;
+use crate::timer::{Tick, TimerWheel};
+
+/// The presence operations, as the API calls them. The in-process [`Shard`] implements it; a
+/// gateway that routes to remote shards will too.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    async fn online(&self, user: UserId, device: &str, platform: Platform)
+        -> Result<StatusView, Error>;
+    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error>;
+    async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
+    async fn status(&self, user: UserId) -> Result<StatusView, Error>;
+    /// One entry per distinct user, in request order.
+    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error>;
+    async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error>;
+    async fn clear_status(&self, user: UserId) -> Result<StatusView, Error>;
+    /// Whether the backing store answers.
+    async fn healthy(&self) -> bool;
+}
+
+/// Mixes a user id so that consecutive ids spread evenly.
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The stripe of `user` among `n` (a power of two).
+pub fn stripe_of(user: UserId, n: usize) -> usize {
+    (mix64(user) as usize) & (n - 1)
+}
+
+/// Wall-clock milliseconds that follow tokio's clock, so tests can pause and advance time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    base_unix: Millis,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0);
+        Clock { base_unix: unix, base: tokio::time::Instant::now() }
+    }
+
+    pub fn now(&self) -> Millis {
+        self.base_unix + self.base.elapsed().as_millis() as Millis
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+const STRIPES: usize = 256;
+const WHEEL_SLOTS: usize = 4096;
+/// A user with nothing left to time leaves memory this long after its last change.
+const EVICT_DELAY: Millis = 5_000;
+/// Furthest ahead a settings expiry may be.
+const MAX_EXPIRY: Millis = 366 * 86_400_000;
+/// Most timer saves kept for retry while the store fails.
+const MAX_PENDING_SAVES: usize = 100_000;
+
+struct Entry {
+    state: UserState,
+    /// The tick this user is armed for on the wheel; 0 when not armed.
+    armed: Tick,
+}
+
+type Stripe = hashbrown::HashMap<UserId, Box<Entry>>;
+
+/// The in-process owner of users.
+pub struct Shard {
+    stripes: Box<[Mutex<Stripe>]>,
+    wheel: Mutex<TimerWheel>,
+    store: Arc<dyn Store>,
+    rules: Rules,
+    clock: Clock,
+    tick_ms: Millis,
+    metrics: Arc<Metrics>,
+}
+
+impl Shard {
+    pub fn new(store: Arc<dyn Store>, rules: Rules, tick: Duration, metrics: Arc<Metrics>) -> Shard {
+        for from in Status::ALL {
+            for to in Status::ALL {
+                if from != to {
+                    metrics.transitions.with_label_values(&[from.as_str(), to.as_str()]);
+                }
+            }
+        }
+        Shard {
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            wheel: Mutex::new(TimerWheel::new(WHEEL_SLOTS)),
+            store,
+            rules,
+            clock: Clock::new(),
+            tick_ms: (tick.as_millis() as Millis).max(1),
+            metrics,
+        }
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn stripe(&self, user: UserId) -> &Mutex<Stripe> {
+        &self.stripes[stripe_of(user, STRIPES)]
+    }
+
+    /// The first tick at or after `at`.
+    fn tick_at(&self, at: Millis) -> u64 {
+        let rel = (at - self.clock.base_unix).max(0);
+        ((rel + self.tick_ms - 1) / self.tick_ms) as u64
+    }
+
+    /// Arms the user's next deadline if it is earlier than the one already armed.
+    fn arm(&self, user: UserId, entry: &mut Entry, now: Millis) {
+        let deadline = entry.state.next_deadline(&self.rules).unwrap_or(now + EVICT_DELAY);
+        let tick = self.tick_at(deadline);
+        if entry.armed == 0 || tick < entry.armed as u64 {
+            entry.armed = self.wheel.lock().insert(user, tick);
+        }
+    }
+
+    fn account(&self, e: &Effect) {
+        let m = &self.metrics;
+        if e.devices_delta != 0 {
+            m.online_devices.add(e.devices_delta as i64);
+        }
+        let users = e.users_delta();
+        if users != 0 {
+            m.online_users.add(users as i64);
+        }
+        if e.timeouts > 0 {
+            m.timeouts.inc_by(e.timeouts as u64);
+        }
+        if let Some(t) = e.transition {
+            m.transitions.with_label_values(&[t.from.as_str(), t.to.as_str()]).inc();
+        }
+    }
+
+    /// Runs `op` on the user's live state: applies what is due first, then the operation,
+    /// accounts the effect, re-arms the timer and writes a visible change through to the store
+    /// before returning. A user not in memory is loaded from the store when `load` is set;
+    /// otherwise `op` runs on `None`.
+    async fn mutate<R>(
+        &self,
+        user: UserId,
+        load: bool,
+        op: impl Fn(Option<&mut UserState>, Millis) -> Result<(R, Effect), Error>,
+    ) -> Result<R, Error> {
+        let mut loaded = None;
+        loop {
+            let now = self.clock.now();
+            let done = {
+                let mut stripe = self.stripe(user).lock();
+                if let Some(state) = loaded.take() {
+                    if !stripe.contains_key(&user) {
+                        stripe.insert(user, Box::new(Entry { state, armed: 0 }));
+                        self.metrics.cached_users.inc();
+                    }
+                }
+                match stripe.get_mut(&user) {
+                    Some(entry) => Some(self.apply(user, entry, now, &op)),
+                    None if !load => Some((op(None, now).map(|(r, _)| r), None)),
+                    None => None,
+                }
+            };
+            let Some((result, snapshot)) = done else {
+                let mut got = self.load(&[user]).await?;
+                loaded = Some(got.pop().flatten().unwrap_or_default());
+                continue;
+            };
+            if let Some(state) = snapshot {
+                self.save(&[(user, state)]).await?;
+            }
+            return result;
+        }
+    }
+
+    fn apply<R>(
+        &self,
+        user: UserId,
+        entry: &mut Entry,
+        now: Millis,
+        op: &impl Fn(Option<&mut UserState>, Millis) -> Result<(R, Effect), Error>,
+    ) -> (Result<R, Error>, Option<UserState>) {
+        let due = entry.state.next_deadline(&self.rules).is_some_and(|t| t <= now);
+        let pre = if due { entry.state.advance(now, &self.rules) } else { Effect::default() };
+        let (result, effect) = match op(Some(&mut entry.state), now) {
+            Ok((r, e)) => (Ok(r), pre.then(e)),
+            Err(e) => (Err(e), pre),
+        };
+        self.account(&effect);
+        self.arm(user, entry, now);
+        (result, effect.visible.then(|| entry.state.clone()))
+    }
+
+    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
+        let t = std::time::Instant::now();
+        let r = self.store.load(users).await;
+        self.observe("load", t, r.is_ok());
+        r
+    }
+
+    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+        let t = std::time::Instant::now();
+        let r = self.store.save(batch).await;
+        self.observe("save", t, r.is_ok());
+        r
+    }
+
+    fn observe(&self, op: &str, started: std::time::Instant, ok: bool) {
+        let m = &self.metrics;
+        m.store_duration.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        m.store_ops.with_label_values(&[op, if ok { "ok" } else { "error" }]).inc();
+    }
+
+    /// Processes every timer due by now. Returns the states to write through.
+    fn fire(&self, fired: &mut Vec<(u64, Tick)>, saves: &mut Vec<(UserId, UserState)>) {
+        let now = self.clock.now();
+        let to = ((now - self.clock.base_unix).max(0) / self.tick_ms) as u64;
+        self.wheel.lock().advance(to, fired);
+        if let Some(&(_, first)) = fired.first() {
+            let scheduled = self.clock.base_unix + first as Millis * self.tick_ms;
+            self.metrics.timer_lag.observe((now - scheduled).max(0) as f64 / 1000.0);
+        }
+        for (user, tick) in fired.drain(..) {
+            let mut stripe = self.stripe(user).lock();
+            let Some(entry) = stripe.get_mut(&user) else { continue };
+            if entry.armed != tick {
+                continue; // stale: re-armed since
+            }
+            entry.armed = 0;
+            self.metrics.timer_fired.inc();
+            if entry.state.is_dormant() {
+                stripe.remove(&user);
+                self.metrics.cached_users.dec();
+                continue;
+            }
+            let due = entry.state.next_deadline(&self.rules).is_some_and(|t| t <= now);
+            if due {
+                let effect = entry.state.advance(now, &self.rules);
+                self.account(&effect);
+                if effect.visible {
+                    saves.push((user, entry.state.clone()));
+                }
+            }
+            self.arm(user, entry, now);
+        }
+    }
+
+    /// Drives the timer wheel until `cancel` fires. One task for every deadline of the node.
+    pub async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
+        let mut interval = tokio::time::interval(Duration::from_millis(self.tick_ms as u64));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut fired = Vec::new();
+        let mut saves = Vec::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            self.fire(&mut fired, &mut saves);
+            if !saves.is_empty() {
+                match self.save(&saves).await {
+                    Ok(()) => saves.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pending = saves.len(), "timer write-through failed, retrying");
+                        if saves.len() > MAX_PENDING_SAVES {
+                            tracing::error!(dropped = saves.len(), "dropping timer writes");
+                            saves.clear();
+                        }
+                    }
+                }
+            }
+        }
+        if !saves.is_empty() {
+            if let Err(e) = self.save(&saves).await {
+                tracing::error!(error = %e, lost = saves.len(), "final timer write-through failed");
+            }
+        }
+    }
+
+    /// The state of one user, from memory or else from the store.
+    async fn state_of(&self, user: UserId) -> Result<UserState, Error> {
+        if let Some(e) = self.stripe(user).lock().get(&user) {
+            return Ok(e.state.clone());
+        }
+        Ok(self.load(&[user]).await?.pop().flatten().unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl Presence for Shard {
+    async fn online(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+    ) -> Result<StatusView, Error> {
+        let rules = self.rules;
+        self.mutate(user, true, |st, now| {
+            let st = st.expect("loaded");
+            let effect = st.online(device, platform, now, &rules)?;
+            Ok((st.view(user, now, &rules), effect))
+        })
+        .await
+    }
+
+    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error> {
+        let rules = self.rules;
+        self.mutate(user, false, |st, now| match st {
+            Some(st) => Ok(((), st.offline(device, now, &rules))),
+            None => Ok(((), Effect::default())),
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
+        let rules = self.rules;
+        let r = self
+            .mutate(user, false, |st, now| {
+                let st = st.ok_or(Error::DeviceNotOnline)?;
+                let effect = st
+                    .heartbeat(device, active, now, &rules)
+                    .map_err(|_| Error::DeviceNotOnline)?;
+                Ok(((), effect))
+            })
+            .await;
+        let label = match &r {
+            Ok(()) => "ok",
+            Err(Error::DeviceNotOnline) => "not_online",
+            Err(_) => "error",
+        };
+        self.metrics.heartbeats.with_label_values(&[label]).inc();
+        r
+    }
+
+    async fn status(&self, user: UserId) -> Result<StatusView, Error> {
+        let st = self.state_of(user).await?;
+        Ok(st.view(user, self.clock.now(), &self.rules))
+    }
+
+    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
+        let mut seen = hashbrown::HashSet::with_capacity(users.len());
+        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
+        let now = self.clock.now();
+        let mut out: Vec<Option<BatchEntry>> = Vec::with_capacity(users.len());
+        let mut misses = Vec::new();
+        for (i, &user) in users.iter().enumerate() {
+            let hit = self.stripe(user).lock().get(&user).map(|e| e.state.batch_entry(user, now, &self.rules));
+            if hit.is_none() {
+                misses.push(i);
+            }
+            out.push(hit);
+        }
+        if !misses.is_empty() {
+            let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
+            let loaded = self.load(&ids).await?;
+            for (&i, st) in misses.iter().zip(loaded) {
+                out[i] = Some(st.unwrap_or_default().batch_entry(users[i], now, &self.rules));
+            }
+        }
+        Ok(out.into_iter().map(|e| e.expect("every slot filled")).collect())
+    }
+
+    async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
+        let now = self.clock.now();
+        if let Some(t) = settings.expires_at {
+            if t <= now {
+                return Err(Error::BadRequest("expiresAt must be in the future".into()));
+            }
+            if t > now + MAX_EXPIRY {
+                return Err(Error::BadRequest("expiresAt must be within 366 days".into()));
+            }
+        }
+        let rules = self.rules;
+        self.mutate(user, true, |st, now| {
+            let st = st.expect("loaded");
+            let effect = st.set_settings(settings.clone(), now, &rules);
+            Ok((st.view(user, now, &rules), effect))
+        })
+        .await
+    }
+
+    async fn clear_status(&self, user: UserId) -> Result<StatusView, Error> {
+        let rules = self.rules;
+        self.mutate(user, true, |st, now| {
+            let st = st.expect("loaded");
+            let effect = st.clear_settings(now, &rules);
+            Ok((st.view(user, now, &rules), effect))
+        })
+        .await
+    }
+
+    async fn healthy(&self) -> bool {
+        self.store.ping().await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn shard(tick_ms: u64) -> Arc<Shard> {
+        let rules = Rules {
+            heartbeat_timeout: 60_000,
+            idle_timeout: 300_000,
+            resume_window: 300_000,
+            max_devices: 4,
+        };
+        Arc::new(Shard::new(
+            MemoryStore::new(),
+            rules,
+            Duration::from_millis(tick_ms),
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    async fn settle() {
+        // Let the timer task run the ticks that are due.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_fires_never_early_and_within_one_tick() {
+        let s = shard(100);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_timers(cancel.clone()));
+        s.online(1, "d", Platform::Web).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(59_900)).await;
+        settle().await;
+        assert_eq!(s.status(1).await.unwrap().status, Status::Online);
+        assert_eq!(s.metrics.timeouts.get(), 0);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        settle().await;
+        assert_eq!(s.metrics.timeouts.get(), 1);
+        assert_eq!(s.metrics.online_devices.get(), 0);
+        assert_eq!(s.metrics.online_users.get(), 0);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_keep_online_then_idle_goes_away() {
+        let s = shard(100);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_timers(cancel.clone()));
+        s.online(2, "d", Platform::Ios).await.unwrap();
+        for _ in 0..9 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            s.heartbeat(2, "d", false).await.unwrap();
+        }
+        // 270 s: still ONLINE; the idle timer fires at 300 s without any request.
+        assert_eq!(s.status(2).await.unwrap().status, Status::Online);
+        tokio::time::sleep(Duration::from_millis(30_200)).await;
+        settle().await;
+        let v = s.status(2).await.unwrap();
+        assert_eq!(v.status, Status::Away);
+        assert_eq!(s.metrics.transitions.with_label_values(&["ONLINE", "AWAY"]).get(), 1);
+        s.heartbeat(2, "d", true).await.unwrap();
+        assert_eq!(s.status(2).await.unwrap().status, Status::Online);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dormant_users_leave_memory_but_not_the_store() {
+        let s = shard(100);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_timers(cancel.clone()));
+        s.online(3, "d", Platform::Pc).await.unwrap();
+        s.offline(3, "d").await.unwrap();
+        assert_eq!(s.metrics.cached_users.get(), 1);
+        tokio::time::sleep(Duration::from_millis(EVICT_DELAY as u64 + 200)).await;
+        settle().await;
+        assert_eq!(s.metrics.cached_users.get(), 0);
+        let v = s.status(3).await.unwrap();
+        assert_eq!(v.status, Status::Offline);
+        assert!(v.last_active_time.is_some());
+        assert_eq!(v.version, 2);
+        assert_eq!(s.heartbeat(3, "d", true).await, Err(Error::DeviceNotOnline));
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_million_devices_need_one_timer_task() {
+        // Not a benchmark: checks that arming is per user, not per task.
+        let s = shard(100);
+        for u in 1..=10_000u64 {
+            s.online(u, "d", Platform::Web).await.unwrap();
+        }
+        assert_eq!(s.wheel.lock().len(), 10_000);
+        for u in 1..=10_000u64 {
+            s.heartbeat(u, "d", true).await.unwrap();
+        }
+        // Heartbeats that move deadlines later add nothing to the wheel.
+        assert_eq!(s.wheel.lock().len(), 10_000);
+    }
+}

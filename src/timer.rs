@@ -1,0 +1,99 @@
+//! One hashed timer wheel for every deadline of a node: O(1) insert, no task or sleep per device.
+//!
+//! Entries are lazy: the wheel only remembers *that* a key must be looked at in a given tick.
+//! Callers keep the tick a key is armed for next to the key's state, re-arm only when a deadline
+//! moves earlier, and on firing check the real deadline (a heartbeat that moves a deadline later
+//! touches nothing here). Deadlines beyond the wheel's horizon are parked at the horizon and
+//! re-armed when they fire.
+
+/// A tick number, counted from the wheel's creation.
+pub type Tick = u32;
+
+pub struct TimerWheel {
+    slots: Box<[Vec<u64>]>,
+    mask: u64,
+    /// The last tick whose slot was drained.
+    current: u64,
+}
+
+impl TimerWheel {
+    /// A wheel of `slots` slots (rounded up to a power of two, at least 2).
+    pub fn new(slots: usize) -> TimerWheel {
+        let n = slots.max(2).next_power_of_two();
+        TimerWheel {
+            slots: (0..n).map(|_| Vec::new()).collect(),
+            mask: (n - 1) as u64,
+            current: 0,
+        }
+    }
+
+    /// The last tick processed.
+    pub fn current(&self) -> Tick {
+        self.current as Tick
+    }
+
+    /// The furthest tick an entry can be placed at now.
+    pub fn horizon(&self) -> Tick {
+        (self.current + self.mask + 1) as Tick
+    }
+
+    /// Arms `key` for `tick`, clamped to the next tick and to the horizon. Returns the tick used.
+    pub fn insert(&mut self, key: u64, tick: u64) -> Tick {
+        let t = tick.clamp(self.current + 1, self.current + self.mask + 1);
+        self.slots[(t & self.mask) as usize].push(key);
+        t as Tick
+    }
+
+    /// Drains every slot up to and including `to`, appending `(key, tick)` pairs to `out`.
+    pub fn advance(&mut self, to: u64, out: &mut Vec<(u64, Tick)>) {
+        while self.current < to {
+            self.current += 1;
+            let tick = self.current as Tick;
+            let slot = &mut self.slots[(self.current & self.mask) as usize];
+            out.extend(slot.drain(..).map(|k| (k, tick)));
+        }
+    }
+
+    /// Entries currently held (including stale ones).
+    pub fn len(&self) -> usize {
+        self.slots.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_in_order_and_clamps() {
+        let mut w = TimerWheel::new(8);
+        assert_eq!(w.insert(1, 3), 3);
+        assert_eq!(w.insert(2, 0), 1); // the past becomes the next tick
+        assert_eq!(w.insert(3, 100), 8); // beyond the horizon: parked at it
+        let mut out = Vec::new();
+        w.advance(2, &mut out);
+        assert_eq!(out, vec![(2, 1)]);
+        out.clear();
+        w.advance(8, &mut out);
+        assert_eq!(out, vec![(1, 3), (3, 8)]);
+        assert!(w.is_empty());
+        assert_eq!(w.horizon(), 16);
+    }
+
+    #[test]
+    fn a_full_turn_does_not_fire_early() {
+        let mut w = TimerWheel::new(4);
+        let mut out = Vec::new();
+        w.advance(10, &mut out);
+        let t = w.insert(7, 14);
+        assert_eq!(t, 14);
+        w.advance(13, &mut out);
+        assert!(out.is_empty());
+        w.advance(14, &mut out);
+        assert_eq!(out, vec![(7, 14)]);
+    }
+}
