@@ -34,7 +34,10 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/api/v1/presence/offline", &["POST"]),
     ("/api/v1/presence/heartbeat", &["POST"]),
     ("/api/v1/presence/status/batch", &["POST"]),
-    ("/api/v1/presence/status/{userId}", &["GET", "PUT", "DELETE"]),
+    (
+        "/api/v1/presence/status/{userId}",
+        &["GET", "PUT", "DELETE"],
+    ),
     ("/api/v1/presence/statuses", &["GET"]),
     ("/livez", &["GET"]),
     ("/readyz", &["GET"]),
@@ -79,7 +82,10 @@ pub fn router(state: AppState) -> Router {
         .route("/offline", post(offline))
         .route("/heartbeat", post(heartbeat))
         .route("/status/batch", post(batch))
-        .route("/status/{userId}", get(status).put(set_status).delete(clear_status))
+        .route(
+            "/status/{userId}",
+            get(status).put(set_status).delete(clear_status),
+        )
         .route("/statuses", get(statuses))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(middleware::from_fn_with_state(state.clone(), shed))
@@ -146,9 +152,8 @@ fn user_id_path(raw: &str) -> Result<UserId, Error> {
 }
 
 fn platform(raw: &str) -> Result<Platform, Error> {
-    Platform::parse(raw).ok_or_else(|| {
-        Error::BadRequest("platform must be one of WEB, IOS, ANDROID, PC".into())
-    })
+    Platform::parse(raw)
+        .ok_or_else(|| Error::BadRequest("platform must be one of WEB, IOS, ANDROID, PC".into()))
 }
 
 #[derive(Deserialize)]
@@ -227,7 +232,9 @@ async fn heartbeat(
     let user = validate_user_id(req.user_id)?;
     let device = validate_device_id(&req.device_id)?;
     s.presence.heartbeat(user, &device, req.active).await?;
-    let answer = HeartbeatAnswer { next_heartbeat_interval: s.limits.heartbeat_interval_ms };
+    let answer = HeartbeatAnswer {
+        next_heartbeat_interval: s.limits.heartbeat_interval_ms,
+    };
     Ok(ok("心跳成功", answer))
 }
 
@@ -242,7 +249,9 @@ async fn batch(
 ) -> Result<Response, Error> {
     let limit = s.limits.batch_limit;
     if req.user_ids.len() > limit {
-        return Err(Error::BadRequest(format!("userIds may hold at most {limit} ids")));
+        return Err(Error::BadRequest(format!(
+            "userIds may hold at most {limit} ids"
+        )));
     }
     for &id in &req.user_ids {
         validate_user_id(id)?;
@@ -267,17 +276,26 @@ async fn set_status(
             }
         },
     };
-    let text = req.custom_text.as_deref().map(validate_custom_text).transpose()?;
+    let text = req
+        .custom_text
+        .as_deref()
+        .map(validate_custom_text)
+        .transpose()?;
     if manual.is_none() && text.is_none() {
         return Err(Error::BadRequest("status or customText is required".into()));
     }
     let expires_at = match req.expires_at.as_deref() {
         None => None,
-        Some(t) => Some(parse_time(t).ok_or_else(|| {
-            Error::BadRequest("expiresAt must be an RFC 3339 time".into())
-        })?),
+        Some(t) => Some(
+            parse_time(t)
+                .ok_or_else(|| Error::BadRequest("expiresAt must be an RFC 3339 time".into()))?,
+        ),
     };
-    let settings = Settings { manual, text, expires_at };
+    let settings = Settings {
+        manual,
+        text,
+        expires_at,
+    };
     Ok(ok("success", s.presence.set_status(user, settings).await?))
 }
 
@@ -308,7 +326,10 @@ async fn readyz(State(s): State<AppState>) -> Result<Response, Error> {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -338,9 +359,13 @@ fn method_label(m: &Method) -> &'static str {
 
 fn record(m: &Metrics, route: &str, method: &Method, code: &str, started: Option<Instant>) {
     let method = method_label(method);
-    m.http_requests.with_label_values(&[route, method, code]).inc();
+    m.http_requests
+        .with_label_values(&[route, method, code])
+        .inc();
     if let Some(t) = started {
-        m.http_duration.with_label_values(&[route, method]).observe(t.elapsed().as_secs_f64());
+        m.http_duration
+            .with_label_values(&[route, method])
+            .observe(t.elapsed().as_secs_f64());
     }
 }
 
@@ -354,7 +379,13 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let resp = next.run(req).await;
-    record(&s.metrics, &route, &method, resp.status().as_str(), Some(started));
+    record(
+        &s.metrics,
+        &route,
+        &method,
+        resp.status().as_str(),
+        Some(started),
+    );
     resp
 }
 

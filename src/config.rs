@@ -66,6 +66,29 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Redis Cluster seed nodes, comma-separated (`redis://127.0.0.1:7000,...`). Unset: the
+    /// embedded in-memory store (state is lost on restart).
+    #[arg(long, env = "PRESENCE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Longest a Redis operation may take, retries through a failover included; then 503.
+    #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// How often a live user's record has its expiry pushed back (write-behind). Records of
+    /// users no process looks after expire heartbeat timeout + 1.5 x this + 5s after.
+    #[arg(long, env = "PRESENCE_REDIS_REFRESH", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub redis_refresh: Duration,
+
+    /// Replicas a state change must reach before it is acknowledged (Redis WAIT); 0 = none.
+    #[arg(long, env = "PRESENCE_REDIS_MIN_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=5))]
+    pub redis_min_replicas: u32,
+
+    /// How long the record of a user without devices (last active time, settings) is kept;
+    /// 0s keeps it forever.
+    #[arg(long, env = "PRESENCE_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
     /// JSON overriding the label, icon and colour of statuses, e.g. `{"BUSY":{"color":"#FF0000"}}`.
     #[arg(long, env = "PRESENCE_STATUS_STYLES")]
     pub status_styles: Option<String>,
@@ -92,7 +115,11 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration: {}: {}", self.variable, self.message)
+        write!(
+            f,
+            "invalid configuration: {}: {}",
+            self.variable, self.message
+        )
     }
 }
 
@@ -142,7 +169,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |variable: &str, message: &str| {
-            Err(ConfigError { variable: variable.into(), message: message.into() })
+            Err(ConfigError {
+                variable: variable.into(),
+                message: message.into(),
+            })
         };
         let ms = |d: Duration| d.as_millis();
         if ms(self.heartbeat_interval) == 0 {
@@ -171,6 +201,36 @@ impl Config {
         if self.timer_tick < Duration::from_millis(1) || self.timer_tick > Duration::from_secs(1) {
             return bad("PRESENCE_TIMER_TICK", "must be between 1ms and 1s");
         }
+        if let Some(url) = &self.redis_url {
+            let nodes: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            if nodes.is_empty() || nodes.len() > 64 {
+                return bad("PRESENCE_REDIS_URL", "must list 1 to 64 nodes");
+            }
+            for n in nodes {
+                let hostport = n
+                    .strip_prefix("redis://")
+                    .unwrap_or(n)
+                    .trim_end_matches('/');
+                let ok = hostport
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return bad("PRESENCE_REDIS_URL", "each node must be redis://host:port");
+                }
+            }
+        }
+        if self.redis_timeout < Duration::from_millis(10)
+            || self.redis_timeout > Duration::from_secs(60)
+        {
+            return bad("PRESENCE_REDIS_TIMEOUT", "must be between 10ms and 60s");
+        }
+        if self.redis_refresh < Duration::from_secs(1) || self.redis_refresh > day {
+            return bad("PRESENCE_REDIS_REFRESH", "must be between 1s and 24h");
+        }
         if self.drain_timeout > Duration::from_secs(600) {
             return bad("PRESENCE_DRAIN_TIMEOUT", "must be at most 10m");
         }
@@ -187,9 +247,29 @@ impl Config {
         }
     }
 
+    /// The Redis store settings, when `PRESENCE_REDIS_URL` is set.
+    pub fn redis(&self) -> Option<crate::store::RedisOptions> {
+        let url = self.redis_url.as_ref()?;
+        Some(crate::store::RedisOptions {
+            seeds: url
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            timeout: self.redis_timeout,
+            refresh: self.redis_refresh,
+            live_ttl: self.heartbeat_timeout + self.redis_refresh * 3 / 2 + Duration::from_secs(5),
+            retention: self.retention,
+            min_replicas: self.redis_min_replicas,
+        })
+    }
+
     /// The status styles: defaults, overridden by `PRESENCE_STATUS_STYLES`.
     pub fn status_styles(&self) -> Result<Vec<StatusStyle>, ConfigError> {
-        let err = |message: String| ConfigError { variable: "PRESENCE_STATUS_STYLES".into(), message };
+        let err = |message: String| ConfigError {
+            variable: "PRESENCE_STATUS_STYLES".into(),
+            message,
+        };
         let mut styles: Vec<StatusStyle> = [
             (Status::Online, "在线", "circle-check", "#22C55E"),
             (Status::Offline, "离线", "circle-outline", "#9CA3AF"),
@@ -204,13 +284,18 @@ impl Config {
             color: color.into(),
         })
         .collect();
-        let Some(json) = &self.status_styles else { return Ok(styles) };
+        let Some(json) = &self.status_styles else {
+            return Ok(styles);
+        };
         let overrides: std::collections::BTreeMap<String, StyleOverride> =
             serde_json::from_str(json).map_err(|e| err(format!("not valid JSON: {e}")))?;
         for (name, o) in overrides {
-            let status = Status::parse(&name)
-                .ok_or_else(|| err(format!("unknown status {name:?}")))?;
-            let style = styles.iter_mut().find(|s| s.status == status).expect("all statuses");
+            let status =
+                Status::parse(&name).ok_or_else(|| err(format!("unknown status {name:?}")))?;
+            let style = styles
+                .iter_mut()
+                .find(|s| s.status == status)
+                .expect("all statuses");
             if let Some(label) = o.label {
                 if label.is_empty() || label.chars().count() > 32 {
                     return Err(err(format!("{name}.label must be 1 to 32 characters")));
@@ -239,18 +324,37 @@ impl Config {
 fn clap_error(e: &clap::Error) -> ConfigError {
     let message = e.kind().as_str().unwrap_or("invalid value").to_owned();
     let detail = e.to_string();
-    let detail = detail.lines().next().unwrap_or("").trim_start_matches("error: ").to_owned();
+    let detail = detail
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("error: ")
+        .to_owned();
     let arg = match e.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => s.clone(),
         _ => String::new(),
     };
-    let long = arg.split_whitespace().next().unwrap_or("").trim_start_matches("--").to_owned();
+    let long = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("--")
+        .to_owned();
     let variable = Config::command()
         .get_arguments()
         .find(|a| a.get_long() == Some(long.as_str()))
         .and_then(|a| a.get_env().map(|v| v.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| if long.is_empty() { "arguments".into() } else { format!("--{long}") });
-    ConfigError { variable, message: if detail.is_empty() { message } else { detail } }
+        .unwrap_or_else(|| {
+            if long.is_empty() {
+                "arguments".into()
+            } else {
+                format!("--{long}")
+            }
+        });
+    ConfigError {
+        variable,
+        message: if detail.is_empty() { message } else { detail },
+    }
 }
 
 #[cfg(test)]
@@ -283,16 +387,25 @@ mod tests {
         assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
         let e = load(&["--timer-tick", "2s"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_TIMER_TICK");
+        let e = load(&["--redis-url", "redis://nohost"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_REDIS_URL");
         let e = load(&["--status-styles", r#"{"BUSY":{"color":"red"}}"#]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_STATUS_STYLES");
     }
 
     #[test]
     fn styles_override() {
-        let c = load(&["--status-styles", r##"{"BUSY":{"label":"勿扰","color":"#FF0000"}}"##]).unwrap();
+        let c = load(&[
+            "--status-styles",
+            r##"{"BUSY":{"label":"勿扰","color":"#FF0000"}}"##,
+        ])
+        .unwrap();
         let s = c.status_styles().unwrap();
         let busy = s.iter().find(|s| s.status == Status::Busy).unwrap();
-        assert_eq!((busy.label.as_str(), busy.color.as_str()), ("勿扰", "#FF0000"));
+        assert_eq!(
+            (busy.label.as_str(), busy.color.as_str()),
+            ("勿扰", "#FF0000")
+        );
         assert_eq!(busy.icon, "minus-circle");
     }
 }

@@ -83,7 +83,11 @@ pub struct Envelope<T: Serialize> {
 
 /// A successful answer: HTTP 200 with the given message and data.
 pub fn ok<T: Serialize>(message: &str, data: T) -> Response {
-    let body = Envelope { code: 200, message: message.to_owned(), data: Some(data) };
+    let body = Envelope {
+        code: 200,
+        message: message.to_owned(),
+        data: Some(data),
+    };
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
@@ -93,8 +97,11 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::warn!(reason = self.reason(), error = %self, "request failed");
         }
-        let body: Envelope<()> =
-            Envelope { code: status.as_u16(), message: self.to_string(), data: None };
+        let body: Envelope<()> = Envelope {
+            code: status.as_u16(),
+            message: self.to_string(),
+            data: None,
+        };
         (status, axum::Json(body)).into_response()
     }
 }

@@ -6,7 +6,8 @@
 //! - [`error`]: the one error type and its HTTP envelope.
 //! - [`presence`]: the domain rules (aggregation, idle, manual status, timeouts), pure.
 //! - [`timer`]: the timer wheel behind every deadline.
-//! - [`store`]: the persistence boundary (`Store`) and the in-memory store.
+//! - [`ring`]: the fixed partitions of the userId space (and, later, their placement).
+//! - [`store`]: the persistence boundary (`Store`), the in-memory store and Redis Cluster.
 //! - [`shard`]: owns users: live state, their timers, write-through to the store.
 //! - [`api`]: HTTP handlers: parsing, validation and the envelope, no business logic.
 //! - [`metrics`]: the Prometheus registry and every metric.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod metrics;
 pub mod node;
 pub mod presence;
+pub mod ring;
 pub mod shard;
 pub mod store;
 pub mod telemetry;

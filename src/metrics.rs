@@ -22,10 +22,16 @@ pub struct Metrics {
     pub store_duration: HistogramVec,
     pub ready: IntGauge,
     pub build_info: IntGaugeVec,
+    pub redis_round_trips: IntCounterVec,
+    pub store_redis_commands: IntCounterVec,
+    pub redis_errors: IntCounterVec,
+    pub redis_topology_refreshes: IntCounter,
+    pub recovered_users: IntCounter,
 }
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -34,13 +40,24 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         };
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let online_users = gauge("presence_online_users", "Users with at least one online device.");
+        let online_users = gauge(
+            "presence_online_users",
+            "Users with at least one online device.",
+        );
         let online_devices = gauge("presence_online_devices", "Devices online.");
-        let cached_users =
-            gauge("presence_cached_users", "Users whose live state this node holds in memory.");
-        let ready = gauge("presence_ready", "1 when the node is ready to serve, 0 otherwise.");
+        let cached_users = gauge(
+            "presence_cached_users",
+            "Users whose live state this node holds in memory.",
+        );
+        let ready = gauge(
+            "presence_ready",
+            "1 when the node is ready to serve, 0 otherwise.",
+        );
         let heartbeats = IntCounterVec::new(
-            Opts::new("presence_heartbeats_total", "Heartbeats received, by result."),
+            Opts::new(
+                "presence_heartbeats_total",
+                "Heartbeats received, by result.",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -50,7 +67,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let transitions = IntCounterVec::new(
-            Opts::new("presence_status_transitions_total", "Changes of a user's effective status."),
+            Opts::new(
+                "presence_status_transitions_total",
+                "Changes of a user's effective status.",
+            ),
             &["from", "to"],
         )
         .expect("valid metric");
@@ -68,24 +88,36 @@ impl Metrics {
         )
         .expect("valid metric");
         let http_requests = IntCounterVec::new(
-            Opts::new("presence_http_requests_total", "HTTP requests, by route, method and code."),
+            Opts::new(
+                "presence_http_requests_total",
+                "HTTP requests, by route, method and code.",
+            ),
             &["route", "method", "code"],
         )
         .expect("valid metric");
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("presence_http_request_duration_seconds", "HTTP request latency.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "presence_http_request_duration_seconds",
+                "HTTP request latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route", "method"],
         )
         .expect("valid metric");
         let store_ops = IntCounterVec::new(
-            Opts::new("presence_store_operations_total", "Store operations, by operation and result."),
+            Opts::new(
+                "presence_store_operations_total",
+                "Store operations, by operation and result.",
+            ),
             &["op", "result"],
         )
         .expect("valid metric");
         let store_duration = HistogramVec::new(
-            HistogramOpts::new("presence_store_operation_duration_seconds", "Store operation latency.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "presence_store_operation_duration_seconds",
+                "Store operation latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["op"],
         )
         .expect("valid metric");
@@ -94,7 +126,43 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let redis_round_trips = IntCounterVec::new(
+            Opts::new(
+                "presence_redis_round_trips_total",
+                "Pipelines sent to Redis nodes (one per node per operation), by operation.",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        let store_redis_commands = IntCounterVec::new(
+            Opts::new(
+                "presence_redis_commands_total",
+                "Redis commands sent, by operation.",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "presence_redis_errors_total",
+                "Redis errors, by kind (retriable, fatal, replica_lag).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let redis_topology_refreshes = IntCounter::new(
+            "presence_redis_topology_refreshes_total",
+            "Reads of the Redis Cluster slot map.",
+        )
+        .expect("valid metric");
+        let recovered_users = IntCounter::new(
+            "presence_recovered_users_total",
+            "Live users reloaded from the store's live index at start-up.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(online_users.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(online_devices.clone()),
@@ -110,12 +178,20 @@ impl Metrics {
             Box::new(store_ops.clone()),
             Box::new(store_duration.clone()),
             Box::new(build_info.clone()),
+            Box::new(redis_round_trips.clone()),
+            Box::new(store_redis_commands.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_topology_refreshes.clone()),
+            Box::new(recovered_users.clone()),
         ] {
             reg(c);
         }
         // Pre-create the label sets dashboards expect, so they read 0 rather than nothing.
         for r in ["ok", "not_online"] {
             heartbeats.with_label_values(&[r]);
+        }
+        for k in ["retriable", "fatal", "replica_lag"] {
+            redis_errors.with_label_values(&[k]);
         }
         Metrics {
             registry,
@@ -133,6 +209,11 @@ impl Metrics {
             store_duration,
             ready,
             build_info,
+            redis_round_trips,
+            store_redis_commands,
+            redis_errors,
+            redis_topology_refreshes,
+            recovered_users,
         }
     }
 

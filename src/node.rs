@@ -11,8 +11,9 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState, Limits};
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::ring::PARTITIONS;
 use crate::shard::Shard;
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, RedisStore, Store};
 
 /// A node bound to its listener, ready to run.
 pub struct Node {
@@ -27,7 +28,12 @@ impl Node {
     pub async fn bind(config: Config) -> anyhow::Result<Node> {
         let limits = Limits::from_config(&config).map_err(config_error)?;
         let metrics = Arc::new(Metrics::new());
-        let store: Arc<dyn Store> = MemoryStore::new();
+        let store: Arc<dyn Store> = match config.redis() {
+            Some(opts) => RedisStore::connect(opts, metrics.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to Redis Cluster: {e}"))?,
+            None => MemoryStore::new(),
+        };
         let shard = Arc::new(Shard::new(
             store.clone(),
             config.rules(),
@@ -40,19 +46,40 @@ impl Node {
             ready: Arc::new(AtomicBool::new(false)),
             limits: Arc::new(limits),
         };
+        let all: Vec<u32> = (0..PARTITIONS).collect();
+        let started = std::time::Instant::now();
+        let recovered = shard
+            .recover(&all)
+            .await
+            .map_err(|e| anyhow::anyhow!("recovery failed: {e}"))?;
+        if recovered > 0 {
+            tracing::info!(users = recovered, took = ?started.elapsed(), "recovered live users");
+        }
         let listener = TcpListener::bind(config.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, store = store.kind(), "listening");
-        Ok(Node { config, listener, state, shard })
+        Ok(Node {
+            config,
+            listener,
+            state,
+            shard,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serves until `shutdown` fires, then reports not ready, drains requests in flight (up to
     /// the drain timeout), stops the timers and flushes their writes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Node { config, listener, state, shard } = self;
+        let Node {
+            config,
+            listener,
+            state,
+            shard,
+        } = self;
         let tracker = TaskTracker::new();
         let timers = CancellationToken::new();
         tracker.spawn(shard.clone().run_timers(timers.clone()));

@@ -61,7 +61,12 @@ pub enum Platform {
 }
 
 impl Platform {
-    pub const ALL: [Platform; 4] = [Platform::Web, Platform::Ios, Platform::Android, Platform::Pc];
+    pub const ALL: [Platform; 4] = [
+        Platform::Web,
+        Platform::Ios,
+        Platform::Android,
+        Platform::Pc,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -80,7 +85,9 @@ impl Platform {
 /// Checks a userId: a positive 64-bit integer.
 pub fn validate_user_id(id: u64) -> Result<UserId, Error> {
     if id == 0 {
-        return Err(Error::BadRequest("userId must be a positive 64-bit integer".into()));
+        return Err(Error::BadRequest(
+            "userId must be a positive 64-bit integer".into(),
+        ));
     }
     Ok(id)
 }
@@ -90,7 +97,9 @@ pub fn parse_user_id(s: &str) -> Result<UserId, Error> {
     let ok = !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
     match ok.then(|| s.parse::<u64>().ok()).flatten() {
         Some(id) => validate_user_id(id),
-        None => Err(Error::BadRequest("userId must be a positive 64-bit integer".into())),
+        None => Err(Error::BadRequest(
+            "userId must be a positive 64-bit integer".into(),
+        )),
     }
 }
 
@@ -124,7 +133,9 @@ pub fn validate_custom_text(text: &str) -> Result<CompactString, Error> {
         )));
     }
     if text.chars().any(char::is_control) {
-        return Err(Error::BadRequest("customText must not contain control characters".into()));
+        return Err(Error::BadRequest(
+            "customText must not contain control characters".into(),
+        ));
     }
     Ok(CompactString::from(text))
 }
@@ -228,7 +239,10 @@ impl Effect {
     /// The combined effect of `self` followed by `next`.
     pub fn then(self, next: Effect) -> Effect {
         let transition = match (self.transition, next.transition) {
-            (Some(a), Some(b)) => (a.from != b.to).then_some(Transition { from: a.from, to: b.to }),
+            (Some(a), Some(b)) => (a.from != b.to).then_some(Transition {
+                from: a.from,
+                to: b.to,
+            }),
             (a, b) => a.or(b),
         };
         Effect {
@@ -243,8 +257,14 @@ impl Effect {
     /// Change in the number of online users (0, 1 or -1).
     pub fn users_delta(&self) -> i32 {
         match self.transition {
-            Some(Transition { from: Status::Offline, .. }) => 1,
-            Some(Transition { to: Status::Offline, .. }) => -1,
+            Some(Transition {
+                from: Status::Offline,
+                ..
+            }) => 1,
+            Some(Transition {
+                to: Status::Offline,
+                ..
+            }) => -1,
             _ => 0,
         }
     }
@@ -285,7 +305,10 @@ impl UserState {
     fn settle(&mut self, now: Millis, rules: &Rules, mut effect: Effect) -> Effect {
         let status = self.effective_status(now, rules);
         if status != self.status {
-            effect.transition = Some(Transition { from: self.status, to: status });
+            effect.transition = Some(Transition {
+                from: self.status,
+                to: status,
+            });
             self.status = status;
             effect.visible = true;
         }
@@ -368,7 +391,11 @@ impl UserState {
         rules: &Rules,
     ) -> Result<Effect, NotOnline> {
         let mut effect = Effect::default();
-        let d = self.devices.iter_mut().find(|d| d.id == id).ok_or(NotOnline)?;
+        let d = self
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or(NotOnline)?;
         if !d.is_online() {
             if d.timed_out_at.saturating_add(rules.resume_window) <= now {
                 return Err(NotOnline);
@@ -454,9 +481,28 @@ impl UserState {
         next
     }
 
+    /// Prepares a state read back from the store by a new owner (after a restart or takeover).
+    /// Heartbeats are not written through, so a stored `last_seen` may be old: every online
+    /// device's deadline is moved to at least `now` + the heartbeat timeout, so that no device
+    /// goes falsely OFFLINE after a takeover. A user stored as ONLINE (active) keeps being
+    /// active from `now`, so that no one goes falsely AWAY either; one stored as AWAY stays idle.
+    pub fn reloaded(&mut self, now: Millis) {
+        let active = self.status == Status::Online;
+        for d in self.devices.iter_mut().filter(|d| d.is_online()) {
+            d.last_seen = d.last_seen.max(now);
+            if active {
+                d.last_active = d.last_active.max(now);
+            }
+        }
+    }
+
     /// Nothing left to time: the state can leave memory (it stays in the store).
     pub fn is_dormant(&self) -> bool {
-        self.devices.is_empty() && self.settings.as_ref().is_none_or(|s| s.expires_at.is_none())
+        self.devices.is_empty()
+            && self
+                .settings
+                .as_ref()
+                .is_none_or(|s| s.expires_at.is_none())
     }
 }
 
@@ -484,7 +530,9 @@ pub fn format_time(ms: Millis) -> Option<String> {
 
 /// Parses an RFC 3339 time (any offset) to Unix milliseconds.
 pub fn parse_time(s: &str) -> Option<Millis> {
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// A device as the API shows it.
@@ -545,7 +593,9 @@ impl UserState {
                     online_time: format_time(d.online_at),
                 })
                 .collect(),
-            custom_text: settings.and_then(|s| s.text.as_ref()).map(|t| t.to_string()),
+            custom_text: settings
+                .and_then(|s| s.text.as_ref())
+                .map(|t| t.to_string()),
             manual_status: settings.and_then(|s| s.manual),
             version: st.version,
         }
@@ -565,7 +615,9 @@ impl UserState {
             user_id,
             status,
             last_active_time: format_time(self.last_active),
-            custom_text: settings.and_then(|s| s.text.as_ref()).map(|t| t.to_string()),
+            custom_text: settings
+                .and_then(|s| s.text.as_ref())
+                .map(|t| t.to_string()),
         }
     }
 }
@@ -601,7 +653,13 @@ mod tests {
     fn online_then_offline_keeps_last_active() {
         let mut st = UserState::default();
         let e = online(&mut st, "d1", T0);
-        assert_eq!(e.transition, Some(Transition { from: Status::Offline, to: Status::Online }));
+        assert_eq!(
+            e.transition,
+            Some(Transition {
+                from: Status::Offline,
+                to: Status::Online
+            })
+        );
         assert_eq!(e.users_delta(), 1);
         assert_eq!(st.version, 1);
         let e = st.offline("d1", T0 + 5_000, &R);
@@ -609,7 +667,10 @@ mod tests {
         assert_eq!(e.users_delta(), -1);
         assert_eq!(st.version, 2);
         assert_eq!(st.last_active, T0 + 5_000);
-        assert_eq!(st.view(1, T0 + 10_000, &R).last_active_time, format_time(T0 + 5_000));
+        assert_eq!(
+            st.view(1, T0 + 10_000, &R).last_active_time,
+            format_time(T0 + 5_000)
+        );
     }
 
     #[test]
@@ -656,17 +717,33 @@ mod tests {
         st2.heartbeat("d1", false, T0 + 290_000, &R).unwrap();
         assert_eq!(st2.next_deadline(&R), Some(T0 + 300_000));
         let e = st2.advance(T0 + 300_000, &R);
-        assert_eq!(e.transition, Some(Transition { from: Status::Online, to: Status::Away }));
+        assert_eq!(
+            e.transition,
+            Some(Transition {
+                from: Status::Online,
+                to: Status::Away
+            })
+        );
         // While away there is no idle deadline, only the device timeout.
         assert_eq!(st2.next_deadline(&R), Some(T0 + 350_000));
         let e = st2.heartbeat("d1", true, T0 + 310_000, &R).unwrap();
-        assert_eq!(e.transition, Some(Transition { from: Status::Away, to: Status::Online }));
+        assert_eq!(
+            e.transition,
+            Some(Transition {
+                from: Status::Away,
+                to: Status::Online
+            })
+        );
     }
 
     #[test]
     fn manual_status_overrides_idle_and_persists_offline() {
         let mut st = UserState::default();
-        let s = Settings { manual: Some(Status::Busy), text: Some("会议中".into()), expires_at: None };
+        let s = Settings {
+            manual: Some(Status::Busy),
+            text: Some("会议中".into()),
+            expires_at: None,
+        };
         let e = st.set_settings(s, T0, &R);
         assert!(e.visible);
         assert_eq!(st.status, Status::Offline);
@@ -683,7 +760,13 @@ mod tests {
         online(&mut st, "d2", T0 + 500_000);
         assert_eq!(st.status, Status::Busy);
         let e = st.clear_settings(T0 + 500_001, &R);
-        assert_eq!(e.transition, Some(Transition { from: Status::Busy, to: Status::Online }));
+        assert_eq!(
+            e.transition,
+            Some(Transition {
+                from: Status::Busy,
+                to: Status::Online
+            })
+        );
         assert_eq!(st.view(1, T0 + 500_001, &R).custom_text, None);
     }
 
@@ -691,7 +774,11 @@ mod tests {
     fn settings_expire() {
         let mut st = UserState::default();
         online(&mut st, "d1", T0);
-        let s = Settings { manual: Some(Status::Away), text: None, expires_at: Some(T0 + 10_000) };
+        let s = Settings {
+            manual: Some(Status::Away),
+            text: None,
+            expires_at: Some(T0 + 10_000),
+        };
         st.set_settings(s, T0, &R);
         assert_eq!(st.status, Status::Away);
         assert_eq!(st.next_deadline(&R), Some(T0 + 10_000));
@@ -700,7 +787,13 @@ mod tests {
         assert_eq!(st.view(1, T0 + 10_000, &R).status, Status::Online);
         let e = st.advance(T0 + 10_000, &R);
         assert!(e.expired);
-        assert_eq!(e.transition, Some(Transition { from: Status::Away, to: Status::Online }));
+        assert_eq!(
+            e.transition,
+            Some(Transition {
+                from: Status::Away,
+                to: Status::Online
+            })
+        );
         assert!(st.settings.is_none());
     }
 
@@ -723,6 +816,24 @@ mod tests {
         assert_eq!(st.heartbeat("d1", true, later, &R), Err(NotOnline));
         assert!(st.devices.is_empty());
         assert!(st.is_dormant());
+    }
+
+    #[test]
+    fn reload_never_times_out_early_nor_goes_falsely_away() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        let later = T0 + 500_000; // long after the stored deadline
+        st.reloaded(later);
+        assert_eq!(st.next_deadline(&R), Some(later + 60_000));
+        assert_eq!(st.effective_status(later, &R), Status::Online);
+        // A user stored as AWAY stays AWAY.
+        let mut idle = UserState::default();
+        online(&mut idle, "d1", T0);
+        idle.heartbeat("d1", false, T0 + 300_000, &R).unwrap();
+        assert_eq!(idle.status, Status::Away);
+        idle.reloaded(later);
+        assert_eq!(idle.effective_status(later, &R), Status::Away);
+        assert_eq!(idle.next_deadline(&R), Some(later + 60_000));
     }
 
     #[test]

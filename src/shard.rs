@@ -24,8 +24,12 @@ use crate::timer::{Tick, TimerWheel};
 /// gateway that routes to remote shards will too.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    async fn online(&self, user: UserId, device: &str, platform: Platform)
-        -> Result<StatusView, Error>;
+    async fn online(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+    ) -> Result<StatusView, Error>;
     async fn offline(&self, user: UserId, device: &str) -> Result<(), Error>;
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
     async fn status(&self, user: UserId) -> Result<StatusView, Error>;
@@ -64,7 +68,10 @@ impl Clock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as Millis)
             .unwrap_or(0);
-        Clock { base_unix: unix, base: tokio::time::Instant::now() }
+        Clock {
+            base_unix: unix,
+            base: tokio::time::Instant::now(),
+        }
     }
 
     pub fn now(&self) -> Millis {
@@ -91,6 +98,8 @@ struct Entry {
     state: UserState,
     /// The tick this user is armed for on the wheel; 0 when not armed.
     armed: Tick,
+    /// Seconds (since the clock's base) of the last write or refresh of this user's record.
+    synced: u32,
 }
 
 type Stripe = hashbrown::HashMap<UserId, Box<Entry>>;
@@ -104,25 +113,48 @@ pub struct Shard {
     clock: Clock,
     tick_ms: Millis,
     metrics: Arc<Metrics>,
+    /// Seconds between refreshes of a live user's record, when the store needs them.
+    refresh_secs: Option<u32>,
+    /// Stripes the refresh sweep looks at per tick, and where it is.
+    sweep_per_tick: usize,
+    sweep_cursor: Mutex<usize>,
 }
 
 impl Shard {
-    pub fn new(store: Arc<dyn Store>, rules: Rules, tick: Duration, metrics: Arc<Metrics>) -> Shard {
+    pub fn new(
+        store: Arc<dyn Store>,
+        rules: Rules,
+        tick: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Shard {
         for from in Status::ALL {
             for to in Status::ALL {
                 if from != to {
-                    metrics.transitions.with_label_values(&[from.as_str(), to.as_str()]);
+                    metrics
+                        .transitions
+                        .with_label_values(&[from.as_str(), to.as_str()]);
                 }
             }
         }
+        let tick_ms = (tick.as_millis() as Millis).max(1);
+        let refresh = store.refresh_interval();
+        let refresh_secs = refresh.map(|r| r.as_secs().clamp(1, u32::MAX as u64) as u32);
+        // A full sweep of every stripe takes at most half the refresh interval.
+        let sweep_per_tick = refresh.map_or(0, |r| {
+            let ticks_per_pass = ((r.as_millis() as i64 / 2) / tick_ms).max(1) as usize;
+            STRIPES.div_ceil(ticks_per_pass).max(1)
+        });
         Shard {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             wheel: Mutex::new(TimerWheel::new(WHEEL_SLOTS)),
             store,
             rules,
             clock: Clock::new(),
-            tick_ms: (tick.as_millis() as Millis).max(1),
+            tick_ms,
             metrics,
+            refresh_secs,
+            sweep_per_tick,
+            sweep_cursor: Mutex::new(0),
         }
     }
 
@@ -132,6 +164,10 @@ impl Shard {
 
     pub fn now(&self) -> Millis {
         self.clock.now()
+    }
+
+    fn secs(&self, now: Millis) -> u32 {
+        ((now - self.clock.base_unix).max(0) / 1000) as u32
     }
 
     fn stripe(&self, user: UserId) -> &Mutex<Stripe> {
@@ -146,7 +182,10 @@ impl Shard {
 
     /// Arms the user's next deadline if it is earlier than the one already armed.
     fn arm(&self, user: UserId, entry: &mut Entry, now: Millis) {
-        let deadline = entry.state.next_deadline(&self.rules).unwrap_or(now + EVICT_DELAY);
+        let deadline = entry
+            .state
+            .next_deadline(&self.rules)
+            .unwrap_or(now + EVICT_DELAY);
         let tick = self.tick_at(deadline);
         if entry.armed == 0 || tick < entry.armed as u64 {
             entry.armed = self.wheel.lock().insert(user, tick);
@@ -166,7 +205,9 @@ impl Shard {
             m.timeouts.inc_by(e.timeouts as u64);
         }
         if let Some(t) = e.transition {
-            m.transitions.with_label_values(&[t.from.as_str(), t.to.as_str()]).inc();
+            m.transitions
+                .with_label_values(&[t.from.as_str(), t.to.as_str()])
+                .inc();
         }
     }
 
@@ -187,7 +228,15 @@ impl Shard {
                 let mut stripe = self.stripe(user).lock();
                 if let Some(state) = loaded.take() {
                     if !stripe.contains_key(&user) {
-                        stripe.insert(user, Box::new(Entry { state, armed: 0 }));
+                        let synced = self.secs(now);
+                        stripe.insert(
+                            user,
+                            Box::new(Entry {
+                                state,
+                                armed: 0,
+                                synced,
+                            }),
+                        );
                         self.metrics.cached_users.inc();
                     }
                 }
@@ -216,14 +265,24 @@ impl Shard {
         now: Millis,
         op: &impl Fn(Option<&mut UserState>, Millis) -> Result<(R, Effect), Error>,
     ) -> (Result<R, Error>, Option<UserState>) {
-        let due = entry.state.next_deadline(&self.rules).is_some_and(|t| t <= now);
-        let pre = if due { entry.state.advance(now, &self.rules) } else { Effect::default() };
+        let due = entry
+            .state
+            .next_deadline(&self.rules)
+            .is_some_and(|t| t <= now);
+        let pre = if due {
+            entry.state.advance(now, &self.rules)
+        } else {
+            Effect::default()
+        };
         let (result, effect) = match op(Some(&mut entry.state), now) {
             Ok((r, e)) => (Ok(r), pre.then(e)),
             Err(e) => (Err(e), pre),
         };
         self.account(&effect);
         self.arm(user, entry, now);
+        if effect.visible {
+            entry.synced = self.secs(now);
+        }
         (result, effect.visible.then(|| entry.state.clone()))
     }
 
@@ -243,8 +302,12 @@ impl Shard {
 
     fn observe(&self, op: &str, started: std::time::Instant, ok: bool) {
         let m = &self.metrics;
-        m.store_duration.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
-        m.store_ops.with_label_values(&[op, if ok { "ok" } else { "error" }]).inc();
+        m.store_duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        m.store_ops
+            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// Processes every timer due by now. Returns the states to write through.
@@ -254,11 +317,15 @@ impl Shard {
         self.wheel.lock().advance(to, fired);
         if let Some(&(_, first)) = fired.first() {
             let scheduled = self.clock.base_unix + first as Millis * self.tick_ms;
-            self.metrics.timer_lag.observe((now - scheduled).max(0) as f64 / 1000.0);
+            self.metrics
+                .timer_lag
+                .observe((now - scheduled).max(0) as f64 / 1000.0);
         }
         for (user, tick) in fired.drain(..) {
             let mut stripe = self.stripe(user).lock();
-            let Some(entry) = stripe.get_mut(&user) else { continue };
+            let Some(entry) = stripe.get_mut(&user) else {
+                continue;
+            };
             if entry.armed != tick {
                 continue; // stale: re-armed since
             }
@@ -269,16 +336,81 @@ impl Shard {
                 self.metrics.cached_users.dec();
                 continue;
             }
-            let due = entry.state.next_deadline(&self.rules).is_some_and(|t| t <= now);
+            let due = entry
+                .state
+                .next_deadline(&self.rules)
+                .is_some_and(|t| t <= now);
             if due {
                 let effect = entry.state.advance(now, &self.rules);
                 self.account(&effect);
                 if effect.visible {
+                    entry.synced = self.secs(now);
                     saves.push((user, entry.state.clone()));
                 }
             }
             self.arm(user, entry, now);
         }
+    }
+
+    /// Write-behind: collects live users whose record is due for a refresh, a few stripes per
+    /// tick, so that a full pass takes at most half the refresh interval.
+    fn sweep(&self, refreshes: &mut Vec<UserId>) {
+        let Some(every) = self.refresh_secs else {
+            return;
+        };
+        let now = self.secs(self.clock.now());
+        let start = {
+            let mut cursor = self.sweep_cursor.lock();
+            let start = *cursor;
+            *cursor = (start + self.sweep_per_tick) % STRIPES;
+            start
+        };
+        for i in 0..self.sweep_per_tick {
+            let mut stripe = self.stripes[(start + i) % STRIPES].lock();
+            for (user, entry) in stripe.iter_mut() {
+                if !entry.state.devices.is_empty() && now.saturating_sub(entry.synced) >= every {
+                    entry.synced = now;
+                    refreshes.push(*user);
+                }
+            }
+        }
+    }
+
+    /// Reloads the live users of `partitions` from the store and arms their timers: what a
+    /// restarted node (or a new owner) does before it serves. Returns how many were reloaded.
+    pub async fn recover(&self, partitions: &[u32]) -> Result<usize, Error> {
+        let users = self.store.live_users(partitions).await?;
+        let mut recovered = 0;
+        for chunk in users.chunks(1000) {
+            let states = self.load(chunk).await?;
+            let now = self.clock.now();
+            for (&user, state) in chunk.iter().zip(states) {
+                let Some(mut state) = state.filter(|s| !s.devices.is_empty()) else {
+                    continue;
+                };
+                state.reloaded(now);
+                let mut stripe = self.stripe(user).lock();
+                if stripe.contains_key(&user) {
+                    continue;
+                }
+                let online = state.online_devices().count() as i64;
+                self.metrics.online_devices.add(online);
+                if state.status != Status::Offline {
+                    self.metrics.online_users.inc();
+                }
+                let synced = self.secs(now);
+                let entry = stripe.entry(user).or_insert(Box::new(Entry {
+                    state,
+                    armed: 0,
+                    synced,
+                }));
+                self.arm(user, entry, now);
+                self.metrics.cached_users.inc();
+                recovered += 1;
+            }
+        }
+        self.metrics.recovered_users.inc_by(recovered as u64);
+        Ok(recovered)
     }
 
     /// Drives the timer wheel until `cancel` fires. One task for every deadline of the node.
@@ -287,12 +419,20 @@ impl Shard {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut fired = Vec::new();
         let mut saves = Vec::new();
+        let mut refreshes = Vec::new();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = interval.tick() => {}
             }
             self.fire(&mut fired, &mut saves);
+            self.sweep(&mut refreshes);
+            if !refreshes.is_empty() {
+                if let Err(e) = self.store.refresh(&refreshes).await {
+                    tracing::warn!(error = %e, users = refreshes.len(), "refresh of live records failed");
+                }
+                refreshes.clear();
+            }
             if !saves.is_empty() {
                 match self.save(&saves).await {
                     Ok(()) => saves.clear(),
@@ -318,7 +458,12 @@ impl Shard {
         if let Some(e) = self.stripe(user).lock().get(&user) {
             return Ok(e.state.clone());
         }
-        Ok(self.load(&[user]).await?.pop().flatten().unwrap_or_default())
+        Ok(self
+            .load(&[user])
+            .await?
+            .pop()
+            .flatten()
+            .unwrap_or_default())
     }
 }
 
@@ -380,7 +525,11 @@ impl Presence for Shard {
         let mut out: Vec<Option<BatchEntry>> = Vec::with_capacity(users.len());
         let mut misses = Vec::new();
         for (i, &user) in users.iter().enumerate() {
-            let hit = self.stripe(user).lock().get(&user).map(|e| e.state.batch_entry(user, now, &self.rules));
+            let hit = self
+                .stripe(user)
+                .lock()
+                .get(&user)
+                .map(|e| e.state.batch_entry(user, now, &self.rules));
             if hit.is_none() {
                 misses.push(i);
             }
@@ -390,10 +539,16 @@ impl Presence for Shard {
             let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
             let loaded = self.load(&ids).await?;
             for (&i, st) in misses.iter().zip(loaded) {
-                out[i] = Some(st.unwrap_or_default().batch_entry(users[i], now, &self.rules));
+                out[i] = Some(
+                    st.unwrap_or_default()
+                        .batch_entry(users[i], now, &self.rules),
+                );
             }
         }
-        Ok(out.into_iter().map(|e| e.expect("every slot filled")).collect())
+        Ok(out
+            .into_iter()
+            .map(|e| e.expect("every slot filled"))
+            .collect())
     }
 
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
@@ -403,7 +558,9 @@ impl Presence for Shard {
                 return Err(Error::BadRequest("expiresAt must be in the future".into()));
             }
             if t > now + MAX_EXPIRY {
-                return Err(Error::BadRequest("expiresAt must be within 366 days".into()));
+                return Err(Error::BadRequest(
+                    "expiresAt must be within 366 days".into(),
+                ));
             }
         }
         let rules = self.rules;
@@ -491,7 +648,13 @@ mod tests {
         settle().await;
         let v = s.status(2).await.unwrap();
         assert_eq!(v.status, Status::Away);
-        assert_eq!(s.metrics.transitions.with_label_values(&["ONLINE", "AWAY"]).get(), 1);
+        assert_eq!(
+            s.metrics
+                .transitions
+                .with_label_values(&["ONLINE", "AWAY"])
+                .get(),
+            1
+        );
         s.heartbeat(2, "d", true).await.unwrap();
         assert_eq!(s.status(2).await.unwrap().status, Status::Online);
         cancel.cancel();

@@ -29,7 +29,10 @@ pub fn init(config: &Config) -> Result<Telemetry, ConfigError> {
     })?;
     let fmt = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .boxed(),
     };
     let mut provider = None;
     let otel = match config.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
@@ -58,6 +61,10 @@ pub fn init(config: &Config) -> Result<Telemetry, ConfigError> {
         }
     };
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
     Ok(Telemetry { provider })
 }

@@ -1,0 +1,213 @@
+//! Where presence state persists: the `Store` trait and its embedded in-memory implementation.
+//!
+//! The shard that owns a user keeps the live state in memory and writes every visible change
+//! through a `Store` before acknowledging it. Writes are versioned: a store keeps the highest
+//! version it has seen for a user, so writes that race each other can land in any order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::presence::{UserId, UserState};
+use crate::ring::partition_of;
+
+pub mod redis;
+pub use self::redis::{RedisOptions, RedisStore};
+
+/// The persistence boundary.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The stored state of each user, in order; `None` for a user never stored.
+    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error>;
+
+    /// Stores each state unless the store already holds a higher version for that user.
+    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error>;
+
+    /// Users that had devices (online or resumable) when last stored, in these partitions.
+    /// May include users that have since gone dormant; never misses a live one.
+    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error>;
+
+    /// Write-behind: keeps the records of these live users from expiring.
+    async fn refresh(&self, _users: &[UserId]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// How often a live user must be refreshed; `None` when records never expire.
+    fn refresh_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), Error>;
+
+    /// A short name for logs and metrics.
+    fn kind(&self) -> &'static str;
+}
+
+const STRIPES: usize = 64;
+
+/// The embedded default: state in process memory, lost on restart.
+pub struct MemoryStore {
+    stripes: Box<[Mutex<hashbrown::HashMap<UserId, UserState>>]>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Arc<MemoryStore> {
+        Arc::new(MemoryStore::default())
+    }
+
+    fn stripe(&self, user: UserId) -> &Mutex<hashbrown::HashMap<UserId, UserState>> {
+        &self.stripes[crate::shard::stripe_of(user, STRIPES)]
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
+        Ok(users
+            .iter()
+            .map(|u| self.stripe(*u).lock().get(u).cloned())
+            .collect())
+    }
+
+    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+        for (user, state) in batch {
+            let mut map = self.stripe(*user).lock();
+            match map.get_mut(user) {
+                Some(old) if old.version >= state.version => {}
+                Some(old) => old.clone_from(state),
+                None => {
+                    map.insert(*user, state.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
+        let wanted: hashbrown::HashSet<u32> = partitions.iter().copied().collect();
+        let mut out = Vec::new();
+        for stripe in self.stripes.iter() {
+            let map = stripe.lock();
+            out.extend(
+                map.iter()
+                    .filter(|(u, st)| !st.devices.is_empty() && wanted.contains(&partition_of(**u)))
+                    .map(|(u, _)| *u),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}
+
+/// The Redis Cluster seed URLs for tests, from `PRESENCE_TEST_REDIS_URL` (set by
+/// `scripts/test.sh`). Missing, it fails the test, unless `PRESENCE_TEST_SKIP_REDIS=1` is set
+/// outside CI: a missing dependency never skips silently.
+#[doc(hidden)]
+pub fn test_redis_urls() -> Option<String> {
+    match std::env::var("PRESENCE_TEST_REDIS_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            let skip = std::env::var("PRESENCE_TEST_SKIP_REDIS").is_ok_and(|v| v == "1");
+            if skip && !ci {
+                eprintln!("SKIPPING a Redis test: PRESENCE_TEST_SKIP_REDIS=1");
+                return None;
+            }
+            panic!("PRESENCE_TEST_REDIS_URL is not set: run the tests with `bash scripts/test.sh`");
+        }
+    }
+}
+
+/// A user id base unique to this call, so tests sharing one Redis Cluster never collide.
+#[doc(hidden)]
+pub fn test_user_base() -> UserId {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = crate::shard::mix64(nanos ^ ((std::process::id() as u64) << 32));
+    ((seed % (1 << 40)) + NEXT.fetch_add(1, Ordering::Relaxed) * (1 << 40)) * 1_000 + 1_000
+}
+
+/// The behavioural suite every `Store` must pass. Later stores run it too.
+#[cfg(test)]
+pub(crate) mod suite {
+    use super::*;
+    use crate::presence::{Platform, Rules, Settings, Status};
+
+    fn state(version: u64, devices: usize) -> UserState {
+        let mut st = UserState::default();
+        let r = Rules::default();
+        for i in 0..devices {
+            st.online(&format!("d{i}"), Platform::Android, 1_000 + i as i64, &r)
+                .unwrap();
+        }
+        st.set_settings(
+            Settings {
+                manual: Some(Status::Busy),
+                text: Some("会议中".into()),
+                expires_at: Some(9_000),
+            },
+            2_000,
+            &r,
+        );
+        st.version = version;
+        st
+    }
+
+    pub async fn run(store: &dyn Store, base: UserId) {
+        assert!(base > 0);
+        let (a, b, c) = (base, base + 1, base + 2);
+        assert_eq!(store.load(&[a, b]).await.unwrap(), vec![None, None]);
+        store
+            .save(&[(a, state(3, 2)), (b, state(1, 1))])
+            .await
+            .unwrap();
+        let got = store.load(&[b, c, a]).await.unwrap();
+        assert_eq!(got, vec![Some(state(1, 1)), None, Some(state(3, 2))]);
+        // An older version never overwrites a newer one.
+        store.save(&[(a, state(2, 0))]).await.unwrap();
+        assert_eq!(store.load(&[a]).await.unwrap()[0], Some(state(3, 2)));
+        // b has a device: it is live in its partition; a (no devices now) is not.
+        let (pa, pb) = (partition_of(a), partition_of(b));
+        store.save(&[(a, state(4, 0))]).await.unwrap();
+        assert_eq!(store.load(&[a]).await.unwrap()[0], Some(state(4, 0)));
+        let live = store.live_users(&[pa, pb]).await.unwrap();
+        assert!(live.contains(&b), "{live:?}");
+        assert!(!live.contains(&a), "{live:?}");
+        let elsewhere: Vec<u32> = (0..crate::ring::PARTITIONS)
+            .filter(|p| *p != pb)
+            .take(3)
+            .collect();
+        assert!(!store.live_users(&elsewhere).await.unwrap().contains(&b));
+        store.refresh(&[b]).await.unwrap();
+        assert_eq!(store.load(&[b]).await.unwrap()[0], Some(state(1, 1)));
+        store.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn memory_store_passes_the_suite() {
+        run(&MemoryStore::default(), 1).await;
+    }
+}

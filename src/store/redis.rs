@@ -1,0 +1,604 @@
+//! The Redis Cluster store: one hash per user and one live index per partition, routed by the
+//! store itself so that a batch costs one pipelined round trip per node.
+//!
+//! Keys (the `{p}` hash tag is the user's partition, so a user's record and its partition's live
+//! index share a slot and change together in one script):
+//! - `presence:{p}:u:<userId>`: hash `v` (version), `s` (the state as JSON). Expires
+//!   `live_ttl` after its last write or refresh while the user has devices, `retention` after
+//!   the last change otherwise.
+//! - `presence:{p}:live`: sorted set of the partition's users that have devices, scored by the
+//!   time of their last write. A restarted or new owner reloads its timers from it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use parking_lot::{Mutex, RwLock};
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, Value};
+
+use super::Store;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::presence::{UserId, UserState};
+use crate::ring::{partition_of, PARTITIONS};
+
+const SLOTS: usize = 16384;
+
+/// Writes a user's state unless a newer version is stored, and keeps the live index in step.
+/// KEYS: user, live. ARGV: version, state, ttl ms (0 = none), live (1/0), userId, score.
+const SAVE: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 's', ARGV[2])
+if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) else redis.call('PERSIST', KEYS[1]) end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5]) else redis.call('ZREM', KEYS[2], ARGV[5]) end
+return 1
+"#;
+
+/// Settings of the Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// Seed nodes, `host:port` or `redis://host:port`.
+    pub seeds: Vec<String>,
+    /// How long one operation may take, retries through a failover included.
+    pub timeout: Duration,
+    /// How often live users' records are refreshed (write-behind).
+    pub refresh: Duration,
+    /// TTL of a live user's record: a little above heartbeat timeout + refresh.
+    pub live_ttl: Duration,
+    /// TTL of a record without devices; zero keeps it forever.
+    pub retention: Duration,
+    /// Replicas a state change must reach before it is acknowledged (0 to not wait).
+    pub min_replicas: u32,
+}
+
+struct Topology {
+    /// Node index of every slot's master.
+    slots: Vec<u16>,
+    nodes: Vec<(String, MultiplexedConnection)>,
+}
+
+/// The Redis Cluster implementation of [`Store`].
+pub struct RedisStore {
+    opts: RedisOptions,
+    topology: RwLock<Option<Arc<Topology>>>,
+    /// Connections by address, reused across topology refreshes.
+    conns: Mutex<HashMap<String, MultiplexedConnection>>,
+    refreshing: tokio::sync::Mutex<()>,
+    partition_slots: Vec<u16>,
+    metrics: Arc<Metrics>,
+}
+
+/// The CRC16 (XMODEM) Redis Cluster uses for key slots.
+pub fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The hash tag of partition `p` (what goes between the braces).
+fn tag(p: u32) -> String {
+    p.to_string()
+}
+
+pub fn user_key(user: UserId) -> String {
+    format!("presence:{{{}}}:u:{user}", tag(partition_of(user)))
+}
+
+pub fn live_key(partition: u32) -> String {
+    format!("presence:{{{}}}:live", tag(partition))
+}
+
+fn store_err(e: impl std::fmt::Display) -> Error {
+    Error::StoreUnavailable(e.to_string())
+}
+
+fn retriable(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind as K;
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            K::Moved
+                | K::Ask
+                | K::TryAgain
+                | K::ClusterDown
+                | K::MasterDown
+                | K::BusyLoadingError
+                | K::ReadOnly
+        )
+}
+
+impl RedisStore {
+    /// Connects to the cluster and reads its topology.
+    pub async fn connect(
+        opts: RedisOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<RedisStore>, Error> {
+        let seeds = opts
+            .seeds
+            .iter()
+            .map(|s| {
+                s.trim()
+                    .trim_start_matches("redis://")
+                    .trim_end_matches('/')
+                    .to_owned()
+            })
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>();
+        if seeds.is_empty() {
+            return Err(Error::BadRequest("PRESENCE_REDIS_URL names no node".into()));
+        }
+        let store = Arc::new(RedisStore {
+            opts: RedisOptions { seeds, ..opts },
+            topology: RwLock::new(None),
+            conns: Mutex::new(HashMap::new()),
+            refreshing: tokio::sync::Mutex::new(()),
+            partition_slots: (0..PARTITIONS)
+                .map(|p| crc16(tag(p).as_bytes()) % SLOTS as u16)
+                .collect(),
+            metrics,
+        });
+        store.refresh_topology().await?;
+        Ok(store)
+    }
+
+    async fn connection(&self, addr: &str) -> Result<MultiplexedConnection, redis::RedisError> {
+        if let Some(c) = self.conns.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.opts.timeout)
+            .set_response_timeout(self.opts.timeout);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.conns.lock().insert(addr.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.conns.lock().remove(addr);
+    }
+
+    /// Reads `CLUSTER SLOTS` from any reachable node and installs the new topology.
+    async fn refresh_topology(&self) -> Result<(), Error> {
+        let _guard = self.refreshing.lock().await;
+        self.metrics.redis_topology_refreshes.inc();
+        let mut candidates: Vec<String> = self
+            .topology
+            .read()
+            .as_ref()
+            .map(|t| t.nodes.iter().map(|(a, _)| a.clone()).collect())
+            .unwrap_or_default();
+        for s in &self.opts.seeds {
+            if !candidates.contains(s) {
+                candidates.push(s.clone());
+            }
+        }
+        let mut last = String::from("no node answered");
+        for addr in candidates {
+            let mut conn = match self.connection(&addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            let slots: Value = match redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut conn)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    self.forget(&addr);
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            match self.parse_slots(slots).await {
+                Ok(t) => {
+                    *self.topology.write() = Some(Arc::new(t));
+                    return Ok(());
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(store_err(format!("cannot read cluster topology: {last}")))
+    }
+
+    async fn parse_slots(&self, v: Value) -> Result<Topology, String> {
+        let Value::Array(ranges) = v else {
+            return Err("unexpected CLUSTER SLOTS reply".into());
+        };
+        let mut slots = vec![u16::MAX; SLOTS];
+        let mut nodes: Vec<(String, MultiplexedConnection)> = Vec::new();
+        for r in ranges {
+            let Value::Array(items) = r else { continue };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (items.first(), items.get(1), items.get(2))
+            else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(Value::SimpleString(s)) => s.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = master.get(1) else {
+                continue;
+            };
+            let addr = format!("{host}:{port}");
+            let idx = match nodes.iter().position(|(a, _)| *a == addr) {
+                Some(i) => i,
+                None => {
+                    let conn = self
+                        .connection(&addr)
+                        .await
+                        .map_err(|e| format!("{addr}: {e}"))?;
+                    nodes.push((addr, conn));
+                    nodes.len() - 1
+                }
+            };
+            for s in (*start as usize)..=(*end as usize).min(SLOTS - 1) {
+                slots[s] = idx as u16;
+            }
+        }
+        if slots.iter().any(|s| *s == u16::MAX) {
+            return Err("not every slot is covered".into());
+        }
+        Ok(Topology { slots, nodes })
+    }
+
+    fn topology(&self) -> Option<Arc<Topology>> {
+        self.topology.read().clone()
+    }
+
+    /// Runs commands, each with the slot it must go to: one pipeline per node, all nodes at
+    /// once. Failed node groups are retried after a topology refresh until the timeout.
+    async fn exec(&self, op: &'static str, cmds: Vec<(u16, Cmd)>) -> Result<Vec<Value>, Error> {
+        let started = Instant::now();
+        let deadline = started + self.opts.timeout;
+        let mut results: Vec<Option<Value>> = vec![None; cmds.len()];
+        let mut pending: Vec<usize> = (0..cmds.len()).collect();
+        let mut backoff = Duration::from_millis(50);
+        let outcome = loop {
+            let topo = match self.topology() {
+                Some(t) => t,
+                None => {
+                    if let Err(e) = self.refresh_topology().await {
+                        break Err(e);
+                    }
+                    continue;
+                }
+            };
+            let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+            for &i in &pending {
+                groups
+                    .entry(topo.slots[cmds[i].0 as usize])
+                    .or_default()
+                    .push(i);
+            }
+            let runs = groups.into_iter().map(|(node, idxs)| {
+                let (addr, mut conn) = topo.nodes[node as usize].clone();
+                let mut pipe = redis::pipe();
+                for &i in &idxs {
+                    pipe.add_command(cmds[i].1.clone());
+                }
+                async move {
+                    let r = pipe.query_async::<Vec<Value>>(&mut conn).await;
+                    (addr, idxs, r)
+                }
+            });
+            self.metrics
+                .redis_round_trips
+                .with_label_values(&[op])
+                .inc_by(0);
+            let mut failed = Vec::new();
+            let mut fatal = None;
+            for (addr, idxs, r) in join_all(runs).await {
+                self.metrics
+                    .redis_round_trips
+                    .with_label_values(&[op])
+                    .inc();
+                match r {
+                    Ok(values) => {
+                        for (i, v) in idxs.into_iter().zip(values) {
+                            results[i] = Some(v);
+                        }
+                    }
+                    Err(e) if retriable(&e) => {
+                        tracing::debug!(node = %addr, error = %e, "redis node failed, will retry");
+                        self.metrics
+                            .redis_errors
+                            .with_label_values(&["retriable"])
+                            .inc();
+                        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+                        {
+                            self.forget(&addr);
+                        }
+                        failed.extend(idxs);
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .redis_errors
+                            .with_label_values(&["fatal"])
+                            .inc();
+                        fatal = Some(store_err(format!("{addr}: {e}")));
+                    }
+                }
+            }
+            if let Some(e) = fatal {
+                break Err(e);
+            }
+            if failed.is_empty() {
+                break Ok(());
+            }
+            pending = failed;
+            if Instant::now() + backoff >= deadline {
+                break Err(store_err("redis cluster did not answer in time"));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(400));
+            if let Err(e) = self.refresh_topology().await {
+                tracing::debug!(error = %e, "topology refresh failed");
+            }
+        };
+        self.metrics
+            .store_redis_commands
+            .with_label_values(&[op])
+            .inc_by(cmds.len() as u64);
+        outcome.map(|()| {
+            results
+                .into_iter()
+                .map(|v| v.unwrap_or(Value::Nil))
+                .collect()
+        })
+    }
+
+    /// Waits until the writes on each node's connection reached `min_replicas` replicas.
+    async fn wait_replicas(&self, slots: &[u16]) {
+        if self.opts.min_replicas == 0 {
+            return;
+        }
+        let Some(topo) = self.topology() else { return };
+        let mut nodes: Vec<u16> = slots.iter().map(|s| topo.slots[*s as usize]).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let waits = nodes.into_iter().map(|n| {
+            let (addr, mut conn) = topo.nodes[n as usize].clone();
+            let ms = self.opts.timeout.as_millis().min(1000) as u64 / 4;
+            async move {
+                let r: redis::RedisResult<i64> = redis::cmd("WAIT")
+                    .arg(self.opts.min_replicas)
+                    .arg(ms)
+                    .query_async(&mut conn)
+                    .await;
+                (addr, r)
+            }
+        });
+        for (addr, r) in join_all(waits).await {
+            match r {
+                Ok(n) if n >= self.opts.min_replicas as i64 => {}
+                Ok(n) => {
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["replica_lag"])
+                        .inc();
+                    tracing::warn!(node = %addr, replicas = n, "write not yet on a replica");
+                }
+                Err(e) => tracing::warn!(node = %addr, error = %e, "WAIT failed"),
+            }
+        }
+    }
+
+    fn user_slot(&self, user: UserId) -> u16 {
+        self.partition_slots[partition_of(user) as usize]
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
+        let cmds = users
+            .iter()
+            .map(|&u| {
+                let mut c = redis::cmd("HGET");
+                c.arg(user_key(u)).arg("s");
+                (self.user_slot(u), c)
+            })
+            .collect();
+        let values = self.exec("load", cmds).await?;
+        values
+            .into_iter()
+            .map(|v| match v {
+                Value::Nil => Ok(None),
+                Value::BulkString(b) => serde_json::from_slice(&b)
+                    .map(Some)
+                    .map_err(|e| Error::Internal(format!("corrupt stored state: {e}"))),
+                other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
+            })
+            .collect()
+    }
+
+    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut cmds = Vec::with_capacity(batch.len());
+        for (user, state) in batch {
+            let live = !state.devices.is_empty();
+            let ttl = if live {
+                self.opts.live_ttl
+            } else {
+                self.opts.retention
+            };
+            let json = serde_json::to_vec(state).map_err(|e| Error::Internal(e.to_string()))?;
+            let p = partition_of(*user);
+            let mut c = redis::cmd("EVAL");
+            c.arg(SAVE)
+                .arg(2)
+                .arg(user_key(*user))
+                .arg(live_key(p))
+                .arg(state.version)
+                .arg(json)
+                .arg(ttl.as_millis() as u64)
+                .arg(if live { "1" } else { "0" })
+                .arg(*user)
+                .arg(now);
+            let slot = self.partition_slots[p as usize];
+            slots.push(slot);
+            cmds.push((slot, c));
+        }
+        self.exec("save", cmds).await?;
+        self.wait_replicas(&slots).await;
+        Ok(())
+    }
+
+    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
+        let cmds = partitions
+            .iter()
+            .map(|&p| {
+                let mut c = redis::cmd("ZRANGE");
+                c.arg(live_key(p)).arg(0).arg(-1);
+                (self.partition_slots[p as usize], c)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for v in self.exec("live_users", cmds).await? {
+            let Value::Array(items) = v else { continue };
+            for item in items {
+                if let Value::BulkString(b) = item {
+                    if let Some(u) = std::str::from_utf8(&b).ok().and_then(|s| s.parse().ok()) {
+                        out.push(u);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn refresh(&self, users: &[UserId]) -> Result<(), Error> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.opts.live_ttl.as_millis() as u64;
+        let cmds = users
+            .iter()
+            .map(|&u| {
+                let mut c = redis::cmd("PEXPIRE");
+                c.arg(user_key(u)).arg(ttl);
+                (self.user_slot(u), c)
+            })
+            .collect();
+        self.exec("refresh", cmds).await.map(|_| ())
+    }
+
+    fn refresh_interval(&self) -> Option<Duration> {
+        Some(self.opts.refresh)
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        let topo = match self.topology() {
+            Some(t) => t,
+            None => {
+                self.refresh_topology().await?;
+                self.topology().ok_or_else(|| store_err("no topology"))?
+            }
+        };
+        let pings = topo.nodes.iter().map(|(addr, conn)| {
+            let mut conn = conn.clone();
+            async move {
+                let r = tokio::time::timeout(
+                    self.opts.timeout,
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await;
+                (addr.clone(), r)
+            }
+        });
+        for (addr, r) in join_all(pings).await {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    let _ = self.refresh_topology().await;
+                    return Err(store_err(format!("{addr}: {e}")));
+                }
+                Err(_) => return Err(store_err(format!("{addr}: ping timed out"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis-cluster"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc16_matches_redis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(crc16(b"foo") % 16384, 12182);
+        assert_eq!(crc16(b"bar") % 16384, 5061);
+    }
+
+    #[test]
+    fn a_user_and_its_partition_index_share_a_slot() {
+        let u = 10001;
+        let k = user_key(u);
+        let l = live_key(partition_of(u));
+        let tag = |s: &str| s[s.find('{').unwrap() + 1..s.find('}').unwrap()].to_owned();
+        assert_eq!(tag(&k), tag(&l));
+    }
+
+    /// The shared store suite against a real Redis Cluster (started by scripts/test.sh).
+    #[tokio::test]
+    async fn redis_store_passes_the_suite() {
+        let Some(urls) = crate::store::test_redis_urls() else {
+            return;
+        };
+        let store = RedisStore::connect(test_options(urls), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let base = crate::store::test_user_base();
+        crate::store::suite::run(store.as_ref(), base).await;
+    }
+
+    pub(crate) fn test_options(urls: String) -> RedisOptions {
+        RedisOptions {
+            seeds: urls.split(',').map(str::to_owned).collect(),
+            timeout: Duration::from_secs(3),
+            refresh: Duration::from_secs(60),
+            live_ttl: Duration::from_secs(120),
+            retention: Duration::from_secs(600),
+            min_replicas: 1,
+        }
+    }
+}
