@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
@@ -147,8 +148,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     }
 }
 
-fn user_id_path(raw: &str) -> Result<UserId, Error> {
-    parse_user_id(raw)
+/// The `{userId}` path segment; axum's own rejection (e.g. bad UTF-8) never leaks.
+fn user_id_path(raw: Result<Path<String>, PathRejection>) -> Result<UserId, Error> {
+    match raw {
+        Ok(Path(raw)) => parse_user_id(&raw),
+        Err(_) => Err(Error::BadRequest(
+            "userId must be a positive 64-bit integer".into(),
+        )),
+    }
 }
 
 fn platform(raw: &str) -> Result<Platform, Error> {
@@ -238,8 +245,11 @@ async fn heartbeat(
     Ok(ok("心跳成功", answer))
 }
 
-async fn status(State(s): State<AppState>, Path(raw): Path<String>) -> Result<Response, Error> {
-    let user = user_id_path(&raw)?;
+async fn status(
+    State(s): State<AppState>,
+    raw: Result<Path<String>, PathRejection>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
     Ok(ok("success", s.presence.status(user).await?))
 }
 
@@ -261,10 +271,10 @@ async fn batch(
 
 async fn set_status(
     State(s): State<AppState>,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<SetStatusRequest>,
 ) -> Result<Response, Error> {
-    let user = user_id_path(&raw)?;
+    let user = user_id_path(raw)?;
     let manual = match req.status.as_deref() {
         None => None,
         Some(text) => match Status::parse(text) {
@@ -301,9 +311,9 @@ async fn set_status(
 
 async fn clear_status(
     State(s): State<AppState>,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
-    let user = user_id_path(&raw)?;
+    let user = user_id_path(raw)?;
     Ok(ok("success", s.presence.clear_status(user).await?))
 }
 

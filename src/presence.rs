@@ -82,9 +82,9 @@ impl Platform {
     }
 }
 
-/// Checks a userId: a positive 64-bit integer.
+/// Checks a userId: a positive signed 64-bit integer (1 to 2^63-1, a Java `long`).
 pub fn validate_user_id(id: u64) -> Result<UserId, Error> {
-    if id == 0 {
+    if id == 0 || id > i64::MAX as u64 {
         return Err(Error::BadRequest(
             "userId must be a positive 64-bit integer".into(),
         ));
@@ -868,7 +868,11 @@ mod tests {
         assert!(parse_user_id("0").is_err());
         assert!(parse_user_id("-1").is_err());
         assert!(parse_user_id("18446744073709551616").is_err());
-        assert_eq!(parse_user_id("18446744073709551615").unwrap(), u64::MAX);
+        assert!(parse_user_id("9223372036854775808").is_err());
+        assert_eq!(
+            parse_user_id("9223372036854775807").unwrap(),
+            i64::MAX as u64
+        );
         assert!(parse_user_id("+5").is_err());
         assert!(validate_device_id("").is_err());
         assert!(validate_device_id(&"a".repeat(129)).is_err());

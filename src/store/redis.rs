@@ -257,11 +257,10 @@ impl RedisStore {
                     nodes.len() - 1
                 }
             };
-            for s in (*start as usize)..=(*end as usize).min(SLOTS - 1) {
-                slots[s] = idx as u16;
-            }
+            let range = (*start as usize).min(SLOTS)..=(*end as usize).min(SLOTS - 1);
+            slots[range].fill(idx as u16);
         }
-        if slots.iter().any(|s| *s == u16::MAX) {
+        if slots.contains(&u16::MAX) {
             return Err("not every slot is covered".into());
         }
         Ok(Topology { slots, nodes })
