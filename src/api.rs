@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ops)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(close_unread))
         .with_state(state)
 }
 
@@ -132,6 +133,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 Error::BadRequest(format!("could not read request body: {e}"))
             }
         })?;
+        if bytes.trim_ascii_start().first() == Some(&b'[') {
+            return Err(Error::BadRequest(
+                "invalid request body: expected a JSON object".into(),
+            ));
+        }
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -350,7 +356,8 @@ async fn not_found(State(s): State<AppState>, method: Method, uri: axum::http::U
     Error::NotFound(uri.path().chars().take(200).collect())
 }
 
-async fn method_not_allowed() -> Error {
+async fn method_not_allowed(State(s): State<AppState>, method: Method) -> Error {
+    record(&s.metrics, "unmatched", &method, "405", None);
     Error::MethodNotAllowed
 }
 
@@ -405,4 +412,24 @@ async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
         Ok(_permit) => next.run(req).await,
         Err(_) => Error::Overloaded.into_response(),
     }
+}
+
+/// An answer given without reading the request body (404, 405, 413, 415) closes the connection
+/// and says so, so keep-alive clients do not reuse a connection the server is about to drop.
+async fn close_unread(req: Request, next: Next) -> Response {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    let mut resp = next.run(req).await;
+    if has_body && matches!(resp.status().as_u16(), 404 | 405 | 413 | 415) {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
