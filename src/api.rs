@@ -76,8 +76,9 @@ impl Limits {
     }
 }
 
-/// The whole HTTP surface of a node.
-pub fn router(state: AppState) -> Router {
+/// The HTTP surface of a node: the presence API (unless `with_api` is false, as on a shard,
+/// which serves gRPC instead) and health and metrics.
+pub fn router(state: AppState, with_api: bool) -> Router {
     let api = Router::new()
         .route("/online", post(online))
         .route("/offline", post(offline))
@@ -96,12 +97,20 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), track));
-    Router::new()
-        .nest(BASE, api)
-        .merge(ops)
+    let root = if with_api {
+        Router::new().nest(BASE, api)
+    } else {
+        Router::new()
+    };
+    root.merge(ops)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(close_unread))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+            ),
+        )
         .with_state(state)
 }
 

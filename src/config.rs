@@ -12,6 +12,28 @@ use crate::presence::{Rules, Status};
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
+/// What a process does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Gateway and shard in one process, owning every user: `cargo run` as a whole service.
+    All,
+    /// Stateless: serves REST and routes each user to its shard over gRPC.
+    Gateway,
+    /// Owns the users of its partitions and their timers; serves gRPC.
+    Shard,
+}
+
+/// Where the member list of shards comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryKind {
+    /// `PRESENCE_SHARDS`, health-checked over gRPC.
+    Static,
+    /// Ready endpoints of the shards' headless Service (EndpointSlices).
+    Kubernetes,
+    /// Instances registered in Nacos.
+    Nacos,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -25,6 +47,68 @@ pub struct Config {
     /// Address of the HTTP API, health and metrics.
     #[arg(long, env = "PRESENCE_LISTEN", default_value = "0.0.0.0:8004")]
     pub listen: SocketAddr,
+
+    /// What this process does: all (one-process service), gateway or shard.
+    #[arg(long, env = "PRESENCE_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
+
+    /// Address of a shard's gRPC service.
+    #[arg(long, env = "PRESENCE_GRPC_LISTEN", default_value = "0.0.0.0:9004")]
+    pub grpc_listen: SocketAddr,
+
+    /// host:port under which this shard is known in the ring. Default: `POD_IP` (or the
+    /// hostname) with the gRPC port.
+    #[arg(long, env = "PRESENCE_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Where the shard list comes from: static, kubernetes or nacos.
+    #[arg(long, env = "PRESENCE_DISCOVERY", value_enum, default_value = "static")]
+    pub discovery: DiscoveryKind,
+
+    /// Static discovery: the shards' gRPC addresses, comma-separated.
+    #[arg(long, env = "PRESENCE_SHARDS")]
+    pub shards: Option<String>,
+
+    /// Static discovery: how often each shard is health-checked (2 misses remove it).
+    #[arg(long, env = "PRESENCE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long a gateway keeps retrying a call while ownership moves; then 503.
+    #[arg(long, env = "PRESENCE_ROUTE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub route_timeout: Duration,
+
+    /// How long a shard waits before loading a partition whose previous owner is still alive.
+    /// Default: 3 x the health interval.
+    #[arg(long, env = "PRESENCE_HANDOFF_GRACE", value_parser = humantime::parse_duration)]
+    pub handoff_grace: Option<Duration>,
+
+    /// Kubernetes discovery: namespace of the shards' Service (default: this pod's).
+    #[arg(long, env = "PRESENCE_K8S_NAMESPACE")]
+    pub k8s_namespace: Option<String>,
+
+    /// Kubernetes discovery: name of the shards' headless Service.
+    #[arg(long, env = "PRESENCE_K8S_SERVICE", default_value = "presence-shard")]
+    pub k8s_service: String,
+
+    /// Kubernetes discovery: the gRPC port, by name or number.
+    #[arg(long, env = "PRESENCE_K8S_PORT", default_value = "grpc")]
+    pub k8s_port: String,
+
+    /// Nacos discovery: server address host:port.
+    #[arg(long, env = "PRESENCE_NACOS_ADDR")]
+    pub nacos_addr: Option<String>,
+
+    /// Nacos discovery: namespace.
+    #[arg(long, env = "PRESENCE_NACOS_NAMESPACE", default_value = "")]
+    pub nacos_namespace: String,
+
+    /// Nacos discovery: group.
+    #[arg(long, env = "PRESENCE_NACOS_GROUP", default_value = "DEFAULT_GROUP")]
+    pub nacos_group: String,
+
+    /// Nacos discovery: service name of the shards.
+    #[arg(long, env = "PRESENCE_NACOS_SERVICE", default_value = "presence-shard")]
+    pub nacos_service: String,
 
     /// Interval clients are told to heartbeat at (`nextHeartbeatInterval`).
     #[arg(long, env = "PRESENCE_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -231,10 +315,89 @@ impl Config {
         if self.redis_refresh < Duration::from_secs(1) || self.redis_refresh > day {
             return bad("PRESENCE_REDIS_REFRESH", "must be between 1s and 24h");
         }
+        if self.health_interval < Duration::from_millis(50)
+            || self.health_interval > Duration::from_secs(60)
+        {
+            return bad("PRESENCE_HEALTH_INTERVAL", "must be between 50ms and 60s");
+        }
+        if self.route_timeout < Duration::from_millis(10)
+            || self.route_timeout > Duration::from_secs(120)
+        {
+            return bad("PRESENCE_ROUTE_TIMEOUT", "must be between 10ms and 120s");
+        }
+        if self.role != Role::All {
+            match self.discovery {
+                DiscoveryKind::Static => {
+                    let shards = self.static_shards();
+                    if shards.is_empty() {
+                        return bad(
+                            "PRESENCE_SHARDS",
+                            "static discovery needs the shards' host:port list",
+                        );
+                    }
+                    if shards.iter().any(|s| !valid_hostport(s)) || shards.len() > 1024 {
+                        return bad("PRESENCE_SHARDS", "must be 1 to 1024 host:port entries");
+                    }
+                    if self.role == Role::Shard && !shards.contains(&self.advertise_addr()) {
+                        return bad(
+                            "PRESENCE_ADVERTISE",
+                            "must be one of PRESENCE_SHARDS with static discovery",
+                        );
+                    }
+                }
+                DiscoveryKind::Nacos => {
+                    if !self.nacos_addr.as_deref().is_some_and(valid_hostport) {
+                        return bad("PRESENCE_NACOS_ADDR", "nacos discovery needs host:port");
+                    }
+                }
+                DiscoveryKind::Kubernetes => {
+                    if self.k8s_service.is_empty() {
+                        return bad("PRESENCE_K8S_SERVICE", "must not be empty");
+                    }
+                }
+            }
+            if self.role == Role::Shard && !valid_hostport(&self.advertise_addr()) {
+                return bad("PRESENCE_ADVERTISE", "must be host:port");
+            }
+        }
         if self.drain_timeout > Duration::from_secs(600) {
             return bad("PRESENCE_DRAIN_TIMEOUT", "must be at most 10m");
         }
         self.status_styles().map(|_| ())
+    }
+
+    /// The static shard list.
+    pub fn static_shards(&self) -> Vec<String> {
+        self.shards
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// This shard's address in the ring.
+    pub fn advertise_addr(&self) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        let port = self.grpc_listen.port();
+        let host = std::env::var("POD_IP")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+
+    /// How long a new owner waits for a live previous owner to let go.
+    pub fn grace(&self) -> Duration {
+        self.handoff_grace.unwrap_or(self.health_interval * 3)
     }
 
     /// The timing rules for the domain.
@@ -320,6 +483,11 @@ impl Config {
     }
 }
 
+fn valid_hostport(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 /// Turns a clap error into one that names the environment variable of the argument at fault.
 fn clap_error(e: &clap::Error) -> ConfigError {
     let message = e.kind().as_str().unwrap_or("invalid value").to_owned();
@@ -387,6 +555,29 @@ mod tests {
         assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
         let e = load(&["--timer-tick", "2s"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_TIMER_TICK");
+        let e = load(&["--role", "gateway"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_SHARDS");
+        let e = load(&[
+            "--role",
+            "shard",
+            "--shards",
+            "a:1,b:2",
+            "--advertise",
+            "c:3",
+        ])
+        .unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_ADVERTISE");
+        let e = load(&["--role", "shard", "--discovery", "nacos"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_NACOS_ADDR");
+        assert!(load(&[
+            "--role",
+            "shard",
+            "--shards",
+            "a:1,b:2",
+            "--advertise",
+            "b:2"
+        ])
+        .is_ok());
         let e = load(&["--redis-url", "redis://nohost"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_REDIS_URL");
         let e = load(&["--status-styles", r#"{"BUSY":{"color":"red"}}"#]).unwrap_err();

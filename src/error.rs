@@ -1,4 +1,5 @@
-//! The one error type, and the only place that turns errors into the HTTP envelope.
+//! The one error type, and the only place that turns errors into the HTTP envelope and into
+//! `tonic::Status` (and back, on the calling side).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -34,6 +35,12 @@ pub enum Error {
     /// The node is starting or draining.
     #[error("service not ready")]
     NotReady,
+    /// A shard was asked about a user it does not own; `epoch` is the shard's ring.
+    #[error("ownership is moving, retry (shard ring epoch {epoch})")]
+    WrongOwner { epoch: u64 },
+    /// No shard could answer: none in the ring, unreachable, or still loading the partition.
+    #[error("shard unavailable: {0}")]
+    ShardUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,9 +55,11 @@ impl Error {
             Error::TooManyDevices(_) => StatusCode::CONFLICT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::Overloaded | Error::StoreUnavailable(_) | Error::NotReady => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::Overloaded
+            | Error::StoreUnavailable(_)
+            | Error::NotReady
+            | Error::WrongOwner { .. }
+            | Error::ShardUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,7 +77,84 @@ impl Error {
             Error::Overloaded => "overloaded",
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::NotReady => "not_ready",
+            Error::WrongOwner { .. } => "wrong_owner",
+            Error::ShardUnavailable(_) => "shard_unavailable",
             Error::Internal(_) => "internal",
+        }
+    }
+}
+
+const REASON: &str = "x-presence-error";
+const EPOCH: &str = "x-presence-epoch";
+const LIMIT: &str = "x-presence-limit";
+
+impl From<Error> for tonic::Status {
+    /// The gRPC form of an error: a code, the message, and the stable reason (plus the epoch or
+    /// limit it carries) in metadata, so the other side rebuilds the same `Error`.
+    fn from(e: Error) -> tonic::Status {
+        use tonic::Code;
+        let code = match &e {
+            Error::BadRequest(_) => Code::InvalidArgument,
+            Error::DeviceNotOnline | Error::NotFound(_) => Code::NotFound,
+            Error::MethodNotAllowed => Code::Unimplemented,
+            Error::TooManyDevices(_) => Code::ResourceExhausted,
+            Error::PayloadTooLarge(_) => Code::OutOfRange,
+            Error::UnsupportedMediaType => Code::InvalidArgument,
+            Error::WrongOwner { .. } => Code::FailedPrecondition,
+            Error::Overloaded
+            | Error::StoreUnavailable(_)
+            | Error::NotReady
+            | Error::ShardUnavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        };
+        let mut status = tonic::Status::new(code, e.to_string());
+        let md = status.metadata_mut();
+        md.insert(
+            REASON,
+            tonic::metadata::MetadataValue::from_static(e.reason()),
+        );
+        match &e {
+            Error::WrongOwner { epoch } => {
+                md.insert(EPOCH, epoch.to_string().parse().expect("digits are ascii"));
+            }
+            Error::TooManyDevices(n) | Error::PayloadTooLarge(n) => {
+                md.insert(LIMIT, n.to_string().parse().expect("digits are ascii"));
+            }
+            _ => {}
+        }
+        status
+    }
+}
+
+impl From<tonic::Status> for Error {
+    /// Rebuilds the error a peer sent; transport failures become `ShardUnavailable`.
+    fn from(s: tonic::Status) -> Error {
+        let md = s.metadata();
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let number = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // Messages of our own errors carry their Display text; strip known prefixes back off.
+        let msg = s.message().to_owned();
+        let after = |prefix: &str| msg.strip_prefix(prefix).unwrap_or(&msg).to_owned();
+        match get(REASON).as_deref() {
+            Some("bad_request") => Error::BadRequest(msg),
+            Some("device_not_online") => Error::DeviceNotOnline,
+            Some("not_found") => Error::NotFound(after("not found: ")),
+            Some("too_many_devices") => Error::TooManyDevices(number(LIMIT) as usize),
+            Some("payload_too_large") => Error::PayloadTooLarge(number(LIMIT) as usize),
+            Some("overloaded") => Error::Overloaded,
+            Some("store_unavailable") => Error::StoreUnavailable(after("store unavailable: ")),
+            Some("not_ready") => Error::ShardUnavailable("shard not ready".into()),
+            Some("wrong_owner") => Error::WrongOwner {
+                epoch: number(EPOCH),
+            },
+            Some("shard_unavailable") => Error::ShardUnavailable(after("shard unavailable: ")),
+            Some("internal") => Error::Internal(after("internal error: ")),
+            _ => match s.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => Error::ShardUnavailable(msg),
+                _ => Error::Internal(format!("peer: {:?}: {msg}", s.code())),
+            },
         }
     }
 }
@@ -103,5 +189,33 @@ impl IntoResponse for Error {
             data: None,
         };
         (status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_a_grpc_round_trip() {
+        for e in [
+            Error::BadRequest("userId must be a positive 64-bit integer".into()),
+            Error::DeviceNotOnline,
+            Error::TooManyDevices(16),
+            Error::StoreUnavailable("redis cluster did not answer in time".into()),
+            Error::WrongOwner { epoch: 42 },
+            Error::ShardUnavailable("partition loading".into()),
+            Error::Internal("boom".into()),
+            Error::Overloaded,
+        ] {
+            let back = Error::from(tonic::Status::from(e.clone()));
+            assert_eq!(back, e);
+            assert_eq!(back.status(), e.status());
+        }
+        let transport = tonic::Status::unavailable("connection refused");
+        assert_eq!(
+            Error::from(transport).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

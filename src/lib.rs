@@ -4,8 +4,11 @@
 //! # Layout
 //! - [`config`]: the one `Config`, from flags and `PRESENCE_*` variables.
 //! - [`error`]: the one error type and its HTTP envelope.
+//! - [`peer`]: the gRPC transport between nodes: the shard service and the gateway's router.
 //! - [`presence`]: the domain rules (aggregation, idle, manual status, timeouts), pure.
 //! - [`timer`]: the timer wheel behind every deadline.
+//! - [`membership`]: who the shards are (static list with health checks, Kubernetes, Nacos).
+//! - [`proto`]: the gRPC schema between nodes and its conversions.
 //! - [`ring`]: the fixed partitions of the userId space (and, later, their placement).
 //! - [`store`]: the persistence boundary (`Store`), the in-memory store and Redis Cluster.
 //! - [`shard`]: owns users: live state, their timers, write-through to the store.
@@ -17,9 +20,12 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod presence;
+pub mod proto;
 pub mod ring;
 pub mod shard;
 pub mod store;

@@ -27,6 +27,15 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     pub redis_topology_refreshes: IntCounter,
     pub recovered_users: IntCounter,
+    pub ring_members: IntGauge,
+    pub ring_epoch: IntGauge,
+    pub ring_changes: IntCounter,
+    pub owned_partitions: IntGauge,
+    pub grpc_requests: IntCounterVec,
+    pub grpc_duration: HistogramVec,
+    pub wrong_owner_retries: IntCounter,
+    pub handoffs: IntCounterVec,
+    pub handoff_duration: HistogramVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -163,6 +172,64 @@ impl Metrics {
             "Live users reloaded from the store's live index at start-up.",
         )
         .expect("valid metric");
+        let ring_members = gauge("presence_ring_members", "Shards in this node's ring.");
+        let ring_epoch = gauge(
+            "presence_ring_epoch",
+            "Epoch of this node's ring (identifies the member set; equal on nodes that agree).",
+        );
+        let ring_changes = IntCounter::new(
+            "presence_ring_changes_total",
+            "Times this node's ring changed.",
+        )
+        .expect("valid metric");
+        let owned_partitions = gauge(
+            "presence_owned_partitions",
+            "Partitions this shard owns and serves.",
+        );
+        let grpc_requests = IntCounterVec::new(
+            Opts::new(
+                "presence_grpc_requests_total",
+                "gRPC calls between nodes, by side (client, server), method and code.",
+            ),
+            &["side", "method", "code"],
+        )
+        .expect("valid metric");
+        let grpc_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "presence_grpc_request_duration_seconds",
+                "gRPC call latency.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["side", "method"],
+        )
+        .expect("valid metric");
+        let wrong_owner_retries = IntCounter::new(
+            "presence_wrong_owner_retries_total",
+            "Gateway retries after a shard answered that it does not own the user.",
+        )
+        .expect("valid metric");
+        let handoffs = IntCounterVec::new(
+            Opts::new(
+                "presence_handoffs_total",
+                "Partition handoffs, by direction (gained, released).",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let handoff_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "presence_handoff_duration_seconds",
+                "How long taking over (loading) or releasing partitions took.",
+            )
+            .buckets(vec![
+                0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["direction"],
+        )
+        .expect("valid metric");
+        for d in ["gained", "released"] {
+            handoffs.with_label_values(&[d]);
+        }
         for c in [
             Box::new(online_users.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(online_devices.clone()),
@@ -183,6 +250,15 @@ impl Metrics {
             Box::new(redis_errors.clone()),
             Box::new(redis_topology_refreshes.clone()),
             Box::new(recovered_users.clone()),
+            Box::new(ring_members.clone()),
+            Box::new(ring_epoch.clone()),
+            Box::new(ring_changes.clone()),
+            Box::new(owned_partitions.clone()),
+            Box::new(grpc_requests.clone()),
+            Box::new(grpc_duration.clone()),
+            Box::new(wrong_owner_retries.clone()),
+            Box::new(handoffs.clone()),
+            Box::new(handoff_duration.clone()),
         ] {
             reg(c);
         }
@@ -214,6 +290,15 @@ impl Metrics {
             redis_errors,
             redis_topology_refreshes,
             recovered_users,
+            ring_members,
+            ring_epoch,
+            ring_changes,
+            owned_partitions,
+            grpc_requests,
+            grpc_duration,
+            wrong_owner_retries,
+            handoffs,
+            handoff_duration,
         }
     }
 

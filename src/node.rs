@@ -1,67 +1,185 @@
-//! Wires one process together (store, shard, timers, HTTP) and runs it until shutdown.
+//! Wires one process together for its role (all, gateway or shard) and runs it until shutdown.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, Limits};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DiscoveryKind, Role};
+use crate::membership::{self, Discovery, Members, StaticDiscovery};
 use crate::metrics::Metrics;
-use crate::ring::PARTITIONS;
-use crate::shard::Shard;
+use crate::peer::client::Clients;
+use crate::peer::{GrpcProbe, Ownership, Router, ShardService};
+use crate::proto::v1::presence_shard_server::PresenceShardServer;
+use crate::ring::{self, PARTITIONS};
+use crate::shard::{Presence, Shard};
 use crate::store::{MemoryStore, RedisStore, Store};
 
-/// A node bound to its listener, ready to run.
+/// What a shard process runs besides the HTTP side.
+struct ShardParts {
+    own: Arc<Ownership>,
+    grpc: TcpListener,
+    discovery: Arc<dyn Discovery>,
+}
+
+/// A node bound to its listeners, ready to run.
 pub struct Node {
     config: Config,
     listener: TcpListener,
     state: AppState,
-    shard: Arc<Shard>,
+    shard: Option<Arc<Shard>>,
+    shard_parts: Option<ShardParts>,
+    /// Stops the membership and ring tasks.
+    background: CancellationToken,
+}
+
+fn anyhow_config(e: ConfigError) -> anyhow::Error {
+    anyhow::anyhow!(e.to_string())
+}
+
+async fn build_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match config.redis() {
+        Some(opts) => RedisStore::connect(opts, metrics.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to Redis Cluster: {e}"))?,
+        None => MemoryStore::new(),
+    })
+}
+
+async fn build_discovery(
+    config: &Config,
+    clients: &Arc<Clients>,
+) -> anyhow::Result<Arc<dyn Discovery>> {
+    Ok(match config.discovery {
+        DiscoveryKind::Static => Arc::new(StaticDiscovery::new(
+            config.static_shards(),
+            Arc::new(GrpcProbe {
+                clients: clients.clone(),
+            }),
+            config.health_interval,
+        )),
+        DiscoveryKind::Kubernetes => {
+            let namespace = config.k8s_namespace.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_else(|_| "default".into())
+            });
+            let port = config
+                .k8s_port
+                .parse()
+                .map_err(|e| anyhow::anyhow!("PRESENCE_K8S_PORT: {e}"))?;
+            Arc::new(
+                membership::kubernetes::KubernetesDiscovery::new(
+                    namespace,
+                    config.k8s_service.clone(),
+                    port,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("kubernetes discovery: {e}"))?,
+            )
+        }
+        DiscoveryKind::Nacos => Arc::new(
+            membership::nacos::NacosDiscovery::new(
+                config.nacos_addr.clone().unwrap_or_default(),
+                config.nacos_namespace.clone(),
+                config.nacos_group.clone(),
+                config.nacos_service.clone(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("nacos discovery: {e}"))?,
+        ),
+    })
+}
+
+/// Starts a discovery and returns the member set it keeps up to date.
+fn watch_members(
+    discovery: &Arc<dyn Discovery>,
+    cancel: &CancellationToken,
+) -> watch::Receiver<Members> {
+    let (tx, rx) = watch::channel(membership::members(Vec::new()));
+    tokio::spawn(discovery.clone().run(tx, cancel.clone()));
+    rx
 }
 
 impl Node {
-    /// Builds the node and binds its listener.
+    /// Builds the node for its role and binds its listeners.
     pub async fn bind(config: Config) -> anyhow::Result<Node> {
-        let limits = Limits::from_config(&config).map_err(config_error)?;
+        let limits = Limits::from_config(&config).map_err(anyhow_config)?;
         let metrics = Arc::new(Metrics::new());
-        let store: Arc<dyn Store> = match config.redis() {
-            Some(opts) => RedisStore::connect(opts, metrics.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to Redis Cluster: {e}"))?,
-            None => MemoryStore::new(),
+        let background = CancellationToken::new();
+        let clients = Clients::new(Duration::from_millis(500), config.route_timeout);
+        let (presence, shard, shard_parts): (Arc<dyn Presence>, _, _) = match config.role {
+            Role::All => {
+                let store = build_store(&config, &metrics).await?;
+                let shard = Arc::new(Shard::new(
+                    store,
+                    config.rules(),
+                    config.timer_tick,
+                    metrics.clone(),
+                ));
+                let all: Vec<u32> = (0..PARTITIONS).collect();
+                let started = std::time::Instant::now();
+                let n = shard
+                    .recover(&all)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("recovery failed: {e}"))?;
+                if n > 0 {
+                    tracing::info!(users = n, took = ?started.elapsed(), "recovered live users");
+                }
+                (shard.clone(), Some(shard), None)
+            }
+            Role::Shard => {
+                let store = build_store(&config, &metrics).await?;
+                if store.kind() == "memory" {
+                    tracing::warn!("a shard on the in-memory store loses its users on handoff; set PRESENCE_REDIS_URL");
+                }
+                let shard = Arc::new(Shard::new(
+                    store,
+                    config.rules(),
+                    config.timer_tick,
+                    metrics.clone(),
+                ));
+                let own = Ownership::new(config.advertise_addr(), metrics.clone());
+                let discovery = build_discovery(&config, &clients).await?;
+                let grpc = TcpListener::bind(config.grpc_listen).await?;
+                tracing::info!(addr = %grpc.local_addr()?, advertise = own.me(), discovery = discovery.kind(), "grpc listening");
+                let parts = ShardParts {
+                    own,
+                    grpc,
+                    discovery,
+                };
+                (shard.clone(), Some(shard), Some(parts))
+            }
+            Role::Gateway => {
+                let discovery = build_discovery(&config, &clients).await?;
+                let members = watch_members(&discovery, &background);
+                let ring = ring::follow(members, metrics.clone(), background.clone());
+                let router =
+                    Router::new(ring, clients.clone(), config.route_timeout, metrics.clone());
+                (Arc::new(router), None, None)
+            }
         };
-        let shard = Arc::new(Shard::new(
-            store.clone(),
-            config.rules(),
-            config.timer_tick,
-            metrics.clone(),
-        ));
         let state = AppState {
-            presence: shard.clone(),
+            presence,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
             limits: Arc::new(limits),
         };
-        let all: Vec<u32> = (0..PARTITIONS).collect();
-        let started = std::time::Instant::now();
-        let recovered = shard
-            .recover(&all)
-            .await
-            .map_err(|e| anyhow::anyhow!("recovery failed: {e}"))?;
-        if recovered > 0 {
-            tracing::info!(users = recovered, took = ?started.elapsed(), "recovered live users");
-        }
         let listener = TcpListener::bind(config.listen).await?;
-        tracing::info!(addr = %listener.local_addr()?, store = store.kind(), "listening");
+        tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");
         Ok(Node {
             config,
             listener,
             state,
             shard,
+            shard_parts,
+            background,
         })
     }
 
@@ -71,45 +189,101 @@ impl Node {
             .expect("bound listener has an address")
     }
 
-    /// Serves until `shutdown` fires, then reports not ready, drains requests in flight (up to
-    /// the drain timeout), stops the timers and flushes their writes.
+    /// Serves until `shutdown` fires. Then: report not ready; a shard hands off every partition
+    /// (and leaves Nacos); HTTP and gRPC drain requests in flight (up to the drain timeout); the
+    /// timers stop and flush their writes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Node {
             config,
             listener,
             state,
             shard,
+            shard_parts,
+            background,
         } = self;
         let tracker = TaskTracker::new();
         let timers = CancellationToken::new();
-        tracker.spawn(shard.clone().run_timers(timers.clone()));
+        if let Some(shard) = &shard {
+            tracker.spawn(shard.clone().run_timers(timers.clone()));
+        }
         let ready = state.ready.clone();
-        let app = api::router(state);
+        let metrics = state.metrics.clone();
+        let app = api::router(state, config.role != Role::Shard);
+
+        // Shard: the gRPC service, ownership following the ring, registration.
+        let grpc_stop = CancellationToken::new();
+        let mut grpc_task = None;
+        let mut own_for_drain = None;
+        if let (Some(parts), Some(shard)) = (shard_parts, shard.clone()) {
+            let ShardParts {
+                own,
+                grpc,
+                discovery,
+            } = parts;
+            let service = ShardService {
+                shard: shard.clone(),
+                own: own.clone(),
+                metrics: metrics.clone(),
+            };
+            let stop = grpc_stop.clone();
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            grpc_task = Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(PresenceShardServer::new(service))
+                    .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+            ));
+            let members = watch_members(&discovery, &background);
+            let ring = ring::follow(members, metrics.clone(), background.clone());
+            tracker.spawn(
+                own.clone()
+                    .run(shard.clone(), ring, config.grace(), background.clone()),
+            );
+            discovery
+                .register(own.me())
+                .await
+                .map_err(|e| anyhow::anyhow!("registering with {}: {e}", discovery.kind()))?;
+            own_for_drain = Some((own, discovery));
+        }
+
         ready.store(true, Ordering::Relaxed);
         tracing::info!("ready");
-
         let drain = shutdown.clone();
+        let ready_flag = ready.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             drain.cancelled().await;
-            ready.store(false, Ordering::Relaxed);
-            tracing::info!("draining");
+            ready_flag.store(false, Ordering::Relaxed);
         });
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;
-        match tokio::time::timeout(config.drain_timeout, server).await {
-            Ok(r) => r??,
-            Err(_) => tracing::warn!(timeout = ?config.drain_timeout, "drain timed out"),
+        tracing::info!("draining");
+        ready.store(false, Ordering::Relaxed);
+
+        if let (Some((own, discovery)), Some(shard)) = (own_for_drain, shard.as_ref()) {
+            if let Err(e) = discovery.deregister(own.me()).await {
+                tracing::warn!(error = %e, "deregistering failed");
+            }
+            own.drain(shard).await;
         }
+        let drained = async {
+            let _ = server.await;
+            grpc_stop.cancel();
+            if let Some(t) = grpc_task {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(config.drain_timeout, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out");
+        }
+        background.cancel();
         timers.cancel();
         tracker.close();
         tracker.wait().await;
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-fn config_error(e: ConfigError) -> anyhow::Error {
-    anyhow::anyhow!(e.to_string())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

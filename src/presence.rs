@@ -535,13 +535,32 @@ pub fn parse_time(s: &str) -> Option<Millis> {
         .map(|t| t.timestamp_millis())
 }
 
+/// Serializes Unix milliseconds as an RFC 3339 string, and 0 as `null`.
+mod rfc3339 {
+    use super::{format_time, parse_time, Millis};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &Millis, s: S) -> Result<S::Ok, S::Error> {
+        match format_time(*ms) {
+            Some(t) => s.serialize_str(&t),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Millis, D::Error> {
+        let t: Option<String> = Option::deserialize(d)?;
+        Ok(t.as_deref().and_then(parse_time).unwrap_or(0))
+    }
+}
+
 /// A device as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceView {
     pub device_id: String,
     pub platform: Platform,
-    pub online_time: Option<String>,
+    #[serde(with = "rfc3339")]
+    pub online_time: Millis,
 }
 
 /// A user's presence as `GET /status/{userId}` shows it.
@@ -550,7 +569,8 @@ pub struct DeviceView {
 pub struct StatusView {
     pub user_id: UserId,
     pub status: Status,
-    pub last_active_time: Option<String>,
+    #[serde(with = "rfc3339")]
+    pub last_active_time: Millis,
     pub devices: Vec<DeviceView>,
     pub custom_text: Option<String>,
     pub manual_status: Option<Status>,
@@ -563,7 +583,8 @@ pub struct StatusView {
 pub struct BatchEntry {
     pub user_id: UserId,
     pub status: Status,
-    pub last_active_time: Option<String>,
+    #[serde(with = "rfc3339")]
+    pub last_active_time: Millis,
     pub custom_text: Option<String>,
 }
 
@@ -584,13 +605,13 @@ impl UserState {
         StatusView {
             user_id,
             status: st.status,
-            last_active_time: format_time(st.last_active),
+            last_active_time: st.last_active,
             devices: st
                 .online_devices()
                 .map(|d| DeviceView {
                     device_id: d.id.to_string(),
                     platform: d.platform,
-                    online_time: format_time(d.online_at),
+                    online_time: d.online_at,
                 })
                 .collect(),
             custom_text: settings
@@ -614,7 +635,7 @@ impl UserState {
         BatchEntry {
             user_id,
             status,
-            last_active_time: format_time(self.last_active),
+            last_active_time: self.last_active,
             custom_text: settings
                 .and_then(|s| s.text.as_ref())
                 .map(|t| t.to_string()),
@@ -645,7 +666,7 @@ mod tests {
         let v = st.view(7, T0, &R);
         assert_eq!(v.status, Status::Offline);
         assert!(v.devices.is_empty());
-        assert_eq!(v.last_active_time, None);
+        assert_eq!(v.last_active_time, 0);
         assert_eq!(v.version, 0);
     }
 
@@ -667,10 +688,7 @@ mod tests {
         assert_eq!(e.users_delta(), -1);
         assert_eq!(st.version, 2);
         assert_eq!(st.last_active, T0 + 5_000);
-        assert_eq!(
-            st.view(1, T0 + 10_000, &R).last_active_time,
-            format_time(T0 + 5_000)
-        );
+        assert_eq!(st.view(1, T0 + 10_000, &R).last_active_time, T0 + 5_000);
     }
 
     #[test]

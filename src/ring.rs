@@ -149,6 +149,37 @@ fn epoch_of(members: &[String]) -> u64 {
     (h.finish() & ((1 << 52) - 1)).max(1)
 }
 
+/// Keeps a ring in step with a member set: every change of `members` becomes a new [`Ring`] in
+/// the returned channel, with the ring metrics updated. Runs until `cancel` fires.
+pub fn follow(
+    mut members: tokio::sync::watch::Receiver<crate::membership::Members>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio::sync::watch::Receiver<std::sync::Arc<Ring>> {
+    let first = std::sync::Arc::new(Ring::new(members.borrow_and_update().iter().cloned()));
+    let (tx, rx) = tokio::sync::watch::channel(first.clone());
+    metrics.ring_members.set(first.members().len() as i64);
+    metrics.ring_epoch.set(first.epoch() as i64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = members.changed() => if r.is_err() { return },
+            }
+            let ring = Ring::new(members.borrow_and_update().iter().cloned());
+            if ring.epoch() == tx.borrow().epoch() {
+                continue;
+            }
+            tracing::info!(epoch = ring.epoch(), members = ?ring.members(), "ring changed");
+            metrics.ring_members.set(ring.members().len() as i64);
+            metrics.ring_epoch.set(ring.epoch() as i64);
+            metrics.ring_changes.inc();
+            tx.send_replace(std::sync::Arc::new(ring));
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

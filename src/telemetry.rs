@@ -60,6 +60,10 @@ pub fn init(config: &Config) -> Result<Telemetry, ConfigError> {
             Some(tracing_opentelemetry::layer().with_tracer(tracer))
         }
     };
+    // W3C trace context on every gRPC call, whether or not traces are exported.
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
     // A second init (tests) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(filter)

@@ -40,6 +40,19 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// The targets `user` subscribes to, sorted.
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error>;
+
+    /// Changes `user`'s subscriptions atomically and returns the new list, sorted. If the result
+    /// would hold more than `max` targets it changes nothing and fails with a bad request.
+    async fn update_subscriptions(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+        max: usize,
+    ) -> Result<Vec<UserId>, Error>;
+
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), Error>;
 
@@ -47,17 +60,43 @@ pub trait Store: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
+/// How a subscription change applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriptionMode {
+    Add,
+    Remove,
+    Replace,
+}
+
+impl SubscriptionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionMode::Add => "add",
+            SubscriptionMode::Remove => "remove",
+            SubscriptionMode::Replace => "replace",
+        }
+    }
+}
+
+/// The error of a subscription change past the limit.
+pub fn too_many_subscriptions(max: usize) -> Error {
+    Error::BadRequest(format!("a user may subscribe to at most {max} targets"))
+}
+
 const STRIPES: usize = 64;
 
 /// The embedded default: state in process memory, lost on restart.
 pub struct MemoryStore {
     stripes: Box<[Mutex<hashbrown::HashMap<UserId, UserState>>]>,
+    subs: Mutex<hashbrown::HashMap<UserId, std::collections::BTreeSet<UserId>>>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            subs: Mutex::default(),
         }
     }
 }
@@ -105,6 +144,42 @@ impl Store for MemoryStore {
                     .filter(|(u, st)| !st.devices.is_empty() && wanted.contains(&partition_of(**u)))
                     .map(|(u, _)| *u),
             );
+        }
+        Ok(out)
+    }
+
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
+        let subs = self.subs.lock();
+        Ok(subs
+            .get(&user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default())
+    }
+
+    async fn update_subscriptions(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+        max: usize,
+    ) -> Result<Vec<UserId>, Error> {
+        let mut subs = self.subs.lock();
+        let mut next = subs.get(&user).cloned().unwrap_or_default();
+        match mode {
+            SubscriptionMode::Add => next.extend(targets.iter().copied()),
+            SubscriptionMode::Remove => targets.iter().for_each(|t| {
+                next.remove(t);
+            }),
+            SubscriptionMode::Replace => next = targets.iter().copied().collect(),
+        }
+        if next.len() > max {
+            return Err(too_many_subscriptions(max));
+        }
+        let out = next.iter().copied().collect();
+        if next.is_empty() {
+            subs.remove(&user);
+        } else {
+            subs.insert(user, next);
         }
         Ok(out)
     }
@@ -203,6 +278,46 @@ pub(crate) mod suite {
         assert!(!store.live_users(&elsewhere).await.unwrap().contains(&b));
         store.refresh(&[b]).await.unwrap();
         assert_eq!(store.load(&[b]).await.unwrap()[0], Some(state(1, 1)));
+
+        // Subscriptions: add, remove, replace, and a limit that changes nothing.
+        use SubscriptionMode::*;
+        assert!(store.subscriptions(a).await.unwrap().is_empty());
+        assert_eq!(
+            store
+                .update_subscriptions(a, Add, &[c, b, c], 3)
+                .await
+                .unwrap(),
+            vec![b, c]
+        );
+        assert_eq!(
+            store
+                .update_subscriptions(a, Add, &[b, base + 9], 3)
+                .await
+                .unwrap(),
+            vec![b, c, base + 9]
+        );
+        let over = store.update_subscriptions(a, Add, &[base + 10], 3).await;
+        assert!(matches!(over, Err(Error::BadRequest(_))), "{over:?}");
+        assert_eq!(store.subscriptions(a).await.unwrap(), vec![b, c, base + 9]);
+        assert_eq!(
+            store
+                .update_subscriptions(a, Remove, &[c, base + 50], 3)
+                .await
+                .unwrap(),
+            vec![b, base + 9]
+        );
+        assert!(store
+            .update_subscriptions(a, Replace, &[1, 2, 3, 4], 3)
+            .await
+            .is_err());
+        assert_eq!(
+            store
+                .update_subscriptions(a, Replace, &[c], 3)
+                .await
+                .unwrap(),
+            vec![c]
+        );
+        assert_eq!(store.subscriptions(a).await.unwrap(), vec![c]);
         store.ping().await.unwrap();
     }
 

@@ -38,6 +38,26 @@ if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5]) else redis.
 return 1
 "#;
 
+/// Changes a subscription set. KEYS: the set. ARGV: mode, max, targets (distinct).
+/// Returns -1 (changing nothing) past the limit, else the members.
+const SUBSCRIBE: &str = r#"
+local mode, max = ARGV[1], tonumber(ARGV[2])
+local n = #ARGV - 2
+if mode == 'replace' then
+  if n > max then return -1 end
+  redis.call('DEL', KEYS[1])
+  for i = 3, #ARGV, 1000 do redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+elseif mode == 'add' then
+  local new = 0
+  for i = 3, #ARGV do if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then new = new + 1 end end
+  if redis.call('SCARD', KEYS[1]) + new > max then return -1 end
+  for i = 3, #ARGV, 1000 do redis.call('SADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+else
+  for i = 3, #ARGV, 1000 do redis.call('SREM', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+end
+return redis.call('SMEMBERS', KEYS[1])
+"#;
+
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
@@ -95,6 +115,10 @@ fn tag(p: u32) -> String {
 
 pub fn user_key(user: UserId) -> String {
     format!("presence:{{{}}}:u:{user}", tag(partition_of(user)))
+}
+
+pub fn subscriptions_key(user: UserId) -> String {
+    format!("presence:{{{}}}:sub:{user}", tag(partition_of(user)))
 }
 
 pub fn live_key(partition: u32) -> String {
@@ -519,6 +543,44 @@ impl Store for RedisStore {
         Some(self.opts.refresh)
     }
 
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(subscriptions_key(user));
+        let v = self
+            .exec("subscriptions", vec![(self.user_slot(user), c)])
+            .await?;
+        Ok(members_of(v.into_iter().next().unwrap_or(Value::Nil)))
+    }
+
+    async fn update_subscriptions(
+        &self,
+        user: UserId,
+        mode: super::SubscriptionMode,
+        targets: &[UserId],
+        max: usize,
+    ) -> Result<Vec<UserId>, Error> {
+        let mut distinct = targets.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut c = redis::cmd("EVAL");
+        c.arg(SUBSCRIBE)
+            .arg(1)
+            .arg(subscriptions_key(user))
+            .arg(mode.as_str())
+            .arg(max);
+        for t in &distinct {
+            c.arg(*t);
+        }
+        let v = self
+            .exec("subscribe", vec![(self.user_slot(user), c)])
+            .await?;
+        match v.into_iter().next() {
+            Some(Value::Int(-1)) => Err(super::too_many_subscriptions(max)),
+            Some(v) => Ok(members_of(v)),
+            None => Err(Error::Internal("no reply to a subscription change".into())),
+        }
+    }
+
     async fn ping(&self) -> Result<(), Error> {
         let topo = match self.topology() {
             Some(t) => t,
@@ -554,6 +616,24 @@ impl Store for RedisStore {
     fn kind(&self) -> &'static str {
         "redis-cluster"
     }
+}
+
+/// The user ids of a set reply, sorted.
+fn members_of(v: Value) -> Vec<UserId> {
+    let items = match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => return Vec::new(),
+    };
+    let mut out: Vec<UserId> = items
+        .into_iter()
+        .filter_map(|i| match i {
+            Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+            Value::Int(n) => u64::try_from(n).ok(),
+            _ => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 #[cfg(test)]

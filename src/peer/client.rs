@@ -1,0 +1,337 @@
+//! The gateway side: a [`Presence`] that routes every call to the shard owning the user, and the
+//! gRPC health probe that static discovery uses.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{inject_trace, Timed};
+use crate::error::Error;
+use crate::membership::Probe;
+use crate::metrics::Metrics;
+use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
+use crate::proto::{self, v1};
+use crate::ring::Ring;
+use crate::shard::Presence;
+
+pub type ShardClient = v1::presence_shard_client::PresenceShardClient<Channel>;
+
+/// One lazily connected HTTP/2 channel per shard address.
+pub struct Clients {
+    map: Mutex<HashMap<String, ShardClient>>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl Clients {
+    pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Arc<Clients> {
+        Arc::new(Clients {
+            map: Mutex::new(HashMap::new()),
+            connect_timeout,
+            request_timeout,
+        })
+    }
+
+    pub fn get(&self, addr: &str) -> Result<ShardClient, Error> {
+        if let Some(c) = self.map.lock().get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::ShardUnavailable(format!("bad shard address {addr}: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = ShardClient::new(endpoint.connect_lazy());
+        self.map.lock().insert(addr.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// Health-checks a shard over gRPC: alive and serving.
+pub struct GrpcProbe {
+    pub clients: Arc<Clients>,
+}
+
+#[async_trait]
+impl Probe for GrpcProbe {
+    async fn probe(&self, addr: &str) -> bool {
+        let Ok(mut c) = self.clients.get(addr) else {
+            return false;
+        };
+        match c.health(v1::HealthRequest {}).await {
+            Ok(r) => r.into_inner().serving,
+            Err(_) => false,
+        }
+    }
+}
+
+/// A request with the current trace context in its metadata.
+fn req<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    inject_trace(&mut r);
+    r
+}
+
+/// Routes each call to the user's owner on the ring; on "wrong owner" or an unavailable shard
+/// it waits for the ring to change (or a short backoff) and retries, until its deadline.
+pub struct Router {
+    ring: watch::Receiver<Arc<Ring>>,
+    clients: Arc<Clients>,
+    deadline: Duration,
+    metrics: Arc<Metrics>,
+}
+
+fn retriable(e: &Error) -> bool {
+    matches!(e, Error::WrongOwner { .. } | Error::ShardUnavailable(_))
+}
+
+impl Router {
+    pub fn new(
+        ring: watch::Receiver<Arc<Ring>>,
+        clients: Arc<Clients>,
+        deadline: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Router {
+        Router {
+            ring,
+            clients,
+            deadline,
+            metrics,
+        }
+    }
+
+    /// Waits after a retriable failure: for the ring to change, at most `backoff`.
+    async fn pause(
+        &self,
+        rx: &mut watch::Receiver<Arc<Ring>>,
+        e: &Error,
+        attempt: u32,
+        until: Instant,
+    ) -> bool {
+        let now = Instant::now();
+        if now >= until {
+            return false;
+        }
+        if matches!(e, Error::WrongOwner { .. }) {
+            self.metrics.wrong_owner_retries.inc();
+        }
+        let backoff = Duration::from_millis(25 << attempt.min(4)).min(until - now);
+        let _ = tokio::time::timeout(backoff, rx.changed()).await;
+        true
+    }
+
+    async fn route<T, F, Fut>(
+        &self,
+        user: UserId,
+        method: &'static str,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(ShardClient, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let until = Instant::now() + self.deadline;
+        let mut rx = self.ring.clone();
+        let mut attempt = 0;
+        loop {
+            let ring = rx.borrow_and_update().clone();
+            let result = match ring.owner_of(user) {
+                None => Err(Error::ShardUnavailable("no shard in the ring".into())),
+                Some(owner) => match self.clients.get(owner) {
+                    Ok(client) => {
+                        let t = Timed::new(self.metrics.clone(), "client", method);
+                        t.finish(call(client, ring.epoch()).await)
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Err(e) if retriable(&e) => {
+                    if !self.pause(&mut rx, &e, attempt, until).await {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Presence for Router {
+    async fn online(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+    ) -> Result<StatusView, Error> {
+        let device = device.to_owned();
+        let reply = self
+            .route(user, "Online", |mut c, epoch| {
+                let msg = v1::OnlineRequest {
+                    epoch,
+                    user_id: user,
+                    device_id: device.clone(),
+                    platform: v1::Platform::from(platform) as i32,
+                };
+                async move { c.online(req(msg)).await }
+            })
+            .await?;
+        StatusView::try_from(reply)
+    }
+
+    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error> {
+        let device = device.to_owned();
+        self.route(user, "Offline", |mut c, epoch| {
+            let msg = v1::DeviceRequest {
+                epoch,
+                user_id: user,
+                device_id: device.clone(),
+            };
+            async move { c.offline(req(msg)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
+        let device = device.to_owned();
+        self.route(user, "Heartbeat", |mut c, epoch| {
+            let msg = v1::HeartbeatRequest {
+                epoch,
+                user_id: user,
+                device_id: device.clone(),
+                active,
+            };
+            async move { c.heartbeat(req(msg)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn status(&self, user: UserId) -> Result<StatusView, Error> {
+        let reply = self
+            .route(user, "Status", |mut c, epoch| {
+                let msg = v1::UserRequest {
+                    epoch,
+                    user_id: user,
+                };
+                async move { c.status(req(msg)).await }
+            })
+            .await?;
+        StatusView::try_from(reply)
+    }
+
+    /// Splits the users by owner and asks every owner at once, one call per shard; users whose
+    /// shard failed with a retriable error are regrouped on the fresh ring and asked again.
+    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
+        let mut seen = hashbrown::HashSet::with_capacity(users.len());
+        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
+        let mut out: Vec<Option<BatchEntry>> = vec![None; users.len()];
+        let mut pending: Vec<usize> = (0..users.len()).collect();
+        let until = Instant::now() + self.deadline;
+        let mut rx = self.ring.clone();
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let ring = rx.borrow_and_update().clone();
+            let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+            for &i in &pending {
+                let owner = ring.owner_of(users[i]).unwrap_or_default().to_owned();
+                groups.entry(owner).or_default().push(i);
+            }
+            let calls = groups.into_iter().map(|(owner, idxs)| {
+                let ids: Vec<UserId> = idxs.iter().map(|&i| users[i]).collect();
+                let epoch = ring.epoch();
+                async move {
+                    if owner.is_empty() {
+                        return (
+                            idxs,
+                            Err(Error::ShardUnavailable("no shard in the ring".into())),
+                        );
+                    }
+                    let mut c = match self.clients.get(&owner) {
+                        Ok(c) => c,
+                        Err(e) => return (idxs, Err(e)),
+                    };
+                    let t = Timed::new(self.metrics.clone(), "client", "Batch");
+                    let r = t.finish(
+                        c.batch(req(v1::BatchRequest {
+                            epoch,
+                            user_ids: ids,
+                        }))
+                        .await,
+                    );
+                    (idxs, r)
+                }
+            });
+            let mut failed = Vec::new();
+            let mut last_err = None;
+            for (idxs, r) in futures::future::join_all(calls).await {
+                match r {
+                    Ok(reply) => {
+                        if reply.entries.len() != idxs.len() {
+                            return Err(Error::Internal(
+                                "shard answered a batch of the wrong size".into(),
+                            ));
+                        }
+                        for (i, e) in idxs.into_iter().zip(reply.entries) {
+                            out[i] = Some(BatchEntry::try_from(e)?);
+                        }
+                    }
+                    Err(e) if retriable(&e) => {
+                        failed.extend(idxs);
+                        last_err = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            pending = failed;
+            if let Some(e) = last_err {
+                if !self.pause(&mut rx, &e, attempt, until).await {
+                    return Err(e);
+                }
+                attempt += 1;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|e| e.expect("every user answered"))
+            .collect())
+    }
+
+    async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
+        let reply = self
+            .route(user, "SetStatus", |mut c, epoch| {
+                let msg = proto::settings_to(epoch, user, &settings);
+                async move { c.set_status(req(msg)).await }
+            })
+            .await?;
+        StatusView::try_from(reply)
+    }
+
+    async fn clear_status(&self, user: UserId) -> Result<StatusView, Error> {
+        let reply = self
+            .route(user, "ClearStatus", |mut c, epoch| {
+                let msg = v1::UserRequest {
+                    epoch,
+                    user_id: user,
+                };
+                async move { c.clear_status(req(msg)).await }
+            })
+            .await?;
+        StatusView::try_from(reply)
+    }
+
+    async fn healthy(&self) -> bool {
+        !self.ring.borrow().is_empty()
+    }
+}

@@ -1,0 +1,161 @@
+//! The peer transport between nodes, over gRPC: the shard's service ([`server`]) and the
+//! gateway's router that implements [`crate::shard::Presence`] by calling the owning shard
+//! ([`client`]). Trace context crosses every call in W3C `traceparent` metadata.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+pub mod client;
+pub mod server;
+
+pub use client::{GrpcProbe, Router};
+pub use server::{Ownership, ShardService};
+
+/// Counts and times one gRPC call on either side.
+pub(crate) struct Timed {
+    metrics: Arc<Metrics>,
+    side: &'static str,
+    method: &'static str,
+    started: Instant,
+}
+
+impl Timed {
+    pub(crate) fn new(metrics: Arc<Metrics>, side: &'static str, method: &'static str) -> Timed {
+        Timed {
+            metrics,
+            side,
+            method,
+            started: Instant::now(),
+        }
+    }
+
+    fn record(&self, code: &str) {
+        self.metrics
+            .grpc_requests
+            .with_label_values(&[self.side, self.method, code])
+            .inc();
+        self.metrics
+            .grpc_duration
+            .with_label_values(&[self.side, self.method])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// Server side: records the outcome and turns it into the gRPC answer.
+    pub(crate) fn done<T>(self, r: Result<T, Error>) -> Result<tonic::Response<T>, tonic::Status> {
+        match r {
+            Ok(v) => {
+                self.record("ok");
+                Ok(tonic::Response::new(v))
+            }
+            Err(e) => {
+                self.record(e.reason());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Client side: records the outcome of a call and converts its error.
+    pub(crate) fn finish<T>(
+        self,
+        r: Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, Error> {
+        match r {
+            Ok(v) => {
+                self.record("ok");
+                Ok(v.into_inner())
+            }
+            Err(s) => {
+                let e = Error::from(s);
+                self.record(e.reason());
+                Err(e)
+            }
+        }
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Puts the current span's trace context into an outgoing request.
+pub(crate) fn inject_trace<T>(req: &mut tonic::Request<T>) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
+    });
+}
+
+/// A span for an incoming call, child of the caller's trace when it sent one.
+pub(crate) fn extract_trace<T>(req: &tonic::Request<T>, method: &'static str) -> tracing::Span {
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&MetadataExtractor(req.metadata()))
+    });
+    let span = tracing::info_span!("grpc", rpc.method = method);
+    let _ = span.set_parent(parent);
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    #[test]
+    fn trace_context_crosses_grpc_metadata() {
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
+        let prop = TraceContextPropagator::new();
+        let mut md = tonic::metadata::MetadataMap::new();
+        prop.inject_context(&cx, &mut MetadataInjector(&mut md));
+        assert_eq!(
+            md.get("traceparent").unwrap().to_str().unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        let back = prop.extract(&MetadataExtractor(&md));
+        assert_eq!(back.span().span_context().trace_id(), sc.trace_id());
+        assert_eq!(back.span().span_context().span_id(), sc.span_id());
+    }
+}

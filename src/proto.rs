@@ -1,0 +1,212 @@
+//! The gRPC schema (`proto/presence.proto`, package `presence.v1`) and the conversions between
+//! its messages and the domain types.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("presence.v1");
+}
+
+use crate::error::Error;
+use crate::presence::{self, BatchEntry, DeviceView, Platform, Settings, Status, StatusView};
+
+impl From<Status> for v1::Status {
+    fn from(s: Status) -> v1::Status {
+        match s {
+            Status::Online => v1::Status::Online,
+            Status::Offline => v1::Status::Offline,
+            Status::Busy => v1::Status::Busy,
+            Status::Away => v1::Status::Away,
+        }
+    }
+}
+
+impl From<v1::Status> for Status {
+    fn from(s: v1::Status) -> Status {
+        match s {
+            v1::Status::Online => Status::Online,
+            v1::Status::Offline => Status::Offline,
+            v1::Status::Busy => Status::Busy,
+            v1::Status::Away => Status::Away,
+        }
+    }
+}
+
+/// A wire status number; unknown numbers are a bad request.
+pub fn status_from_i32(n: i32) -> Result<Status, Error> {
+    v1::Status::try_from(n)
+        .map(Status::from)
+        .map_err(|_| Error::BadRequest(format!("unknown status {n}")))
+}
+
+impl From<Platform> for v1::Platform {
+    fn from(p: Platform) -> v1::Platform {
+        match p {
+            Platform::Web => v1::Platform::Web,
+            Platform::Ios => v1::Platform::Ios,
+            Platform::Android => v1::Platform::Android,
+            Platform::Pc => v1::Platform::Pc,
+        }
+    }
+}
+
+/// A wire platform number; unspecified or unknown is a bad request.
+pub fn platform_from_i32(n: i32) -> Result<Platform, Error> {
+    match v1::Platform::try_from(n) {
+        Ok(v1::Platform::Web) => Ok(Platform::Web),
+        Ok(v1::Platform::Ios) => Ok(Platform::Ios),
+        Ok(v1::Platform::Android) => Ok(Platform::Android),
+        Ok(v1::Platform::Pc) => Ok(Platform::Pc),
+        _ => Err(Error::BadRequest(
+            "platform must be one of WEB, IOS, ANDROID, PC".into(),
+        )),
+    }
+}
+
+impl From<StatusView> for v1::StatusReply {
+    fn from(v: StatusView) -> v1::StatusReply {
+        v1::StatusReply {
+            user_id: v.user_id,
+            status: v1::Status::from(v.status) as i32,
+            last_active_time: v.last_active_time,
+            devices: v
+                .devices
+                .into_iter()
+                .map(|d| v1::Device {
+                    device_id: d.device_id,
+                    platform: v1::Platform::from(d.platform) as i32,
+                    online_time: d.online_time,
+                })
+                .collect(),
+            custom_text: v.custom_text,
+            manual_status: v.manual_status.map(|s| v1::Status::from(s) as i32),
+            version: v.version,
+        }
+    }
+}
+
+impl TryFrom<v1::StatusReply> for StatusView {
+    type Error = Error;
+
+    fn try_from(r: v1::StatusReply) -> Result<StatusView, Error> {
+        Ok(StatusView {
+            user_id: r.user_id,
+            status: status_from_i32(r.status)?,
+            last_active_time: r.last_active_time,
+            devices: r
+                .devices
+                .into_iter()
+                .map(|d| {
+                    Ok(DeviceView {
+                        device_id: d.device_id,
+                        platform: platform_from_i32(d.platform)?,
+                        online_time: d.online_time,
+                    })
+                })
+                .collect::<Result<_, Error>>()?,
+            custom_text: r.custom_text,
+            manual_status: r.manual_status.map(status_from_i32).transpose()?,
+            version: r.version,
+        })
+    }
+}
+
+impl From<BatchEntry> for v1::BatchEntry {
+    fn from(e: BatchEntry) -> v1::BatchEntry {
+        v1::BatchEntry {
+            user_id: e.user_id,
+            status: v1::Status::from(e.status) as i32,
+            last_active_time: e.last_active_time,
+            custom_text: e.custom_text,
+        }
+    }
+}
+
+impl TryFrom<v1::BatchEntry> for BatchEntry {
+    type Error = Error;
+
+    fn try_from(e: v1::BatchEntry) -> Result<BatchEntry, Error> {
+        Ok(BatchEntry {
+            user_id: e.user_id,
+            status: status_from_i32(e.status)?,
+            last_active_time: e.last_active_time,
+            custom_text: e.custom_text,
+        })
+    }
+}
+
+/// The settings of a `SetStatus` call, validated again on the shard (never trust the wire).
+pub fn settings_from(r: &v1::SetStatusRequest) -> Result<Settings, Error> {
+    let manual = r.manual.map(status_from_i32).transpose()?;
+    if manual == Some(Status::Offline) {
+        return Err(Error::BadRequest(
+            "status must be one of ONLINE, BUSY, AWAY".into(),
+        ));
+    }
+    let text = r
+        .custom_text
+        .as_deref()
+        .map(presence::validate_custom_text)
+        .transpose()?;
+    if manual.is_none() && text.is_none() {
+        return Err(Error::BadRequest("status or customText is required".into()));
+    }
+    Ok(Settings {
+        manual,
+        text,
+        expires_at: r.expires_at,
+    })
+}
+
+/// The wire form of settings.
+pub fn settings_to(epoch: u64, user_id: u64, s: &Settings) -> v1::SetStatusRequest {
+    v1::SetStatusRequest {
+        epoch,
+        user_id,
+        manual: s.manual.map(|m| v1::Status::from(m) as i32),
+        custom_text: s.text.as_ref().map(|t| t.to_string()),
+        expires_at: s.expires_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_round_trip() {
+        let v = StatusView {
+            user_id: 7,
+            status: Status::Busy,
+            last_active_time: 1_700_000_000_000,
+            devices: vec![DeviceView {
+                device_id: "d".into(),
+                platform: Platform::Android,
+                online_time: 1_700_000_000_000,
+            }],
+            custom_text: Some("会议中".into()),
+            manual_status: Some(Status::Busy),
+            version: 3,
+        };
+        assert_eq!(
+            StatusView::try_from(v1::StatusReply::from(v.clone())).unwrap(),
+            v
+        );
+        let bad = v1::StatusReply {
+            status: 99,
+            ..Default::default()
+        };
+        assert!(StatusView::try_from(bad).is_err());
+        assert!(platform_from_i32(0).is_err());
+        let s = Settings {
+            manual: Some(Status::Away),
+            text: Some("x".into()),
+            expires_at: Some(5),
+        };
+        assert_eq!(settings_from(&settings_to(1, 2, &s)).unwrap(), s);
+        let offline = v1::SetStatusRequest {
+            manual: Some(0),
+            ..Default::default()
+        };
+        assert!(settings_from(&offline).is_err());
+    }
+}
