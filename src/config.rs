@@ -134,6 +134,27 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_MAX_DEVICES", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_devices: u32,
 
+    /// Most targets one user may subscribe to.
+    #[arg(long, env = "PRESENCE_MAX_SUBSCRIPTIONS", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_subscriptions: u32,
+
+    /// Frames queued per WebSocket before it counts as a slow consumer and is closed.
+    #[arg(long, env = "PRESENCE_WS_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub ws_queue: u32,
+
+    /// Messages per second a WebSocket client may send (bursts of twice that); a client that
+    /// floods is closed with code 1008.
+    #[arg(long, env = "PRESENCE_WS_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub ws_rate: u32,
+
+    /// A WebSocket that closes takes its device offline after this grace, unless it reconnects.
+    #[arg(long, env = "PRESENCE_WS_CLOSE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ws_close_grace: Duration,
+
+    /// Events queued per gateway stream on a shard before the gateway counts as slow.
+    #[arg(long, env = "PRESENCE_EVENT_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    pub event_queue: u32,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "PRESENCE_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_body_bytes: u32,
@@ -182,7 +203,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Log filter, in `tracing` EnvFilter syntax.
-    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info,nacos_sdk=warn")]
     pub log_filter: String,
 
     /// OTLP/gRPC endpoint for traces; no traces are exported when unset.
@@ -360,6 +381,9 @@ impl Config {
                 return bad("PRESENCE_ADVERTISE", "must be host:port");
             }
         }
+        if self.ws_close_grace > Duration::from_secs(300) {
+            return bad("PRESENCE_WS_CLOSE_GRACE", "must be at most 5m");
+        }
         if self.drain_timeout > Duration::from_secs(600) {
             return bad("PRESENCE_DRAIN_TIMEOUT", "must be at most 10m");
         }
@@ -407,6 +431,7 @@ impl Config {
             idle_timeout: self.idle_timeout.as_millis() as i64,
             resume_window: self.resume_window.as_millis() as i64,
             max_devices: self.max_devices as usize,
+            max_subscriptions: self.max_subscriptions as usize,
         }
     }
 

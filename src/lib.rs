@@ -9,6 +9,7 @@
 //! - [`timer`]: the timer wheel behind every deadline.
 //! - [`membership`]: who the shards are (static list with health checks, Kubernetes, Nacos).
 //! - [`proto`]: the gRPC schema between nodes and its conversions.
+//! - [`push`]: real-time push: the gateway's socket hub, shard fan-out and event streams.
 //! - [`ring`]: the fixed partitions of the userId space (and, later, their placement).
 //! - [`store`]: the persistence boundary (`Store`), the in-memory store and Redis Cluster.
 //! - [`shard`]: owns users: live state, their timers, write-through to the store.
@@ -26,6 +27,7 @@ pub mod node;
 pub mod peer;
 pub mod presence;
 pub mod proto;
+pub mod push;
 pub mod ring;
 pub mod shard;
 pub mod store;

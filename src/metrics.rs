@@ -36,6 +36,15 @@ pub struct Metrics {
     pub wrong_owner_retries: IntCounter,
     pub handoffs: IntCounterVec,
     pub handoff_duration: HistogramVec,
+    pub ws_connections: IntGauge,
+    pub ws_subscriptions: IntGauge,
+    pub ws_slow_consumers: IntCounter,
+    pub ws_messages: IntCounterVec,
+    pub events_published: IntCounter,
+    pub events_delivered: IntCounter,
+    pub event_streams: IntGauge,
+    pub push_delay: Histogram,
+    pub subscription_changes: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -227,6 +236,59 @@ impl Metrics {
             &["direction"],
         )
         .expect("valid metric");
+        let ws_connections = gauge(
+            "presence_ws_connections",
+            "WebSockets connected to this gateway.",
+        );
+        let ws_subscriptions = gauge(
+            "presence_ws_subscriptions",
+            "Subscriptions (subscriber, target) of the users connected to this gateway.",
+        );
+        let ws_slow_consumers = IntCounter::new(
+            "presence_slow_consumers_total",
+            "Sockets (or gateway streams) cut off because they did not read their messages.",
+        )
+        .expect("valid metric");
+        let ws_messages = IntCounterVec::new(
+            Opts::new(
+                "presence_ws_messages_total",
+                "WebSocket client messages, by type and result.",
+            ),
+            &["type", "result"],
+        )
+        .expect("valid metric");
+        let events_published = IntCounter::new(
+            "presence_events_published_total",
+            "Presence events a shard sent (once per interested gateway).",
+        )
+        .expect("valid metric");
+        let events_delivered = IntCounter::new(
+            "presence_events_delivered_total",
+            "Presence frames queued to sockets.",
+        )
+        .expect("valid metric");
+        let event_streams = gauge(
+            "presence_event_streams",
+            "Open shard-to-gateway event streams.",
+        );
+        let push_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "presence_push_delay_seconds",
+                "Delay from a presence change to its frame being queued to sockets.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        let subscription_changes = IntCounterVec::new(
+            Opts::new(
+                "presence_subscription_changes_total",
+                "Subscription changes, by mode.",
+            ),
+            &["mode"],
+        )
+        .expect("valid metric");
         for d in ["gained", "released"] {
             handoffs.with_label_values(&[d]);
         }
@@ -259,6 +321,15 @@ impl Metrics {
             Box::new(wrong_owner_retries.clone()),
             Box::new(handoffs.clone()),
             Box::new(handoff_duration.clone()),
+            Box::new(ws_connections.clone()),
+            Box::new(ws_subscriptions.clone()),
+            Box::new(ws_slow_consumers.clone()),
+            Box::new(ws_messages.clone()),
+            Box::new(events_published.clone()),
+            Box::new(events_delivered.clone()),
+            Box::new(event_streams.clone()),
+            Box::new(push_delay.clone()),
+            Box::new(subscription_changes.clone()),
         ] {
             reg(c);
         }
@@ -299,6 +370,15 @@ impl Metrics {
             wrong_owner_retries,
             handoffs,
             handoff_duration,
+            ws_connections,
+            ws_subscriptions,
+            ws_slow_consumers,
+            ws_messages,
+            events_published,
+            events_delivered,
+            event_streams,
+            push_delay,
+            subscription_changes,
         }
     }
 

@@ -17,6 +17,9 @@ use crate::metrics::Metrics;
 use crate::peer::client::Clients;
 use crate::peer::{GrpcProbe, Ownership, Router, ShardService};
 use crate::proto::v1::presence_shard_server::PresenceShardServer;
+use crate::push::fanout::Fanout;
+use crate::push::hub::Hub;
+use crate::push::upstream::Upstreams;
 use crate::ring::{self, PARTITIONS};
 use crate::shard::{Presence, Shard};
 use crate::store::{MemoryStore, RedisStore, Store};
@@ -24,6 +27,7 @@ use crate::store::{MemoryStore, RedisStore, Store};
 /// What a shard process runs besides the HTTP side.
 struct ShardParts {
     own: Arc<Ownership>,
+    fanout: Arc<Fanout>,
     grpc: TcpListener,
     discovery: Arc<dyn Discovery>,
 }
@@ -114,6 +118,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let background = CancellationToken::new();
         let clients = Clients::new(Duration::from_millis(500), config.route_timeout);
+        let mut hub = None;
         let (presence, shard, shard_parts): (Arc<dyn Presence>, _, _) = match config.role {
             Role::All => {
                 let store = build_store(&config, &metrics).await?;
@@ -123,6 +128,9 @@ impl Node {
                     config.timer_tick,
                     metrics.clone(),
                 ));
+                let h = Hub::new(metrics.clone(), config.ws_queue as usize);
+                shard.set_sink(h.clone());
+                hub = Some(h);
                 let all: Vec<u32> = (0..PARTITIONS).collect();
                 let started = std::time::Instant::now();
                 let n = shard
@@ -146,11 +154,14 @@ impl Node {
                     metrics.clone(),
                 ));
                 let own = Ownership::new(config.advertise_addr(), metrics.clone());
+                let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
+                shard.set_sink(fanout.clone());
                 let discovery = build_discovery(&config, &clients).await?;
                 let grpc = TcpListener::bind(config.grpc_listen).await?;
                 tracing::info!(addr = %grpc.local_addr()?, advertise = own.me(), discovery = discovery.kind(), "grpc listening");
                 let parts = ShardParts {
                     own,
+                    fanout,
                     grpc,
                     discovery,
                 };
@@ -160,6 +171,14 @@ impl Node {
                 let discovery = build_discovery(&config, &clients).await?;
                 let members = watch_members(&discovery, &background);
                 let ring = ring::follow(members, metrics.clone(), background.clone());
+                let h = Hub::new(metrics.clone(), config.ws_queue as usize);
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                h.set_interest_sink(tx);
+                let host = std::env::var("HOSTNAME").unwrap_or_default();
+                let name = format!("{host}@{}", config.listen);
+                let upstreams = Upstreams::new(name, h.clone(), clients.clone(), metrics.clone());
+                tokio::spawn(upstreams.run(ring.clone(), rx, background.clone()));
+                hub = Some(h);
                 let router =
                     Router::new(ring, clients.clone(), config.route_timeout, metrics.clone());
                 (Arc::new(router), None, None)
@@ -167,6 +186,7 @@ impl Node {
         };
         let state = AppState {
             presence,
+            hub,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
             limits: Arc::new(limits),
@@ -217,6 +237,7 @@ impl Node {
         if let (Some(parts), Some(shard)) = (shard_parts, shard.clone()) {
             let ShardParts {
                 own,
+                fanout,
                 grpc,
                 discovery,
             } = parts;
@@ -224,6 +245,7 @@ impl Node {
                 shard: shard.clone(),
                 own: own.clone(),
                 metrics: metrics.clone(),
+                fanout,
             };
             let stop = grpc_stop.clone();
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);

@@ -151,6 +151,8 @@ pub struct Rules {
     pub resume_window: Millis,
     /// At most this many devices per user.
     pub max_devices: usize,
+    /// At most this many subscription targets per user.
+    pub max_subscriptions: usize,
 }
 
 impl Default for Rules {
@@ -160,6 +162,7 @@ impl Default for Rules {
             idle_timeout: 300_000,
             resume_window: 300_000,
             max_devices: 16,
+            max_subscriptions: 5_000,
         }
     }
 }
@@ -653,6 +656,7 @@ mod tests {
         idle_timeout: 300_000,
         resume_window: 300_000,
         max_devices: 4,
+        max_subscriptions: 10,
     };
     const T0: Millis = 1_700_000_000_000;
 

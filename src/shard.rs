@@ -17,7 +17,8 @@ use crate::metrics::Metrics;
 use crate::presence::{
     BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
 };
-use crate::store::Store;
+use crate::push::{Event, EventSink};
+use crate::store::{Store, SubscriptionMode};
 use crate::timer::{Tick, TimerWheel};
 
 /// The presence operations, as the API calls them. The in-process [`Shard`] implements it; a
@@ -37,6 +38,17 @@ pub trait Presence: Send + Sync + 'static {
     async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error>;
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error>;
     async fn clear_status(&self, user: UserId) -> Result<StatusView, Error>;
+    /// Full views of many users, one per distinct user, in request order.
+    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error>;
+    /// The targets `user` subscribes to.
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error>;
+    /// Changes `user`'s subscriptions; answers the new list.
+    async fn subscribe(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+    ) -> Result<Vec<UserId>, Error>;
     /// Whether the backing store answers.
     async fn healthy(&self) -> bool;
 }
@@ -118,6 +130,8 @@ pub struct Shard {
     /// Stripes the refresh sweep looks at per tick, and where it is.
     sweep_per_tick: usize,
     sweep_cursor: Mutex<usize>,
+    /// Where visible changes go (push), once set.
+    sink: std::sync::OnceLock<Arc<dyn EventSink>>,
 }
 
 impl Shard {
@@ -155,6 +169,26 @@ impl Shard {
             refresh_secs,
             sweep_per_tick,
             sweep_cursor: Mutex::new(0),
+            sink: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sends every visible change to `sink` from now on.
+    pub fn set_sink(&self, sink: Arc<dyn EventSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Publishes a visible change, if anyone listens.
+    fn publish(&self, user: UserId, state: &UserState, now: Millis) {
+        if let Some(sink) = self.sink.get() {
+            if sink.wants(user) {
+                let view = state.view(user, now, &self.rules);
+                sink.publish(Event {
+                    view,
+                    changed_at: now,
+                    subscriptions: None,
+                });
+            }
         }
     }
 
@@ -252,7 +286,10 @@ impl Shard {
                 continue;
             };
             if let Some(state) = snapshot {
-                self.save(&[(user, state)]).await?;
+                if self.store.write_through() {
+                    self.save(&[(user, state.clone())]).await?;
+                }
+                self.publish(user, &state, now);
             }
             return result;
         }
@@ -332,7 +369,11 @@ impl Shard {
             entry.armed = 0;
             self.metrics.timer_fired.inc();
             if entry.state.is_dormant() {
-                stripe.remove(&user);
+                if let Some(e) = stripe.remove(&user) {
+                    if !self.store.write_through() {
+                        saves.push((user, e.state));
+                    }
+                }
                 self.metrics.cached_users.dec();
                 continue;
             }
@@ -345,7 +386,11 @@ impl Shard {
                 self.account(&effect);
                 if effect.visible {
                     entry.synced = self.secs(now);
-                    saves.push((user, entry.state.clone()));
+                    if self.store.write_through() {
+                        saves.push((user, entry.state.clone()));
+                    } else {
+                        self.publish(user, &entry.state, now);
+                    }
                 }
             }
             self.arm(user, entry, now);
@@ -381,6 +426,8 @@ impl Shard {
     /// pushed back so the next owner finds them. Returns how many users were released.
     pub async fn release(&self, partitions: &[bool]) -> usize {
         let mut live = Vec::new();
+        let mut written = Vec::new();
+        let write_back = !self.store.write_through();
         let mut released = 0usize;
         for stripe in self.stripes.iter() {
             let mut stripe = stripe.lock();
@@ -396,11 +443,17 @@ impl Shard {
                 if !entry.state.devices.is_empty() {
                     live.push(*user);
                 }
+                if write_back {
+                    written.push((*user, entry.state.clone()));
+                }
                 released += 1;
                 false
             });
         }
         self.metrics.cached_users.sub(released as i64);
+        if let Err(e) = self.save(&written).await {
+            tracing::warn!(error = %e, users = written.len(), "write-back on release failed");
+        }
         for chunk in live.chunks(10_000) {
             if let Err(e) = self.store.refresh(chunk).await {
                 tracing::warn!(error = %e, users = chunk.len(), "refresh on release failed");
@@ -468,7 +521,12 @@ impl Shard {
             }
             if !saves.is_empty() {
                 match self.save(&saves).await {
-                    Ok(()) => saves.clear(),
+                    Ok(()) => {
+                        let now = self.clock.now();
+                        for (user, state) in saves.drain(..) {
+                            self.publish(user, &state, now);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, pending = saves.len(), "timer write-through failed, retrying");
                         if saves.len() > MAX_PENDING_SAVES {
@@ -615,6 +673,72 @@ impl Presence for Shard {
         .await
     }
 
+    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error> {
+        let mut seen = hashbrown::HashSet::with_capacity(users.len());
+        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
+        let now = self.clock.now();
+        let mut out: Vec<Option<StatusView>> = Vec::with_capacity(users.len());
+        let mut misses = Vec::new();
+        for (i, &user) in users.iter().enumerate() {
+            let hit = self
+                .stripe(user)
+                .lock()
+                .get(&user)
+                .map(|e| e.state.view(user, now, &self.rules));
+            if hit.is_none() {
+                misses.push(i);
+            }
+            out.push(hit);
+        }
+        if !misses.is_empty() {
+            let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
+            for (&i, st) in misses.iter().zip(self.load(&ids).await?) {
+                out[i] = Some(st.unwrap_or_default().view(users[i], now, &self.rules));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|v| v.expect("every slot filled"))
+            .collect())
+    }
+
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
+        self.store.subscriptions(user).await
+    }
+
+    async fn subscribe(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+    ) -> Result<Vec<UserId>, Error> {
+        let max = self.rules.max_subscriptions;
+        if targets.len() > max {
+            return Err(crate::store::too_many_subscriptions(max));
+        }
+        let list = self
+            .store
+            .update_subscriptions(user, mode, targets, max)
+            .await?;
+        self.metrics
+            .subscription_changes
+            .with_label_values(&[mode.as_str()])
+            .inc();
+        // Gateways holding the user's sockets listen to the new list.
+        if let Some(sink) = self.sink.get() {
+            if sink.wants(user) {
+                let view = UserState::default().view(user, 0, &self.rules);
+                let now = self.clock.now();
+                sink.publish(Event {
+                    view,
+                    changed_at: now,
+                    subscriptions: Some(list.clone()),
+                });
+            }
+        }
+        Ok(list)
+    }
+
     async fn healthy(&self) -> bool {
         self.store.ping().await.is_ok()
     }
@@ -631,6 +755,7 @@ mod tests {
             idle_timeout: 300_000,
             resume_window: 300_000,
             max_devices: 4,
+            max_subscriptions: 10,
         };
         Arc::new(Shard::new(
             MemoryStore::new(),

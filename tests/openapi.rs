@@ -319,6 +319,31 @@ impl Op<'_> {
         );
         path
     }
+
+    /// The query string, from the documented example of each query parameter.
+    fn query(&self, spec: &Spec) -> String {
+        let params = [self.path_item.get("parameters"), self.op.get("parameters")];
+        let mut pairs = Vec::new();
+        for p in params
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p.as_array().into_iter().flatten())
+        {
+            let p = spec.resolve(p);
+            if p["in"] == "query" {
+                let name = p["name"].as_str().expect("parameter name");
+                let example = p.get("example").unwrap_or_else(|| {
+                    panic!("{}: query parameter {name} has no example", self.name())
+                });
+                let text = match example {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                pairs.push(format!("{name}={text}"));
+            }
+        }
+        pairs.join("&")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,8 +389,8 @@ fn every_operation_documents_its_answers_and_errors() {
         let name = o.name();
         let responses = o.responses();
         assert!(
-            responses.keys().any(|c| c.starts_with('2')),
-            "{name}: no 2xx response"
+            responses.keys().any(|c| c.starts_with('2') || c == "101"),
+            "{name}: no 2xx (or 101 Switching Protocols) response"
         );
         let mut enveloped = false;
         for (code, r) in responses {
@@ -374,6 +399,13 @@ fn every_operation_documents_its_answers_and_errors() {
                 r.get("description").is_some(),
                 "{name} {code}: no description"
             );
+            if code == "101" {
+                assert!(
+                    r.get("content").is_none(),
+                    "{name} 101: a protocol switch has no body"
+                );
+                continue;
+            }
             let content = r["content"]
                 .as_object()
                 .unwrap_or_else(|| panic!("{name} {code}: no content"));
@@ -674,7 +706,7 @@ async fn the_server_answers_as_documented() {
         _ => 1,
     };
     ops.sort_by_key(|o| rank(o));
-    for o in &ops {
+    for o in ops.iter().filter(|o| !o.responses().contains_key("101")) {
         let name = o.name();
         let mut req = client.request(method(&o.method), url(&o.url_path(&spec)));
         if let Some(example) = o.request_example(&spec) {
@@ -738,6 +770,38 @@ async fn the_server_answers_as_documented() {
         let a = send(client.patch(url(&o.url_path(&spec)))).await;
         assert_eq!(a.status, 405, "PATCH {}", o.path);
         check_answer(&spec, o, &a, "unsupported method");
+    }
+
+    // WebSocket upgrades: the documented query examples open a socket (101, then `welcome`);
+    // the same request without the upgrade, and a bad parameter, answer the documented 400.
+    for o in ops.iter().filter(|o| o.responses().contains_key("101")) {
+        use futures::StreamExt;
+        let name = o.name();
+        let query = o.query(&spec);
+        let ws_url = format!("{}?{query}", url(&o.url_path(&spec))).replacen("http", "ws", 1);
+        let (mut socket, resp) = tokio_tungstenite::connect_async(&ws_url)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: upgrade failed: {e}"));
+        assert_eq!(resp.status().as_u16(), 101, "{name}: upgrade");
+        let first = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no welcome"))
+            .expect("a message")
+            .expect("a valid frame");
+        let welcome: Value =
+            serde_json::from_str(first.to_text().expect("a text frame")).expect("JSON");
+        assert_eq!(
+            welcome["type"], "welcome",
+            "{name}: first message {welcome}"
+        );
+        let _ = socket.close(None).await;
+        let plain = format!("{}?{query}", url(&o.url_path(&spec)));
+        let a = send(client.get(&plain)).await;
+        assert_eq!(a.status, 400, "{name}: not a WebSocket request: {}", a.body);
+        check_answer(&spec, o, &a, "not a WebSocket request");
+        let a = send(client.get(url(&o.url_path(&spec)))).await;
+        assert_eq!(a.status, 400, "{name}: no query: {}", a.body);
+        check_answer(&spec, o, &a, "no query");
     }
 
     // Heartbeat from a device that is not online: 404 with the documented message.

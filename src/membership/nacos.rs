@@ -222,7 +222,11 @@ impl Discovery for NacosDiscovery {
             )
             .await
         {
-            tracing::warn!(service = %self.service, error = %e, "nacos subscribe failed; relying on periodic lists");
+            tracing::warn!(
+                service = %self.service,
+                error = %e,
+                "nacos subscribe failed; relying on periodic lists"
+            );
         }
         tracing::info!(
             server = %self.server_addr,
@@ -243,7 +247,10 @@ impl Discovery for NacosDiscovery {
                     let changed = publish(&tx, next.clone());
                     if changed || !synced {
                         if next.is_empty() && !before.is_empty() {
-                            tracing::warn!(service = %self.service, "nacos reports no shard at all");
+                            tracing::warn!(
+                                service = %self.service,
+                                "nacos reports no shard at all"
+                            );
                         }
                         tracing::info!(
                             service = %self.service,
@@ -255,7 +262,11 @@ impl Discovery for NacosDiscovery {
                     synced = true;
                 }
                 Err(e) => {
-                    tracing::warn!(service = %self.service, error = %e, "nacos list failed; keeping the current members");
+                    tracing::warn!(
+                        service = %self.service,
+                        error = %e,
+                        "nacos list failed; keeping the current members"
+                    );
                 }
             }
             // Until the first good list, retry quickly (bounded); then every `resync`.
@@ -304,7 +315,11 @@ impl Discovery for NacosDiscovery {
                 self.service
             ))
         })?;
-        tracing::info!(service = %self.service, advertise = %advertise, "nacos instance registered");
+        tracing::info!(
+            service = %self.service,
+            advertise = %advertise,
+            "nacos instance registered"
+        );
         Ok(())
     }
 
@@ -323,7 +338,11 @@ impl Discovery for NacosDiscovery {
                 self.service
             ))
         })?;
-        tracing::info!(service = %self.service, advertise = %advertise, "nacos instance deregistered");
+        tracing::info!(
+            service = %self.service,
+            advertise = %advertise,
+            "nacos instance deregistered"
+        );
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
 use crate::proto::{self, v1};
 use crate::ring::Ring;
 use crate::shard::Presence;
+use crate::store::SubscriptionMode;
 
 pub type ShardClient = v1::presence_shard_client::PresenceShardClient<Channel>;
 
@@ -164,6 +165,97 @@ impl Router {
             }
         }
     }
+
+    /// Splits the distinct users by owner and calls every owner at once, one call per shard;
+    /// users whose shard failed with a retriable error are regrouped on the fresh ring and asked
+    /// again. Answers one item per distinct user, in request order.
+    async fn scatter<T, F, Fut>(
+        &self,
+        users: &[UserId],
+        method: &'static str,
+        call: F,
+    ) -> Result<Vec<T>, Error>
+    where
+        F: Fn(ShardClient, v1::BatchRequest) -> Fut + Clone,
+        Fut: Future<Output = Result<tonic::Response<Vec<T>>, tonic::Status>>,
+    {
+        let mut seen = hashbrown::HashSet::with_capacity(users.len());
+        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
+        let mut out: Vec<Option<T>> = (0..users.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..users.len()).collect();
+        let until = Instant::now() + self.deadline;
+        let mut rx = self.ring.clone();
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let ring = rx.borrow_and_update().clone();
+            let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+            for &i in &pending {
+                let owner = ring.owner_of(users[i]).unwrap_or_default().to_owned();
+                groups.entry(owner).or_default().push(i);
+            }
+            let calls = groups.into_iter().map(|(owner, idxs)| {
+                let call = call.clone();
+                let ids: Vec<UserId> = idxs.iter().map(|&i| users[i]).collect();
+                let epoch = ring.epoch();
+                async move {
+                    if owner.is_empty() {
+                        return (
+                            idxs,
+                            Err(Error::ShardUnavailable("no shard in the ring".into())),
+                        );
+                    }
+                    let c = match self.clients.get(&owner) {
+                        Ok(c) => c,
+                        Err(e) => return (idxs, Err(e)),
+                    };
+                    let t = Timed::new(self.metrics.clone(), "client", method);
+                    let r = t.finish(
+                        call(
+                            c,
+                            v1::BatchRequest {
+                                epoch,
+                                user_ids: ids,
+                            },
+                        )
+                        .await,
+                    );
+                    (idxs, r)
+                }
+            });
+            let mut failed = Vec::new();
+            let mut last_err = None;
+            for (idxs, r) in futures::future::join_all(calls).await {
+                match r {
+                    Ok(items) => {
+                        if items.len() != idxs.len() {
+                            return Err(Error::Internal(
+                                "shard answered a batch of the wrong size".into(),
+                            ));
+                        }
+                        for (i, e) in idxs.into_iter().zip(items) {
+                            out[i] = Some(e);
+                        }
+                    }
+                    Err(e) if retriable(&e) => {
+                        failed.extend(idxs);
+                        last_err = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            pending = failed;
+            if let Some(e) = last_err {
+                if !self.pause(&mut rx, &e, attempt, until).await {
+                    return Err(e);
+                }
+                attempt += 1;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|e| e.expect("every user answered"))
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -231,83 +323,57 @@ impl Presence for Router {
         StatusView::try_from(reply)
     }
 
-    /// Splits the users by owner and asks every owner at once, one call per shard; users whose
-    /// shard failed with a retriable error are regrouped on the fresh ring and asked again.
-    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
-        let mut seen = hashbrown::HashSet::with_capacity(users.len());
-        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
-        let mut out: Vec<Option<BatchEntry>> = vec![None; users.len()];
-        let mut pending: Vec<usize> = (0..users.len()).collect();
-        let until = Instant::now() + self.deadline;
-        let mut rx = self.ring.clone();
-        let mut attempt = 0;
-        while !pending.is_empty() {
-            let ring = rx.borrow_and_update().clone();
-            let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
-            for &i in &pending {
-                let owner = ring.owner_of(users[i]).unwrap_or_default().to_owned();
-                groups.entry(owner).or_default().push(i);
-            }
-            let calls = groups.into_iter().map(|(owner, idxs)| {
-                let ids: Vec<UserId> = idxs.iter().map(|&i| users[i]).collect();
-                let epoch = ring.epoch();
-                async move {
-                    if owner.is_empty() {
-                        return (
-                            idxs,
-                            Err(Error::ShardUnavailable("no shard in the ring".into())),
-                        );
-                    }
-                    let mut c = match self.clients.get(&owner) {
-                        Ok(c) => c,
-                        Err(e) => return (idxs, Err(e)),
-                    };
-                    let t = Timed::new(self.metrics.clone(), "client", "Batch");
-                    let r = t.finish(
-                        c.batch(req(v1::BatchRequest {
-                            epoch,
-                            user_ids: ids,
-                        }))
-                        .await,
-                    );
-                    (idxs, r)
-                }
-            });
-            let mut failed = Vec::new();
-            let mut last_err = None;
-            for (idxs, r) in futures::future::join_all(calls).await {
-                match r {
-                    Ok(reply) => {
-                        if reply.entries.len() != idxs.len() {
-                            return Err(Error::Internal(
-                                "shard answered a batch of the wrong size".into(),
-                            ));
-                        }
-                        for (i, e) in idxs.into_iter().zip(reply.entries) {
-                            out[i] = Some(BatchEntry::try_from(e)?);
-                        }
-                    }
-                    Err(e) if retriable(&e) => {
-                        failed.extend(idxs);
-                        last_err = Some(e);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            pending = failed;
-            if let Some(e) = last_err {
-                if !self.pause(&mut rx, &e, attempt, until).await {
-                    return Err(e);
-                }
-                attempt += 1;
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|e| e.expect("every user answered"))
-            .collect())
+    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error> {
+        self.scatter(users, "Views", |mut c, msg| async move {
+            c.views(req(msg)).await.map(|r| r.map(|v| v.views))
+        })
+        .await?
+        .into_iter()
+        .map(StatusView::try_from)
+        .collect()
     }
 
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
+        self.route(user, "Subscriptions", |mut c, epoch| {
+            let msg = v1::UserRequest {
+                epoch,
+                user_id: user,
+            };
+            async move { c.subscriptions(req(msg)).await }
+        })
+        .await
+        .map(|r| r.targets)
+    }
+
+    async fn subscribe(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+    ) -> Result<Vec<UserId>, Error> {
+        let targets = targets.to_vec();
+        self.route(user, "Subscribe", |mut c, epoch| {
+            let msg = v1::SubscribeRequest {
+                epoch,
+                user_id: user,
+                mode: mode.as_str().to_owned(),
+                targets: targets.clone(),
+            };
+            async move { c.subscribe(req(msg)).await }
+        })
+        .await
+        .map(|r| r.targets)
+    }
+
+    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
+        self.scatter(users, "Batch", |mut c, msg| async move {
+            c.batch(req(msg)).await.map(|r| r.map(|b| b.entries))
+        })
+        .await?
+        .into_iter()
+        .map(BatchEntry::try_from)
+        .collect()
+    }
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
         let reply = self
             .route(user, "SetStatus", |mut c, epoch| {

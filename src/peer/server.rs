@@ -17,8 +17,10 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::presence::{validate_device_id, validate_user_id, UserId};
 use crate::proto::{self, v1};
+use crate::push::fanout::{Fanout, StreamItem};
 use crate::ring::{partition_of, Ring, PARTITIONS};
 use crate::shard::{Presence, Shard};
+use crate::store::SubscriptionMode;
 
 const NONE: u8 = 0;
 const LOADING: u8 = 1;
@@ -211,6 +213,7 @@ pub struct ShardService {
     pub shard: Arc<Shard>,
     pub own: Arc<Ownership>,
     pub metrics: Arc<Metrics>,
+    pub fanout: Arc<Fanout>,
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
@@ -388,12 +391,118 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         }))
     }
 
-    type EventsStream =
-        Pin<Box<dyn futures::Stream<Item = Result<v1::Event, tonic::Status>> + Send + 'static>>;
+    async fn views(&self, req: Request<v1::BatchRequest>) -> Reply<v1::ViewsReply> {
+        let t = self.timed("Views");
+        let span = extract_trace(&req, "Views");
+        let r = req.into_inner();
+        t.done(
+            async {
+                if r.user_ids.len() > MAX_BATCH {
+                    return Err(Error::BadRequest(format!(
+                        "at most {MAX_BATCH} users per call"
+                    )));
+                }
+                for &u in &r.user_ids {
+                    self.user(u)?;
+                }
+                let views = self.shard.views(&r.user_ids).await?;
+                Ok(v1::ViewsReply {
+                    views: views.into_iter().map(Into::into).collect(),
+                })
+            }
+            .instrument(span)
+            .await,
+        )
+    }
 
-    async fn events(&self, _req: Request<v1::EventsRequest>) -> Reply<Self::EventsStream> {
-        Err(tonic::Status::unimplemented(
-            "events arrive with the push issue",
-        ))
+    async fn subscriptions(&self, req: Request<v1::UserRequest>) -> Reply<v1::SubscriptionsReply> {
+        let t = self.timed("Subscriptions");
+        let span = extract_trace(&req, "Subscriptions");
+        let r = req.into_inner();
+        t.done(
+            async {
+                let user = self.user(r.user_id)?;
+                Ok(v1::SubscriptionsReply {
+                    targets: self.shard.subscriptions(user).await?,
+                })
+            }
+            .instrument(span)
+            .await,
+        )
+    }
+
+    async fn subscribe(&self, req: Request<v1::SubscribeRequest>) -> Reply<v1::SubscriptionsReply> {
+        let t = self.timed("Subscribe");
+        let span = extract_trace(&req, "Subscribe");
+        let r = req.into_inner();
+        t.done(
+            async {
+                let user = self.user(r.user_id)?;
+                let mode = match r.mode.as_str() {
+                    "add" => SubscriptionMode::Add,
+                    "remove" => SubscriptionMode::Remove,
+                    "replace" => SubscriptionMode::Replace,
+                    _ => {
+                        return Err(Error::BadRequest(
+                            "mode must be add, remove or replace".into(),
+                        ))
+                    }
+                };
+                for &u in &r.targets {
+                    validate_user_id(u)?;
+                }
+                let targets = self.shard.subscribe(user, mode, &r.targets).await?;
+                Ok(v1::SubscriptionsReply { targets })
+            }
+            .instrument(span)
+            .await,
+        )
+    }
+
+    type EventsStream = Pin<Box<dyn futures::Stream<Item = StreamItem> + Send + 'static>>;
+
+    /// A gateway's event stream: interest in, events out. Each user declared interesting gets
+    /// its current state at once (if this shard owns it), then every change.
+    async fn events(
+        &self,
+        req: Request<tonic::Streaming<v1::Interest>>,
+    ) -> Reply<Self::EventsStream> {
+        let mut inbound = req.into_inner();
+        let (id, rx, tx) = self.fanout.open("gateway");
+        let fanout = self.fanout.clone();
+        let shard = self.shard.clone();
+        let own = self.own.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                fanout.interest(id, &msg.add, &msg.remove);
+                let owned: Vec<UserId> = msg
+                    .add
+                    .iter()
+                    .copied()
+                    .filter(|u| own.check(*u).is_ok())
+                    .collect();
+                if owned.is_empty() {
+                    continue;
+                }
+                let Ok(views) = shard.views(&owned).await else {
+                    continue;
+                };
+                let now = shard.now();
+                for view in views {
+                    let ev = crate::push::fanout::to_wire(&crate::push::Event {
+                        view,
+                        changed_at: now,
+                        subscriptions: None,
+                    });
+                    if tx.send(Ok(ev)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            fanout.close(id);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

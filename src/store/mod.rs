@@ -53,6 +53,13 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<UserId>, Error>;
 
+    /// Whether the owner writes every visible change through before acknowledging it (a store
+    /// that outlives the process). A store living in the owner's own memory is written only
+    /// when a user leaves the owner's memory: a copy per change would buy no durability.
+    fn write_through(&self) -> bool {
+        true
+    }
+
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), Error>;
 
@@ -182,6 +189,10 @@ impl Store for MemoryStore {
             subs.insert(user, next);
         }
         Ok(out)
+    }
+
+    fn write_through(&self) -> bool {
+        false
     }
 
     async fn ping(&self) -> Result<(), Error> {

@@ -25,6 +25,9 @@ use crate::presence::{
     Platform, Settings, Status, UserId,
 };
 use crate::shard::Presence;
+use crate::store::SubscriptionMode;
+
+mod ws;
 
 /// The base path of the presence API.
 pub const BASE: &str = "/api/v1/presence";
@@ -40,6 +43,8 @@ pub const ROUTES: &[(&str, &[&str])] = &[
         &["GET", "PUT", "DELETE"],
     ),
     ("/api/v1/presence/statuses", &["GET"]),
+    ("/api/v1/presence/subscriptions/{userId}", &["GET", "PUT"]),
+    ("/api/v1/presence/ws", &["GET"]),
     ("/livez", &["GET"]),
     ("/readyz", &["GET"]),
     ("/metrics", &["GET"]),
@@ -49,6 +54,8 @@ pub const ROUTES: &[(&str, &[&str])] = &[
 #[derive(Clone)]
 pub struct AppState {
     pub presence: Arc<dyn Presence>,
+    /// The sockets of this node (gateway and all-in-one roles).
+    pub hub: Option<Arc<crate::push::hub::Hub>>,
     pub metrics: Arc<Metrics>,
     /// False while starting or draining.
     pub ready: Arc<AtomicBool>,
@@ -58,6 +65,9 @@ pub struct AppState {
 /// Limits and fixed answers from the configuration.
 pub struct Limits {
     pub batch_limit: usize,
+    pub max_subscriptions: usize,
+    pub ws_rate: u32,
+    pub ws_close_grace: std::time::Duration,
     pub max_body_bytes: usize,
     pub heartbeat_interval_ms: u64,
     pub styles: Vec<StatusStyle>,
@@ -68,6 +78,9 @@ impl Limits {
     pub fn from_config(c: &Config) -> Result<Limits, crate::config::ConfigError> {
         Ok(Limits {
             batch_limit: c.batch_limit as usize,
+            max_subscriptions: c.max_subscriptions as usize,
+            ws_rate: c.ws_rate,
+            ws_close_grace: c.ws_close_grace,
             max_body_bytes: c.max_body_bytes as usize,
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
             styles: c.status_styles()?,
@@ -89,6 +102,11 @@ pub fn router(state: AppState, with_api: bool) -> Router {
             get(status).put(set_status).delete(clear_status),
         )
         .route("/statuses", get(statuses))
+        .route(
+            "/subscriptions/{userId}",
+            get(get_subscriptions).put(put_subscriptions),
+        )
+        .route("/ws", get(ws::upgrade))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(middleware::from_fn_with_state(state.clone(), shed))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
@@ -214,10 +232,10 @@ struct BatchRequest {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SetStatusRequest {
-    status: Option<String>,
-    custom_text: Option<String>,
-    expires_at: Option<String>,
+pub(crate) struct SetStatusRequest {
+    pub status: Option<String>,
+    pub custom_text: Option<String>,
+    pub expires_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -284,12 +302,8 @@ async fn batch(
     Ok(ok("success", s.presence.batch(&req.user_ids).await?))
 }
 
-async fn set_status(
-    State(s): State<AppState>,
-    raw: Result<Path<String>, PathRejection>,
-    ApiJson(req): ApiJson<SetStatusRequest>,
-) -> Result<Response, Error> {
-    let user = user_id_path(raw)?;
+/// The settings of a set-status request (REST or WebSocket), validated.
+pub(crate) fn settings_of(req: &SetStatusRequest) -> Result<Settings, Error> {
     let manual = match req.status.as_deref() {
         None => None,
         Some(text) => match Status::parse(text) {
@@ -316,12 +330,96 @@ async fn set_status(
                 .ok_or_else(|| Error::BadRequest("expiresAt must be an RFC 3339 time".into()))?,
         ),
     };
-    let settings = Settings {
+    Ok(Settings {
         manual,
         text,
         expires_at,
-    };
+    })
+}
+
+async fn set_status(
+    State(s): State<AppState>,
+    raw: Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<SetStatusRequest>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
+    let settings = settings_of(&req)?;
     Ok(ok("success", s.presence.set_status(user, settings).await?))
+}
+
+/// Validates subscription targets against the limit.
+pub(crate) fn targets_of(targets: &[u64], max: usize) -> Result<Vec<UserId>, Error> {
+    if targets.len() > max {
+        return Err(crate::store::too_many_subscriptions(max));
+    }
+    targets
+        .iter()
+        .map(|&t| {
+            validate_user_id(t)
+                .map_err(|_| Error::BadRequest("targets must hold positive 64-bit user ids".into()))
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscribeRequest {
+    targets: Vec<u64>,
+    #[serde(default = "add_mode")]
+    mode: SubscriptionMode,
+}
+
+fn add_mode() -> SubscriptionMode {
+    SubscriptionMode::Add
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionsAnswer {
+    user_id: UserId,
+    targets: Vec<UserId>,
+    /// The current status of every target (after add or replace; empty after remove).
+    statuses: Vec<crate::presence::StatusView>,
+}
+
+async fn put_subscriptions(
+    State(s): State<AppState>,
+    raw: Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<SubscribeRequest>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
+    let targets = targets_of(&req.targets, s.limits.max_subscriptions)?;
+    let list = s.presence.subscribe(user, req.mode, &targets).await?;
+    let statuses = if req.mode == SubscriptionMode::Remove {
+        Vec::new()
+    } else {
+        s.presence.views(&list).await?
+    };
+    Ok(ok(
+        "success",
+        SubscriptionsAnswer {
+            user_id: user,
+            targets: list,
+            statuses,
+        },
+    ))
+}
+
+async fn get_subscriptions(
+    State(s): State<AppState>,
+    raw: Result<Path<String>, PathRejection>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
+    let list = s.presence.subscriptions(user).await?;
+    let statuses = s.presence.views(&list).await?;
+    Ok(ok(
+        "success",
+        SubscriptionsAnswer {
+            user_id: user,
+            targets: list,
+            statuses,
+        },
+    ))
 }
 
 async fn clear_status(

@@ -1,0 +1,404 @@
+//! The WebSocket endpoint: `GET /api/v1/presence/ws?userId=..&deviceId=..&platform=..`.
+//!
+//! Opening it brings the device online; every client message counts as a heartbeat and as
+//! activity; closing it takes the device offline after `PRESENCE_WS_CLOSE_GRACE` unless the
+//! device reconnects meanwhile. Client messages are JSON with a `type` (`heartbeat`,
+//! `setStatus`, `clearStatus`, `subscribe`, `unsubscribe`, `query`, `resume`) and an optional
+//! `id` echoed in the `reply`. Server messages: `welcome`, `presence`, `reply`, `error`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{settings_of, targets_of, AppState, SetStatusRequest};
+use crate::error::Error;
+use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
+use crate::push::hub::{Frame, Hub};
+use crate::store::SubscriptionMode;
+
+/// A client message larger than this gets an `error` reply (the socket stays up).
+const MAX_MESSAGE: usize = 64 * 1024;
+/// Frames larger than this close the socket (protocol limit).
+const MAX_FRAME: usize = 1024 * 1024;
+/// Replies queued for a client that does not read.
+const REPLY_QUEUE: usize = 64;
+/// Close code for a client that floods or does not read (policy violation).
+const CLOSE_POLICY: u16 = 1008;
+
+/// Upgrades after validating the query; errors are the usual envelope.
+pub async fn upgrade(
+    State(s): State<AppState>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, Error> {
+    let Query(q) = query.map_err(|_| Error::BadRequest("malformed query string".into()))?;
+    let field = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    let user = parse_user_id(field("userId"))?;
+    let device = validate_device_id(field("deviceId"))?.to_string();
+    let platform = Platform::parse(field("platform"))
+        .ok_or_else(|| Error::BadRequest("platform must be one of WEB, IOS, ANDROID, PC".into()))?;
+    let ws = ws.map_err(|e| Error::BadRequest(format!("expected a WebSocket upgrade: {e}")))?;
+    let hub = s
+        .hub
+        .clone()
+        .ok_or_else(|| Error::NotFound("/api/v1/presence/ws".into()))?;
+    // The device is online before the socket opens: a refusal (e.g. too many devices) is an
+    // ordinary HTTP error.
+    s.presence.online(user, &device, platform).await?;
+    Ok(ws
+        .max_message_size(MAX_FRAME)
+        .max_frame_size(MAX_FRAME)
+        .on_upgrade(move |socket| run(s, hub, user, device, platform, socket)))
+}
+
+/// A token bucket: `rate` per second, bursts of twice that.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            tokens: 2.0 * rate as f64,
+            rate: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientMessage {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    active: Option<bool>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    custom_text: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    targets: Option<Vec<u64>>,
+    #[serde(default)]
+    user_ids: Option<Vec<u64>>,
+    #[serde(default)]
+    versions: Option<HashMap<String, u64>>,
+}
+
+fn reply(id: &Option<Value>, message: &str, data: Value) -> Frame {
+    let v = json!({ "type": "reply", "id": id, "code": 200, "message": message, "data": data });
+    Utf8Bytes::from(v.to_string())
+}
+
+fn error_frame(id: &Option<Value>, e: &Error) -> Frame {
+    let v = json!({
+        "type": "error",
+        "id": id,
+        "code": e.status().as_u16(),
+        "message": e.to_string(),
+        "data": Value::Null,
+    });
+    Utf8Bytes::from(v.to_string())
+}
+
+struct Socket {
+    s: AppState,
+    hub: Arc<Hub>,
+    id: u64,
+    user: UserId,
+    device: String,
+    platform: Platform,
+    last_heartbeat: Instant,
+}
+
+async fn run(
+    s: AppState,
+    hub: Arc<Hub>,
+    user: UserId,
+    device: String,
+    platform: Platform,
+    socket: WebSocket,
+) {
+    let reg = hub.register(user, &device);
+    let mut sock = Socket {
+        s: s.clone(),
+        hub: hub.clone(),
+        id: reg.id,
+        user,
+        device,
+        platform,
+        last_heartbeat: Instant::now(),
+    };
+    let subscriptions = s.presence.subscriptions(user).await.unwrap_or_default();
+    hub.set_subscriptions(user, &subscriptions);
+
+    let (mut sink, mut stream) = socket.split();
+    let welcome = json!({
+        "type": "welcome",
+        "data": {
+            "userId": user,
+            "deviceId": sock.device,
+            "subscriptions": subscriptions,
+            "nextHeartbeatInterval": s.limits.heartbeat_interval_ms,
+        }
+    });
+    // The welcome goes first, before any event.
+    let _ = sink
+        .send(Message::Text(Utf8Bytes::from(welcome.to_string())))
+        .await;
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
+
+    // Writer: events and replies, until the socket closes or the hub cuts it off.
+    let kill = reg.kill.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop_writer = stop.clone();
+    let mut events = reg.rx;
+    let writer = tokio::spawn(async move {
+        let close = |code: u16, reason: &'static str| {
+            Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }))
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = kill.cancelled() => {
+                    let _ = sink.send(close(CLOSE_POLICY, "slow consumer")).await;
+                    break;
+                }
+                _ = stop_writer.cancelled() => {
+                    let _ = sink.send(close(CLOSE_POLICY, "rate limit exceeded")).await;
+                    break;
+                }
+                f = events.recv() => match f { Some(f) => Message::Text(f), None => break },
+                f = reply_rx.recv() => match f { Some(f) => Message::Text(f), None => break },
+            };
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut bucket = Bucket::new(s.limits.ws_rate);
+    let m = s.metrics.clone();
+    while let Some(Ok(msg)) = tokio::select! {
+        m = stream.next() => m,
+        _ = reg.kill.cancelled() => None,
+    } {
+        if !bucket.take() {
+            m.ws_slow_consumers.inc();
+            m.ws_messages
+                .with_label_values(&["any", "rate_limited"])
+                .inc();
+            stop.cancel();
+            break;
+        }
+        let frame = match msg {
+            Message::Text(t) => Some(sock.handle(t.as_str()).await),
+            Message::Binary(_) => Some(error_frame(
+                &None,
+                &Error::BadRequest("binary messages are not supported".into()),
+            )),
+            Message::Ping(_) | Message::Pong(_) => {
+                sock.touch(false).await;
+                None
+            }
+            Message::Close(_) => break,
+        };
+        if let Some(f) = frame {
+            if reply_tx.try_send(f).is_err() {
+                // The client sends but does not read its replies.
+                m.ws_slow_consumers.inc();
+                reg.kill.cancel();
+                break;
+            }
+        }
+    }
+    drop(reply_tx);
+    let _ = writer.await;
+    // Read on briefly, so the client gets our close frame before the connection goes (closing
+    // with unread input would reset it and lose the frame).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(m)) = stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    let generation = hub.unregister(sock.id, &sock.device);
+    // Offline after the grace, unless the device came back meanwhile.
+    let grace = s.limits.ws_close_grace;
+    let (presence, device) = (s.presence.clone(), sock.device.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        if hub.gone_since(user, &device, generation) {
+            if let Err(e) = presence.offline(user, &device).await {
+                tracing::warn!(user, error = %e, "offline after socket close failed");
+            }
+        }
+    });
+}
+
+impl Socket {
+    /// Counts a message as a heartbeat (at most one a second unless it is a heartbeat).
+    async fn touch(&mut self, active: bool) {
+        if self.last_heartbeat.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let _ = self.heartbeat(active).await;
+    }
+
+    async fn heartbeat(&mut self, active: bool) -> Result<(), Error> {
+        self.last_heartbeat = Instant::now();
+        match self
+            .s
+            .presence
+            .heartbeat(self.user, &self.device, active)
+            .await
+        {
+            // The socket is open, so the device is online: bring it back.
+            Err(Error::DeviceNotOnline) => self
+                .s
+                .presence
+                .online(self.user, &self.device, self.platform)
+                .await
+                .map(|_| ()),
+            r => r,
+        }
+    }
+
+    async fn handle(&mut self, text: &str) -> Frame {
+        let m = self.s.metrics.clone();
+        if text.len() > MAX_MESSAGE {
+            m.ws_messages
+                .with_label_values(&["oversized", "error"])
+                .inc();
+            return error_frame(&None, &Error::PayloadTooLarge(MAX_MESSAGE));
+        }
+        let msg: ClientMessage = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                m.ws_messages
+                    .with_label_values(&["malformed", "error"])
+                    .inc();
+                return error_frame(&None, &Error::BadRequest(format!("malformed message: {e}")));
+            }
+        };
+        let kind = match msg.kind.as_str() {
+            k @ ("heartbeat" | "setStatus" | "clearStatus" | "subscribe" | "unsubscribe"
+            | "query" | "resume") => k,
+            _ => "unknown",
+        };
+        let result = self.dispatch(kind, &msg).await;
+        m.ws_messages
+            .with_label_values(&[kind, if result.is_ok() { "ok" } else { "error" }])
+            .inc();
+        match result {
+            Ok(f) => f,
+            Err(e) => error_frame(&msg.id, &e),
+        }
+    }
+
+    async fn dispatch(&mut self, kind: &str, msg: &ClientMessage) -> Result<Frame, Error> {
+        let p = self.s.presence.clone();
+        let max = self.s.limits.max_subscriptions;
+        if kind != "heartbeat" {
+            self.touch(true).await;
+        }
+        match kind {
+            "heartbeat" => {
+                self.heartbeat(msg.active.unwrap_or(true)).await?;
+                let data = json!({ "nextHeartbeatInterval": self.s.limits.heartbeat_interval_ms });
+                Ok(reply(&msg.id, "心跳成功", data))
+            }
+            "setStatus" => {
+                let req = SetStatusRequest {
+                    status: msg.status.clone(),
+                    custom_text: msg.custom_text.clone(),
+                    expires_at: msg.expires_at.clone(),
+                };
+                let view = p.set_status(self.user, settings_of(&req)?).await?;
+                Ok(reply(&msg.id, "success", json!(view)))
+            }
+            "clearStatus" => {
+                let view = p.clear_status(self.user).await?;
+                Ok(reply(&msg.id, "success", json!(view)))
+            }
+            "subscribe" | "unsubscribe" => {
+                let targets = targets_of(msg.targets.as_deref().unwrap_or(&[]), max)?;
+                let mode = if kind == "subscribe" { SubscriptionMode::Add } else { SubscriptionMode::Remove };
+                let list = p.subscribe(self.user, mode, &targets).await?;
+                self.hub.set_subscriptions(self.user, &list);
+                let statuses = if kind == "subscribe" {
+                    let views = p.views(&targets).await?;
+                    self.hub.fresh(self.id, views.clone());
+                    views
+                } else {
+                    Vec::new()
+                };
+                Ok(reply(&msg.id, "success", json!({ "targets": list, "statuses": statuses })))
+            }
+            "query" => {
+                let ids = msg.user_ids.as_deref().unwrap_or(&[]);
+                if ids.len() > self.s.limits.batch_limit {
+                    return Err(Error::BadRequest(format!(
+                        "userIds may hold at most {} ids",
+                        self.s.limits.batch_limit
+                    )));
+                }
+                let ids: Vec<UserId> = ids.iter().map(|&u| crate::presence::validate_user_id(u)).collect::<Result<_, _>>()?;
+                Ok(reply(&msg.id, "success", json!(p.views(&ids).await?)))
+            }
+            "resume" => {
+                // What the client has seen; it then gets the current state of every target that
+                // changed since (and of those it never saw), never an older one.
+                let versions: Vec<(UserId, u64)> = msg
+                    .versions
+                    .as_ref()
+                    .map(|m| m.iter().filter_map(|(k, v)| Some((parse_user_id(k).ok()?, *v))).collect())
+                    .unwrap_or_default();
+                if versions.len() > max {
+                    return Err(crate::store::too_many_subscriptions(max));
+                }
+                self.hub.seen(self.id, &versions);
+                let targets = p.subscriptions(self.user).await?;
+                let views = p.views(&targets).await?;
+                let n = self.hub.send_fresh(self.id, &views);
+                Ok(reply(&msg.id, "success", json!({ "sent": n })))
+            }
+            _ => Err(Error::BadRequest(
+                "type must be one of heartbeat, setStatus, clearStatus, subscribe, unsubscribe, query, resume".into(),
+            )),
+        }
+    }
+}

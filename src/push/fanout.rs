@@ -1,0 +1,199 @@
+//! The shard's side of push: one outgoing stream per gateway, and an index of which gateways are
+//! interested in which users, so an event goes once to each interested gateway and no Redis
+//! round trip is needed to find subscribers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+use tokio::sync::mpsc;
+
+use super::{Event, EventSink};
+use crate::metrics::Metrics;
+use crate::presence::UserId;
+use crate::proto::v1;
+
+/// What goes down a gateway stream.
+pub type StreamItem = Result<v1::Event, tonic::Status>;
+
+struct Stream {
+    gateway: String,
+    tx: mpsc::Sender<StreamItem>,
+    interest: HashSet<UserId>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    streams: HashMap<u64, Stream>,
+    index: HashMap<UserId, SmallVec<[u64; 2]>>,
+}
+
+/// The gateway streams of one shard.
+pub struct Fanout {
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    queue: usize,
+}
+
+/// The wire form of an event.
+pub fn to_wire(e: &Event) -> v1::Event {
+    v1::Event {
+        presence: Some(e.view.clone().into()),
+        changed_at: e.changed_at,
+        subscriptions_changed: e.subscriptions.is_some(),
+        subscriptions: e.subscriptions.clone().unwrap_or_default(),
+    }
+}
+
+impl Fanout {
+    pub fn new(metrics: Arc<Metrics>, queue: usize) -> Arc<Fanout> {
+        Arc::new(Fanout {
+            state: Mutex::default(),
+            metrics,
+            queue: queue.max(16),
+        })
+    }
+
+    /// A new gateway stream: its id and what to send down it.
+    pub fn open(
+        &self,
+        gateway: &str,
+    ) -> (u64, mpsc::Receiver<StreamItem>, mpsc::Sender<StreamItem>) {
+        let (tx, rx) = mpsc::channel(self.queue);
+        let mut st = self.state.lock();
+        st.next_id += 1;
+        let id = st.next_id;
+        st.streams.insert(
+            id,
+            Stream {
+                gateway: gateway.to_owned(),
+                tx: tx.clone(),
+                interest: HashSet::new(),
+            },
+        );
+        self.metrics.event_streams.set(st.streams.len() as i64);
+        tracing::info!(gateway, stream = id, "gateway stream opened");
+        (id, rx, tx)
+    }
+
+    /// Adds and removes interest of a stream.
+    pub fn interest(&self, id: u64, add: &[UserId], remove: &[UserId]) {
+        let mut st = self.state.lock();
+        let State { streams, index, .. } = &mut *st;
+        let Some(s) = streams.get_mut(&id) else {
+            return;
+        };
+        for &u in add {
+            if s.interest.insert(u) {
+                index.entry(u).or_default().push(id);
+            }
+        }
+        for &u in remove {
+            if s.interest.remove(&u) {
+                drop_from_index(index, u, id);
+            }
+        }
+    }
+
+    /// The stream is gone (the gateway left, or was too slow).
+    pub fn close(&self, id: u64) {
+        let mut st = self.state.lock();
+        let State { streams, index, .. } = &mut *st;
+        if let Some(s) = streams.remove(&id) {
+            for u in s.interest {
+                drop_from_index(index, u, id);
+            }
+            tracing::info!(gateway = %s.gateway, stream = id, "gateway stream closed");
+        }
+        self.metrics.event_streams.set(streams.len() as i64);
+    }
+}
+
+fn drop_from_index(index: &mut HashMap<UserId, SmallVec<[u64; 2]>>, u: UserId, id: u64) {
+    if let Some(ids) = index.get_mut(&u) {
+        ids.retain(|i| *i != id);
+        if ids.is_empty() {
+            index.remove(&u);
+        }
+    }
+}
+
+impl EventSink for Fanout {
+    fn wants(&self, user: UserId) -> bool {
+        self.state.lock().index.contains_key(&user)
+    }
+
+    fn publish(&self, event: Event) {
+        let user = event.view.user_id;
+        let wire = to_wire(&event);
+        let mut slow = Vec::new();
+        {
+            let st = self.state.lock();
+            let Some(ids) = st.index.get(&user) else {
+                return;
+            };
+            for id in ids {
+                let Some(s) = st.streams.get(id) else {
+                    continue;
+                };
+                match s.tx.try_send(Ok(wire.clone())) {
+                    Ok(()) => self.metrics.events_published.inc(),
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        // A gateway that cannot keep up is cut off; it reconnects and declares its interest
+        // again, which sends it the current state of every user it cares about.
+        for id in slow {
+            self.metrics.ws_slow_consumers.inc();
+            tracing::warn!(stream = id, "gateway stream too slow, closing it");
+            self.close(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::{Status, StatusView};
+
+    fn ev(user: UserId, version: u64) -> Event {
+        Event {
+            view: StatusView {
+                user_id: user,
+                status: Status::Online,
+                last_active_time: 0,
+                devices: Vec::new(),
+                custom_text: None,
+                manual_status: None,
+                version,
+            },
+            changed_at: 1,
+            subscriptions: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_event_per_interested_gateway() {
+        let f = Fanout::new(Arc::new(Metrics::new()), 16);
+        let (g1, mut r1, _) = f.open("g1");
+        let (g2, mut r2, _) = f.open("g2");
+        f.interest(g1, &[7, 8], &[]);
+        f.interest(g2, &[7], &[]);
+        assert!(f.wants(8) && !f.wants(9));
+        f.publish(ev(7, 1));
+        f.publish(ev(8, 1));
+        assert_eq!(r1.try_recv().unwrap().unwrap().presence.unwrap().user_id, 7);
+        assert_eq!(r1.try_recv().unwrap().unwrap().presence.unwrap().user_id, 8);
+        assert_eq!(r2.try_recv().unwrap().unwrap().presence.unwrap().user_id, 7);
+        assert!(r2.try_recv().is_err());
+        f.interest(g1, &[], &[8]);
+        assert!(!f.wants(8));
+        f.close(g2);
+        f.close(g1);
+        assert!(!f.wants(7));
+    }
+}
