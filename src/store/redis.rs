@@ -84,6 +84,8 @@ struct Topology {
 /// The Redis Cluster implementation of [`Store`].
 pub struct RedisStore {
     opts: RedisOptions,
+    /// `user:password` (or `:password`) for every node; never logged.
+    userinfo: Option<String>,
     topology: RwLock<Option<Arc<Topology>>>,
     /// Connections by address, reused across topology refreshes.
     conns: Mutex<HashMap<String, MultiplexedConnection>>,
@@ -154,14 +156,24 @@ impl RedisStore {
         opts: RedisOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, Error> {
+        // `redis://[user:password@]host:port`: the credentials of the first seed that has some
+        // are used for every node, including those learnt from CLUSTER SLOTS.
+        let mut userinfo = None;
         let seeds = opts
             .seeds
             .iter()
             .map(|s| {
-                s.trim()
+                let s = s
+                    .trim()
                     .trim_start_matches("redis://")
-                    .trim_end_matches('/')
-                    .to_owned()
+                    .trim_end_matches('/');
+                match s.rsplit_once('@') {
+                    Some((auth, addr)) => {
+                        userinfo.get_or_insert_with(|| auth.to_owned());
+                        addr.to_owned()
+                    }
+                    None => s.to_owned(),
+                }
             })
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>();
@@ -170,6 +182,7 @@ impl RedisStore {
         }
         let store = Arc::new(RedisStore {
             opts: RedisOptions { seeds, ..opts },
+            userinfo,
             topology: RwLock::new(None),
             conns: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
@@ -186,7 +199,12 @@ impl RedisStore {
         if let Some(c) = self.conns.lock().get(addr) {
             return Ok(c.clone());
         }
-        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let auth = self
+            .userinfo
+            .as_deref()
+            .map(|u| format!("{u}@"))
+            .unwrap_or_default();
+        let client = redis::Client::open(format!("redis://{auth}{addr}/"))?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.opts.timeout)
             .set_response_timeout(self.opts.timeout);
@@ -237,7 +255,7 @@ impl RedisStore {
                     continue;
                 }
             };
-            match self.parse_slots(slots).await {
+            match self.parse_slots(slots, &addr).await {
                 Ok(t) => {
                     *self.topology.write() = Some(Arc::new(t));
                     return Ok(());
@@ -248,7 +266,9 @@ impl RedisStore {
         Err(store_err(format!("cannot read cluster topology: {last}")))
     }
 
-    async fn parse_slots(&self, v: Value) -> Result<Topology, String> {
+    /// `queried` is the node that answered: a node that does not know its own address (a
+    /// one-node cluster) reports an empty host, which means that node's host.
+    async fn parse_slots(&self, v: Value, queried: &str) -> Result<Topology, String> {
         let Value::Array(ranges) = v else {
             return Err("unexpected CLUSTER SLOTS reply".into());
         };
@@ -268,6 +288,13 @@ impl RedisStore {
             };
             let Some(Value::Int(port)) = master.get(1) else {
                 continue;
+            };
+            let host = if host.is_empty() {
+                queried
+                    .rsplit_once(':')
+                    .map_or(String::new(), |(h, _)| h.to_owned())
+            } else {
+                host
             };
             let addr = format!("{host}:{port}");
             let idx = match nodes.iter().position(|(a, _)| *a == addr) {

@@ -1,0 +1,233 @@
+{{/* Chart name, for app.kubernetes.io/name. */}}
+{{- define "presence.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Base name of every object: fullnameOverride, else the release name when it contains
+"presence", else "<release>-presence". At most 40 characters, so that "<base>-shard" stays a
+valid StatefulSet name (its pods' controller-revision-hash label must fit in 63).
+*/}}
+{{- define "presence.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if contains "presence" .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-presence" .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "presence.gatewayName" -}}{{ include "presence.fullname" . }}-gateway{{- end -}}
+{{- define "presence.shardName" -}}{{ include "presence.fullname" . }}-shard{{- end -}}
+{{- define "presence.redisName" -}}{{ include "presence.fullname" . }}-redis{{- end -}}
+{{- define "presence.configName" -}}{{ include "presence.fullname" . }}-config{{- end -}}
+
+{{- define "presence.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "presence.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "presence.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "presence.labels" -}}
+helm.sh/chart: {{ include "presence.chart" . }}
+{{ include "presence.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: presence-service
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "presence.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "presence.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels and selector labels of one component: include with (list $ "gateway"). */}}
+{{- define "presence.componentLabels" -}}
+{{ include "presence.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+{{- define "presence.componentSelector" -}}
+{{ include "presence.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "presence.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Nacos service name of the shards. */}}
+{{- define "presence.nacosService" -}}
+{{- default (include "presence.shardName" .) .Values.discovery.nacos.service -}}
+{{- end -}}
+
+{{/*
+Seed URLs of the Redis Cluster, comma-separated, with "$(REDIS_PASSWORD)" spliced in when a
+password Secret is configured (Kubernetes expands it from the env var defined before).
+*/}}
+{{- define "presence.redisUrl" -}}
+{{- $urls := list -}}
+{{- if eq .Values.redis.mode "bundled" -}}
+{{- $name := include "presence.redisName" . -}}
+{{- range $i := until (int .Values.redis.bundled.nodes) -}}
+{{- $urls = append $urls (printf "redis://%s-%d.%s:6379" $name $i $name) -}}
+{{- end -}}
+{{- else if eq .Values.redis.mode "external" -}}
+{{- range .Values.redis.urls -}}
+{{- if $.Values.redis.existingSecret -}}
+{{- $urls = append $urls (. | replace "redis://" "redis://:$(REDIS_PASSWORD)@") -}}
+{{- else -}}
+{{- $urls = append $urls . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds for a role: preStop sleep + drain + margin. */}}
+{{- define "presence.gracePeriod" -}}
+{{- $root := index . 0 -}}
+{{- $preStop := int (index . 1) -}}
+{{- add $preStop (int $root.Values.config.drainTimeoutSeconds) (int $root.Values.config.graceMarginSeconds) -}}
+{{- end -}}
+
+{{/* Cross-field checks the JSON schema cannot express. */}}
+{{- define "presence.validate" -}}
+{{- $v := .Values -}}
+{{- if and (eq $v.redis.mode "external") (empty $v.redis.urls) -}}
+{{- fail "redis.mode=external needs redis.urls (e.g. [redis://redis-0.redis:6379])" -}}
+{{- end -}}
+{{- if and $v.redis.existingSecret (ne $v.redis.mode "external") -}}
+{{- fail "redis.existingSecret is only used with redis.mode=external" -}}
+{{- end -}}
+{{- if eq $v.redis.mode "bundled" -}}
+{{- $min := mul 3 (add1 (int $v.redis.bundled.replicasPerMaster)) -}}
+{{- if lt (int $v.redis.bundled.nodes) (int $min) -}}
+{{- fail (printf "redis.bundled.nodes must be at least 3 x (1 + replicasPerMaster) = %d" (int $min)) -}}
+{{- end -}}
+{{- if gt (int $v.redis.minReplicas) (int $v.redis.bundled.replicasPerMaster) -}}
+{{- fail "redis.minReplicas must not exceed redis.bundled.replicasPerMaster (writes would wait for replicas that do not exist)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $v.discovery.mode "nacos") (not $v.discovery.nacos.address) -}}
+{{- fail "discovery.mode=nacos needs discovery.nacos.address (host:port)" -}}
+{{- end -}}
+{{- if and $v.gateway.autoscaling.enabled (gt (int $v.gateway.autoscaling.minReplicas) (int $v.gateway.autoscaling.maxReplicas)) -}}
+{{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- if and $v.gateway.autoscaling.enabled (eq (int $v.gateway.autoscaling.targetCPUUtilizationPercentage) 0) (not $v.gateway.autoscaling.wsConnections.enabled) -}}
+{{- fail "gateway.autoscaling needs CPU (targetCPUUtilizationPercentage > 0) or wsConnections" -}}
+{{- end -}}
+{{- if or (gt (int $v.gateway.preStopSleepSeconds) 0) (gt (int $v.shard.preStopSleepSeconds) 0) -}}
+{{- if semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version -}}
+{{- fail "preStop sleep hooks need Kubernetes 1.30+; set gateway.preStopSleepSeconds and shard.preStopSleepSeconds to 0" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Security contexts, probes and env shared by both roles. */}}
+{{- define "presence.probes" -}}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: http
+  periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+livenessProbe:
+  httpGet:
+    path: /livez
+    port: http
+  periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+  timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+  failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+startupProbe:
+  httpGet:
+    path: /livez
+    port: http
+  periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+  failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+{{- end -}}
+
+{{/* Env of both roles: the pod's IP and name, and discovery. */}}
+{{- define "presence.commonEnv" -}}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- end -}}
+
+{{/* topologySpreadConstraints of a component: (list $ "gateway" .Values.gateway). */}}
+{{- define "presence.spread" -}}
+{{- $root := index . 0 -}}
+{{- $component := index . 1 -}}
+{{- $vals := index . 2 -}}
+{{- if $vals.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml $vals.topologySpreadConstraints | nindent 2 }}
+{{- else if $vals.spreadAcrossZones }}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "presence.componentSelector" (list $root $component) | nindent 8 }}
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        {{- include "presence.componentSelector" (list $root $component) | nindent 8 }}
+{{- end }}
+{{- end -}}
+
+{{/* Egress rules of presence-service pods when networkPolicy.egress.enabled. */}}
+{{- define "presence.egressRules" -}}
+{{- $eg := .Values.networkPolicy.egress -}}
+# DNS.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+# This release's pods: gateways -> shards (gRPC), shards -> bundled Redis.
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "presence.selectorLabels" . | nindent 10 }}
+{{- if eq .Values.discovery.mode "kubernetes" }}
+# The Kubernetes API (EndpointSlice watch).
+- to:
+    {{- range $eg.apiServerCIDRs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    {{- range $eg.apiServerPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- with $eg.extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
