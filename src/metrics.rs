@@ -246,7 +246,7 @@ impl Metrics {
         );
         let ws_slow_consumers = IntCounter::new(
             "presence_slow_consumers_total",
-            "Sockets (or gateway streams) cut off because they did not read their messages.",
+            "Sockets (or gateway streams) cut off: they did not read their messages, or sent too fast.",
         )
         .expect("valid metric");
         let ws_messages = IntCounterVec::new(

@@ -384,6 +384,13 @@ impl UserState {
         self.settle(now, rules, effect)
     }
 
+    /// Whether the device was online and seen (online or heartbeat) within `window` of `now`.
+    pub fn seen_within(&self, id: &str, window: Millis, now: Millis) -> bool {
+        self.devices
+            .iter()
+            .any(|d| d.id == id && d.is_online() && d.last_seen.saturating_add(window) > now)
+    }
+
     /// A heartbeat. `active` says the user interacted since the previous one. A device that timed
     /// out less than the resume window ago is revived; any other unknown device is [`NotOnline`].
     pub fn heartbeat(

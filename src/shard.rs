@@ -31,7 +31,14 @@ pub trait Presence: Send + Sync + 'static {
         device: &str,
         platform: Platform,
     ) -> Result<StatusView, Error>;
-    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error>;
+    /// A device goes offline; with `unless_seen_within`, not if it was seen that recently
+    /// (through any gateway): a WebSocket's close grace.
+    async fn offline(
+        &self,
+        user: UserId,
+        device: &str,
+        unless_seen_within: Option<Duration>,
+    ) -> Result<(), Error>;
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
     async fn status(&self, user: UserId) -> Result<StatusView, Error>;
     /// One entry per distinct user, in request order.
@@ -187,6 +194,7 @@ impl Shard {
                     view,
                     changed_at: now,
                     subscriptions: None,
+                    snapshot: false,
                 });
             }
         }
@@ -575,9 +583,18 @@ impl Presence for Shard {
         .await
     }
 
-    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error> {
+    async fn offline(
+        &self,
+        user: UserId,
+        device: &str,
+        unless_seen_within: Option<Duration>,
+    ) -> Result<(), Error> {
         let rules = self.rules;
+        let window = unless_seen_within.map(|w| w.as_millis() as Millis);
         self.mutate(user, false, |st, now| match st {
+            Some(st) if window.is_some_and(|w| st.seen_within(device, w, now)) => {
+                Ok(((), Effect::default()))
+            }
             Some(st) => Ok(((), st.offline(device, now, &rules))),
             None => Ok(((), Effect::default())),
         })
@@ -733,6 +750,7 @@ impl Presence for Shard {
                     view,
                     changed_at: now,
                     subscriptions: Some(list.clone()),
+                    snapshot: false,
                 });
             }
         }
@@ -824,7 +842,7 @@ mod tests {
         let cancel = CancellationToken::new();
         tokio::spawn(s.clone().run_timers(cancel.clone()));
         s.online(3, "d", Platform::Pc).await.unwrap();
-        s.offline(3, "d").await.unwrap();
+        s.offline(3, "d", None).await.unwrap();
         assert_eq!(s.metrics.cached_users.get(), 1);
         tokio::time::sleep(Duration::from_millis(EVICT_DELAY as u64 + 200)).await;
         settle().await;

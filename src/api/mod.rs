@@ -261,7 +261,7 @@ async fn offline(
 ) -> Result<Response, Error> {
     let user = validate_user_id(req.user_id)?;
     let device = validate_device_id(&req.device_id)?;
-    s.presence.offline(user, &device).await?;
+    s.presence.offline(user, &device, None).await?;
     Ok(ok("下线成功", ()))
 }
 

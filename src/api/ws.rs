@@ -189,20 +189,40 @@ async fn run(
                 reason: Utf8Bytes::from_static(reason),
             }))
         };
+        // A write never outlives a cut-off: a client that does not read would otherwise hold
+        // the socket open forever once its TCP buffers are full.
+        let bounded = Duration::from_secs(10);
         loop {
+            // Biased: a cut-off wins over anything still queued, so its close frame is sent.
             let msg = tokio::select! {
+                biased;
                 _ = kill.cancelled() => {
-                    let _ = sink.send(close(CLOSE_POLICY, "slow consumer")).await;
+                    let _ = tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, "slow consumer"))).await;
                     break;
                 }
                 _ = stop_writer.cancelled() => {
-                    let _ = sink.send(close(CLOSE_POLICY, "rate limit exceeded")).await;
+                    let _ = tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, "rate limit exceeded"))).await;
                     break;
                 }
                 f = events.recv() => match f { Some(f) => Message::Text(f), None => break },
                 f = reply_rx.recv() => match f { Some(f) => Message::Text(f), None => break },
             };
-            if sink.send(msg).await.is_err() {
+            let sent = tokio::select! {
+                biased;
+                _ = kill.cancelled() => false,
+                _ = stop_writer.cancelled() => false,
+                r = sink.send(msg) => r.is_ok(),
+            };
+            if !sent {
+                if kill.is_cancelled() || stop_writer.is_cancelled() {
+                    let reason = if kill.is_cancelled() {
+                        "slow consumer"
+                    } else {
+                        "rate limit exceeded"
+                    };
+                    let _ =
+                        tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, reason))).await;
+                }
                 break;
             }
         }
@@ -244,6 +264,9 @@ async fn run(
         }
     }
     drop(reply_tx);
+    // The socket leaves the hub at once; the writer may still be getting a close frame out to
+    // a client that reads slowly.
+    let generation = hub.unregister(sock.id, &sock.device);
     let _ = writer.await;
     // Read on briefly, so the client gets our close frame before the connection goes (closing
     // with unread input would reset it and lose the frame).
@@ -255,14 +278,14 @@ async fn run(
         }
     })
     .await;
-    let generation = hub.unregister(sock.id, &sock.device);
     // Offline after the grace, unless the device came back meanwhile.
     let grace = s.limits.ws_close_grace;
     let (presence, device) = (s.presence.clone(), sock.device.clone());
     tokio::spawn(async move {
         tokio::time::sleep(grace).await;
         if hub.gone_since(user, &device, generation) {
-            if let Err(e) = presence.offline(user, &device).await {
+            // Not if the device reconnected meanwhile, here or through another gateway.
+            if let Err(e) = presence.offline(user, &device, Some(grace)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
         }

@@ -6,8 +6,9 @@
 //!   time over keep-alive connections and reports requests/s, errors and latency percentiles.
 //! - `fill`: puts `users x devices-per-user` devices online as fast as it can; with
 //!   `--server-pid` it reports the server's resident memory before and after, per device.
-//! - `compare`: livez, heartbeat, livez again in one process; reports
-//!   `heartbeat_rps / mean(livez_rps)`, the figure of issue 2.
+//! - `compare`: livez, heartbeat, livez again in one process (optionally several rounds); reports
+//!   `heartbeat_rps / mean(livez_rps before and after)`, the figure of issue 2, and the server's
+//!   CPU time per request of each (with `--server-pid`), which does not depend on the client.
 //! - `rss`: the resident memory of a process.
 //!
 //! Traffic only ever goes to a loopback address: any other target is refused.
@@ -59,7 +60,7 @@ enum Cmd {
     Http(HttpArgs),
     /// Put users x devices-per-user devices online as fast as possible.
     Fill(FillArgs),
-    /// livez, heartbeat, livez again: the heartbeat/livez throughput ratio.
+    /// livez, heartbeat, livez (x rounds): the heartbeat/livez throughput ratio.
     Compare(CompareArgs),
     /// Print the resident memory of a process (from /proc/<pid>/status).
     Rss {
@@ -119,12 +120,17 @@ struct FillArgs {
 struct CompareArgs {
     #[command(flatten)]
     common: Common,
-    /// Measured time of each of the three runs.
+    /// Measured time of each run. Keep warmup + duration well under the server's heartbeat
+    /// timeout (60s by default): users get no heartbeat during a livez run.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
     /// Load before each run, not counted.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
+    /// Heartbeat runs, each between two livez runs (livez, heartbeat, livez, heartbeat, ...).
+    /// The reported ratio is the median over rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -730,9 +736,14 @@ fn emit(format: Format, v: &Value) {
 fn flatten(prefix: &str, v: &Value, out: &mut String) {
     match v {
         Value::Object(m) => {
-            for (k, v) in m {
+            // The kind of result first, then the rest in key order.
+            let first = ["result", "mode"];
+            let keys = first.iter().copied().filter(|k| m.contains_key(*k));
+            let rest = m.keys().map(String::as_str).filter(|k| !first.contains(k));
+            for k in keys.chain(rest) {
+                let v = &m[k];
                 let key = if prefix.is_empty() {
-                    k.clone()
+                    k.to_owned()
                 } else {
                     format!("{prefix}.{k}")
                 };
@@ -831,10 +842,17 @@ async fn cmd_fill(format: Format, a: FillArgs) -> anyhow::Result<()> {
     let after = read_mem(pid)?;
     let before = before.expect("read above");
     let devices_after = online_devices(&target).await;
-    let added = match (devices_before, devices_after) {
-        (Some(b), Some(a)) => (a - b).max(0) as u64,
-        _ => r.devices,
-    };
+    // Every device put online stays in memory, online or (after the heartbeat timeout) resumable,
+    // so the denominator is what was put online; the gauge is a check that none timed out.
+    let added = r.devices;
+    if let (Some(b), Some(a)) = (devices_before, devices_after) {
+        if ((a - b).max(0) as u64) < added {
+            eprintln!(
+                "warning: only {} of {added} devices still online (the fill outlasted the heartbeat timeout?)",
+                a - b
+            );
+        }
+    }
     let per = |kb_after: u64, kb_before: u64| {
         round(
             (kb_after as f64 - kb_before as f64) * 1024.0 / added.max(1) as f64,
@@ -882,18 +900,36 @@ async fn cmd_compare(format: Format, a: CompareArgs) -> anyhow::Result<()> {
             a.common.users
         );
     }
-    let mut runs = Vec::new();
-    for mode in [Mode::Livez, Mode::Heartbeat, Mode::Livez] {
-        let r = run_closed_loop(&target, &a.common, mode, a.warmup, a.duration).await;
+    // livez, then (heartbeat, livez) x rounds: every heartbeat run sits between two livez runs.
+    let mut livez = Vec::new();
+    let mut heartbeat = Vec::new();
+    for round in 0..=a.rounds {
+        if round > 0 {
+            let r =
+                run_closed_loop(&target, &a.common, Mode::Heartbeat, a.warmup, a.duration).await;
+            emit(format, &r.to_json());
+            heartbeat.push(r);
+        }
+        let r = run_closed_loop(&target, &a.common, Mode::Livez, a.warmup, a.duration).await;
         emit(format, &r.to_json());
-        runs.push(r);
+        livez.push(r);
     }
-    let livez = (runs[0].rps() + runs[2].rps()) / 2.0;
-    let hb = runs[1].rps();
-    let cpu = |r: &RunResult| {
-        r.server_cpu_s
-            .map(|c| round(c * 1e6 / r.requests.max(1) as f64, 2))
+    let ratios: Vec<f64> = heartbeat
+        .iter()
+        .enumerate()
+        .map(|(i, h)| h.rps() / ((livez[i].rps() + livez[i + 1].rps()) / 2.0))
+        .collect();
+    let cpu = |r: &RunResult| r.server_cpu_s.map(|c| c * 1e6 / r.requests.max(1) as f64);
+    let cpu_hb: Option<Vec<f64>> = heartbeat.iter().map(cpu).collect();
+    let cpu_lz: Option<Vec<f64>> = livez.iter().map(cpu).collect();
+    let p99 = |rs: &[RunResult]| {
+        rs.iter()
+            .map(|r| r.hist.quantile(0.99) as f64 / 1000.0)
+            .collect::<Vec<_>>()
     };
+    let rps = |rs: &[RunResult]| rs.iter().map(|r| round(r.rps(), 1)).collect::<Vec<_>>();
+    let rounded = |v: &[f64], d| v.iter().map(|x| round(*x, d)).collect::<Vec<_>>();
+    let errors: u64 = livez.iter().chain(&heartbeat).map(|r| r.errors).sum();
     emit(
         format,
         &json!({
@@ -901,25 +937,41 @@ async fn cmd_compare(format: Format, a: CompareArgs) -> anyhow::Result<()> {
             "connections": a.common.connections,
             "users": a.common.users,
             "duration_s": a.duration.as_secs_f64(),
-            "livez_rps_1": round(runs[0].rps(), 1),
-            "heartbeat_rps": round(hb, 1),
-            "livez_rps_2": round(runs[2].rps(), 1),
-            "ratio_heartbeat_over_livez": round(hb / livez, 3),
-            "livez_p99_ms": [runs[0].hist.quantile(0.99) as f64 / 1000.0, runs[2].hist.quantile(0.99) as f64 / 1000.0],
-            "heartbeat_p99_ms": runs[1].hist.quantile(0.99) as f64 / 1000.0,
-            "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
+            "rounds": a.rounds,
+            "livez_rps": rps(&livez),
+            "heartbeat_rps": rps(&heartbeat),
+            "ratios": rounded(&ratios, 3),
+            "ratio_heartbeat_over_livez": round(median(&ratios), 3),
+            "livez_p99_ms": p99(&livez),
+            "heartbeat_p99_ms": p99(&heartbeat),
+            "errors": errors,
             "server_cpu_us_per_req": {
-                "livez_1": cpu(&runs[0]),
-                "heartbeat": cpu(&runs[1]),
-                "livez_2": cpu(&runs[2]),
+                "livez": cpu_lz.as_deref().map(|v| rounded(v, 2)),
+                "heartbeat": cpu_hb.as_deref().map(|v| rounded(v, 2)),
             },
+            // Client-independent: livez server CPU per request over heartbeat server CPU per request.
+            "server_cpu_ratio_livez_over_heartbeat": cpu_lz.as_deref().zip(cpu_hb.as_deref())
+                .map(|(l, h)| round(median(l) / median(h), 3)),
         }),
     );
-    let errors: u64 = runs.iter().map(|r| r.errors).sum();
     if errors > 0 {
         bail!("{errors} requests failed");
     }
     Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -987,7 +1039,12 @@ mod tests {
             h.record(Duration::from_micros(us));
         }
         assert_eq!(h.quantile(0.5), 500);
-        assert_eq!(h.quantile(0.99), 990);
+        // Above 512 µs a bucket spans 0.4%: the answer is the bucket's upper bound.
+        assert!(
+            (990..=994).contains(&h.quantile(0.99)),
+            "{}",
+            h.quantile(0.99)
+        );
         assert_eq!(h.quantile(1.0), 1000);
     }
 

@@ -281,13 +281,20 @@ impl Presence for Router {
         StatusView::try_from(reply)
     }
 
-    async fn offline(&self, user: UserId, device: &str) -> Result<(), Error> {
+    async fn offline(
+        &self,
+        user: UserId,
+        device: &str,
+        unless_seen_within: Option<Duration>,
+    ) -> Result<(), Error> {
         let device = device.to_owned();
+        let within = unless_seen_within.map_or(0, |d| d.as_millis() as u64);
         self.route(user, "Offline", |mut c, epoch| {
             let msg = v1::DeviceRequest {
                 epoch,
                 user_id: user,
                 device_id: device.clone(),
+                unless_seen_within_ms: within,
             };
             async move { c.offline(req(msg)).await }
         })

@@ -256,7 +256,9 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             async {
                 let user = self.user(r.user_id)?;
                 let device = validate_device_id(&r.device_id)?;
-                self.shard.offline(user, &device).await?;
+                let within = (r.unless_seen_within_ms > 0)
+                    .then(|| std::time::Duration::from_millis(r.unless_seen_within_ms));
+                self.shard.offline(user, &device, within).await?;
                 Ok(v1::Empty {})
             }
             .instrument(span)
@@ -493,6 +495,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                         view,
                         changed_at: now,
                         subscriptions: None,
+                        snapshot: true,
                     });
                     if tx.send(Ok(ev)).await.is_err() {
                         break;

@@ -44,6 +44,7 @@ pub fn to_wire(e: &Event) -> v1::Event {
         changed_at: e.changed_at,
         subscriptions_changed: e.subscriptions.is_some(),
         subscriptions: e.subscriptions.clone().unwrap_or_default(),
+        snapshot: e.snapshot,
     }
 }
 
@@ -173,6 +174,7 @@ mod tests {
             },
             changed_at: 1,
             subscriptions: None,
+            snapshot: false,
         }
     }
 

@@ -293,6 +293,9 @@ impl Hub {
             if sock.kill.is_cancelled() {
                 continue; // already cut off as a slow consumer
             }
+            if ev.snapshot && !sock.seen.contains_key(&target) {
+                continue; // a snapshot only catches up sockets that were sent this user before
+            }
             let seen = sock.seen.entry(target).or_insert(0);
             if version <= *seen {
                 continue;
@@ -366,6 +369,7 @@ mod tests {
             view: view(user, version, Status::Online),
             changed_at: 0,
             subscriptions: None,
+            snapshot: false,
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Event {
     /// When the change happened (Unix ms).
     pub changed_at: Millis,
     pub subscriptions: Option<Vec<UserId>>,
+    /// The current state sent when a gateway declares interest, not a change: it only catches
+    /// up sockets that were already sent an older state of the user.
+    pub snapshot: bool,
 }
 
 /// Where a shard sends events.

@@ -236,5 +236,6 @@ pub fn from_wire(e: v1::Event) -> Option<Event> {
         view,
         changed_at: e.changed_at,
         subscriptions,
+        snapshot: e.snapshot,
     })
 }
