@@ -149,10 +149,14 @@ impl From<tonic::Status> for Error {
             },
             Some("shard_unavailable") => Error::ShardUnavailable(after("shard unavailable: ")),
             Some("internal") => Error::Internal(after("internal error: ")),
+            // No reason of ours: the transport failed (a shard killed or shutting down mid-call
+            // shows as Unknown or Internal). Every peer call is safe to retry.
             _ => match s.code() {
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled => Error::ShardUnavailable(msg),
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Internal => Error::ShardUnavailable(msg),
                 _ => Error::Internal(format!("peer: {:?}: {msg}", s.code())),
             },
         }

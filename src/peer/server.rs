@@ -130,14 +130,23 @@ impl Ownership {
             self.observe("released", started, n);
             tracing::info!(partitions = n, users, took = ?started.elapsed(), "released partitions");
         }
-        // Gained: mark loading, wait for the previous owners if they are alive, then load.
+        // Gained: mark loading, wait for the previous owners if they are alive, then load. A
+        // shard that just started (its previous ring does not hold it) takes the previous owners
+        // from the ring of the other members, which is what everyone else was using.
+        let others;
+        let before: &Ring = if prev.members().contains(&self.me) {
+            &prev
+        } else {
+            others = Ring::new(next.members().iter().filter(|m| **m != self.me).cloned());
+            &others
+        };
         let mut gained = Vec::new();
         let mut wait = false;
         for p in 0..PARTITIONS {
             if mine[p as usize] && self.states[p as usize].load(Ordering::Acquire) == NONE {
                 self.states[p as usize].store(LOADING, Ordering::Release);
                 gained.push(p);
-                if let Some(owner) = prev.owner(p) {
+                if let Some(owner) = before.owner(p) {
                     wait |= owner != self.me && next.members().iter().any(|m| m == owner);
                 }
             }
