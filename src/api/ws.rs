@@ -58,6 +58,11 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
+        // Small buffers: presence frames are a few hundred bytes, and a gateway holds tens of
+        // thousands of sockets (the defaults are 128 KiB each way).
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_FRAME)
         .on_upgrade(move |socket| run(s, hub, user, device, platform, socket)))
 }
 

@@ -29,6 +29,9 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+#[path = "loadgen/sim.rs"]
+mod sim;
+
 const BASE: &str = "/api/v1/presence";
 const PLATFORMS: [&str; 4] = ["WEB", "IOS", "ANDROID", "PC"];
 
@@ -62,6 +65,10 @@ enum Cmd {
     Fill(FillArgs),
     /// livez, heartbeat, livez (x rounds): the heartbeat/livez throughput ratio.
     Compare(CompareArgs),
+    /// A population for the push path: N users x M devices heartbeating over WebSocket or
+    /// REST, K subscriptions each, status changes at a fixed rate; delivery delay,
+    /// delivered/expected and false offlines.
+    Sim(sim::SimArgs),
     /// Print the resident memory of a process (from /proc/<pid>/status).
     Rss {
         #[arg(long)]
@@ -994,6 +1001,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Http(a) => cmd_http(format, a).await,
             Cmd::Fill(a) => cmd_fill(format, a).await,
             Cmd::Compare(a) => cmd_compare(format, a).await,
+            Cmd::Sim(a) => sim::run(format, a).await,
             Cmd::Rss { .. } => unreachable!("handled above"),
         }
     })

@@ -72,32 +72,41 @@ struct Stats {
     heartbeats: AtomicU64,
     heartbeat_errors: AtomicU64,
     frames: AtomicU64,
+    presence_frames: AtomicU64,
     delivered: AtomicU64,
     false_offline: AtomicU64,
     closed: AtomicU64,
 }
 
-/// Change records: (user, version) → when the change was requested.
-type Sent = Arc<Mutex<HashMap<(u64, u64), Instant>>>;
+/// Change records: the change's unique custom text → when it was requested (recorded before
+/// the request, since its event may arrive before the answer).
+type Sent = Arc<Mutex<HashMap<String, Instant>>>;
 
 pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     if a.subscriptions >= a.users {
         bail!("--subscriptions must be below --users");
     }
-    let targets: Vec<Target> =
-        a.target.split(',').map(|t| Target::parse(t.trim())).collect::<anyhow::Result<_>>()?;
+    let targets: Vec<Target> = a
+        .target
+        .split(',')
+        .map(|t| Target::parse(t.trim()))
+        .collect::<anyhow::Result<_>>()?;
     let stats = Arc::new(Stats::default());
     let sent: Sent = Arc::new(Mutex::new(HashMap::new()));
     let hist = Arc::new(Mutex::new(Histogram::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
-    let mem_before = pids(&a.gateway_pids).iter().map(|p| read_mem(*p).map(|m| m.rss_kb).unwrap_or(0)).sum::<u64>();
+    let mem_before = pids(&a.gateway_pids)
+        .iter()
+        .map(|p| read_mem(*p).map(|m| m.rss_kb).unwrap_or(0))
+        .sum::<u64>();
 
     // 1. Devices come online: sockets (which bring them online) or REST /online.
     let setup = Instant::now();
     let total = a.users * a.devices;
     let mut tasks = Vec::new();
     let opened = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(a.connections.max(1)));
     for i in 0..total {
         let (u, d) = (a.first_user + i / a.devices, i % a.devices);
@@ -113,41 +122,54 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
             stop: stop.clone(),
             interval: a.interval,
             subscribe: (d == 0).then(|| {
-                (1..=a.subscriptions).map(|k| a.first_user + (u - a.first_user + k) % a.users).collect()
+                (1..=a.subscriptions)
+                    .map(|k| a.first_user + (u - a.first_user + k) % a.users)
+                    .collect()
             }),
         };
         let permit = sem.clone().acquire_owned().await?;
-        let opened = opened.clone();
-        match a.transport {
-            Transport::Ws => tasks.push(tokio::spawn(async move {
-                let r = ctx.socket(permit, opened).await;
-                if let Err(e) = &r {
-                    eprintln!("socket failed: {e:#}");
-                }
-            })),
-            Transport::Rest => tasks.push(tokio::spawn(async move {
-                let r = ctx.rest(permit, opened).await;
-                if let Err(e) = &r {
+        let done = opened.clone();
+        let fail = failed.clone();
+        let transport = a.transport;
+        tasks.push(tokio::spawn(async move {
+            let r = match transport {
+                Transport::Ws => ctx.socket(permit, done).await,
+                Transport::Rest => ctx.rest(permit, done).await,
+            };
+            if let Err(e) = &r {
+                if fail.fetch_add(1, Ordering::Relaxed) < 5 {
                     eprintln!("device failed: {e:#}");
                 }
-            })),
-        }
+            }
+        }));
         if i % 1000 == 999 {
-            eprint!("\rsetting up: {}/{total} devices", opened.load(Ordering::Relaxed));
+            eprint!(
+                "\rsetting up: {}/{total} devices",
+                opened.load(Ordering::Relaxed)
+            );
         }
     }
     // Wait until every device is set up (bounded).
     let until = Instant::now() + Duration::from_secs(600);
-    while opened.load(Ordering::Relaxed) < total {
+    while opened.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < total {
         if Instant::now() > until {
-            bail!("only {} of {total} devices set up", opened.load(Ordering::Relaxed));
+            bail!(
+                "only {} of {total} devices set up",
+                opened.load(Ordering::Relaxed)
+            );
         }
-        eprint!("\rsetting up: {}/{total} devices", opened.load(Ordering::Relaxed));
+        eprint!(
+            "\rsetting up: {}/{total} devices",
+            opened.load(Ordering::Relaxed)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let setup_took = setup.elapsed();
     eprintln!("\rset up {total} devices in {setup_took:?}");
-    let mem_after = pids(&a.gateway_pids).iter().map(|p| read_mem(*p).map(|m| m.rss_kb).unwrap_or(0)).sum::<u64>();
+    let mem_after = pids(&a.gateway_pids)
+        .iter()
+        .map(|p| read_mem(*p).map(|m| m.rss_kb).unwrap_or(0))
+        .sum::<u64>();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 2. Measure: the driver changes statuses; devices heartbeat; sockets count deliveries.
@@ -156,7 +178,14 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let hb0 = stats.heartbeats.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut changes = 0u64;
-    let mut conns: Vec<Conn> = targets.iter().cycle().take(8).cloned().map(Conn::new).collect();
+    let mut attempts = 0u64;
+    let mut conns: Vec<Conn> = targets
+        .iter()
+        .cycle()
+        .take(8)
+        .cloned()
+        .map(Conn::new)
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.changes.max(1) as f64));
     let mut last_progress = Instant::now();
     let mut rng = started.elapsed().as_nanos() as u64 | 1;
@@ -167,16 +196,14 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
         rng ^= rng << 17;
         let user = a.first_user + rng % a.users;
         let status = if changes % 2 == 0 { "BUSY" } else { "AWAY" };
-        let body = Bytes::from(json!({ "status": status, "customText": format!("c{changes}") }).to_string());
-        let conn = &mut conns[(changes % 8) as usize];
-        let at = Instant::now();
+        let text = format!("c{attempts}");
+        attempts += 1;
+        let body = Bytes::from(json!({ "status": status, "customText": text }).to_string());
+        let conn = &mut conns[(attempts % 8) as usize];
+        sent.lock().insert(text, Instant::now());
         let path = format!("{BASE}/status/{user}");
-        if let Ok((StatusCode::OK, bytes)) = conn.call(Method::PUT, &path, Some(body)).await {
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if let Some(version) = v["data"]["version"].as_u64() {
-                sent.lock().insert((user, version), at);
-                changes += 1;
-            }
+        if let Ok((StatusCode::OK, _)) = conn.call(Method::PUT, &path, Some(body)).await {
+            changes += 1;
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
@@ -202,12 +229,16 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let ids: Vec<u64> = (a.first_user..a.first_user + a.users).collect();
     for chunk in ids.chunks(1000) {
         let body = Bytes::from(json!({ "userIds": chunk }).to_string());
-        let (code, bytes) = conns[0].call(Method::POST, &format!("{BASE}/status/batch"), Some(body)).await?;
+        let (code, bytes) = conns[0]
+            .call(Method::POST, &format!("{BASE}/status/batch"), Some(body))
+            .await?;
         if code != StatusCode::OK {
             bail!("batch query answered {code}");
         }
         let v: Value = serde_json::from_slice(&bytes)?;
-        offline_at_end += v["data"].as_array().map_or(0, |es| es.iter().filter(|e| e["status"] == "OFFLINE").count() as u64);
+        offline_at_end += v["data"].as_array().map_or(0, |es| {
+            es.iter().filter(|e| e["status"] == "OFFLINE").count() as u64
+        });
     }
     stop.cancel();
     for t in tasks {
@@ -217,7 +248,11 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let expected = changes * a.subscriptions * a.devices;
     let delivered = stats.delivered.load(Ordering::Relaxed);
     let h = hist.lock().clone();
-    let sockets = if a.transport == Transport::Ws { total } else { 0 };
+    let sockets = if a.transport == Transport::Ws {
+        total
+    } else {
+        0
+    };
     let frames = stats.frames.load(Ordering::Relaxed) - frames0;
     let out = json!({
         "transport": format!("{:?}", a.transport).to_lowercase(),
@@ -231,6 +266,7 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
         "changes": changes,
         "changes_per_second": round(changes as f64 / elapsed, 1),
         "frames_per_second": round(frames as f64 / elapsed, 1),
+        "presence_frames_per_second": round(stats.presence_frames.load(Ordering::Relaxed) as f64 / elapsed, 1),
         "delivered": delivered,
         "expected": expected,
         "delivered_over_expected": if expected == 0 { 0.0 } else { round(delivered as f64 / expected as f64, 4) },
@@ -240,6 +276,7 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
         "delay_ms_max": round(h.max as f64 / 1000.0, 2),
         "false_offlines": stats.false_offline.load(Ordering::Relaxed) + offline_at_end,
         "sockets_closed_by_server": stats.closed.load(Ordering::Relaxed),
+        "devices_failed_to_connect": failed.load(Ordering::Relaxed),
         "gateway_rss_bytes_per_socket": if sockets == 0 || mem_after == 0 { 0.0 } else { round((mem_after.saturating_sub(mem_before)) as f64 * 1024.0 / sockets as f64, 1) },
     });
     emit(format, &out);
@@ -270,19 +307,27 @@ struct Device {
 
 impl Device {
     /// One WebSocket: subscribe (first device of a user), heartbeat on the interval, count frames.
-    async fn socket(self, permit: tokio::sync::OwnedSemaphorePermit, opened: Arc<AtomicU64>) -> anyhow::Result<()> {
+    async fn socket(
+        self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        opened: Arc<AtomicU64>,
+    ) -> anyhow::Result<()> {
         let url = format!(
             "ws://{}{BASE}/ws?userId={}&deviceId={}&platform=WEB",
             self.target.addr, self.user, self.device
         );
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.context("websocket connect")?;
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .context("websocket connect")?;
         let (mut tx, mut rx) = ws.split();
         if let Some(targets) = &self.subscribe {
             let m = json!({ "type": "subscribe", "id": "s", "targets": targets }).to_string();
             tx.send(Message::Text(m.into())).await?;
             // Wait for the reply so that measuring starts with everyone subscribed.
             loop {
-                let Some(msg) = rx.next().await else { bail!("closed before the subscribe reply") };
+                let Some(msg) = rx.next().await else {
+                    bail!("closed before the subscribe reply")
+                };
                 if let Message::Text(t) = msg? {
                     if t.as_str().contains("\"type\":\"reply\"") {
                         break;
@@ -293,7 +338,9 @@ impl Device {
         drop(permit);
         opened.fetch_add(1, Ordering::Relaxed);
         // Spread heartbeats over the interval.
-        let phase = Duration::from_millis(self.user.wrapping_mul(7919) % self.interval.as_millis().max(1) as u64);
+        let phase = Duration::from_millis(
+            self.user.wrapping_mul(7919) % self.interval.as_millis().max(1) as u64,
+        );
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + phase, self.interval);
         loop {
             tokio::select! {
@@ -325,11 +372,16 @@ impl Device {
         if !text.starts_with("{\"data\"") && !text.contains("\"type\":\"presence\"") {
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(text) else { return };
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            return;
+        };
         if v["type"] != "presence" {
             return;
         }
-        let (Some(user), Some(version)) = (v["data"]["userId"].as_u64(), v["data"]["version"].as_u64()) else {
+        if self.measuring.load(Ordering::Relaxed) {
+            self.stats.presence_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(user) = v["data"]["userId"].as_u64() else {
             return;
         };
         if v["data"]["status"] == "OFFLINE" {
@@ -338,7 +390,10 @@ impl Device {
         if !self.measuring.load(Ordering::Relaxed) || user == self.user {
             return;
         }
-        let at = self.sent.lock().get(&(user, version)).copied();
+        let Some(text) = v["data"]["customText"].as_str() else {
+            return;
+        };
+        let at = self.sent.lock().get(text).copied();
         if let Some(at) = at {
             self.hist.lock().record(at.elapsed());
             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -347,24 +402,41 @@ impl Device {
 
     /// One device over REST: online, subscribe (first device of a user), heartbeat on the
     /// interval. Deliveries are not observable over REST.
-    async fn rest(self, permit: tokio::sync::OwnedSemaphorePermit, opened: Arc<AtomicU64>) -> anyhow::Result<()> {
+    async fn rest(
+        self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        opened: Arc<AtomicU64>,
+    ) -> anyhow::Result<()> {
         let mut conn = Conn::new(self.target.clone());
-        let body = Bytes::from(json!({ "userId": self.user, "deviceId": self.device, "platform": "WEB" }).to_string());
-        let (code, _) = conn.call(Method::POST, &format!("{BASE}/online"), Some(body)).await?;
+        let body = Bytes::from(
+            json!({ "userId": self.user, "deviceId": self.device, "platform": "WEB" }).to_string(),
+        );
+        let (code, _) = conn
+            .call(Method::POST, &format!("{BASE}/online"), Some(body))
+            .await?;
         if code != StatusCode::OK {
             bail!("online answered {code}");
         }
         if let Some(targets) = &self.subscribe {
             let body = Bytes::from(json!({ "targets": targets, "mode": "replace" }).to_string());
-            conn.call(Method::PUT, &format!("{BASE}/subscriptions/{}", self.user), Some(body)).await?;
+            conn.call(
+                Method::PUT,
+                &format!("{BASE}/subscriptions/{}", self.user),
+                Some(body),
+            )
+            .await?;
         }
         drop(conn);
         drop(permit);
         opened.fetch_add(1, Ordering::Relaxed);
-        let phase = Duration::from_millis(self.user.wrapping_mul(7919) % self.interval.as_millis().max(1) as u64);
+        let phase = Duration::from_millis(
+            self.user.wrapping_mul(7919) % self.interval.as_millis().max(1) as u64,
+        );
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + phase, self.interval);
         let mut conn = Conn::new(self.target.clone());
-        let hb = Bytes::from(json!({ "userId": self.user, "deviceId": self.device, "active": true }).to_string());
+        let hb = Bytes::from(
+            json!({ "userId": self.user, "deviceId": self.device, "active": true }).to_string(),
+        );
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break,
