@@ -552,6 +552,41 @@ impl Shard {
         }
     }
 
+    /// `show` of each distinct user, in request order: from memory, else from the store (one
+    /// load for all the misses).
+    async fn gather<T>(
+        &self,
+        users: &[UserId],
+        show: impl Fn(&UserState, UserId, Millis, &Rules) -> T,
+    ) -> Result<Vec<T>, Error> {
+        let mut seen = hashbrown::HashSet::with_capacity(users.len());
+        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
+        let now = self.clock.now();
+        let mut out: Vec<Option<T>> = Vec::with_capacity(users.len());
+        let mut misses = Vec::new();
+        for (i, &user) in users.iter().enumerate() {
+            let hit = self
+                .stripe(user)
+                .lock()
+                .get(&user)
+                .map(|e| show(&e.state, user, now, &self.rules));
+            if hit.is_none() {
+                misses.push(i);
+            }
+            out.push(hit);
+        }
+        if !misses.is_empty() {
+            let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
+            for (&i, st) in misses.iter().zip(self.load(&ids).await?) {
+                out[i] = Some(show(&st.unwrap_or_default(), users[i], now, &self.rules));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|e| e.expect("every slot filled"))
+            .collect())
+    }
+
     /// The state of one user, from memory or else from the store.
     async fn state_of(&self, user: UserId) -> Result<UserState, Error> {
         if let Some(e) = self.stripe(user).lock().get(&user) {
@@ -627,36 +662,7 @@ impl Presence for Shard {
     }
 
     async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
-        let mut seen = hashbrown::HashSet::with_capacity(users.len());
-        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
-        let now = self.clock.now();
-        let mut out: Vec<Option<BatchEntry>> = Vec::with_capacity(users.len());
-        let mut misses = Vec::new();
-        for (i, &user) in users.iter().enumerate() {
-            let hit = self
-                .stripe(user)
-                .lock()
-                .get(&user)
-                .map(|e| e.state.batch_entry(user, now, &self.rules));
-            if hit.is_none() {
-                misses.push(i);
-            }
-            out.push(hit);
-        }
-        if !misses.is_empty() {
-            let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
-            let loaded = self.load(&ids).await?;
-            for (&i, st) in misses.iter().zip(loaded) {
-                out[i] = Some(
-                    st.unwrap_or_default()
-                        .batch_entry(users[i], now, &self.rules),
-                );
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|e| e.expect("every slot filled"))
-            .collect())
+        self.gather(users, UserState::batch_entry).await
     }
 
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
@@ -691,32 +697,7 @@ impl Presence for Shard {
     }
 
     async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error> {
-        let mut seen = hashbrown::HashSet::with_capacity(users.len());
-        let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
-        let now = self.clock.now();
-        let mut out: Vec<Option<StatusView>> = Vec::with_capacity(users.len());
-        let mut misses = Vec::new();
-        for (i, &user) in users.iter().enumerate() {
-            let hit = self
-                .stripe(user)
-                .lock()
-                .get(&user)
-                .map(|e| e.state.view(user, now, &self.rules));
-            if hit.is_none() {
-                misses.push(i);
-            }
-            out.push(hit);
-        }
-        if !misses.is_empty() {
-            let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
-            for (&i, st) in misses.iter().zip(self.load(&ids).await?) {
-                out[i] = Some(st.unwrap_or_default().view(users[i], now, &self.rules));
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|v| v.expect("every slot filled"))
-            .collect())
+        self.gather(users, UserState::view).await
     }
 
     async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {

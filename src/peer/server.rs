@@ -237,237 +237,183 @@ impl ShardService {
         self.own.check(user)?;
         Ok(user)
     }
+
+    /// One call: counted and timed, run in a span that continues the caller's trace.
+    async fn serve<Q, T, Fut>(
+        &self,
+        method: &'static str,
+        req: Request<Q>,
+        f: impl FnOnce(Q) -> Fut,
+    ) -> Reply<T>
+    where
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let t = self.timed(method);
+        let span = extract_trace(&req, method);
+        t.done(f(req.into_inner()).instrument(span).await)
+    }
+
+    /// Checks a batch of users: size, ids, ownership.
+    fn users(&self, ids: &[u64]) -> Result<(), Error> {
+        if ids.len() > MAX_BATCH {
+            return Err(Error::BadRequest(format!(
+                "at most {MAX_BATCH} users per call"
+            )));
+        }
+        ids.iter().try_for_each(|&u| self.user(u).map(|_| ()))
+    }
 }
 
 #[tonic::async_trait]
 impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn online(&self, req: Request<v1::OnlineRequest>) -> Reply<v1::StatusReply> {
-        let t = self.timed("Online");
-        let span = extract_trace(&req, "Online");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                let device = validate_device_id(&r.device_id)?;
-                let platform = proto::platform_from_i32(r.platform)?;
-                Ok(self.shard.online(user, &device, platform).await?.into())
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Online", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let device = validate_device_id(&r.device_id)?;
+            let platform = proto::platform_from_i32(r.platform)?;
+            Ok(self.shard.online(user, &device, platform).await?.into())
+        })
+        .await
     }
 
     async fn offline(&self, req: Request<v1::DeviceRequest>) -> Reply<v1::Empty> {
-        let t = self.timed("Offline");
-        let span = extract_trace(&req, "Offline");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                let device = validate_device_id(&r.device_id)?;
-                let within = (r.unless_seen_within_ms > 0)
-                    .then(|| std::time::Duration::from_millis(r.unless_seen_within_ms));
-                self.shard.offline(user, &device, within).await?;
-                Ok(v1::Empty {})
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Offline", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let device = validate_device_id(&r.device_id)?;
+            let within = (r.unless_seen_within_ms > 0)
+                .then(|| std::time::Duration::from_millis(r.unless_seen_within_ms));
+            self.shard.offline(user, &device, within).await?;
+            Ok(v1::Empty {})
+        })
+        .await
     }
 
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Reply<v1::Empty> {
-        let t = self.timed("Heartbeat");
-        let span = extract_trace(&req, "Heartbeat");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                let device = validate_device_id(&r.device_id)?;
-                self.shard.heartbeat(user, &device, r.active).await?;
-                Ok(v1::Empty {})
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Heartbeat", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let device = validate_device_id(&r.device_id)?;
+            self.shard.heartbeat(user, &device, r.active).await?;
+            Ok(v1::Empty {})
+        })
+        .await
     }
 
     async fn heartbeat_batch(
         &self,
         req: Request<v1::HeartbeatBatchRequest>,
     ) -> Reply<v1::HeartbeatBatchReply> {
-        let t = self.timed("HeartbeatBatch");
-        let span = extract_trace(&req, "HeartbeatBatch");
-        let r = req.into_inner();
-        t.done(
-            async {
-                if r.heartbeats.len() > MAX_BATCH {
-                    return Err(Error::BadRequest(format!(
-                        "at most {MAX_BATCH} heartbeats per call"
-                    )));
-                }
-                let mut codes = Vec::with_capacity(r.heartbeats.len());
-                for h in r.heartbeats {
-                    let res = async {
-                        let user = self.user(h.user_id)?;
-                        let device = validate_device_id(&h.device_id)?;
-                        self.shard.heartbeat(user, &device, h.active).await
-                    }
-                    .await;
-                    codes.push(match res {
-                        Ok(()) => 0,
-                        Err(e) => e.status().as_u16() as u32,
-                    });
-                }
-                Ok(v1::HeartbeatBatchReply { codes })
+        self.serve("HeartbeatBatch", req, |r| async move {
+            if r.heartbeats.len() > MAX_BATCH {
+                return Err(Error::BadRequest(format!(
+                    "at most {MAX_BATCH} heartbeats per call"
+                )));
             }
-            .instrument(span)
-            .await,
-        )
+            let mut codes = Vec::with_capacity(r.heartbeats.len());
+            for h in r.heartbeats {
+                let res = async {
+                    let user = self.user(h.user_id)?;
+                    let device = validate_device_id(&h.device_id)?;
+                    self.shard.heartbeat(user, &device, h.active).await
+                }
+                .await;
+                codes.push(match res {
+                    Ok(()) => 0,
+                    Err(e) => e.status().as_u16() as u32,
+                });
+            }
+            Ok(v1::HeartbeatBatchReply { codes })
+        })
+        .await
     }
 
     async fn status(&self, req: Request<v1::UserRequest>) -> Reply<v1::StatusReply> {
-        let t = self.timed("Status");
-        let span = extract_trace(&req, "Status");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                Ok(self.shard.status(user).await?.into())
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Status", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            Ok(self.shard.status(user).await?.into())
+        })
+        .await
     }
 
     async fn batch(&self, req: Request<v1::BatchRequest>) -> Reply<v1::BatchReply> {
-        let t = self.timed("Batch");
-        let span = extract_trace(&req, "Batch");
-        let r = req.into_inner();
-        t.done(
-            async {
-                if r.user_ids.len() > MAX_BATCH {
-                    return Err(Error::BadRequest(format!(
-                        "at most {MAX_BATCH} users per call"
-                    )));
-                }
-                for &u in &r.user_ids {
-                    self.user(u)?;
-                }
-                let entries = self.shard.batch(&r.user_ids).await?;
-                Ok(v1::BatchReply {
-                    entries: entries.into_iter().map(Into::into).collect(),
-                })
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Batch", req, |r| async move {
+            self.users(&r.user_ids)?;
+            let entries = self.shard.batch(&r.user_ids).await?;
+            Ok(v1::BatchReply {
+                entries: entries.into_iter().map(Into::into).collect(),
+            })
+        })
+        .await
     }
 
     async fn set_status(&self, req: Request<v1::SetStatusRequest>) -> Reply<v1::StatusReply> {
-        let t = self.timed("SetStatus");
-        let span = extract_trace(&req, "SetStatus");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                let settings = proto::settings_from(&r)?;
-                Ok(self.shard.set_status(user, settings).await?.into())
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("SetStatus", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let settings = proto::settings_from(&r)?;
+            Ok(self.shard.set_status(user, settings).await?.into())
+        })
+        .await
     }
 
     async fn clear_status(&self, req: Request<v1::UserRequest>) -> Reply<v1::StatusReply> {
-        let t = self.timed("ClearStatus");
-        let span = extract_trace(&req, "ClearStatus");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                Ok(self.shard.clear_status(user).await?.into())
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("ClearStatus", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            Ok(self.shard.clear_status(user).await?.into())
+        })
+        .await
     }
 
-    async fn health(&self, _req: Request<v1::HealthRequest>) -> Reply<v1::HealthReply> {
-        let t = self.timed("Health");
-        let serving = self.own.serving() && self.shard.healthy().await;
-        t.done(Ok(v1::HealthReply {
-            serving,
-            epoch: self.own.epoch(),
-            owned_partitions: self.own.owned_count() as u32,
-        }))
+    async fn health(&self, req: Request<v1::HealthRequest>) -> Reply<v1::HealthReply> {
+        self.serve("Health", req, |_| async move {
+            Ok(v1::HealthReply {
+                serving: self.own.serving() && self.shard.healthy().await,
+                epoch: self.own.epoch(),
+                owned_partitions: self.own.owned_count() as u32,
+            })
+        })
+        .await
     }
 
     async fn views(&self, req: Request<v1::BatchRequest>) -> Reply<v1::ViewsReply> {
-        let t = self.timed("Views");
-        let span = extract_trace(&req, "Views");
-        let r = req.into_inner();
-        t.done(
-            async {
-                if r.user_ids.len() > MAX_BATCH {
-                    return Err(Error::BadRequest(format!(
-                        "at most {MAX_BATCH} users per call"
-                    )));
-                }
-                for &u in &r.user_ids {
-                    self.user(u)?;
-                }
-                let views = self.shard.views(&r.user_ids).await?;
-                Ok(v1::ViewsReply {
-                    views: views.into_iter().map(Into::into).collect(),
-                })
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Views", req, |r| async move {
+            self.users(&r.user_ids)?;
+            let views = self.shard.views(&r.user_ids).await?;
+            Ok(v1::ViewsReply {
+                views: views.into_iter().map(Into::into).collect(),
+            })
+        })
+        .await
     }
 
     async fn subscriptions(&self, req: Request<v1::UserRequest>) -> Reply<v1::SubscriptionsReply> {
-        let t = self.timed("Subscriptions");
-        let span = extract_trace(&req, "Subscriptions");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                Ok(v1::SubscriptionsReply {
-                    targets: self.shard.subscriptions(user).await?,
-                })
-            }
-            .instrument(span)
-            .await,
-        )
+        self.serve("Subscriptions", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            Ok(v1::SubscriptionsReply {
+                targets: self.shard.subscriptions(user).await?,
+            })
+        })
+        .await
     }
 
     async fn subscribe(&self, req: Request<v1::SubscribeRequest>) -> Reply<v1::SubscriptionsReply> {
-        let t = self.timed("Subscribe");
-        let span = extract_trace(&req, "Subscribe");
-        let r = req.into_inner();
-        t.done(
-            async {
-                let user = self.user(r.user_id)?;
-                let mode = match r.mode.as_str() {
-                    "add" => SubscriptionMode::Add,
-                    "remove" => SubscriptionMode::Remove,
-                    "replace" => SubscriptionMode::Replace,
-                    _ => {
-                        return Err(Error::BadRequest(
-                            "mode must be add, remove or replace".into(),
-                        ))
-                    }
-                };
-                for &u in &r.targets {
-                    validate_user_id(u)?;
+        self.serve("Subscribe", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let mode = match r.mode.as_str() {
+                "add" => SubscriptionMode::Add,
+                "remove" => SubscriptionMode::Remove,
+                "replace" => SubscriptionMode::Replace,
+                _ => {
+                    return Err(Error::BadRequest(
+                        "mode must be add, remove or replace".into(),
+                    ))
                 }
-                let targets = self.shard.subscribe(user, mode, &r.targets).await?;
-                Ok(v1::SubscriptionsReply { targets })
+            };
+            for &u in &r.targets {
+                validate_user_id(u)?;
             }
-            .instrument(span)
-            .await,
-        )
+            let targets = self.shard.subscribe(user, mode, &r.targets).await?;
+            Ok(v1::SubscriptionsReply { targets })
+        })
+        .await
     }
 
     type EventsStream = Pin<Box<dyn futures::Stream<Item = StreamItem> + Send + 'static>>;
