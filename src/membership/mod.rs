@@ -72,8 +72,8 @@ pub trait Probe: Send + Sync + 'static {
     async fn probe(&self, addr: &str) -> bool;
 }
 
-/// A fixed list of shards, each health-checked every `interval`. A shard leaves after
-/// `fall` failed checks in a row and rejoins after `rise` good ones.
+/// A fixed list of shards, each health-checked every `interval`. Every shard starts as a member;
+/// it leaves after `fall` failed checks in a row and rejoins after `rise` good ones.
 pub struct StaticDiscovery {
     shards: Vec<String>,
     probe: Arc<dyn Probe>,
@@ -101,7 +101,10 @@ impl Discovery for StaticDiscovery {
         let mut state: BTreeMap<String, (bool, u32)> = self
             .shards
             .iter()
-            .map(|s| (s.clone(), (false, 0)))
+            // Every listed shard counts as up until `fall` checks in a row fail: a node that
+            // just started must not see a partial member set (it would take partitions that
+            // live peers own).
+            .map(|s| (s.clone(), (true, 0)))
             .collect();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -90,6 +90,13 @@ impl Ownership {
         grace: Duration,
         cancel: CancellationToken,
     ) {
+        // A shard that just started takes nothing for a grace: its view of the members is young
+        // (health checks of its peers may not all have answered), and a partition taken on a
+        // partial view would have two owners until the view is complete.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(grace) => {}
+        }
         loop {
             let next = ring.borrow_and_update().clone();
             if self.serving() {
