@@ -164,7 +164,7 @@ async fn run(
         last_heartbeat: Instant::now(),
     };
     let subscriptions = s.presence.subscriptions(user).await.unwrap_or_default();
-    hub.set_subscriptions(user, &subscriptions);
+    hub.set_subscriptions(user, &subscriptions, false);
 
     let (mut sink, mut stream) = socket.split();
     let welcome = json!({
@@ -386,7 +386,7 @@ impl Socket {
                 let targets = targets_of(msg.targets.as_deref().unwrap_or(&[]), max)?;
                 let mode = if kind == "subscribe" { SubscriptionMode::Add } else { SubscriptionMode::Remove };
                 let list = p.subscribe(self.user, mode, &targets).await?;
-                self.hub.set_subscriptions(self.user, &list);
+                self.hub.set_subscriptions(self.user, &list, true);
                 let statuses = if kind == "subscribe" {
                     let views = p.views(&targets).await?;
                     self.hub.fresh(self.id, views.clone());

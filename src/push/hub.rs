@@ -192,12 +192,15 @@ impl Hub {
         }
     }
 
-    /// Installs the full subscription list of `user` (when the user has a socket here).
-    pub fn set_subscriptions(&self, user: UserId, targets: &[UserId]) {
+    /// Installs the full subscription list of `user` (when the user has a socket here). With
+    /// `catch_up` (a change, not the list loaded when a socket connects), the user's sockets
+    /// want the current state of each added target, so an interest snapshot reaches them: a
+    /// device learns the state of a target another device just subscribed to.
+    pub fn set_subscriptions(&self, user: UserId, targets: &[UserId], catch_up: bool) {
         let mut st = self.state.lock();
-        if !st.by_user.contains_key(&user) {
+        let Some(ids) = st.by_user.get(&user).cloned() else {
             return;
-        }
+        };
         let next: HashSet<UserId> = targets.iter().copied().collect();
         let old = st.subs.insert(user, next.clone()).unwrap_or_default();
         let mut delta = InterestDelta::default();
@@ -207,6 +210,13 @@ impl Hub {
                 delta.add.push(t);
             }
             w.insert(user);
+            if catch_up {
+                for id in &ids {
+                    if let Some(sock) = st.socks.get_mut(id) {
+                        sock.seen.entry(t).or_insert(0);
+                    }
+                }
+            }
         }
         for &t in old.difference(&next) {
             if t != user {
@@ -270,7 +280,7 @@ impl Hub {
     /// A subscription change updates what this gateway listens to for that user.
     pub fn deliver(&self, ev: &Event) {
         if let Some(list) = &ev.subscriptions {
-            self.set_subscriptions(ev.view.user_id, list);
+            self.set_subscriptions(ev.view.user_id, list, true);
             return;
         }
         let target = ev.view.user_id;
@@ -385,7 +395,7 @@ mod tests {
             vec![1],
             "a user listens to itself"
         );
-        hub.set_subscriptions(1, &[10, 11]);
+        hub.set_subscriptions(1, &[10, 11], false);
         let mut d = interest.recv().await.unwrap();
         d.add.sort();
         assert_eq!(d.add, vec![10, 11]);
@@ -420,12 +430,31 @@ mod tests {
     async fn a_slow_consumer_is_cut_off_not_buffered() {
         let hub = Hub::new(Arc::new(Metrics::new()), 2);
         let a = hub.register(1, "d");
-        hub.set_subscriptions(1, &[10]);
+        hub.set_subscriptions(1, &[10], false);
         for v in 1..=5 {
             hub.deliver(&ev(10, v));
         }
         assert!(a.kill.is_cancelled());
         assert_eq!(hub.metrics.ws_slow_consumers.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn snapshots_only_catch_up_sockets_that_want_them() {
+        let hub = Hub::new(Arc::new(Metrics::new()), 8);
+        let mut a = hub.register(1, "d");
+        hub.set_subscriptions(1, &[10], false); // loaded at connect
+        let snap = |u, v| Event {
+            snapshot: true,
+            ..ev(u, v)
+        };
+        hub.deliver(&snap(10, 3)); // a fresh socket waits for its own resume
+        assert!(a.rx.try_recv().is_err());
+        // Another device subscribes to 11: this socket wants 11's current state.
+        hub.set_subscriptions(1, &[10, 11], true);
+        hub.deliver(&snap(11, 2));
+        assert!(a.rx.try_recv().unwrap().as_str().contains("\"version\":2"));
+        hub.deliver(&ev(10, 4)); // changes always go through
+        assert!(a.rx.try_recv().unwrap().as_str().contains("\"version\":4"));
     }
 
     #[test]
