@@ -4,7 +4,9 @@
 #
 # Usage: scripts/bench.sh [PORT]        (default port 18080; only ever talks to 127.0.0.1)
 # Env:   SKIP_BUILD=1 to reuse target/release; SKIP_WRK=1 to skip the wrk cross-check;
+#        MEMORY_ONLY=1 to run only the two memory fills; BIN_DIR (default ./target/release);
 #        USERS, CONNECTIONS, DURATION, ROUNDS for the throughput runs (defaults 10000, 64, 10s, 3).
+# The Redis Cluster, sharded-cluster and push benchmarks are in scripts/bench-cluster.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +16,9 @@ USERS="${USERS:-10000}"
 CONNECTIONS="${CONNECTIONS:-64}"
 DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-3}"
-SERVER=./target/release/presence-service
-LOADGEN=./target/release/presence-loadgen
+BIN_DIR="${BIN_DIR:-./target/release}"
+SERVER="$BIN_DIR/presence-service"
+LOADGEN="$BIN_DIR/presence-loadgen"
 PID=
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
@@ -44,9 +47,10 @@ start_server() {
 }
 
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "# commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "# commit:  $(cat "$BIN_DIR/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "# load:    $(cat /proc/loadavg)"
 
+if [[ -z "${MEMORY_ONLY:-}" ]]; then
 echo "## throughput: livez, then (heartbeat, livez) x ROUNDS (presence-loadgen compare)"
 start_server
 "$LOADGEN" compare --target "$TARGET" --users "$USERS" --connections "$CONNECTIONS" \
@@ -58,6 +62,7 @@ if [[ -z "${SKIP_WRK:-}" ]] && command -v wrk >/dev/null; then
   USERS="$USERS" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency -s docs/wrk-heartbeat.lua "$TARGET" \
     | grep -iE 'requests/sec|99%|non-2xx|socket errors'
   wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "${TARGET}/livez" | grep -iE 'requests/sec|99%|non-2xx|socket errors'
+fi
 fi
 
 echo "## memory: 1,000,000 users x 1 device"

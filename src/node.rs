@@ -248,7 +248,9 @@ impl Node {
                 fanout,
             };
             let stop = grpc_stop.clone();
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+            // No Nagle: events and replies are small and must not wait for more bytes.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
             grpc_task = Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(PresenceShardServer::new(service))
@@ -271,7 +273,13 @@ impl Node {
         tracing::info!("ready");
         let drain = shutdown.clone();
         let ready_flag = ready.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .with_graceful_shutdown(async move {
             drain.cancelled().await;
             ready_flag.store(false, Ordering::Relaxed);
         });

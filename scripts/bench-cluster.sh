@@ -1,0 +1,437 @@
+#!/usr/bin/env bash
+# The benchmarks of issues 3, 4 and 5 in docs/benchmarks.md, each in one run on one machine.
+#
+#   scripts/bench-cluster.sh redis     # issue 3: heartbeats/s with the Redis store vs redis-benchmark
+#                                      #          SET on one master; Redis commands per heartbeat
+#   scripts/bench-cluster.sh cluster   # issue 4: all-in-one vs gateway -> 1 shard vs gateway -> 3 shards
+#   scripts/bench-cluster.sh push      # issue 5: WebSockets with 50 subscriptions each, all-in-one
+#                                      #          (embedded store) and 2 gateways + 3 shards on Redis
+#   scripts/bench-cluster.sh all       # the three, one after the other
+#
+# It starts its own Redis Cluster (scripts/redis-cluster.sh, ports REDIS_BASE_PORT..+5) and every
+# service process on 127.0.0.1 ports PORT_BASE+10..PORT_BASE+42, and stops all of them (by PID)
+# when it ends. Raw logs and loadgen output (JSON lines) go to OUT.
+#
+# Env: SKIP_BUILD=1          reuse the binaries in BIN_DIR (default target/release)
+#      REDIS_BASE_PORT       default 7700            REDIS_DIR   default .tmp/rc-bench
+#      PORT_BASE             default 18100           OUT         default .tmp/bench-out
+#      issue 3: HB_USERS (10000), HB_ROUNDS (3), RB_REQUESTS (300000), CMD_USERS (20000),
+#               REFRESH_RUN=0 to skip the PRESENCE_REDIS_REFRESH=20s run
+#      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s)
+#      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
+#               most one process can hold under `ulimit -Hn`), PUSH_SUBS (50), PUSH_CHANGES (100),
+#               PUSH_DURATION (60s), PUSH_PARTS (aio,cluster), PUSH_CLUSTER_ENV (extra settings of
+#               the cluster's processes, e.g. "PRESENCE_REDIS_MIN_REPLICAS=0")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+
+WHAT="${1:-all}"
+BIN_DIR="${BIN_DIR:-target/release}"
+SERVER="$BIN_DIR/presence-service"
+LOADGEN="$BIN_DIR/presence-loadgen"
+REDIS_BASE_PORT="${REDIS_BASE_PORT:-7700}"
+REDIS_DIR="${REDIS_DIR:-$REPO/.tmp/rc-bench}"
+PORT_BASE="${PORT_BASE:-18100}"
+OUT="${OUT:-$REPO/.tmp/bench-out}"
+mkdir -p "$OUT"
+
+# 20,000 sockets need more descriptors than the usual 1024 on both sides.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE="$(ulimit -n)"
+
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+  cargo build --release --bins
+fi
+
+declare -A PROC=()   # name -> pid of every service process we started
+REDIS_STARTED=
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+stop_proc() {
+  local name="$1" pid="${PROC[$1]:-}"
+  [[ -n "$pid" ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "PROC[$name]"
+}
+
+stop_all() {
+  local n
+  for n in "${!PROC[@]}"; do stop_proc "$n"; done
+}
+
+cleanup() {
+  stop_all
+  for p in "${LOADGEN_PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  if [[ -n "$REDIS_STARTED" ]]; then
+    PRESENCE_REDIS_BASE_PORT="$REDIS_BASE_PORT" PRESENCE_REDIS_DIR="$REDIS_DIR" \
+      bash scripts/redis-cluster.sh down >/dev/null 2>&1 || true
+  fi
+}
+LOADGEN_PIDS=()
+trap cleanup EXIT
+
+# start NAME VAR=value...: a service process with those settings, logging to OUT/NAME.log.
+start() {
+  local name="$1"; shift
+  env RUST_LOG=warn "$@" "$SERVER" >"$OUT/$name.log" 2>&1 &
+  PROC[$name]=$!
+}
+
+wait_ready() { # URL [seconds]
+  local url="$1" secs="${2:-60}"
+  for _ in $(seq 1 $((secs * 10))); do
+    curl -fsS "$url/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  die "$url not ready after ${secs}s"
+}
+
+metric() { # URL NAME: sum of the samples of a metric (all label sets)
+  curl -fsS "$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%.0f\n", s }'
+}
+
+cpu_ticks() { # PID...: utime + stime of the processes, in clock ticks
+  local t=0 p f
+  for p in "$@"; do
+    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+    f="${f##*) }"
+    set -- $f
+    t=$((t + ${12} + ${13}))
+  done
+  echo "$t"
+}
+
+rss_kb() { # PID...: summed VmRSS
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status"))); done
+  echo "$t"
+}
+
+header() {
+  echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+  # BIN_DIR/COMMIT, when present, names the commit a copy of the binaries was built from.
+  echo "# commit:  $(cat "$BIN_DIR/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), binaries built $(date -u -r "$SERVER" +%H:%M:%SZ), run $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "# load:    $(cat /proc/loadavg)   nofile: $NOFILE   redis: $(redis-server --version | cut -d' ' -f3)"
+}
+
+# ------------------------------------------------------------------------------------ Redis
+
+SEEDS=
+MASTERS=()
+redis_up() {
+  [[ -n "$SEEDS" ]] && return 0
+  SEEDS="$(PRESENCE_REDIS_BASE_PORT="$REDIS_BASE_PORT" PRESENCE_REDIS_DIR="$REDIS_DIR" \
+    bash scripts/redis-cluster.sh up | tail -n1)"
+  REDIS_STARTED=1
+  mapfile -t MASTERS < <(redis-cli -p "$REDIS_BASE_PORT" cluster nodes |
+    awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "[:@]"); print a[2] }' | sort -n)
+  [[ ${#MASTERS[@]} -eq 3 ]] || die "expected 3 masters, got: ${MASTERS[*]}"
+  echo "# redis cluster: $SEEDS (masters ${MASTERS[*]})"
+}
+
+redis_flush() {
+  local m
+  for m in "${MASTERS[@]}"; do redis-cli -p "$m" flushall >/dev/null; done
+  # the replicas follow; give them a moment so a WAIT does not see an old backlog
+  sleep 0.5
+}
+
+redis_resetstat() {
+  local m
+  for m in "${MASTERS[@]}"; do redis-cli -p "$m" config resetstat >/dev/null; done
+}
+
+# cmdstat_<name> calls summed over the masters, one "name calls" line each.
+redis_cmdstats() {
+  local m
+  for m in "${MASTERS[@]}"; do redis-cli -p "$m" info commandstats; done | tr -d '\r' |
+    awk -F'[:=,]' '/^cmdstat_/ { sub("cmdstat_", "", $1); c[$1] += $3 } END { for (k in c) print k, c[k] }' |
+    sort
+}
+
+# Health, connection and replication commands (REPLCONF ACK: each replica, once a second), not
+# counted as work.
+HEALTH_RE='^(cluster|ping|info|config|command|client|hello|readonly|auth|select|replconf|psync|sync)(\||$)'
+
+# ------------------------------------------------------------------------------------ issue 3
+
+# One heartbeat-rate phase: the sim over REST with USERS devices at the default 30 s interval.
+# Resets the command statistics of every master as soon as the sim has set everyone up, reads
+# them and the server's counters exactly MEASURE seconds later (inside the sim's measured window).
+commands_per_heartbeat() { # LABEL PID URL USERS
+  local label="$1" pid="$2" url="$3" users="$4" measure=61
+  local err="$OUT/$label.sim.err" res="$OUT/$label.sim.json"
+  rm -f "$err" "$res"   # the wait below must not see a previous run's 'set up'
+  "$LOADGEN" --format json sim --transport rest --target "$url" --users "$users" --devices 1 \
+    --subscriptions 1 --interval 30s --duration 60s --changes 0 >"$res" 2>"$err" &
+  local lg=$!
+  LOADGEN_PIDS+=("$lg")
+  until grep -q 'set up' "$err" 2>/dev/null; do
+    kill -0 "$lg" 2>/dev/null || { cat "$err" >&2; die "sim ended before set-up"; }
+    sleep 0.02
+  done
+  redis_resetstat
+  local t0 hb0 st0 ch0
+  t0="$(date +%s.%N)"
+  hb0="$(metric "$url" 'presence_heartbeats_total')"
+  ch0="$(curl -fsS "$url/metrics" | awk '/^presence_http_requests_total\{/ && /route="\/api\/v1\/presence\/status\/\{userId\}"/ && /method="PUT"/ { s += $NF } END { print s + 0 }')"
+  st0="$(curl -fsS "$url/metrics" | grep '^presence_redis_commands_total' || true)"
+  sleep "$(echo "$t0 + $measure - $(date +%s.%N)" | bc)"
+  local stats hb1 ch1 st1 secs
+  stats="$(redis_cmdstats)"
+  secs="$(echo "$(date +%s.%N) - $t0" | bc)"
+  hb1="$(metric "$url" 'presence_heartbeats_total')"
+  ch1="$(curl -fsS "$url/metrics" | awk '/^presence_http_requests_total\{/ && /route="\/api\/v1\/presence\/status\/\{userId\}"/ && /method="PUT"/ { s += $NF } END { print s + 0 }')"
+  st1="$(curl -fsS "$url/metrics" | grep '^presence_redis_commands_total' || true)"
+  wait "$lg" || die "sim failed: $(tail -3 "$err")"
+  echo "loadgen: $(cat "$res")"
+  echo "window: ${secs}s after set-up; heartbeats (server counter) $((hb1 - hb0)); status changes (PUT /status) $((ch1 - ch0))"
+  echo "redis commands on the masters in the window (cmdstat calls; EVAL also counts the commands its script calls):"
+  echo "$stats" | sed 's/^/    /'
+  echo "server's presence_redis_commands_total by op, before -> after:"
+  paste <(echo "$st0") <(echo "$st1") | sed 's/^/    /'
+  local work evals waits refresh hb=$((hb1 - hb0))
+  work="$(echo "$stats" | awk -v re="$HEALTH_RE" '$1 !~ re { s += $2 } END { print s + 0 }')"
+  evals="$(echo "$stats" | awk '$1 == "eval" || $1 == "evalsha" { s += $2 } END { print s + 0 }')"
+  waits="$(echo "$stats" | awk '$1 == "wait" { s += $2 } END { print s + 0 }')"
+  refresh=$(($(echo "$st1" | awk -F'[ ]' '/op="refresh"/ { print $2 }') + 0 - $(echo "$st0" | awk -F'[ ]' '/op="refresh"/ { print $2 }') - 0))
+  echo "result=$label heartbeats=$hb changes=$((ch1 - ch0)) redis_commands=$work" \
+    "commands_per_heartbeat=$(echo "scale=4; $work / $hb" | bc)" \
+    "top_level_commands=$((evals + waits + refresh))" \
+    "top_level_per_heartbeat=$(echo "scale=4; ($evals + $waits + $refresh) / $hb" | bc)" \
+    "refresh_pexpire=$refresh refresh_per_heartbeat=$(echo "scale=4; $refresh / $hb" | bc)"
+}
+
+bench_redis() {
+  echo "## issue 3: Redis Cluster store"
+  redis_up
+  local url="http://127.0.0.1:$((PORT_BASE + 10))" users="${HB_USERS:-10000}" rounds="${HB_ROUNDS:-3}"
+  local n="${RB_REQUESTS:-300000}" m0="${MASTERS[0]}" tag r
+  # A hash tag whose slot the first master serves, so that every key of redis-benchmark's
+  # SET lands on that one node (a plain `-t set -r N` gets MOVED for 2/3 of its keys).
+  for tag in a b c d e f g h i j k l m n o p q r s t u v w x y z; do
+    local slot; slot="$(redis-cli -p "$m0" cluster keyslot "{$tag}")"
+    redis-cli -p "$m0" cluster nodes | awk -v s="$slot" '/myself/ { for (i = 9; i <= NF; i++) { split($i, r, "-"); if (r[2] == "") r[2] = r[1]; if (s >= r[1] && s <= r[2]) f = 1 } } END { exit !f }' && break
+  done
+  echo "# redis-benchmark key: key:{$tag}:__rand_int__ (slot $(redis-cli -p "$m0" cluster keyslot "{$tag}"), master $m0)"
+
+  echo "### (a) heartbeats/s through the service (all role, Redis store) vs redis-benchmark SET"
+  redis_flush
+  start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS"
+  wait_ready "$url"
+  local pid="${PROC[all]}"
+  rb() {
+    redis-benchmark -h 127.0.0.1 -p "$m0" -n "$n" -c 50 -P 1 -r "$users" -q \
+      SET "key:{$tag}:__rand_int__" xxx 2>/dev/null | tr '\r' '\n' | grep 'requests per second' | tail -n1 |
+      sed "s/^/redis-benchmark SET (port $m0, -c 50 -P 1 -r $users, -n $n): /"
+  }
+  # puts the users online, and warms up
+  "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections 64 \
+    --duration 5s --server-pid "$pid" 2>/dev/null | sed 's/^/warm-up: /'
+  rb
+  for r in $(seq 1 "$rounds"); do
+    redis_resetstat
+    "$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
+      --connections 64 --duration 10s --server-pid "$pid" 2>/dev/null | sed "s/^/heartbeat $r: /"
+    echo "redis commands during heartbeat run $r (masters, health excluded): $(redis_cmdstats | awk -v re="$HEALTH_RE" '$1 !~ re { s += $2; l = l " " $1 "=" $2 } END { print s + 0 " (" l " )" }')"
+    rb
+  done
+  stop_proc all
+
+  echo "### (b) Redis commands per heartbeat: ${CMD_USERS:-20000} devices over REST, 30 s interval, 60 s timeout, 60 s"
+  redis_flush
+  start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS"
+  wait_ready "$url"
+  commands_per_heartbeat cmds-default "${PROC[all]}" "$url" "${CMD_USERS:-20000}"
+  stop_proc all
+
+  if [[ "${REFRESH_RUN:-1}" != 0 ]]; then
+    echo "### (c) the same with PRESENCE_REDIS_REFRESH=20s (write-behind refresh 30x as often as the default 10m)"
+    redis_flush
+    start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS" PRESENCE_REDIS_REFRESH=20s
+    wait_ready "$url"
+    commands_per_heartbeat cmds-refresh20s "${PROC[all]}" "$url" "${CMD_USERS:-20000}"
+    stop_proc all
+  fi
+}
+
+# ------------------------------------------------------------------------------------ issue 4
+
+# Ports: all-in-one +10; gateways +41, +42; shard i (1..3): HTTP +20+i, gRPC +30+i.
+start_cluster() { # SHARDS GATEWAYS [VAR=value...]
+  local shards="$1" gateways="$2" i list=""
+  shift 2
+  for ((i = 1; i <= shards; i++)); do list+="${list:+,}127.0.0.1:$((PORT_BASE + 30 + i))"; done
+  for ((i = 1; i <= shards; i++)); do
+    start "shard$i" PRESENCE_ROLE=shard PRESENCE_REDIS_URL="$SEEDS" PRESENCE_SHARDS="$list" \
+      PRESENCE_ADVERTISE="127.0.0.1:$((PORT_BASE + 30 + i))" PRESENCE_GRPC_LISTEN="127.0.0.1:$((PORT_BASE + 30 + i))" \
+      PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 20 + i))" "$@"
+  done
+  for ((i = 1; i <= gateways; i++)); do
+    start "gw$i" PRESENCE_ROLE=gateway PRESENCE_SHARDS="$list" PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 40 + i))" "$@"
+  done
+  for ((i = 1; i <= shards; i++)); do wait_ready "http://127.0.0.1:$((PORT_BASE + 20 + i))"; done
+  for ((i = 1; i <= gateways; i++)); do wait_ready "http://127.0.0.1:$((PORT_BASE + 40 + i))"; done
+  # every partition owned, and every gateway sees every shard (ring and event streams)
+  local owned members streams
+  for _ in $(seq 1 300); do
+    owned=0
+    for ((i = 1; i <= shards; i++)); do
+      owned=$((owned + $(metric "http://127.0.0.1:$((PORT_BASE + 20 + i))" presence_owned_partitions)))
+    done
+    members=0 streams=0
+    for ((i = 1; i <= gateways; i++)); do
+      members=$((members + $(metric "http://127.0.0.1:$((PORT_BASE + 40 + i))" presence_ring_members)))
+      streams=$((streams + $(metric "http://127.0.0.1:$((PORT_BASE + 40 + i))" presence_event_streams)))
+    done
+    if ((owned == 16384 && members == shards * gateways && streams == shards * gateways)); then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "cluster did not form: owned=$owned members=$members streams=$streams"
+}
+
+cluster_pids() { local n; for n in "${!PROC[@]}"; do echo "${PROC[$n]}"; done; }
+
+bench_cluster() {
+  echo "## issue 4: all-in-one vs gateway -> shards, on the Redis Cluster"
+  redis_up
+  local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line
+  for r in $(seq 1 "$rounds"); do
+    for cfg in all shards1 shards3; do
+      redis_flush
+      case "$cfg" in
+        all)
+          start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS"
+          url="http://127.0.0.1:$((PORT_BASE + 10))"
+          wait_ready "$url" ;;
+        shards1) start_cluster 1 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        shards3) start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+      esac
+      lead="${PROC[all]:-${PROC[gw1]:-}}"
+      mapfile -t pids < <(cluster_pids)
+      # users online first (not measured), then the measured heartbeat run
+      "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections 64 \
+        --duration 2s --warmup 0s 2>/dev/null >/dev/null
+      c0="$(cpu_ticks "${pids[@]}")"
+      line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
+        --connections 64 --duration "$dur" --server-pid "$lead" 2>/dev/null)"
+      c1="$(cpu_ticks "${pids[@]}")"
+      echo "$cfg round $r: $line"
+      echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(echo "$line" |
+        jq -r --argjson t "$((c1 - c0))" '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')" \
+        "wrong_owner_retries=$(metric "$url" presence_wrong_owner_retries_total)"
+      stop_all
+    done
+  done
+}
+
+# ------------------------------------------------------------------------------------ issue 5
+
+# Runs the sim in two loadgen processes (each: half the users, half the change rate, all the
+# targets), so that no process needs more than ~SOCKETS/2 descriptors (where `ulimit -n` cannot be
+# raised above 20000, one loadgen cannot hold 20,000 sockets). Each half subscribes within itself
+# (user u to the next K users of its half); with two targets, sockets alternate between them, so
+# most subscriptions cross gateways. Reads the gateways' RSS
+# before the sockets open, once both sims have set everyone up, and at the end.
+push_run() { # LABEL SOCKETS TARGETS GATEWAY_PIDS(comma) METRICS_URLS(comma)
+  local label="$1" sockets="$2" targets="$3" gpids="$4" murls="$5"
+  local subs="${PUSH_SUBS:-50}" changes="${PUSH_CHANGES:-100}" dur="${PUSH_DURATION:-60s}"
+  local half=$((sockets / 2)) i lg=() before after end
+  IFS=, read -r -a gp <<<"$gpids"
+  before="$(rss_kb "${gp[@]}")"
+  rm -f "$OUT/$label".sim[01].{json,err}   # the wait below must not see a previous run's 'set up'
+  for i in 0 1; do
+    "$LOADGEN" --format json sim --transport ws --target "$targets" --users "$half" --devices 1 \
+      --subscriptions "$subs" --interval 30s --duration "$dur" --changes $((changes / 2)) \
+      --first-user $((7000000000 + i * 1000000)) --gateway-pids "$gpids" \
+      >"$OUT/$label.sim$i.json" 2>"$OUT/$label.sim$i.err" &
+    lg+=($!)
+    LOADGEN_PIDS+=($!)
+  done
+  until grep -q 'set up' "$OUT/$label.sim0.err" 2>/dev/null && grep -q 'set up' "$OUT/$label.sim1.err" 2>/dev/null; do
+    for i in 0 1; do
+      kill -0 "${lg[$i]}" 2>/dev/null || { tail -c 600 "$OUT/$label.sim$i.err" >&2; die "$label: sim $i ended before set-up"; }
+    done
+    sleep 0.2
+  done
+  after="$(rss_kb "${gp[@]}")"
+  local ws=0 u
+  IFS=, read -r -a mu <<<"$murls"
+  for u in "${mu[@]}"; do ws=$((ws + $(metric "$u" presence_ws_connections))); done
+  local fail=0
+  for i in 0 1; do wait "${lg[$i]}" || fail=1; done
+  end="$(rss_kb "${gp[@]}")"
+  for i in 0 1; do
+    echo "$label sim $i: $(tail -n1 "$OUT/$label.sim$i.json")"
+    grep -a 'device failed' "$OUT/$label.sim$i.err" | head -3 | sed "s/^/$label sim $i: /" || true
+  done
+  ((fail == 0)) || die "$label: a sim failed (see $OUT/$label.sim*.err)"
+  jq -s --arg lbl "$label" --argjson before "$before" --argjson after "$after" --argjson endkb "$end" \
+    --argjson ws "$ws" '{
+      result: $lbl,
+      sockets: (map(.devices) | add), sockets_on_gateways_after_setup: $ws,
+      devices_failed_to_connect: (map(.devices_failed_to_connect) | add),
+      changes: (map(.changes) | add), changes_per_second: (map(.changes_per_second) | add),
+      delivered: (map(.delivered) | add), expected: (map(.expected) | add),
+      delivered_over_expected: ((map(.delivered) | add) / (map(.expected) | add)),
+      presence_frames_per_second: (map(.presence_frames_per_second) | add),
+      frames_per_second: (map(.frames_per_second) | add),
+      heartbeats_per_second: (map(.heartbeats_per_second) | add),
+      delay_ms_p50: (map(.delay_ms_p50)), delay_ms_p90: (map(.delay_ms_p90)),
+      delay_ms_p99: (map(.delay_ms_p99)), delay_ms_max: (map(.delay_ms_max) | max),
+      false_offlines: (map(.false_offlines) | add),
+      sockets_closed_by_server: (map(.sockets_closed_by_server) | add),
+      heartbeat_errors: (map(.heartbeat_errors) | add),
+      gateway_rss_kb_before: $before, gateway_rss_kb_after_setup: $after, gateway_rss_kb_end: $endkb,
+      gateway_rss_bytes_per_socket: ((($after - $before) * 1024 / (map(.devices) | add)) | round),
+      gateway_rss_bytes_per_socket_end: ((($endkb - $before) * 1024 / (map(.devices) | add)) | round)
+    }' "$OUT/$label.sim0.json" "$OUT/$label.sim1.json" | jq -c .
+  for u in "${mu[@]}"; do
+    echo "$label $u: presence_push_delay_seconds (change on the owner -> frame queued to sockets):" \
+      "$(curl -fsS "$u/metrics" | awk '/^presence_push_delay_seconds_count/ { c = $NF } /^presence_push_delay_seconds_sum/ { s = $NF } END { printf "events=%d mean_ms=%.2f", c, c ? s / c * 1000 : 0 }')" \
+      "frames_queued=$(metric "$u" presence_events_delivered_total) slow_consumers=$(metric "$u" presence_slow_consumers_total)"
+  done
+}
+
+bench_push() {
+  echo "## issue 5: push over WebSockets"
+  local parts="${PUSH_PARTS:-aio,cluster}" sockets="${PUSH_SOCKETS:-20000}"
+  # One process holds at most `ulimit -n` descriptors: its sockets plus ~40 of its own.
+  local cap=$(((NOFILE - 100) / 2 * 2)) aio
+  aio="${PUSH_SOCKETS_AIO:-$((sockets < cap ? sockets : cap))}"
+  if [[ ",$parts," == *,aio,* ]]; then
+    echo "### (a) all-in-one, embedded store: $aio sockets (nofile $NOFILE per process)"
+    start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))"
+    wait_ready "http://127.0.0.1:$((PORT_BASE + 10))"
+    push_run push-aio "$aio" "http://127.0.0.1:$((PORT_BASE + 10))" "${PROC[all]}" "http://127.0.0.1:$((PORT_BASE + 10))"
+    stop_all
+  fi
+  if [[ ",$parts," == *,cluster,* ]]; then
+    echo "### (b) 2 gateways + 3 shards on the Redis Cluster: $sockets sockets, half on each gateway"
+    redis_up
+    redis_flush
+    # shellcheck disable=SC2086 # PUSH_CLUSTER_ENV: extra VAR=value settings, space-separated
+    start_cluster 3 2 ${PUSH_CLUSTER_ENV:-}
+    local g1="http://127.0.0.1:$((PORT_BASE + 41))" g2="http://127.0.0.1:$((PORT_BASE + 42))"
+    push_run push-cluster "$sockets" "$g1,$g2" "${PROC[gw1]},${PROC[gw2]}" "$g1,$g2"
+    echo "shards' RSS (kB): $(rss_kb "${PROC[shard1]}") $(rss_kb "${PROC[shard2]}") $(rss_kb "${PROC[shard3]}")"
+    stop_all
+  fi
+}
+
+header
+case "$WHAT" in
+  redis) bench_redis ;;
+  cluster) bench_cluster ;;
+  push) bench_push ;;
+  all) bench_redis; bench_cluster; bench_push ;;
+  *) die "usage: $0 redis|cluster|push|all" ;;
+esac
