@@ -24,6 +24,7 @@ WORKDIR /src
 # Manifests first, so the dependency download layer is reused while only sources change.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+COPY loadgen ./loadgen
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

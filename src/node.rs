@@ -15,18 +15,19 @@ use crate::config::{Config, ConfigError, DiscoveryKind, Role};
 use crate::membership::{self, Discovery, Members, StaticDiscovery};
 use crate::metrics::Metrics;
 use crate::peer::client::Clients;
-use crate::peer::{GrpcProbe, Ownership, Router, ShardService};
+use crate::peer::upstream::Upstreams;
+use crate::peer::{GrpcProbe, Handoff, Router, ShardService};
 use crate::proto::v1::presence_shard_server::PresenceShardServer;
 use crate::push::fanout::Fanout;
 use crate::push::hub::Hub;
-use crate::push::upstream::Upstreams;
 use crate::ring::{self, PARTITIONS};
-use crate::shard::{Presence, Shard};
+use crate::service::Presence;
+use crate::shard::Shard;
 use crate::store::{MemoryStore, RedisStore, Store};
 
 /// What a shard process runs besides the HTTP side.
 struct ShardParts {
-    own: Arc<Ownership>,
+    own: Arc<Handoff>,
     fanout: Arc<Fanout>,
     grpc: TcpListener,
     discovery: Arc<dyn Discovery>,
@@ -111,9 +112,56 @@ fn watch_members(
     rx
 }
 
-impl Node {
+/// Builds a [`Node`]: its config, and optionally the store and the discovery it runs on instead
+/// of the ones the config names. Tests start nodes in-process this way, on the memory store or a
+/// real Redis Cluster, with a static or in-memory member list.
+pub struct NodeBuilder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    discovery: Option<Arc<dyn Discovery>>,
+}
+
+impl NodeBuilder {
+    /// The store of an `all` or `shard` node (default: the config's Redis Cluster, else memory).
+    pub fn store(mut self, store: Arc<dyn Store>) -> NodeBuilder {
+        self.store = Some(store);
+        self
+    }
+
+    /// Where a `gateway` or `shard` node learns the members (default: the config's discovery).
+    pub fn discovery(mut self, discovery: Arc<dyn Discovery>) -> NodeBuilder {
+        self.discovery = Some(discovery);
+        self
+    }
+
     /// Builds the node for its role and binds its listeners.
+    pub async fn bind(self) -> anyhow::Result<Node> {
+        Node::build(self).await
+    }
+}
+
+impl Node {
+    /// A builder for a node with `config`.
+    pub fn builder(config: Config) -> NodeBuilder {
+        NodeBuilder {
+            config,
+            store: None,
+            discovery: None,
+        }
+    }
+
+    /// Builds the node for its role, on the store and discovery its config names, and binds its
+    /// listeners.
     pub async fn bind(config: Config) -> anyhow::Result<Node> {
+        Node::builder(config).bind().await
+    }
+
+    async fn build(builder: NodeBuilder) -> anyhow::Result<Node> {
+        let NodeBuilder {
+            config,
+            store,
+            discovery,
+        } = builder;
         let limits = Limits::from_config(&config).map_err(anyhow_config)?;
         let metrics = Arc::new(Metrics::new());
         let background = CancellationToken::new();
@@ -121,7 +169,10 @@ impl Node {
         let mut hub = None;
         let (presence, shard, shard_parts): (Arc<dyn Presence>, _, _) = match config.role {
             Role::All => {
-                let store = build_store(&config, &metrics).await?;
+                let store = match store.clone() {
+                    Some(s) => s,
+                    None => build_store(&config, &metrics).await?,
+                };
                 let shard = Arc::new(Shard::new(
                     store,
                     config.rules(),
@@ -143,7 +194,10 @@ impl Node {
                 (shard.clone(), Some(shard), None)
             }
             Role::Shard => {
-                let store = build_store(&config, &metrics).await?;
+                let store = match store.clone() {
+                    Some(s) => s,
+                    None => build_store(&config, &metrics).await?,
+                };
                 if store.kind() == "memory" {
                     tracing::warn!("a shard on the in-memory store loses its users on handoff; set PRESENCE_REDIS_URL");
                 }
@@ -153,10 +207,13 @@ impl Node {
                     config.timer_tick,
                     metrics.clone(),
                 ));
-                let own = Ownership::new(config.advertise_addr(), metrics.clone());
+                let own = Handoff::new(config.advertise_addr(), config.grace(), metrics.clone());
                 let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 shard.set_sink(fanout.clone());
-                let discovery = build_discovery(&config, &clients).await?;
+                let discovery = match discovery.clone() {
+                    Some(d) => d,
+                    None => build_discovery(&config, &clients).await?,
+                };
                 let grpc = TcpListener::bind(config.grpc_listen).await?;
                 tracing::info!(addr = %grpc.local_addr()?, advertise = own.me(), discovery = discovery.kind(), "grpc listening");
                 let parts = ShardParts {
@@ -168,7 +225,10 @@ impl Node {
                 (shard.clone(), Some(shard), Some(parts))
             }
             Role::Gateway => {
-                let discovery = build_discovery(&config, &clients).await?;
+                let discovery = match discovery.clone() {
+                    Some(d) => d,
+                    None => build_discovery(&config, &clients).await?,
+                };
                 let members = watch_members(&discovery, &background);
                 let ring = ring::follow(members, metrics.clone(), background.clone());
                 let h = Hub::new(metrics.clone(), config.ws_queue as usize);
@@ -203,10 +263,23 @@ impl Node {
         })
     }
 
+    /// The address of the HTTP listener.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .expect("bound listener has an address")
+    }
+
+    /// The address of the gRPC listener of a shard.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.shard_parts
+            .as_ref()
+            .and_then(|p| p.grpc.local_addr().ok())
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.state.metrics
     }
 
     /// Serves until `shutdown` fires. Then: report not ready; a shard hands off every partition
@@ -243,7 +316,7 @@ impl Node {
             } = parts;
             let service = ShardService {
                 shard: shard.clone(),
-                own: own.clone(),
+                own: own.table().clone(),
                 metrics: metrics.clone(),
                 fanout,
             };
@@ -258,10 +331,7 @@ impl Node {
             ));
             let members = watch_members(&discovery, &background);
             let ring = ring::follow(members, metrics.clone(), background.clone());
-            tracker.spawn(
-                own.clone()
-                    .run(shard.clone(), ring, config.grace(), background.clone()),
-            );
+            tracker.spawn(own.clone().run(shard.clone(), ring, background.clone()));
             discovery
                 .register(own.me())
                 .await

@@ -11,7 +11,6 @@ use std::hash::{Hash, Hasher};
 use hashring::HashRing;
 
 use crate::presence::UserId;
-use crate::shard::mix64;
 
 /// Number of partitions. Fixed for the life of a deployment: it is part of the store's keys.
 pub const PARTITIONS: u32 = 16384;
@@ -178,6 +177,20 @@ pub fn follow(
         }
     });
     rx
+}
+
+/// Mixes a user id so that consecutive ids spread evenly.
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The stripe of `user` among `n` (a power of two).
+pub fn stripe_of(user: UserId, n: usize) -> usize {
+    (mix64(user) as usize) & (n - 1)
 }
 
 #[cfg(test)]

@@ -18,91 +18,10 @@ use crate::presence::{
     BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
 };
 use crate::push::{Event, EventSink};
+use crate::ring::stripe_of;
+use crate::service::Presence;
 use crate::store::{Store, SubscriptionMode};
-use crate::timer::{Tick, TimerWheel};
-
-/// The presence operations, as the API calls them. The in-process [`Shard`] implements it; a
-/// gateway that routes to remote shards will too.
-#[async_trait]
-pub trait Presence: Send + Sync + 'static {
-    async fn online(
-        &self,
-        user: UserId,
-        device: &str,
-        platform: Platform,
-    ) -> Result<StatusView, Error>;
-    /// A device goes offline; with `unless_seen_within`, not if it was seen that recently
-    /// (through any gateway): a WebSocket's close grace.
-    async fn offline(
-        &self,
-        user: UserId,
-        device: &str,
-        unless_seen_within: Option<Duration>,
-    ) -> Result<(), Error>;
-    async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
-    async fn status(&self, user: UserId) -> Result<StatusView, Error>;
-    /// One entry per distinct user, in request order.
-    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error>;
-    async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error>;
-    async fn clear_status(&self, user: UserId) -> Result<StatusView, Error>;
-    /// Full views of many users, one per distinct user, in request order.
-    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error>;
-    /// The targets `user` subscribes to.
-    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error>;
-    /// Changes `user`'s subscriptions; answers the new list.
-    async fn subscribe(
-        &self,
-        user: UserId,
-        mode: SubscriptionMode,
-        targets: &[UserId],
-    ) -> Result<Vec<UserId>, Error>;
-    /// Whether the backing store answers.
-    async fn healthy(&self) -> bool;
-}
-
-/// Mixes a user id so that consecutive ids spread evenly.
-pub fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The stripe of `user` among `n` (a power of two).
-pub fn stripe_of(user: UserId, n: usize) -> usize {
-    (mix64(user) as usize) & (n - 1)
-}
-
-/// Wall-clock milliseconds that follow tokio's clock, so tests can pause and advance time.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    base_unix: Millis,
-    base: tokio::time::Instant,
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as Millis)
-            .unwrap_or(0);
-        Clock {
-            base_unix: unix,
-            base: tokio::time::Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> Millis {
-        self.base_unix + self.base.elapsed().as_millis() as Millis
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
+use crate::timer::{Clock, Tick, TimerWheel};
 
 const STRIPES: usize = 256;
 const WHEEL_SLOTS: usize = 4096;
@@ -209,7 +128,7 @@ impl Shard {
     }
 
     fn secs(&self, now: Millis) -> u32 {
-        ((now - self.clock.base_unix).max(0) / 1000) as u32
+        ((now - self.clock.base()).max(0) / 1000) as u32
     }
 
     fn stripe(&self, user: UserId) -> &Mutex<Stripe> {
@@ -218,7 +137,7 @@ impl Shard {
 
     /// The first tick at or after `at`.
     fn tick_at(&self, at: Millis) -> u64 {
-        let rel = (at - self.clock.base_unix).max(0);
+        let rel = (at - self.clock.base()).max(0);
         ((rel + self.tick_ms - 1) / self.tick_ms) as u64
     }
 
@@ -358,10 +277,10 @@ impl Shard {
     /// Processes every timer due by now. Returns the states to write through.
     fn fire(&self, fired: &mut Vec<(u64, Tick)>, saves: &mut Vec<(UserId, UserState)>) {
         let now = self.clock.now();
-        let to = ((now - self.clock.base_unix).max(0) / self.tick_ms) as u64;
+        let to = ((now - self.clock.base()).max(0) / self.tick_ms) as u64;
         self.wheel.lock().advance(to, fired);
         if let Some(&(_, first)) = fired.first() {
-            let scheduled = self.clock.base_unix + first as Millis * self.tick_ms;
+            let scheduled = self.clock.base() + first as Millis * self.tick_ms;
             self.metrics
                 .timer_lag
                 .observe((now - scheduled).max(0) as f64 / 1000.0);

@@ -1,10 +1,13 @@
-//! One hashed timer wheel for every deadline of a node: O(1) insert, no task or sleep per device.
+//! Time for a node: one hashed timer wheel for every deadline (O(1) insert, no task or sleep per
+//! device), and the [`Clock`] that every deadline is measured on.
 //!
 //! Entries are lazy: the wheel only remembers *that* a key must be looked at in a given tick.
 //! Callers keep the tick a key is armed for next to the key's state, re-arm only when a deadline
 //! moves earlier, and on firing check the real deadline (a heartbeat that moves a deadline later
 //! touches nothing here). Deadlines beyond the wheel's horizon are parked at the horizon and
 //! re-armed when they fire.
+
+use crate::presence::Millis;
 
 /// A tick number, counted from the wheel's creation.
 pub type Tick = u32;
@@ -61,6 +64,41 @@ impl TimerWheel {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Wall-clock milliseconds that follow tokio's clock, so tests can pause and advance time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    base_unix: Millis,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0);
+        Clock {
+            base_unix: unix,
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The wall-clock time (Unix milliseconds) at which this clock started.
+    pub fn base(&self) -> Millis {
+        self.base_unix
+    }
+
+    pub fn now(&self) -> Millis {
+        self.base_unix + self.base.elapsed().as_millis() as Millis
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
     }
 }
 

@@ -24,7 +24,7 @@ use crate::presence::{
     parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_user_id,
     Platform, Settings, Status, UserId,
 };
-use crate::shard::Presence;
+use crate::service::Presence;
 use crate::store::SubscriptionMode;
 
 mod ws;

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
 use crate::proto::{self, v1};
 use crate::ring::Ring;
-use crate::shard::Presence;
+use crate::service::Presence;
 use crate::store::SubscriptionMode;
 
 pub type ShardClient = v1::presence_shard_client::PresenceShardClient<Channel>;

@@ -1,5 +1,5 @@
 //! The peer transport between nodes, over gRPC: the shard's service ([`server`]) and the
-//! gateway's router that implements [`crate::shard::Presence`] by calling the owning shard
+//! gateway's router that implements [`crate::service::Presence`] by calling the owning shard
 //! ([`client`]). Trace context crosses every call in W3C `traceparent` metadata.
 
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use crate::metrics::Metrics;
 
 pub mod client;
 pub mod server;
+pub mod upstream;
 
 pub use client::{GrpcProbe, Router};
-pub use server::{Ownership, ShardService};
+pub use server::{Handoff, ShardService};
 
 /// Counts and times one gRPC call on either side.
 pub(crate) struct Timed {

@@ -1,13 +1,12 @@
-//! The shard side: which partitions this shard owns (and the handoff when the ring changes),
-//! and the gRPC service that serves gateways for the users it owns.
+//! The shard's side of the transport: the gRPC service that serves gateways for the users this
+//! shard owns, and the driver of its ownership state machine ([`crate::ownership`]).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::RwLock;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response};
 use tracing::Instrument;
@@ -15,36 +14,38 @@ use tracing::Instrument;
 use super::{extract_trace, Timed};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::ownership::{Action, Ownership, Table};
 use crate::presence::{validate_device_id, validate_user_id, UserId};
 use crate::proto::{self, v1};
 use crate::push::fanout::{Fanout, StreamItem};
-use crate::ring::{partition_of, Ring, PARTITIONS};
-use crate::shard::{Presence, Shard};
+use crate::ring::{Ring, PARTITIONS};
+use crate::service::Presence;
+use crate::shard::Shard;
 use crate::store::SubscriptionMode;
-
-const NONE: u8 = 0;
-const LOADING: u8 = 1;
-const OWNED: u8 = 2;
 
 /// Most users in one gRPC batch call.
 const MAX_BATCH: usize = 100_000;
 
-/// What this shard owns, partition by partition.
-pub struct Ownership {
+/// Drives this shard's [`Ownership`]: feeds it ring changes and the passing of time, carries out
+/// its actions on the [`Shard`] (release users, load partitions from the store) and mirrors its
+/// view into the [`Table`] that requests read.
+pub struct Handoff {
     me: String,
-    states: Box<[AtomicU8]>,
-    ring: RwLock<Arc<Ring>>,
-    serving: AtomicBool,
+    machine: tokio::sync::Mutex<Ownership>,
+    table: Arc<Table>,
+    /// Stops the ring-following loop (a drain takes over).
+    stop: CancellationToken,
     metrics: Arc<Metrics>,
 }
 
-impl Ownership {
-    pub fn new(me: String, metrics: Arc<Metrics>) -> Arc<Ownership> {
-        Arc::new(Ownership {
+impl Handoff {
+    pub fn new(me: String, grace: Duration, metrics: Arc<Metrics>) -> Arc<Handoff> {
+        let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
+        Arc::new(Handoff {
             me,
-            states: (0..PARTITIONS).map(|_| AtomicU8::new(NONE)).collect(),
-            ring: RwLock::new(Arc::new(Ring::new(Vec::new()))),
-            serving: AtomicBool::new(true),
+            machine: tokio::sync::Mutex::new(machine),
+            table: Table::new(),
+            stop: CancellationToken::new(),
             metrics,
         })
     }
@@ -54,151 +55,98 @@ impl Ownership {
         &self.me
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.ring.read().epoch()
+    /// What requests read: which partitions are served.
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
     }
 
-    pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Relaxed)
-    }
-
-    fn owned_count(&self) -> usize {
-        self.states
-            .iter()
-            .filter(|s| s.load(Ordering::Relaxed) == OWNED)
-            .count()
-    }
-
-    /// Whether this shard serves `user` now.
-    pub fn check(&self, user: UserId) -> Result<(), Error> {
-        match self.states[partition_of(user) as usize].load(Ordering::Acquire) {
-            OWNED => Ok(()),
-            LOADING => Err(Error::ShardUnavailable("partition loading, retry".into())),
-            _ => Err(Error::WrongOwner {
-                epoch: self.epoch(),
-            }),
-        }
-    }
-
-    /// Follows the ring until `cancel`: releases partitions it lost, loads those it gained.
-    /// A gained partition whose previous owner is still a member is loaded only after `grace`,
-    /// so that the previous owner has seen the same ring and stopped its timers first.
+    /// Follows the ring until `cancel` (or a drain): releases partitions it lost, loads those it
+    /// gained, retries failed loads.
     pub async fn run(
         self: Arc<Self>,
         shard: Arc<Shard>,
         mut ring: watch::Receiver<Arc<Ring>>,
-        grace: Duration,
         cancel: CancellationToken,
     ) {
-        // A shard that just started takes nothing for a grace: its view of the members is young
-        // (health checks of its peers may not all have answered), and a partition taken on a
-        // partial view would have two owners until the view is complete.
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(grace) => {}
-        }
+        let mut machine = self.machine.lock().await;
+        let mut actions = machine.ring_changed(ring.borrow_and_update().clone(), Instant::now());
         loop {
-            let next = ring.borrow_and_update().clone();
-            if self.serving() {
-                self.apply(&shard, next, grace, &cancel).await;
+            if !self.act(&mut machine, &shard, actions).await {
+                return;
             }
-            tokio::select! {
+            let next = machine.next_deadline();
+            drop(machine);
+            let wake = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let changed = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = ring.changed() => if r.is_err() { return },
-            }
+                _ = self.stop.cancelled() => return,
+                r = ring.changed() => if r.is_err() { return } else { true },
+                _ = wake => false,
+            };
+            machine = self.machine.lock().await;
+            actions = if changed {
+                machine.ring_changed(ring.borrow_and_update().clone(), Instant::now())
+            } else {
+                machine.tick(Instant::now())
+            };
         }
     }
 
-    async fn apply(
-        &self,
-        shard: &Shard,
-        next: Arc<Ring>,
-        grace: Duration,
-        cancel: &CancellationToken,
-    ) {
-        let prev = std::mem::replace(&mut *self.ring.write(), next.clone());
-        let mut mine = vec![false; PARTITIONS as usize];
-        for p in next.partitions_of(&self.me) {
-            mine[p as usize] = true;
-        }
-        // Lost: refuse at once, then let go of the users.
-        let mut lost = vec![false; PARTITIONS as usize];
-        let mut any_lost = false;
-        for p in 0..PARTITIONS as usize {
-            if !mine[p] && self.states[p].swap(NONE, Ordering::AcqRel) != NONE {
-                lost[p] = true;
-                any_lost = true;
-            }
-        }
-        if any_lost {
-            let started = Instant::now();
-            let users = shard.release(&lost).await;
-            let n = lost.iter().filter(|l| **l).count();
-            self.observe("released", started, n);
-            tracing::info!(partitions = n, users, took = ?started.elapsed(), "released partitions");
-        }
-        // Gained: mark loading, wait for the previous owners if they are alive, then load. A
-        // shard that just started (its previous ring does not hold it) takes the previous owners
-        // from the ring of the other members, which is what everyone else was using.
-        let others;
-        let before: &Ring = if prev.members().contains(&self.me) {
-            &prev
-        } else {
-            others = Ring::new(next.members().iter().filter(|m| **m != self.me).cloned());
-            &others
-        };
-        let mut gained = Vec::new();
-        let mut wait = false;
-        for p in 0..PARTITIONS {
-            if mine[p as usize] && self.states[p as usize].load(Ordering::Acquire) == NONE {
-                self.states[p as usize].store(LOADING, Ordering::Release);
-                gained.push(p);
-                if let Some(owner) = before.owner(p) {
-                    wait |= owner != self.me && next.members().iter().any(|m| m == owner);
-                }
-            }
-        }
-        self.metrics.owned_partitions.set(self.owned_count() as i64);
-        if gained.is_empty() {
-            return;
-        }
-        if wait {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(grace) => {}
-            }
-        }
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        let users = loop {
-            match shard.recover(&gained).await {
-                Ok(n) => break n,
-                Err(e) => {
-                    tracing::warn!(error = %e, partitions = gained.len(), "loading partitions failed, retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+    /// Carries out `actions` and whatever they lead to. False when stopped.
+    async fn act(&self, machine: &mut Ownership, shard: &Shard, actions: Vec<Action>) -> bool {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        self.table.sync(machine);
+        self.metrics
+            .owned_partitions
+            .set(self.table.owned_count() as i64);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Release(partitions) => self.release(shard, &partitions).await,
+                Action::Load { id, partitions } => {
+                    let started = std::time::Instant::now();
+                    let result = tokio::select! {
+                        _ = self.stop.cancelled() => return false,
+                        r = shard.recover(&partitions) => r,
+                    };
+                    match result {
+                        Ok(users) => {
+                            let owned = machine.load_done(id);
+                            self.observe("gained", started, owned.len());
+                            tracing::info!(partitions = owned.len(), users, took = ?started.elapsed(), epoch = machine.ring().epoch(), "took over partitions");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, partitions = partitions.len(), "loading partitions failed, retrying");
+                            machine.load_failed(id, Instant::now());
+                        }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    queue.extend(machine.tick(Instant::now()));
                 }
             }
-        };
-        // Serve only what is still ours (the ring may have moved on meanwhile; the next
-        // apply releases the rest).
-        for p in &gained {
-            let _ = self.states[*p as usize].compare_exchange(
-                LOADING,
-                OWNED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.table.sync(machine);
+            self.metrics
+                .owned_partitions
+                .set(self.table.owned_count() as i64);
         }
-        self.observe("gained", started, gained.len());
-        self.metrics.owned_partitions.set(self.owned_count() as i64);
-        tracing::info!(partitions = gained.len(), users, took = ?started.elapsed(), epoch = next.epoch(), "took over partitions");
+        true
     }
 
-    fn observe(&self, direction: &str, started: Instant, partitions: usize) {
+    async fn release(&self, shard: &Shard, partitions: &[u32]) {
+        let mut lost = vec![false; PARTITIONS as usize];
+        for &p in partitions {
+            lost[p as usize] = true;
+        }
+        let started = std::time::Instant::now();
+        let users = shard.release(&lost).await;
+        self.observe("released", started, partitions.len());
+        tracing::info!(partitions = partitions.len(), users, took = ?started.elapsed(), "released partitions");
+    }
+
+    fn observe(&self, direction: &str, started: std::time::Instant, partitions: usize) {
         self.metrics
             .handoffs
             .with_label_values(&[direction])
@@ -211,23 +159,20 @@ impl Ownership {
 
     /// Graceful shutdown: report not serving, refuse everything, let go of every user.
     pub async fn drain(&self, shard: &Shard) {
-        self.serving.store(false, Ordering::Relaxed);
-        let mut all = vec![false; PARTITIONS as usize];
-        for (p, s) in self.states.iter().enumerate() {
-            all[p] = s.swap(NONE, Ordering::AcqRel) != NONE;
-        }
-        let started = Instant::now();
-        let users = shard.release(&all).await;
-        self.observe("released", started, all.iter().filter(|o| **o).count());
+        self.table.stop_serving();
+        self.stop.cancel();
+        let mut machine = self.machine.lock().await;
+        let actions = machine.drain();
+        self.act(&mut machine, shard, actions).await;
         self.metrics.owned_partitions.set(0);
-        tracing::info!(users, took = ?started.elapsed(), "handed off every partition");
+        tracing::info!("handed off every partition");
     }
 }
 
 /// The gRPC service of a shard.
 pub struct ShardService {
     pub shard: Arc<Shard>,
-    pub own: Arc<Ownership>,
+    pub own: Arc<Table>,
     pub metrics: Arc<Metrics>,
     pub fanout: Arc<Fanout>,
 }

@@ -328,7 +328,7 @@ impl Hub {
         drop(st);
         if delivered > 0 {
             self.metrics.events_delivered.inc_by(delivered);
-            let now = crate::shard::Clock::new().now();
+            let now = crate::timer::Clock::new().now();
             let delay = Duration::from_millis((now - ev.changed_at).max(0) as u64);
             self.metrics.push_delay.observe(delay.as_secs_f64());
         }

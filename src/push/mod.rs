@@ -5,8 +5,9 @@
 //!   this gateway is interested in, and the fan-out of each event to local sockets.
 //! - [`fanout::Fanout`] (shard): one stream per gateway; sends each event once per interested
 //!   gateway.
-//! - [`upstream::Upstreams`] (gateway): one `Events` stream per shard, opened once; keeps each
-//!   shard told of the interest in the users it owns, across ring changes and reconnects.
+//!
+//! The gateway's `Events` streams to the shards are transport, in
+//! [`crate::peer::upstream`].
 //!
 //! In the one-process role (`all`) the shard's sink is the hub itself.
 
@@ -14,7 +15,6 @@ use crate::presence::{Millis, StatusView, UserId};
 
 pub mod fanout;
 pub mod hub;
-pub mod upstream;
 
 /// A visible change of one user's presence, or of the user's subscription list (then `view`
 /// only names the user and is not shown to anyone: gateways holding the user's sockets update

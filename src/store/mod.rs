@@ -114,7 +114,7 @@ impl MemoryStore {
     }
 
     fn stripe(&self, user: UserId) -> &Mutex<hashbrown::HashMap<UserId, UserState>> {
-        &self.stripes[crate::shard::stripe_of(user, STRIPES)]
+        &self.stripes[crate::ring::stripe_of(user, STRIPES)]
     }
 }
 
@@ -232,7 +232,7 @@ pub fn test_user_base() -> UserId {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let seed = crate::shard::mix64(nanos ^ ((std::process::id() as u64) << 32));
+    let seed = crate::ring::mix64(nanos ^ ((std::process::id() as u64) << 32));
     ((seed % (1 << 40)) + NEXT.fetch_add(1, Ordering::Relaxed) * (1 << 40)) * 1_000 + 1_000
 }
 

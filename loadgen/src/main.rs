@@ -29,7 +29,6 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-#[path = "loadgen/sim.rs"]
 mod sim;
 
 const BASE: &str = "/api/v1/presence";
@@ -802,26 +801,33 @@ async fn online_devices(target: &Target) -> Option<i64> {
 // ---------------------------------------------------------------------------------------------
 // Commands
 
+/// Puts `common.users` users online with one device each (the setup of `http` and `compare`),
+/// reports it, and fails when any of them could not be put online.
+async fn put_users_online(format: Format, target: &Target, common: &Common) -> anyhow::Result<()> {
+    let r = put_online(
+        target,
+        common.user_base,
+        common.users,
+        1,
+        common.connections,
+        "online",
+    )
+    .await;
+    emit(format, &fill_json("online", &r));
+    if r.errors > 0 {
+        bail!(
+            "{} of {} users could not be put online",
+            r.errors,
+            common.users
+        );
+    }
+    Ok(())
+}
+
 async fn cmd_http(format: Format, a: HttpArgs) -> anyhow::Result<()> {
     let target = Target::parse(&a.common.target)?;
     if a.mode != Mode::Livez && !a.no_online {
-        let r = put_online(
-            &target,
-            a.common.user_base,
-            a.common.users,
-            1,
-            a.common.connections,
-            "online",
-        )
-        .await;
-        emit(format, &fill_json("online", &r));
-        if r.errors > 0 {
-            bail!(
-                "{} of {} users could not be put online",
-                r.errors,
-                a.common.users
-            );
-        }
+        put_users_online(format, &target, &a.common).await?;
     }
     let r = run_closed_loop(&target, &a.common, a.mode, a.warmup, a.duration).await;
     emit(format, &r.to_json());
@@ -890,23 +896,7 @@ async fn cmd_fill(format: Format, a: FillArgs) -> anyhow::Result<()> {
 
 async fn cmd_compare(format: Format, a: CompareArgs) -> anyhow::Result<()> {
     let target = Target::parse(&a.common.target)?;
-    let r = put_online(
-        &target,
-        a.common.user_base,
-        a.common.users,
-        1,
-        a.common.connections,
-        "online",
-    )
-    .await;
-    emit(format, &fill_json("online", &r));
-    if r.errors > 0 {
-        bail!(
-            "{} of {} users could not be put online",
-            r.errors,
-            a.common.users
-        );
-    }
+    put_users_online(format, &target, &a.common).await?;
     // livez, then (heartbeat, livez) x rounds: every heartbeat run sits between two livez runs.
     let mut livez = Vec::new();
     let mut heartbeat = Vec::new();

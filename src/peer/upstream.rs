@@ -11,12 +11,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::hub::{Hub, InterestDelta};
-use super::Event;
+use super::client::Clients;
 use crate::metrics::Metrics;
-use crate::peer::client::Clients;
 use crate::presence::{StatusView, UserId};
 use crate::proto::v1;
+use crate::push::hub::{Hub, InterestDelta};
+use crate::push::Event;
 use crate::ring::Ring;
 
 /// Most user ids in one interest message.

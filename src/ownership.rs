@@ -1,0 +1,700 @@
+//! Which partitions a shard owns: the pure state machine of ownership and handoff, and the
+//! lock-free table the request path reads it from.
+//!
+//! [`Ownership`] takes what happens (the ring changed, a grace or a backoff elapsed, a load
+//! finished or failed, the process is draining) and answers what to do ([`Action`]: release
+//! partitions, load partitions). It does no I/O and reads no clock: the caller passes `now`, so
+//! it is unit-tested on paused time, and the shard's gRPC side only drives it.
+//!
+//! A partition is [`State::Released`], [`State::Pending`] (gained, waiting for its previous owner
+//! to let go or for a retry), [`State::Loading`] (its users are being read from the store) or
+//! [`State::Owned`]. Only an owned partition is served.
+//!
+//! The rules:
+//! - A shard that just started takes nothing for a grace: its view of the members is young, and
+//!   a partition taken on a partial view would have two owners.
+//! - A lost partition is released at once, whatever its state, and a load still running for it
+//!   no longer counts: its result is ignored for that partition.
+//! - A gained partition whose previous owner is still a member waits a grace, so that the
+//!   previous owner has seen the same ring and stopped serving it; one whose previous owner is
+//!   gone loads at once.
+//! - A failed load goes back to pending with a backoff (100 ms doubling to 5 s); ring changes are
+//!   taken meanwhile, so a failing store never makes the shard deaf to the ring.
+//! - Draining releases everything and takes nothing more.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::presence::UserId;
+use crate::ring::{partition_of, Ring, PARTITIONS};
+
+/// The first backoff after a failed load.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest backoff between loads.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where one partition stands on this shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Not this shard's.
+    Released,
+    /// Gained, not loading yet: waiting for the previous owner, or for a retry.
+    Pending,
+    /// Its users are being loaded.
+    Loading,
+    /// Served.
+    Owned,
+}
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Stop serving these partitions (already refused) and let go of their users.
+    Release(Vec<u32>),
+    /// Load these partitions from the store, then report [`Ownership::load_done`] or
+    /// [`Ownership::load_failed`] with `id`.
+    Load { id: u64, partitions: Vec<u32> },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    state: State,
+    /// For `Pending`: when it may load.
+    ready_at: Option<Instant>,
+    /// For `Loading`: the load that is reading it.
+    load: u64,
+}
+
+/// The ownership of one shard: a pure state machine.
+pub struct Ownership {
+    me: String,
+    grace: Duration,
+    ring: Arc<Ring>,
+    /// The ring to apply once the start grace is over.
+    held: Option<Arc<Ring>>,
+    hold_until: Option<Instant>,
+    parts: Vec<Part>,
+    next_load: u64,
+    backoff: Duration,
+    serving: bool,
+}
+
+impl Ownership {
+    /// A shard named `me` (its address in the ring) that started at `now`.
+    pub fn new(me: String, grace: Duration, now: Instant) -> Ownership {
+        Ownership {
+            me,
+            grace,
+            ring: Arc::new(Ring::new(Vec::new())),
+            held: None,
+            hold_until: Some(now + grace),
+            parts: vec![
+                Part {
+                    state: State::Released,
+                    ready_at: None,
+                    load: 0,
+                };
+                PARTITIONS as usize
+            ],
+            next_load: 1,
+            backoff: FIRST_BACKOFF,
+            serving: true,
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The ring this shard follows (the newest it has applied).
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving
+    }
+
+    pub fn state(&self, partition: u32) -> State {
+        self.parts[partition as usize].state
+    }
+
+    /// How many partitions are in `state`.
+    pub fn count(&self, state: State) -> usize {
+        self.parts.iter().filter(|p| p.state == state).count()
+    }
+
+    /// When [`Ownership::tick`] has something to do next, if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if let Some(t) = self.hold_until {
+            return self.held.is_some().then_some(t);
+        }
+        self.parts
+            .iter()
+            .filter(|p| p.state == State::Pending)
+            .filter_map(|p| p.ready_at)
+            .min()
+    }
+
+    /// The ring changed.
+    pub fn ring_changed(&mut self, next: Arc<Ring>, now: Instant) -> Vec<Action> {
+        if !self.serving {
+            return Vec::new();
+        }
+        if self.hold_until.is_some() {
+            self.held = Some(next);
+            return self.tick(now);
+        }
+        let prev = std::mem::replace(&mut self.ring, next.clone());
+        let mut mine = vec![false; PARTITIONS as usize];
+        for p in next.partitions_of(&self.me) {
+            mine[p as usize] = true;
+        }
+        let mut actions = Vec::new();
+        let lost: Vec<u32> = (0..PARTITIONS)
+            .filter(|&p| !mine[p as usize] && self.parts[p as usize].state != State::Released)
+            .collect();
+        for &p in &lost {
+            self.parts[p as usize] = Part {
+                state: State::Released,
+                ready_at: None,
+                load: 0,
+            };
+        }
+        if !lost.is_empty() {
+            actions.push(Action::Release(lost));
+        }
+        // The previous owners: from our previous ring, or, for a shard new to the ring, from the
+        // ring of the other members (what everyone else was using).
+        let others;
+        let before: &Ring = if prev.members().contains(&self.me) {
+            &prev
+        } else {
+            others = Ring::new(next.members().iter().filter(|m| **m != self.me).cloned());
+            &others
+        };
+        for p in 0..PARTITIONS {
+            let part = &mut self.parts[p as usize];
+            if !mine[p as usize] || part.state != State::Released {
+                continue;
+            }
+            let wait = before
+                .owner(p)
+                .is_some_and(|owner| owner != self.me && next.members().iter().any(|m| m == owner));
+            *part = Part {
+                state: State::Pending,
+                ready_at: Some(if wait { now + self.grace } else { now }),
+                load: 0,
+            };
+        }
+        actions.extend(self.tick(now));
+        actions
+    }
+
+    /// Time passed: starts the loads that are due.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        if !self.serving {
+            return Vec::new();
+        }
+        if let Some(until) = self.hold_until {
+            if now < until {
+                return Vec::new();
+            }
+            self.hold_until = None;
+            return match self.held.take() {
+                Some(ring) => self.ring_changed(ring, now),
+                None => Vec::new(),
+            };
+        }
+        let id = self.next_load;
+        let due: Vec<u32> = (0..PARTITIONS)
+            .filter(|&p| {
+                let part = &self.parts[p as usize];
+                part.state == State::Pending && part.ready_at.is_some_and(|t| t <= now)
+            })
+            .collect();
+        if due.is_empty() {
+            return Vec::new();
+        }
+        self.next_load += 1;
+        for &p in &due {
+            self.parts[p as usize] = Part {
+                state: State::Loading,
+                ready_at: None,
+                load: id,
+            };
+        }
+        vec![Action::Load {
+            id,
+            partitions: due,
+        }]
+    }
+
+    /// Load `id` finished: what it loaded and is still ours is owned. Answers the partitions
+    /// that became owned.
+    pub fn load_done(&mut self, id: u64) -> Vec<u32> {
+        self.backoff = FIRST_BACKOFF;
+        let mut owned = Vec::new();
+        for (p, part) in self.parts.iter_mut().enumerate() {
+            if part.state == State::Loading && part.load == id {
+                part.state = State::Owned;
+                part.load = 0;
+                owned.push(p as u32);
+            }
+        }
+        owned
+    }
+
+    /// Load `id` failed: what it was loading and is still ours waits for a retry.
+    pub fn load_failed(&mut self, id: u64, now: Instant) {
+        let retry = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        for part in &mut self.parts {
+            if part.state == State::Loading && part.load == id {
+                *part = Part {
+                    state: State::Pending,
+                    ready_at: Some(retry),
+                    load: 0,
+                };
+            }
+        }
+    }
+
+    /// Graceful shutdown: release everything, take nothing more.
+    pub fn drain(&mut self) -> Vec<Action> {
+        self.serving = false;
+        self.hold_until = None;
+        self.held = None;
+        let all: Vec<u32> = (0..PARTITIONS)
+            .filter(|&p| self.parts[p as usize].state != State::Released)
+            .collect();
+        for &p in &all {
+            self.parts[p as usize] = Part {
+                state: State::Released,
+                ready_at: None,
+                load: 0,
+            };
+        }
+        if all.is_empty() {
+            Vec::new()
+        } else {
+            vec![Action::Release(all)]
+        }
+    }
+}
+
+const RELEASED: u8 = 0;
+const WAITING: u8 = 1;
+const OWNED: u8 = 2;
+
+/// What the request path reads: per partition, whether it is served, without a lock.
+pub struct Table {
+    states: Box<[AtomicU8]>,
+    epoch: AtomicU64,
+    serving: AtomicBool,
+    owned: AtomicU64,
+}
+
+impl Table {
+    pub fn new() -> Arc<Table> {
+        Arc::new(Table {
+            states: (0..PARTITIONS).map(|_| AtomicU8::new(RELEASED)).collect(),
+            epoch: AtomicU64::new(0),
+            serving: AtomicBool::new(true),
+            owned: AtomicU64::new(0),
+        })
+    }
+
+    /// Copies the machine's view. Refusals take effect before the caller releases anything.
+    pub fn sync(&self, own: &Ownership) {
+        let mut owned = 0;
+        for (p, part) in own.parts.iter().enumerate() {
+            let v = match part.state {
+                State::Released => RELEASED,
+                State::Pending | State::Loading => WAITING,
+                State::Owned => {
+                    owned += 1;
+                    OWNED
+                }
+            };
+            self.states[p].store(v, Ordering::Release);
+        }
+        self.owned.store(owned, Ordering::Relaxed);
+        self.epoch.store(own.ring.epoch(), Ordering::Relaxed);
+        self.serving.store(own.serving, Ordering::Relaxed);
+    }
+
+    /// Reports not serving at once (a drain begins), before the machine has caught up.
+    pub fn stop_serving(&self) {
+        self.serving.store(false, Ordering::Relaxed);
+    }
+
+    /// The epoch of the ring the shard follows.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    pub fn owned_count(&self) -> usize {
+        self.owned.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether this shard serves `user` now.
+    pub fn check(&self, user: UserId) -> Result<(), Error> {
+        match self.states[partition_of(user) as usize].load(Ordering::Acquire) {
+            OWNED => Ok(()),
+            WAITING => Err(Error::ShardUnavailable("partition loading, retry".into())),
+            _ => Err(Error::WrongOwner {
+                epoch: self.epoch(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scenarios in the style of chitchat's cluster tests: a list of steps run against one
+    //! shard's machine on paused time, with a tiny in-test cluster that answers loads.
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(2);
+
+    fn addr(i: usize) -> String {
+        format!("10.0.0.{i}:50051")
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The members are now these shards (by index); the machine is shard `ME`.
+        Members(Vec<usize>),
+        /// Paused time moves on.
+        Wait(Duration),
+        /// The store answers the oldest outstanding load.
+        LoadDone,
+        /// The store fails the oldest outstanding load.
+        LoadFailed,
+        /// SIGTERM.
+        Drain,
+        /// Every partition the ring gives `ME` is in this state; all others are released.
+        ExpectMine(State),
+        /// No partition is in this state.
+        ExpectNone(State),
+        /// This many loads are outstanding.
+        ExpectLoads(usize),
+        /// The partitions released so far, counted since the last check, equal the ones
+        /// the ring took away (or all, after a drain): at least this many.
+        ExpectReleasedAtLeast(usize),
+    }
+
+    const ME: usize = 0;
+
+    struct Harness {
+        own: Ownership,
+        loads: Vec<(u64, Vec<u32>)>,
+        released: usize,
+        ring: Arc<Ring>,
+        table: Arc<Table>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            Harness {
+                own: Ownership::new(addr(ME), GRACE, Instant::now()),
+                loads: Vec::new(),
+                released: 0,
+                ring: Arc::new(Ring::new(Vec::new())),
+                table: Table::new(),
+            }
+        }
+
+        fn take(&mut self, actions: Vec<Action>) {
+            for a in actions {
+                match a {
+                    Action::Release(ps) => {
+                        // A released partition is refused before its users go.
+                        self.table.sync(&self.own);
+                        for p in &ps {
+                            assert_eq!(self.own.state(*p), State::Released);
+                        }
+                        self.released += ps.len();
+                    }
+                    Action::Load { id, partitions } => self.loads.push((id, partitions)),
+                }
+            }
+            self.table.sync(&self.own);
+        }
+
+        async fn run(&mut self, steps: &[Step]) {
+            for (i, step) in steps.iter().enumerate() {
+                let now = Instant::now();
+                match step.clone() {
+                    Step::Members(ms) => {
+                        self.ring = Arc::new(Ring::new(ms.iter().map(|&m| addr(m))));
+                        let a = self.own.ring_changed(self.ring.clone(), now);
+                        self.take(a);
+                    }
+                    Step::Wait(d) => {
+                        // Tick at every deadline on the way, as the driver does.
+                        let end = now + d;
+                        while let Some(t) = self.own.next_deadline().filter(|t| *t <= end) {
+                            tokio::time::sleep_until(t).await;
+                            let a = self.own.tick(Instant::now());
+                            self.take(a);
+                        }
+                        tokio::time::sleep_until(end).await;
+                        let a = self.own.tick(Instant::now());
+                        self.take(a);
+                    }
+                    Step::LoadDone => {
+                        let (id, _) = self.loads.remove(0);
+                        self.own.load_done(id);
+                        self.table.sync(&self.own);
+                    }
+                    Step::LoadFailed => {
+                        let (id, _) = self.loads.remove(0);
+                        self.own.load_failed(id, now);
+                        self.table.sync(&self.own);
+                    }
+                    Step::Drain => {
+                        let a = self.own.drain();
+                        self.take(a);
+                    }
+                    Step::ExpectMine(state) => {
+                        let mine: Vec<u32> = self.ring.partitions_of(&addr(ME));
+                        assert!(
+                            !mine.is_empty() || state == State::Released,
+                            "step {i}: the ring gives me nothing"
+                        );
+                        for &p in &mine {
+                            assert_eq!(self.own.state(p), state, "step {i}: partition {p}");
+                        }
+                        let mine_count = mine.len();
+                        let others = PARTITIONS as usize - mine_count;
+                        let released = self.own.count(State::Released);
+                        let expect = if state == State::Released {
+                            PARTITIONS as usize
+                        } else {
+                            others
+                        };
+                        assert_eq!(released, expect, "step {i}: released partitions");
+                        // The table serves exactly the owned partitions.
+                        for &p in mine.iter().take(64) {
+                            let user = (1..).find(|u| partition_of(*u) == p).unwrap();
+                            assert_eq!(
+                                self.table.check(user).is_ok(),
+                                state == State::Owned,
+                                "step {i}: table for partition {p}"
+                            );
+                        }
+                    }
+                    Step::ExpectNone(state) => {
+                        assert_eq!(self.own.count(state), 0, "step {i}: {state:?}");
+                    }
+                    Step::ExpectLoads(n) => {
+                        assert_eq!(self.loads.len(), n, "step {i}: outstanding loads")
+                    }
+                    Step::ExpectReleasedAtLeast(n) => {
+                        assert!(
+                            self.released >= n,
+                            "step {i}: released {} < {n}",
+                            self.released
+                        );
+                        self.released = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    use Step::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_shard_takes_nothing_during_its_start_grace() {
+        Harness::new()
+            .run(&[
+                Members(vec![0, 1, 2]),
+                ExpectMine(State::Released),
+                ExpectLoads(0),
+                Wait(GRACE - Duration::from_millis(10)),
+                ExpectLoads(0),
+                // Previous owners (1 and 2) are alive: one more grace before loading.
+                Wait(Duration::from_millis(10)),
+                ExpectMine(State::Pending),
+                Wait(GRACE),
+                ExpectLoads(1),
+                ExpectMine(State::Loading),
+                LoadDone,
+                ExpectMine(State::Owned),
+                ExpectNone(State::Loading),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_a_single_shard_owns_everything_at_once() {
+        Harness::new()
+            .run(&[
+                Members(vec![0]),
+                Wait(GRACE),
+                // No previous owner: load without waiting.
+                ExpectLoads(1),
+                ExpectMine(State::Loading),
+                LoadDone,
+                ExpectMine(State::Owned),
+            ])
+            .await;
+        let h = Harness::new();
+        assert_eq!(h.own.count(State::Released), PARTITIONS as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_shard_joins_and_we_release_its_share() {
+        Harness::new()
+            .run(&[
+                Members(vec![0, 1]),
+                Wait(GRACE * 2),
+                LoadDone,
+                ExpectMine(State::Owned),
+                Members(vec![0, 1, 2]),
+                // About a third of ours went to the newcomer, released at once.
+                ExpectReleasedAtLeast(PARTITIONS as usize / 3 / 2),
+                ExpectMine(State::Owned),
+                ExpectLoads(0),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_leaves_and_we_load_its_share_without_waiting() {
+        Harness::new()
+            .run(&[
+                Members(vec![0, 1, 2]),
+                Wait(GRACE * 2),
+                LoadDone,
+                ExpectMine(State::Owned),
+                // Shard 2 was killed: its partitions have no live previous owner.
+                Members(vec![0, 1]),
+                ExpectLoads(1),
+                LoadDone,
+                ExpectMine(State::Owned),
+                ExpectNone(State::Pending),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_leave_and_rejoin_ignores_the_stale_load() {
+        Harness::new()
+            .run(&[
+                Members(vec![0, 1, 2]),
+                Wait(GRACE * 2),
+                LoadDone,
+                // 2 leaves: we start loading its share (load A)...
+                Members(vec![0, 1]),
+                ExpectLoads(1),
+                // ...and it comes back before A finishes: its share is released...
+                Members(vec![0, 1, 2]),
+                ExpectReleasedAtLeast(1),
+                ExpectMine(State::Owned),
+                // ...and A's late result makes none of it ours again.
+                LoadDone,
+                ExpectMine(State::Owned),
+                ExpectNone(State::Loading),
+                ExpectLoads(0),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_ring_changes_during_one_load() {
+        Harness::new()
+            .run(&[
+                Members(vec![0]),
+                Wait(GRACE),
+                ExpectLoads(1),
+                // While loading everything, two more shards join, one after the other.
+                Members(vec![0, 1]),
+                Members(vec![0, 1, 2]),
+                ExpectReleasedAtLeast(PARTITIONS as usize / 2),
+                ExpectMine(State::Loading),
+                LoadDone,
+                // Only what is still ours is owned.
+                ExpectMine(State::Owned),
+                ExpectNone(State::Loading),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_load_retries_with_backoff_and_still_follows_the_ring() {
+        Harness::new()
+            .run(&[
+                Members(vec![0]),
+                Wait(GRACE),
+                LoadFailed,
+                ExpectMine(State::Pending),
+                ExpectLoads(0),
+                Wait(Duration::from_millis(99)),
+                ExpectLoads(0),
+                Wait(Duration::from_millis(1)),
+                ExpectLoads(1),
+                LoadFailed,
+                // The backoff doubled.
+                Wait(Duration::from_millis(199)),
+                ExpectLoads(0),
+                // A ring change is taken while the store fails.
+                Members(vec![0, 1]),
+                ExpectReleasedAtLeast(PARTITIONS as usize / 3),
+                Wait(Duration::from_millis(1)),
+                ExpectLoads(1),
+                LoadDone,
+                ExpectMine(State::Owned),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigterm_releases_everything_and_takes_nothing_more() {
+        Harness::new()
+            .run(&[
+                Members(vec![0, 1]),
+                Wait(GRACE * 2),
+                LoadDone,
+                ExpectMine(State::Owned),
+                Drain,
+                ExpectReleasedAtLeast(PARTITIONS as usize / 3),
+                ExpectNone(State::Owned),
+                Members(vec![0]),
+                Wait(GRACE * 3),
+                ExpectLoads(0),
+                ExpectNone(State::Owned),
+                ExpectNone(State::Loading),
+            ])
+            .await;
+        let mut h = Harness::new();
+        let actions = h.own.drain();
+        h.take(actions);
+        assert!(!h.table.serving());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigterm_during_a_load_drops_its_result() {
+        Harness::new()
+            .run(&[
+                Members(vec![0]),
+                Wait(GRACE),
+                ExpectLoads(1),
+                Drain,
+                LoadDone,
+                ExpectNone(State::Owned),
+            ])
+            .await;
+    }
+}

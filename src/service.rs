@@ -1,0 +1,49 @@
+//! The presence operations as the API calls them: one trait, served in-process by a shard and
+//! remotely by the gateway's router.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
+use crate::store::SubscriptionMode;
+
+/// The presence operations, as the API calls them. The in-process [`crate::shard::Shard`]
+/// implements it, and so does the gateway's [`crate::peer::Router`], which calls the owning shard.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    async fn online(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+    ) -> Result<StatusView, Error>;
+    /// A device goes offline; with `unless_seen_within`, not if it was seen that recently
+    /// (through any gateway): a WebSocket's close grace.
+    async fn offline(
+        &self,
+        user: UserId,
+        device: &str,
+        unless_seen_within: Option<Duration>,
+    ) -> Result<(), Error>;
+    async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
+    async fn status(&self, user: UserId) -> Result<StatusView, Error>;
+    /// One entry per distinct user, in request order.
+    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error>;
+    async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error>;
+    async fn clear_status(&self, user: UserId) -> Result<StatusView, Error>;
+    /// Full views of many users, one per distinct user, in request order.
+    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error>;
+    /// The targets `user` subscribes to.
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error>;
+    /// Changes `user`'s subscriptions; answers the new list.
+    async fn subscribe(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+    ) -> Result<Vec<UserId>, Error>;
+    /// Whether the backing store answers.
+    async fn healthy(&self) -> bool;
+}
