@@ -272,6 +272,33 @@ impl Config {
         Ok(config)
     }
 
+    /// A config from `PRESENCE_*` variable names and values, as if they were set, ignoring the
+    /// process environment for the variables named: what an in-process node of a test runs
+    /// with. Every other setting takes its default (or the process environment).
+    pub fn from_vars(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let command = Config::command();
+        let mut args = vec!["presence-service".to_owned()];
+        for (name, value) in vars {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == *name))
+                .and_then(|a| a.get_long())
+                .ok_or_else(|| ConfigError {
+                    variable: (*name).into(),
+                    message: "no such setting".into(),
+                })?;
+            args.push(format!("--{arg}={value}"));
+        }
+        match Config::try_load(args) {
+            Ok(c) => Ok(c),
+            Err(Ok(e)) => Err(e),
+            Err(Err(e)) => Err(ConfigError {
+                variable: String::new(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |variable: &str, message: &str| {
             Err(ConfigError {
@@ -553,6 +580,24 @@ fn clap_error(e: &clap::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_vars_sets_what_it_names_and_refuses_unknown_names() {
+        let c = Config::from_vars(&[
+            ("PRESENCE_HEARTBEAT_TIMEOUT", "40s"),
+            ("PRESENCE_ROLE", "shard"),
+            ("PRESENCE_SHARDS", "127.0.0.1:1,127.0.0.1:2"),
+            ("PRESENCE_ADVERTISE", "127.0.0.1:1"),
+        ])
+        .unwrap();
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(40));
+        assert_eq!(c.role, Role::Shard);
+        assert_eq!(c.static_shards().len(), 2);
+        let e = Config::from_vars(&[("PRESENCE_NO_SUCH_THING", "1")]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_NO_SUCH_THING");
+        let e = Config::from_vars(&[("PRESENCE_HEARTBEAT_TIMEOUT", "soon")]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
+    }
 
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         let mut all = vec!["presence-service"];

@@ -1,384 +1,517 @@
-//! The Prometheus registry and every metric the service exports.
+//! The Prometheus registry and every metric the service exports, grouped by subsystem, with
+//! typed label sets.
+//!
+//! A labelled metric is a [`Family`] of one [`Labels`] type: its values are named fields or enum
+//! variants, so a label in the wrong place does not compile. Names keep the `presence_` prefix
+//! and the `_total` / `_seconds` suffixes.
 
+use std::marker::PhantomData;
+
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every metric, registered in one registry per node.
-pub struct Metrics {
-    pub registry: Registry,
-    pub online_users: IntGauge,
-    pub online_devices: IntGauge,
-    pub cached_users: IntGauge,
-    pub heartbeats: IntCounterVec,
-    pub timeouts: IntCounter,
-    pub transitions: IntCounterVec,
-    pub timer_fired: IntCounter,
-    pub timer_lag: Histogram,
-    pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
-    pub store_ops: IntCounterVec,
-    pub store_duration: HistogramVec,
-    pub ready: IntGauge,
-    pub build_info: IntGaugeVec,
-    pub redis_round_trips: IntCounterVec,
-    pub store_redis_commands: IntCounterVec,
-    pub redis_errors: IntCounterVec,
-    pub redis_topology_refreshes: IntCounter,
-    pub recovered_users: IntCounter,
-    pub ring_members: IntGauge,
-    pub ring_epoch: IntGauge,
-    pub ring_changes: IntCounter,
-    pub owned_partitions: IntGauge,
-    pub grpc_requests: IntCounterVec,
-    pub grpc_duration: HistogramVec,
-    pub wrong_owner_retries: IntCounter,
-    pub handoffs: IntCounterVec,
-    pub handoff_duration: HistogramVec,
-    pub ws_connections: IntGauge,
-    pub ws_subscriptions: IntGauge,
-    pub ws_slow_consumers: IntCounter,
-    pub ws_messages: IntCounterVec,
-    pub events_published: IntCounter,
-    pub events_delivered: IntCounter,
-    pub event_streams: IntGauge,
-    pub push_delay: Histogram,
-    pub subscription_changes: IntCounterVec,
+/// A set of label values, given to a metric in the order of its label names.
+pub trait Labels {
+    /// The label set's type with every borrowed value `'static`: what a [`Family`] is declared
+    /// with, so that one family takes values of any lifetime but of no other type.
+    type Of;
+    /// The label names, in order.
+    const NAMES: &'static [&'static str];
+    /// Calls `f` with the values, in the order of [`Labels::NAMES`].
+    fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R;
 }
+
+/// A metric vector that hands out one metric per label set.
+pub trait LabelledVec: Collector + Clone + 'static {
+    type Metric;
+    fn with_values(&self, values: &[&str]) -> Self::Metric;
+}
+
+impl LabelledVec for IntCounterVec {
+    type Metric = IntCounter;
+    fn with_values(&self, values: &[&str]) -> IntCounter {
+        self.with_label_values(values)
+    }
+}
+
+impl LabelledVec for HistogramVec {
+    type Metric = Histogram;
+    fn with_values(&self, values: &[&str]) -> Histogram {
+        self.with_label_values(values)
+    }
+}
+
+/// A labelled metric whose label values are always an `L`.
+pub struct Family<L, V> {
+    vec: V,
+    _labels: PhantomData<fn(&L)>,
+}
+
+impl<L, V: LabelledVec> Family<L, V> {
+    /// The metric of one label set.
+    pub fn get<X: Labels<Of = L>>(&self, labels: X) -> V::Metric {
+        labels.with(|values| self.vec.with_values(values))
+    }
+}
+
+/// A labelled counter.
+pub type Counters<L> = Family<L, IntCounterVec>;
+/// A labelled histogram.
+pub type Histograms<L> = Family<L, HistogramVec>;
+
+/// Declares a label set: a struct of `&str` fields, named as its labels, in order.
+macro_rules! label_struct {
+    ($(#[$doc:meta])* $name:ident { $($field:ident),+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name<'a> {
+            $(pub $field: &'a str,)+
+        }
+        impl Labels for $name<'_> {
+            type Of = $name<'static>;
+            const NAMES: &'static [&'static str] = &[$(stringify!($field)),+];
+            fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+                f(&[$(self.$field),+])
+            }
+        }
+    };
+}
+
+/// Declares a one-label set as an enum: each variant is one value.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident ($label:literal) { $($variant:ident = $value:literal),+ }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            /// Every value, to pre-create the series dashboards expect.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $value),+ }
+            }
+        }
+        impl Labels for $name {
+            type Of = $name;
+            const NAMES: &'static [&'static str] = &[$label];
+            fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+                f(&[self.as_str()])
+            }
+        }
+    };
+}
+
+label_struct!(
+    /// An HTTP answer: route template, method, status code.
+    HttpAnswer { route, method, code }
+);
+label_struct!(
+    /// An HTTP route template and method.
+    HttpRoute { route, method }
+);
+label_struct!(
+    /// A change of a user's effective status.
+    Transition { from, to }
+);
+label_struct!(
+    /// A store operation and its result (`ok`, `error`).
+    StoreResult { op, result }
+);
+label_struct!(
+    /// A store operation.
+    StoreOp { op }
+);
+label_struct!(
+    /// A gRPC call's side (`client`, `server`), method and code.
+    GrpcAnswer { side, method, code }
+);
+label_struct!(
+    /// A gRPC call's side and method.
+    GrpcCall { side, method }
+);
+/// A WebSocket client message's type and result.
+#[derive(Clone, Copy, Debug)]
+pub struct WsMessage<'a> {
+    pub kind: &'a str,
+    pub result: &'a str,
+}
+
+impl Labels for WsMessage<'_> {
+    type Of = WsMessage<'static>;
+    const NAMES: &'static [&'static str] = &["type", "result"];
+    fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+        f(&[self.kind, self.result])
+    }
+}
+label_struct!(
+    /// A subscription change's mode (`add`, `remove`, `replace`).
+    SubscriptionChange { mode }
+);
+label_enum!(
+    /// What became of a heartbeat.
+    HeartbeatResult("result") { Ok = "ok", NotOnline = "not_online", Error = "error" }
+);
+label_enum!(
+    /// The kind of a Redis error.
+    RedisError("kind") { Retriable = "retriable", Fatal = "fatal", ReplicaLag = "replica_lag" }
+);
+label_enum!(
+    /// The direction of a partition handoff.
+    Direction("direction") { Gained = "gained", Released = "released" }
+);
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-impl Metrics {
-    pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("metric names are unique");
-        };
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let online_users = gauge(
-            "presence_online_users",
-            "Users with at least one online device.",
-        );
-        let online_devices = gauge("presence_online_devices", "Devices online.");
-        let cached_users = gauge(
-            "presence_cached_users",
-            "Users whose live state this node holds in memory.",
-        );
-        let ready = gauge(
-            "presence_ready",
-            "1 when the node is ready to serve, 0 otherwise.",
-        );
-        let heartbeats = IntCounterVec::new(
-            Opts::new(
+/// Creates metrics and registers each in one registry.
+struct Reg<'a>(&'a Registry);
+
+impl Reg<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, c: C) -> C {
+        self.0
+            .register(Box::new(c.clone()))
+            .expect("metric names are unique");
+        c
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    fn counters<L: Labels>(&self, name: &str, help: &str) -> Counters<L> {
+        let vec = IntCounterVec::new(Opts::new(name, help), L::NAMES).expect("valid metric");
+        Family {
+            vec: self.add(vec),
+            _labels: PhantomData,
+        }
+    }
+
+    fn histograms<L: Labels>(&self, name: &str, help: &str, buckets: &[f64]) -> Histograms<L> {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let vec = HistogramVec::new(opts, L::NAMES).expect("valid metric");
+        Family {
+            vec: self.add(vec),
+            _labels: PhantomData,
+        }
+    }
+}
+
+/// Users, devices and their timers (the shard's domain).
+pub struct PresenceMetrics {
+    pub online_users: IntGauge,
+    pub online_devices: IntGauge,
+    pub cached_users: IntGauge,
+    pub heartbeats: Counters<HeartbeatResult>,
+    pub timeouts: IntCounter,
+    pub transitions: Counters<Transition<'static>>,
+    pub timer_fired: IntCounter,
+    pub timer_lag: Histogram,
+    pub recovered_users: IntCounter,
+}
+
+impl PresenceMetrics {
+    fn new(r: &Reg) -> PresenceMetrics {
+        let m = PresenceMetrics {
+            online_users: r.gauge(
+                "presence_online_users",
+                "Users with at least one online device.",
+            ),
+            online_devices: r.gauge("presence_online_devices", "Devices online."),
+            cached_users: r.gauge(
+                "presence_cached_users",
+                "Users whose live state this node holds in memory.",
+            ),
+            heartbeats: r.counters(
                 "presence_heartbeats_total",
                 "Heartbeats received, by result.",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let timeouts = IntCounter::new(
-            "presence_device_timeouts_total",
-            "Devices marked offline because their heartbeats stopped.",
-        )
-        .expect("valid metric");
-        let transitions = IntCounterVec::new(
-            Opts::new(
+            timeouts: r.counter(
+                "presence_device_timeouts_total",
+                "Devices marked offline because their heartbeats stopped.",
+            ),
+            transitions: r.counters(
                 "presence_status_transitions_total",
                 "Changes of a user's effective status.",
             ),
-            &["from", "to"],
-        )
-        .expect("valid metric");
-        let timer_fired = IntCounter::new(
-            "presence_timer_fired_total",
-            "Timer wheel entries that were due and processed.",
-        )
-        .expect("valid metric");
-        let timer_lag = Histogram::with_opts(
-            HistogramOpts::new(
+            timer_fired: r.counter(
+                "presence_timer_fired_total",
+                "Timer wheel entries that were due and processed.",
+            ),
+            timer_lag: r.histogram(
                 "presence_timer_lag_seconds",
                 "How late a timer tick ran compared with its scheduled time.",
-            )
-            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
-        )
-        .expect("valid metric");
-        let http_requests = IntCounterVec::new(
-            Opts::new(
+                &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+            ),
+            recovered_users: r.counter(
+                "presence_recovered_users_total",
+                "Live users reloaded from the store's live index at start-up.",
+            ),
+        };
+        // Pre-create the label sets dashboards expect, so they read 0 rather than nothing.
+        for &h in &HeartbeatResult::ALL[..2] {
+            m.heartbeats.get(h);
+        }
+        m
+    }
+}
+
+/// The REST API.
+pub struct HttpMetrics {
+    pub requests: Counters<HttpAnswer<'static>>,
+    pub duration: Histograms<HttpRoute<'static>>,
+}
+
+impl HttpMetrics {
+    fn new(r: &Reg) -> HttpMetrics {
+        HttpMetrics {
+            requests: r.counters(
                 "presence_http_requests_total",
                 "HTTP requests, by route, method and code.",
             ),
-            &["route", "method", "code"],
-        )
-        .expect("valid metric");
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
+            duration: r.histograms(
                 "presence_http_request_duration_seconds",
                 "HTTP request latency.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "method"],
-        )
-        .expect("valid metric");
-        let store_ops = IntCounterVec::new(
-            Opts::new(
+                LATENCY_BUCKETS,
+            ),
+        }
+    }
+}
+
+/// The store, and Redis under it.
+pub struct StoreMetrics {
+    pub ops: Counters<StoreResult<'static>>,
+    pub duration: Histograms<StoreOp<'static>>,
+    pub redis_round_trips: Counters<StoreOp<'static>>,
+    pub redis_commands: Counters<StoreOp<'static>>,
+    pub redis_errors: Counters<RedisError>,
+    pub redis_topology_refreshes: IntCounter,
+}
+
+impl StoreMetrics {
+    fn new(r: &Reg) -> StoreMetrics {
+        let m = StoreMetrics {
+            ops: r.counters(
                 "presence_store_operations_total",
                 "Store operations, by operation and result.",
             ),
-            &["op", "result"],
-        )
-        .expect("valid metric");
-        let store_duration = HistogramVec::new(
-            HistogramOpts::new(
+            duration: r.histograms(
                 "presence_store_operation_duration_seconds",
                 "Store operation latency.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["op"],
-        )
-        .expect("valid metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("presence_build_info", "Build information; always 1."),
-            &["version"],
-        )
-        .expect("valid metric");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        let redis_round_trips = IntCounterVec::new(
-            Opts::new(
+                LATENCY_BUCKETS,
+            ),
+            redis_round_trips: r.counters(
                 "presence_redis_round_trips_total",
                 "Pipelines sent to Redis nodes (one per node per operation), by operation.",
             ),
-            &["op"],
-        )
-        .expect("valid metric");
-        let store_redis_commands = IntCounterVec::new(
-            Opts::new(
+            redis_commands: r.counters(
                 "presence_redis_commands_total",
                 "Redis commands sent, by operation.",
             ),
-            &["op"],
-        )
-        .expect("valid metric");
-        let redis_errors = IntCounterVec::new(
-            Opts::new(
+            redis_errors: r.counters(
                 "presence_redis_errors_total",
                 "Redis errors, by kind (retriable, fatal, replica_lag).",
             ),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let redis_topology_refreshes = IntCounter::new(
-            "presence_redis_topology_refreshes_total",
-            "Reads of the Redis Cluster slot map.",
-        )
-        .expect("valid metric");
-        let recovered_users = IntCounter::new(
-            "presence_recovered_users_total",
-            "Live users reloaded from the store's live index at start-up.",
-        )
-        .expect("valid metric");
-        let ring_members = gauge("presence_ring_members", "Shards in this node's ring.");
-        let ring_epoch = gauge(
-            "presence_ring_epoch",
-            "Epoch of this node's ring (identifies the member set; equal on nodes that agree).",
-        );
-        let ring_changes = IntCounter::new(
-            "presence_ring_changes_total",
-            "Times this node's ring changed.",
-        )
-        .expect("valid metric");
-        let owned_partitions = gauge(
-            "presence_owned_partitions",
-            "Partitions this shard owns and serves.",
-        );
-        let grpc_requests = IntCounterVec::new(
-            Opts::new(
-                "presence_grpc_requests_total",
-                "gRPC calls between nodes, by side (client, server), method and code.",
+            redis_topology_refreshes: r.counter(
+                "presence_redis_topology_refreshes_total",
+                "Reads of the Redis Cluster slot map.",
             ),
-            &["side", "method", "code"],
-        )
-        .expect("valid metric");
-        let grpc_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "presence_grpc_request_duration_seconds",
-                "gRPC call latency.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["side", "method"],
-        )
-        .expect("valid metric");
-        let wrong_owner_retries = IntCounter::new(
-            "presence_wrong_owner_retries_total",
-            "Gateway retries after a shard answered that it does not own the user.",
-        )
-        .expect("valid metric");
-        let handoffs = IntCounterVec::new(
-            Opts::new(
+        };
+        for &k in RedisError::ALL {
+            m.redis_errors.get(k);
+        }
+        m
+    }
+}
+
+/// The ring, and the partitions a shard owns.
+pub struct RingMetrics {
+    pub members: IntGauge,
+    pub epoch: IntGauge,
+    pub changes: IntCounter,
+    pub owned_partitions: IntGauge,
+    pub handoffs: Counters<Direction>,
+    pub handoff_duration: Histograms<Direction>,
+}
+
+impl RingMetrics {
+    fn new(r: &Reg) -> RingMetrics {
+        let m = RingMetrics {
+            members: r.gauge("presence_ring_members", "Shards in this node's ring."),
+            epoch: r.gauge(
+                "presence_ring_epoch",
+                "Epoch of this node's ring (identifies the member set; equal on nodes that agree).",
+            ),
+            changes: r.counter(
+                "presence_ring_changes_total",
+                "Times this node's ring changed.",
+            ),
+            owned_partitions: r.gauge(
+                "presence_owned_partitions",
+                "Partitions this shard owns and serves.",
+            ),
+            handoffs: r.counters(
                 "presence_handoffs_total",
                 "Partition handoffs, by direction (gained, released).",
             ),
-            &["direction"],
-        )
-        .expect("valid metric");
-        let handoff_duration = HistogramVec::new(
-            HistogramOpts::new(
+            handoff_duration: r.histograms(
                 "presence_handoff_duration_seconds",
                 "How long taking over (loading) or releasing partitions took.",
-            )
-            .buckets(vec![
-                0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &["direction"],
-        )
-        .expect("valid metric");
-        let ws_connections = gauge(
-            "presence_ws_connections",
-            "WebSockets connected to this gateway.",
-        );
-        let ws_subscriptions = gauge(
-            "presence_ws_subscriptions",
-            "Subscriptions (subscriber, target) of the users connected to this gateway.",
-        );
-        let ws_slow_consumers = IntCounter::new(
-            "presence_slow_consumers_total",
-            "Sockets (or gateway streams) cut off: they did not read their messages, or sent too fast.",
-        )
-        .expect("valid metric");
-        let ws_messages = IntCounterVec::new(
-            Opts::new(
+                &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+        };
+        for &d in Direction::ALL {
+            m.handoffs.get(d);
+        }
+        m
+    }
+}
+
+/// gRPC between nodes.
+pub struct GrpcMetrics {
+    pub requests: Counters<GrpcAnswer<'static>>,
+    pub duration: Histograms<GrpcCall<'static>>,
+    pub wrong_owner_retries: IntCounter,
+}
+
+impl GrpcMetrics {
+    fn new(r: &Reg) -> GrpcMetrics {
+        GrpcMetrics {
+            requests: r.counters(
+                "presence_grpc_requests_total",
+                "gRPC calls between nodes, by side (client, server), method and code.",
+            ),
+            duration: r.histograms(
+                "presence_grpc_request_duration_seconds",
+                "gRPC call latency.",
+                LATENCY_BUCKETS,
+            ),
+            wrong_owner_retries: r.counter(
+                "presence_wrong_owner_retries_total",
+                "Gateway retries after a shard answered that it does not own the user.",
+            ),
+        }
+    }
+}
+
+/// Real-time push: sockets, subscriptions, event streams.
+pub struct PushMetrics {
+    pub ws_connections: IntGauge,
+    pub ws_subscriptions: IntGauge,
+    pub slow_consumers: IntCounter,
+    pub ws_messages: Counters<WsMessage<'static>>,
+    pub events_published: IntCounter,
+    pub events_delivered: IntCounter,
+    pub event_streams: IntGauge,
+    pub delay: Histogram,
+    pub subscription_changes: Counters<SubscriptionChange<'static>>,
+}
+
+impl PushMetrics {
+    fn new(r: &Reg) -> PushMetrics {
+        PushMetrics {
+            ws_connections: r.gauge(
+                "presence_ws_connections",
+                "WebSockets connected to this gateway.",
+            ),
+            ws_subscriptions: r.gauge(
+                "presence_ws_subscriptions",
+                "Subscriptions (subscriber, target) of the users connected to this gateway.",
+            ),
+            slow_consumers: r.counter(
+                "presence_slow_consumers_total",
+                "Sockets (or gateway streams) cut off: they did not read their messages, or sent too fast.",
+            ),
+            ws_messages: r.counters(
                 "presence_ws_messages_total",
                 "WebSocket client messages, by type and result.",
             ),
-            &["type", "result"],
-        )
-        .expect("valid metric");
-        let events_published = IntCounter::new(
-            "presence_events_published_total",
-            "Presence events a shard sent (once per interested gateway).",
-        )
-        .expect("valid metric");
-        let events_delivered = IntCounter::new(
-            "presence_events_delivered_total",
-            "Presence frames queued to sockets.",
-        )
-        .expect("valid metric");
-        let event_streams = gauge(
-            "presence_event_streams",
-            "Open shard-to-gateway event streams.",
-        );
-        let push_delay = Histogram::with_opts(
-            HistogramOpts::new(
+            events_published: r.counter(
+                "presence_events_published_total",
+                "Presence events a shard sent (once per interested gateway).",
+            ),
+            events_delivered: r.counter(
+                "presence_events_delivered_total",
+                "Presence frames queued to sockets.",
+            ),
+            event_streams: r.gauge(
+                "presence_event_streams",
+                "Open shard-to-gateway event streams.",
+            ),
+            delay: r.histogram(
                 "presence_push_delay_seconds",
                 "Delay from a presence change to its frame being queued to sockets.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-        )
-        .expect("valid metric");
-        let subscription_changes = IntCounterVec::new(
-            Opts::new(
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            subscription_changes: r.counters(
                 "presence_subscription_changes_total",
                 "Subscription changes, by mode.",
             ),
-            &["mode"],
-        )
-        .expect("valid metric");
-        for d in ["gained", "released"] {
-            handoffs.with_label_values(&[d]);
         }
-        for c in [
-            Box::new(online_users.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(online_devices.clone()),
-            Box::new(cached_users.clone()),
-            Box::new(ready.clone()),
-            Box::new(heartbeats.clone()),
-            Box::new(timeouts.clone()),
-            Box::new(transitions.clone()),
-            Box::new(timer_fired.clone()),
-            Box::new(timer_lag.clone()),
-            Box::new(http_requests.clone()),
-            Box::new(http_duration.clone()),
-            Box::new(store_ops.clone()),
-            Box::new(store_duration.clone()),
-            Box::new(build_info.clone()),
-            Box::new(redis_round_trips.clone()),
-            Box::new(store_redis_commands.clone()),
-            Box::new(redis_errors.clone()),
-            Box::new(redis_topology_refreshes.clone()),
-            Box::new(recovered_users.clone()),
-            Box::new(ring_members.clone()),
-            Box::new(ring_epoch.clone()),
-            Box::new(ring_changes.clone()),
-            Box::new(owned_partitions.clone()),
-            Box::new(grpc_requests.clone()),
-            Box::new(grpc_duration.clone()),
-            Box::new(wrong_owner_retries.clone()),
-            Box::new(handoffs.clone()),
-            Box::new(handoff_duration.clone()),
-            Box::new(ws_connections.clone()),
-            Box::new(ws_subscriptions.clone()),
-            Box::new(ws_slow_consumers.clone()),
-            Box::new(ws_messages.clone()),
-            Box::new(events_published.clone()),
-            Box::new(events_delivered.clone()),
-            Box::new(event_streams.clone()),
-            Box::new(push_delay.clone()),
-            Box::new(subscription_changes.clone()),
-        ] {
-            reg(c);
-        }
-        // Pre-create the label sets dashboards expect, so they read 0 rather than nothing.
-        for r in ["ok", "not_online"] {
-            heartbeats.with_label_values(&[r]);
-        }
-        for k in ["retriable", "fatal", "replica_lag"] {
-            redis_errors.with_label_values(&[k]);
-        }
+    }
+}
+
+/// Every metric of a node, registered in one registry per node.
+pub struct Metrics {
+    pub registry: Registry,
+    /// 1 when the node is ready to serve.
+    pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub presence: PresenceMetrics,
+    pub http: HttpMetrics,
+    pub store: StoreMetrics,
+    pub ring: RingMetrics,
+    pub grpc: GrpcMetrics,
+    pub push: PushMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = Reg(&registry);
+        let ready = r.gauge(
+            "presence_ready",
+            "1 when the node is ready to serve, 0 otherwise.",
+        );
+        let build_info = r.add(
+            IntGaugeVec::new(
+                Opts::new("presence_build_info", "Build information; always 1."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let presence = PresenceMetrics::new(&r);
+        let http = HttpMetrics::new(&r);
+        let store = StoreMetrics::new(&r);
+        let ring = RingMetrics::new(&r);
+        let grpc = GrpcMetrics::new(&r);
+        let push = PushMetrics::new(&r);
         Metrics {
             registry,
-            online_users,
-            online_devices,
-            cached_users,
-            heartbeats,
-            timeouts,
-            transitions,
-            timer_fired,
-            timer_lag,
-            http_requests,
-            http_duration,
-            store_ops,
-            store_duration,
             ready,
             build_info,
-            redis_round_trips,
-            store_redis_commands,
-            redis_errors,
-            redis_topology_refreshes,
-            recovered_users,
-            ring_members,
-            ring_epoch,
-            ring_changes,
-            owned_partitions,
-            grpc_requests,
-            grpc_duration,
-            wrong_owner_retries,
-            handoffs,
-            handoff_duration,
-            ws_connections,
-            ws_subscriptions,
-            ws_slow_consumers,
-            ws_messages,
-            events_published,
-            events_delivered,
-            event_streams,
-            push_delay,
-            subscription_changes,
+            presence,
+            http,
+            store,
+            ring,
+            grpc,
+            push,
         }
     }
 
@@ -395,5 +528,51 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_sets_land_under_their_names() {
+        let m = Metrics::new();
+        m.http
+            .requests
+            .get(HttpAnswer {
+                route: "/x",
+                method: "GET",
+                code: "200",
+            })
+            .inc();
+        m.ring.handoffs.get(Direction::Gained).inc_by(3);
+        let text = m.render();
+        assert!(
+            text.contains(r#"presence_http_requests_total{code="200",method="GET",route="/x"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"presence_handoffs_total{direction="gained"} 3"#));
+        assert!(text.contains(r#"presence_handoffs_total{direction="released"} 0"#));
+        assert!(text.contains(r#"presence_redis_errors_total{kind="replica_lag"} 0"#));
+        assert!(text.contains(r#"presence_heartbeats_total{result="not_online"} 0"#));
+    }
+
+    #[test]
+    fn every_name_has_the_prefix_and_a_unit_suffix_where_it_counts() {
+        let m = Metrics::new();
+        for family in m.registry.gather() {
+            let name = family.name();
+            assert!(name.starts_with("presence_"), "{name}");
+            match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => {
+                    assert!(name.ends_with("_total"), "{name}")
+                }
+                prometheus::proto::MetricType::HISTOGRAM => {
+                    assert!(name.ends_with("_seconds"), "{name}")
+                }
+                _ => {}
+            }
+        }
     }
 }

@@ -157,8 +157,8 @@ pub fn follow(
 ) -> tokio::sync::watch::Receiver<std::sync::Arc<Ring>> {
     let first = std::sync::Arc::new(Ring::new(members.borrow_and_update().iter().cloned()));
     let (tx, rx) = tokio::sync::watch::channel(first.clone());
-    metrics.ring_members.set(first.members().len() as i64);
-    metrics.ring_epoch.set(first.epoch() as i64);
+    metrics.ring.members.set(first.members().len() as i64);
+    metrics.ring.epoch.set(first.epoch() as i64);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -170,9 +170,9 @@ pub fn follow(
                 continue;
             }
             tracing::info!(epoch = ring.epoch(), members = ?ring.members(), "ring changed");
-            metrics.ring_members.set(ring.members().len() as i64);
-            metrics.ring_epoch.set(ring.epoch() as i64);
-            metrics.ring_changes.inc();
+            metrics.ring.members.set(ring.members().len() as i64);
+            metrics.ring.epoch.set(ring.epoch() as i64);
+            metrics.ring.changes.inc();
             tx.send_replace(std::sync::Arc::new(ring));
         }
     });

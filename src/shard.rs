@@ -13,7 +13,9 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{
+    HeartbeatResult, Metrics, StoreOp, StoreResult, SubscriptionChange, Transition,
+};
 use crate::presence::{
     BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
 };
@@ -70,9 +72,10 @@ impl Shard {
         for from in Status::ALL {
             for to in Status::ALL {
                 if from != to {
-                    metrics
-                        .transitions
-                        .with_label_values(&[from.as_str(), to.as_str()]);
+                    metrics.presence.transitions.get(Transition {
+                        from: from.as_str(),
+                        to: to.as_str(),
+                    });
                 }
             }
         }
@@ -156,18 +159,22 @@ impl Shard {
     fn account(&self, e: &Effect) {
         let m = &self.metrics;
         if e.devices_delta != 0 {
-            m.online_devices.add(e.devices_delta as i64);
+            m.presence.online_devices.add(e.devices_delta as i64);
         }
         let users = e.users_delta();
         if users != 0 {
-            m.online_users.add(users as i64);
+            m.presence.online_users.add(users as i64);
         }
         if e.timeouts > 0 {
-            m.timeouts.inc_by(e.timeouts as u64);
+            m.presence.timeouts.inc_by(e.timeouts as u64);
         }
         if let Some(t) = e.transition {
-            m.transitions
-                .with_label_values(&[t.from.as_str(), t.to.as_str()])
+            m.presence
+                .transitions
+                .get(Transition {
+                    from: t.from.as_str(),
+                    to: t.to.as_str(),
+                })
                 .inc();
         }
     }
@@ -198,7 +205,7 @@ impl Shard {
                                 synced,
                             }),
                         );
-                        self.metrics.cached_users.inc();
+                        self.metrics.presence.cached_users.inc();
                     }
                 }
                 match stripe.get_mut(&user) {
@@ -266,11 +273,16 @@ impl Shard {
 
     fn observe(&self, op: &str, started: std::time::Instant, ok: bool) {
         let m = &self.metrics;
-        m.store_duration
-            .with_label_values(&[op])
+        m.store
+            .duration
+            .get(StoreOp { op })
             .observe(started.elapsed().as_secs_f64());
-        m.store_ops
-            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+        m.store
+            .ops
+            .get(StoreResult {
+                op,
+                result: if ok { "ok" } else { "error" },
+            })
             .inc();
     }
 
@@ -282,6 +294,7 @@ impl Shard {
         if let Some(&(_, first)) = fired.first() {
             let scheduled = self.clock.base() + first as Millis * self.tick_ms;
             self.metrics
+                .presence
                 .timer_lag
                 .observe((now - scheduled).max(0) as f64 / 1000.0);
         }
@@ -294,14 +307,14 @@ impl Shard {
                 continue; // stale: re-armed since
             }
             entry.armed = 0;
-            self.metrics.timer_fired.inc();
+            self.metrics.presence.timer_fired.inc();
             if entry.state.is_dormant() {
                 if let Some(e) = stripe.remove(&user) {
                     if !self.store.write_through() {
                         saves.push((user, e.state));
                     }
                 }
-                self.metrics.cached_users.dec();
+                self.metrics.presence.cached_users.dec();
                 continue;
             }
             let due = entry
@@ -363,9 +376,9 @@ impl Shard {
                     return true;
                 }
                 let online = entry.state.online_devices().count() as i64;
-                self.metrics.online_devices.sub(online);
+                self.metrics.presence.online_devices.sub(online);
                 if entry.state.status != Status::Offline {
-                    self.metrics.online_users.dec();
+                    self.metrics.presence.online_users.dec();
                 }
                 if !entry.state.devices.is_empty() {
                     live.push(*user);
@@ -377,7 +390,7 @@ impl Shard {
                 false
             });
         }
-        self.metrics.cached_users.sub(released as i64);
+        self.metrics.presence.cached_users.sub(released as i64);
         if let Err(e) = self.save(&written).await {
             tracing::warn!(error = %e, users = written.len(), "write-back on release failed");
         }
@@ -407,9 +420,9 @@ impl Shard {
                     continue;
                 }
                 let online = state.online_devices().count() as i64;
-                self.metrics.online_devices.add(online);
+                self.metrics.presence.online_devices.add(online);
                 if state.status != Status::Offline {
-                    self.metrics.online_users.inc();
+                    self.metrics.presence.online_users.inc();
                 }
                 let synced = self.secs(now);
                 let entry = stripe.entry(user).or_insert(Box::new(Entry {
@@ -418,11 +431,14 @@ impl Shard {
                     synced,
                 }));
                 self.arm(user, entry, now);
-                self.metrics.cached_users.inc();
+                self.metrics.presence.cached_users.inc();
                 recovered += 1;
             }
         }
-        self.metrics.recovered_users.inc_by(recovered as u64);
+        self.metrics
+            .presence
+            .recovered_users
+            .inc_by(recovered as u64);
         Ok(recovered)
     }
 
@@ -567,11 +583,11 @@ impl Presence for Shard {
             })
             .await;
         let label = match &r {
-            Ok(()) => "ok",
-            Err(Error::DeviceNotOnline) => "not_online",
-            Err(_) => "error",
+            Ok(()) => HeartbeatResult::Ok,
+            Err(Error::DeviceNotOnline) => HeartbeatResult::NotOnline,
+            Err(_) => HeartbeatResult::Error,
         };
-        self.metrics.heartbeats.with_label_values(&[label]).inc();
+        self.metrics.presence.heartbeats.get(label).inc();
         r
     }
 
@@ -638,8 +654,11 @@ impl Presence for Shard {
             .update_subscriptions(user, mode, targets, max)
             .await?;
         self.metrics
+            .push
             .subscription_changes
-            .with_label_values(&[mode.as_str()])
+            .get(SubscriptionChange {
+                mode: mode.as_str(),
+            })
             .inc();
         // Gateways holding the user's sockets listen to the new list.
         if let Some(sink) = self.sink.get() {
@@ -699,12 +718,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(59_900)).await;
         settle().await;
         assert_eq!(s.status(1).await.unwrap().status, Status::Online);
-        assert_eq!(s.metrics.timeouts.get(), 0);
+        assert_eq!(s.metrics.presence.timeouts.get(), 0);
         tokio::time::sleep(Duration::from_millis(250)).await;
         settle().await;
-        assert_eq!(s.metrics.timeouts.get(), 1);
-        assert_eq!(s.metrics.online_devices.get(), 0);
-        assert_eq!(s.metrics.online_users.get(), 0);
+        assert_eq!(s.metrics.presence.timeouts.get(), 1);
+        assert_eq!(s.metrics.presence.online_devices.get(), 0);
+        assert_eq!(s.metrics.presence.online_users.get(), 0);
         cancel.cancel();
     }
 
@@ -726,8 +745,12 @@ mod tests {
         assert_eq!(v.status, Status::Away);
         assert_eq!(
             s.metrics
+                .presence
                 .transitions
-                .with_label_values(&["ONLINE", "AWAY"])
+                .get(Transition {
+                    from: "ONLINE",
+                    to: "AWAY",
+                })
                 .get(),
             1
         );
@@ -743,10 +766,10 @@ mod tests {
         tokio::spawn(s.clone().run_timers(cancel.clone()));
         s.online(3, "d", Platform::Pc).await.unwrap();
         s.offline(3, "d", None).await.unwrap();
-        assert_eq!(s.metrics.cached_users.get(), 1);
+        assert_eq!(s.metrics.presence.cached_users.get(), 1);
         tokio::time::sleep(Duration::from_millis(EVICT_DELAY as u64 + 200)).await;
         settle().await;
-        assert_eq!(s.metrics.cached_users.get(), 0);
+        assert_eq!(s.metrics.presence.cached_users.get(), 0);
         let v = s.status(3).await.unwrap();
         assert_eq!(v.status, Status::Offline);
         assert!(v.last_active_time > 0);

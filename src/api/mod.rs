@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, StatusStyle};
 use crate::error::{ok, Error};
-use crate::metrics::Metrics;
+use crate::metrics::{HttpAnswer, HttpRoute, Metrics};
 use crate::presence::{
     parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_user_id,
     Platform, Settings, Status, UserId,
@@ -483,12 +483,18 @@ fn method_label(m: &Method) -> &'static str {
 
 fn record(m: &Metrics, route: &str, method: &Method, code: &str, started: Option<Instant>) {
     let method = method_label(method);
-    m.http_requests
-        .with_label_values(&[route, method, code])
+    m.http
+        .requests
+        .get(HttpAnswer {
+            route,
+            method,
+            code,
+        })
         .inc();
     if let Some(t) = started {
-        m.http_duration
-            .with_label_values(&[route, method])
+        m.http
+            .duration
+            .get(HttpRoute { route, method })
             .observe(t.elapsed().as_secs_f64());
     }
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use super::{settings_of, targets_of, AppState, SetStatusRequest};
 use crate::error::Error;
+use crate::metrics::WsMessage;
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
 use crate::push::hub::{Frame, Hub};
 use crate::store::SubscriptionMode;
@@ -240,9 +241,13 @@ async fn run(
         _ = reg.kill.cancelled() => None,
     } {
         if !bucket.take() {
-            m.ws_slow_consumers.inc();
-            m.ws_messages
-                .with_label_values(&["any", "rate_limited"])
+            m.push.slow_consumers.inc();
+            m.push
+                .ws_messages
+                .get(WsMessage {
+                    kind: "any",
+                    result: "rate_limited",
+                })
                 .inc();
             stop.cancel();
             break;
@@ -262,7 +267,7 @@ async fn run(
         if let Some(f) = frame {
             if reply_tx.try_send(f).is_err() {
                 // The client sends but does not read its replies.
-                m.ws_slow_consumers.inc();
+                m.push.slow_consumers.inc();
                 reg.kill.cancel();
                 break;
             }
@@ -328,16 +333,24 @@ impl Socket {
     async fn handle(&mut self, text: &str) -> Frame {
         let m = self.s.metrics.clone();
         if text.len() > MAX_MESSAGE {
-            m.ws_messages
-                .with_label_values(&["oversized", "error"])
+            m.push
+                .ws_messages
+                .get(WsMessage {
+                    kind: "oversized",
+                    result: "error",
+                })
                 .inc();
             return error_frame(&None, &Error::PayloadTooLarge(MAX_MESSAGE));
         }
         let msg: ClientMessage = match serde_json::from_str(text) {
             Ok(m) => m,
             Err(e) => {
-                m.ws_messages
-                    .with_label_values(&["malformed", "error"])
+                m.push
+                    .ws_messages
+                    .get(WsMessage {
+                        kind: "malformed",
+                        result: "error",
+                    })
                     .inc();
                 return error_frame(&None, &Error::BadRequest(format!("malformed message: {e}")));
             }
@@ -348,8 +361,12 @@ impl Socket {
             _ => "unknown",
         };
         let result = self.dispatch(kind, &msg).await;
-        m.ws_messages
-            .with_label_values(&[kind, if result.is_ok() { "ok" } else { "error" }])
+        m.push
+            .ws_messages
+            .get(WsMessage {
+                kind,
+                result: if result.is_ok() { "ok" } else { "error" },
+            })
             .inc();
         match result {
             Ok(f) => f,

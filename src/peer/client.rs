@@ -122,7 +122,7 @@ impl Router {
             return false;
         }
         if matches!(e, Error::WrongOwner { .. }) {
-            self.metrics.wrong_owner_retries.inc();
+            self.metrics.grpc.wrong_owner_retries.inc();
         }
         let backoff = Duration::from_millis(25 << attempt.min(4)).min(until - now);
         let _ = tokio::time::timeout(backoff, rx.changed()).await;

@@ -9,7 +9,7 @@ use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{GrpcAnswer, GrpcCall, Metrics};
 
 pub mod client;
 pub mod server;
@@ -38,12 +38,21 @@ impl Timed {
 
     fn record(&self, code: &str) {
         self.metrics
-            .grpc_requests
-            .with_label_values(&[self.side, self.method, code])
+            .grpc
+            .requests
+            .get(GrpcAnswer {
+                side: self.side,
+                method: self.method,
+                code,
+            })
             .inc();
         self.metrics
-            .grpc_duration
-            .with_label_values(&[self.side, self.method])
+            .grpc
+            .duration
+            .get(GrpcCall {
+                side: self.side,
+                method: self.method,
+            })
             .observe(self.started.elapsed().as_secs_f64());
     }
 

@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use super::{extract_trace, Timed};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Direction, Metrics};
 use crate::ownership::{Action, Ownership, Table};
 use crate::presence::{validate_device_id, validate_user_id, UserId};
 use crate::proto::{self, v1};
@@ -102,6 +102,7 @@ impl Handoff {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         self.table.sync(machine);
         self.metrics
+            .ring
             .owned_partitions
             .set(self.table.owned_count() as i64);
         while let Some(action) = queue.pop_front() {
@@ -116,7 +117,7 @@ impl Handoff {
                     match result {
                         Ok(users) => {
                             let owned = machine.load_done(id);
-                            self.observe("gained", started, owned.len());
+                            self.observe(Direction::Gained, started, owned.len());
                             tracing::info!(partitions = owned.len(), users, took = ?started.elapsed(), epoch = machine.ring().epoch(), "took over partitions");
                         }
                         Err(e) => {
@@ -129,6 +130,7 @@ impl Handoff {
             }
             self.table.sync(machine);
             self.metrics
+                .ring
                 .owned_partitions
                 .set(self.table.owned_count() as i64);
         }
@@ -142,18 +144,20 @@ impl Handoff {
         }
         let started = std::time::Instant::now();
         let users = shard.release(&lost).await;
-        self.observe("released", started, partitions.len());
+        self.observe(Direction::Released, started, partitions.len());
         tracing::info!(partitions = partitions.len(), users, took = ?started.elapsed(), "released partitions");
     }
 
-    fn observe(&self, direction: &str, started: std::time::Instant, partitions: usize) {
+    fn observe(&self, direction: Direction, started: std::time::Instant, partitions: usize) {
         self.metrics
+            .ring
             .handoffs
-            .with_label_values(&[direction])
+            .get(direction)
             .inc_by(partitions as u64);
         self.metrics
+            .ring
             .handoff_duration
-            .with_label_values(&[direction])
+            .get(direction)
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -164,7 +168,7 @@ impl Handoff {
         let mut machine = self.machine.lock().await;
         let actions = machine.drain();
         self.act(&mut machine, shard, actions).await;
-        self.metrics.owned_partitions.set(0);
+        self.metrics.ring.owned_partitions.set(0);
         tracing::info!("handed off every partition");
     }
 }

@@ -193,7 +193,7 @@ impl Upstreams {
             };
             match opened {
                 Ok(resp) => {
-                    self.metrics.event_streams.inc();
+                    self.metrics.push.event_streams.inc();
                     tracing::info!(shard = %shard, "event stream open");
                     let mut inbound = resp.into_inner();
                     loop {
@@ -214,7 +214,7 @@ impl Upstreams {
                             }
                         }
                     }
-                    self.metrics.event_streams.dec();
+                    self.metrics.push.event_streams.dec();
                 }
                 Err(e) => tracing::debug!(shard = %shard, error = %e, "cannot open event stream"),
             }

@@ -74,7 +74,7 @@ impl Fanout {
                 interest: HashSet::new(),
             },
         );
-        self.metrics.event_streams.set(st.streams.len() as i64);
+        self.metrics.push.event_streams.set(st.streams.len() as i64);
         tracing::info!(gateway, stream = id, "gateway stream opened");
         (id, rx, tx)
     }
@@ -108,7 +108,7 @@ impl Fanout {
             }
             tracing::info!(gateway = %s.gateway, stream = id, "gateway stream closed");
         }
-        self.metrics.event_streams.set(streams.len() as i64);
+        self.metrics.push.event_streams.set(streams.len() as i64);
     }
 }
 
@@ -140,7 +140,7 @@ impl EventSink for Fanout {
                     continue;
                 };
                 match s.tx.try_send(Ok(wire.clone())) {
-                    Ok(()) => self.metrics.events_published.inc(),
+                    Ok(()) => self.metrics.push.events_published.inc(),
                     Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
@@ -149,7 +149,7 @@ impl EventSink for Fanout {
         // A gateway that cannot keep up is cut off; it reconnects and declares its interest
         // again, which sends it the current state of every user it cares about.
         for id in slow {
-            self.metrics.ws_slow_consumers.inc();
+            self.metrics.push.slow_consumers.inc();
             tracing::warn!(stream = id, "gateway stream too slow, closing it");
             self.close(id);
         }

@@ -133,7 +133,7 @@ impl Hub {
             .or_insert((0, 0));
         d.0 += 1;
         d.1 += 1;
-        self.metrics.ws_connections.set(st.socks.len() as i64);
+        self.metrics.push.ws_connections.set(st.socks.len() as i64);
         drop(st);
         self.notify(delta);
         Registration { id, rx, kill }
@@ -168,8 +168,9 @@ impl Hub {
             }
             unwatch(&mut st, user, user, &mut delta);
         }
-        self.metrics.ws_connections.set(st.socks.len() as i64);
+        self.metrics.push.ws_connections.set(st.socks.len() as i64);
         self.metrics
+            .push
             .ws_subscriptions
             .set(st.watchers.values().map(|w| w.len() as i64).sum());
         drop(st);
@@ -224,6 +225,7 @@ impl Hub {
             }
         }
         self.metrics
+            .push
             .ws_subscriptions
             .set(st.watchers.values().map(|w| w.len() as i64).sum());
         drop(st);
@@ -320,17 +322,17 @@ impl Hub {
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     sock.kill.cancel();
-                    self.metrics.ws_slow_consumers.inc();
+                    self.metrics.push.slow_consumers.inc();
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         drop(st);
         if delivered > 0 {
-            self.metrics.events_delivered.inc_by(delivered);
+            self.metrics.push.events_delivered.inc_by(delivered);
             let now = crate::timer::Clock::new().now();
             let delay = Duration::from_millis((now - ev.changed_at).max(0) as u64);
-            self.metrics.push_delay.observe(delay.as_secs_f64());
+            self.metrics.push.delay.observe(delay.as_secs_f64());
         }
     }
 }
@@ -352,7 +354,7 @@ impl EventSink for Hub {
     }
 
     fn publish(&self, event: Event) {
-        self.metrics.events_published.inc();
+        self.metrics.push.events_published.inc();
         self.deliver(&event);
     }
 }
@@ -435,7 +437,7 @@ mod tests {
             hub.deliver(&ev(10, v));
         }
         assert!(a.kill.is_cancelled());
-        assert_eq!(hub.metrics.ws_slow_consumers.get(), 1);
+        assert_eq!(hub.metrics.push.slow_consumers.get(), 1);
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use redis::{Cmd, Value};
 
 use super::Store;
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RedisError, StoreOp};
 use crate::presence::{UserId, UserState};
 use crate::ring::{partition_of, PARTITIONS};
 
@@ -222,7 +222,7 @@ impl RedisStore {
     /// Reads `CLUSTER SLOTS` from any reachable node and installs the new topology.
     async fn refresh_topology(&self) -> Result<(), Error> {
         let _guard = self.refreshing.lock().await;
-        self.metrics.redis_topology_refreshes.inc();
+        self.metrics.store.redis_topology_refreshes.inc();
         let mut candidates: Vec<String> = self
             .topology
             .read()
@@ -358,15 +358,17 @@ impl RedisStore {
                 }
             });
             self.metrics
+                .store
                 .redis_round_trips
-                .with_label_values(&[op])
+                .get(StoreOp { op })
                 .inc_by(0);
             let mut failed = Vec::new();
             let mut fatal = None;
             for (addr, idxs, r) in join_all(runs).await {
                 self.metrics
+                    .store
                     .redis_round_trips
-                    .with_label_values(&[op])
+                    .get(StoreOp { op })
                     .inc();
                 match r {
                     Ok(values) => {
@@ -377,8 +379,9 @@ impl RedisStore {
                     Err(e) if retriable(&e) => {
                         tracing::debug!(node = %addr, error = %e, "redis node failed, will retry");
                         self.metrics
+                            .store
                             .redis_errors
-                            .with_label_values(&["retriable"])
+                            .get(RedisError::Retriable)
                             .inc();
                         if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
                         {
@@ -387,10 +390,7 @@ impl RedisStore {
                         failed.extend(idxs);
                     }
                     Err(e) => {
-                        self.metrics
-                            .redis_errors
-                            .with_label_values(&["fatal"])
-                            .inc();
+                        self.metrics.store.redis_errors.get(RedisError::Fatal).inc();
                         fatal = Some(store_err(format!("{addr}: {e}")));
                     }
                 }
@@ -412,8 +412,9 @@ impl RedisStore {
             }
         };
         self.metrics
-            .store_redis_commands
-            .with_label_values(&[op])
+            .store
+            .redis_commands
+            .get(StoreOp { op })
             .inc_by(cmds.len() as u64);
         outcome.map(|()| {
             results
@@ -449,8 +450,9 @@ impl RedisStore {
                 Ok(n) if n >= self.opts.min_replicas as i64 => {}
                 Ok(n) => {
                     self.metrics
+                        .store
                         .redis_errors
-                        .with_label_values(&["replica_lag"])
+                        .get(RedisError::ReplicaLag)
                         .inc();
                     tracing::warn!(node = %addr, replicas = n, "write not yet on a replica");
                 }
