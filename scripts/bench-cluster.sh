@@ -25,6 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 WHAT="${1:-all}"
 BIN_DIR="${BIN_DIR:-target/release}"
@@ -41,22 +43,16 @@ ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 NOFILE="$(ulimit -n)"
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-  cargo build --release --bins
+  cargo build --release --workspace --bins
 fi
 
 declare -A PROC=()   # name -> pid of every service process we started
 REDIS_STARTED=
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
 stop_proc() {
   local name="$1" pid="${PROC[$1]:-}"
   [[ -n "$pid" ]] || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+  lib_stop_pids -t 15 "$pid" || true
   unset "PROC[$name]"
 }
 
@@ -67,7 +63,7 @@ stop_all() {
 
 cleanup() {
   stop_all
-  for p in "${LOADGEN_PIDS[@]:-}"; do [[ -n "$p" ]] && kill "$p" 2>/dev/null || true; done
+  if ((${#LOADGEN_PIDS[@]})); then lib_stop_pids "${LOADGEN_PIDS[@]}" || true; fi
   if [[ -n "$REDIS_STARTED" ]]; then
     PRESENCE_REDIS_BASE_PORT="$REDIS_BASE_PORT" PRESENCE_REDIS_DIR="$REDIS_DIR" \
       bash scripts/redis-cluster.sh down >/dev/null 2>&1 || true
@@ -79,17 +75,12 @@ trap cleanup EXIT
 # start NAME VAR=value...: a service process with those settings, logging to OUT/NAME.log.
 start() {
   local name="$1"; shift
-  env RUST_LOG=warn "$@" "$SERVER" >"$OUT/$name.log" 2>&1 &
-  PROC[$name]=$!
+  lib_spawn "$OUT/$name.log" env RUST_LOG=warn "$@" "$SERVER"
+  PROC[$name]=$LIB_PID
 }
 
 wait_ready() { # URL [seconds]
-  local url="$1" secs="${2:-60}"
-  for _ in $(seq 1 $((secs * 10))); do
-    curl -fsS "$url/readyz" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  die "$url not ready after ${secs}s"
+  lib_wait_http "$1/readyz" "${2:-60}" || lib_die "$1 not ready after ${2:-60}s"
 }
 
 metric() { # URL NAME: sum of the samples of a metric (all label sets)
@@ -97,12 +88,11 @@ metric() { # URL NAME: sum of the samples of a metric (all label sets)
 }
 
 cpu_ticks() { # PID...: utime + stime of the processes, in clock ticks
-  local t=0 p f
+  local t=0 p f fields
   for p in "$@"; do
     f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
-    f="${f##*) }"
-    set -- $f
-    t=$((t + ${12} + ${13}))
+    read -r -a fields <<<"${f##*) }"
+    t=$((t + fields[11] + fields[12]))
   done
   echo "$t"
 }
@@ -131,7 +121,7 @@ redis_up() {
   REDIS_STARTED=1
   mapfile -t MASTERS < <(redis-cli -p "$REDIS_BASE_PORT" cluster nodes |
     awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "[:@]"); print a[2] }' | sort -n)
-  [[ ${#MASTERS[@]} -eq 3 ]] || die "expected 3 masters, got: ${MASTERS[*]}"
+  [[ ${#MASTERS[@]} -eq 3 ]] || lib_die "expected 3 masters, got: ${MASTERS[*]}"
   echo "# redis cluster: $SEEDS (masters ${MASTERS[*]})"
 }
 
@@ -173,7 +163,7 @@ commands_per_heartbeat() { # LABEL PID URL USERS
   local lg=$!
   LOADGEN_PIDS+=("$lg")
   until grep -q 'set up' "$err" 2>/dev/null; do
-    kill -0 "$lg" 2>/dev/null || { cat "$err" >&2; die "sim ended before set-up"; }
+    kill -0 "$lg" 2>/dev/null || { cat "$err" >&2; lib_die "sim ended before set-up"; }
     sleep 0.02
   done
   redis_resetstat
@@ -189,11 +179,11 @@ commands_per_heartbeat() { # LABEL PID URL USERS
   hb1="$(metric "$url" 'presence_heartbeats_total')"
   ch1="$(curl -fsS "$url/metrics" | awk '/^presence_http_requests_total\{/ && /route="\/api\/v1\/presence\/status\/\{userId\}"/ && /method="PUT"/ { s += $NF } END { print s + 0 }')"
   st1="$(curl -fsS "$url/metrics" | grep '^presence_redis_commands_total' || true)"
-  wait "$lg" || die "sim failed: $(tail -3 "$err")"
+  wait "$lg" || lib_die "sim failed: $(tail -3 "$err")"
   echo "loadgen: $(cat "$res")"
   echo "window: ${secs}s after set-up; heartbeats (server counter) $((hb1 - hb0)); status changes (PUT /status) $((ch1 - ch0))"
   echo "redis commands on the masters in the window (cmdstat calls; EVAL also counts the commands its script calls):"
-  echo "$stats" | sed 's/^/    /'
+  printf '%s\n' "$stats" | sed 's/^/    /'
   echo "server's presence_redis_commands_total by op, before -> after:"
   paste <(echo "$st0") <(echo "$st1") | sed 's/^/    /'
   local work evals waits refresh hb=$((hb1 - hb0))
@@ -295,7 +285,7 @@ start_cluster() { # SHARDS GATEWAYS [VAR=value...]
     fi
     sleep 0.1
   done
-  die "cluster did not form: owned=$owned members=$members streams=$streams"
+  lib_die "cluster did not form: owned=$owned members=$members streams=$streams"
 }
 
 cluster_pids() { local n; for n in "${!PROC[@]}"; do echo "${PROC[$n]}"; done; }
@@ -358,7 +348,7 @@ push_run() { # LABEL SOCKETS TARGETS GATEWAY_PIDS(comma) METRICS_URLS(comma)
   done
   until grep -q 'set up' "$OUT/$label.sim0.err" 2>/dev/null && grep -q 'set up' "$OUT/$label.sim1.err" 2>/dev/null; do
     for i in 0 1; do
-      kill -0 "${lg[$i]}" 2>/dev/null || { tail -c 600 "$OUT/$label.sim$i.err" >&2; die "$label: sim $i ended before set-up"; }
+      kill -0 "${lg[$i]}" 2>/dev/null || { tail -c 600 "$OUT/$label.sim$i.err" >&2; lib_die "$label: sim $i ended before set-up"; }
     done
     sleep 0.2
   done
@@ -373,7 +363,7 @@ push_run() { # LABEL SOCKETS TARGETS GATEWAY_PIDS(comma) METRICS_URLS(comma)
     echo "$label sim $i: $(tail -n1 "$OUT/$label.sim$i.json")"
     grep -a 'device failed' "$OUT/$label.sim$i.err" | head -3 | sed "s/^/$label sim $i: /" || true
   done
-  ((fail == 0)) || die "$label: a sim failed (see $OUT/$label.sim*.err)"
+  ((fail == 0)) || lib_die "$label: a sim failed (see $OUT/$label.sim*.err)"
   jq -s --arg lbl "$label" --argjson before "$before" --argjson after "$after" --argjson endkb "$end" \
     --argjson ws "$ws" '{
       result: $lbl,
@@ -433,5 +423,5 @@ case "$WHAT" in
   cluster) bench_cluster ;;
   push) bench_push ;;
   all) bench_redis; bench_cluster; bench_push ;;
-  *) die "usage: $0 redis|cluster|push|all" ;;
+  *) lib_die "usage: $0 redis|cluster|push|all" ;;
 esac

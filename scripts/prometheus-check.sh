@@ -17,15 +17,20 @@
 #      "Online users" stat answers N - 1;
 #   4. every alert rule evaluated with health "ok" and none fires.
 # Stops everything it started, by PID, on exit. Exits non-zero on any failure.
+# Helpers: scripts/lib.sh (processes, ports, readiness); the queries' answers are read by
+# scripts/chart_checks.py (prom-value, prom-dashboard, prom-rules).
 set -uo pipefail
 exec </dev/null
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 # shellcheck source=scripts/k8s-tools.sh
 source scripts/k8s-tools.sh
 
 N="${1:-25}"
 WORK="$PWD/.tmp/prometheus-check"
 RULES="$PWD/charts/presence-service/alerts/presence-rules.yaml"
+PYCHECK=(python3 scripts/chart_checks.py)
 passed=0
 failed=0
 started=$SECONDS
@@ -43,16 +48,8 @@ die() {
     finish
 }
 
-PIDS=()
-# shellcheck disable=SC2317  # invoked via trap
-stop_all() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    PIDS=()
-}
 finish() {
-    stop_all
+    lib_stop_all
     printf '==== prometheus-check: done in %ss\n' "$((SECONDS - started))"
     echo "prometheus-check: $passed passed, $failed failed"
     if ((failed)); then
@@ -61,9 +58,9 @@ finish() {
     fi
     exit 0
 }
-trap stop_all EXIT
-trap 'stop_all; exit 130' INT
-trap 'stop_all; exit 143' TERM
+trap lib_stop_all EXIT
+trap 'lib_stop_all; exit 130' INT
+trap 'lib_stop_all; exit 143' TERM
 
 rm -rf "$WORK"
 mkdir -p "$WORK/tsdb"
@@ -73,18 +70,13 @@ ensure_prometheus || die "prometheus unavailable (apt-get install prometheus fai
 echo "  $("$PROMETHEUS" --version 2>&1 | head -n 1)"
 BIN="$(build_service)" || die "cargo build --bin presence-service failed"
 
-read -r GW S1 S2 G1 G2 PROM < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(6)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')
+read -r GW S1 S2 G1 G2 PROM < <(lib_free_ports 6)
 SHARDS="127.0.0.1:$G1,127.0.0.1:$G2"
 
 start() { # start <log name> <command...>
     local name="$1"
     shift
-    "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
+    lib_spawn "$WORK/$name.log" "$@"
 }
 start shard-1 env PRESENCE_ROLE=shard PRESENCE_LISTEN="127.0.0.1:$S1" PRESENCE_GRPC_LISTEN="127.0.0.1:$G1" \
     PRESENCE_ADVERTISE="127.0.0.1:$G1" PRESENCE_SHARDS="$SHARDS" RUST_LOG=warn "$BIN"
@@ -117,21 +109,10 @@ PROM_URL="http://127.0.0.1:$PROM"
 
 # Wait for every node's /readyz, the gateway's ring to hold both shards, and Prometheus.
 for p in "$S1" "$S2" "$GW"; do
-    for ((i = 0; i < 300; i++)); do
-        curl -sf -o /dev/null "http://127.0.0.1:$p/readyz" && break
-        sleep 0.1
-    done
-    curl -sf -o /dev/null "http://127.0.0.1:$p/readyz" || die "node on :$p not ready (see $WORK/*.log)"
+    lib_wait_http "http://127.0.0.1:$p/readyz" 30 || die "node on :$p not ready (see $WORK/*.log)"
 done
-for ((i = 0; i < 100; i++)); do
-    curl -sf "http://127.0.0.1:$GW/metrics" | grep -qx 'presence_ring_members 2' && break
-    sleep 0.1
-done
-for ((i = 0; i < 100; i++)); do
-    curl -sf -o /dev/null "$PROM_URL/-/ready" && break
-    sleep 0.1
-done
-curl -sf -o /dev/null "$PROM_URL/-/ready" || die "prometheus not ready (see $WORK/prometheus.log)"
+lib_wait_metric "http://127.0.0.1:$GW" 'presence_ring_members 2' 10 || true
+lib_wait_http "$PROM_URL/-/ready" 10 || die "prometheus not ready (see $WORK/prometheus.log)"
 ok "gateway :$GW, shards :$S1 :$S2 ready; prometheus on $PROM_URL"
 
 api() { # api <method> <path> <json>: prints the envelope's code
@@ -151,8 +132,7 @@ ok "$N users online through POST /api/v1/presence/online"
 
 # query <promql>: the single value of an instant query ("" when the result is empty).
 query() {
-    curl -sf -G "$PROM_URL/api/v1/query" --data-urlencode "query=$1" |
-        python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+    "${PYCHECK[@]}" prom-value "$PROM_URL" "$1"
 }
 # expect <promql> <value> <seconds>: polls until the query answers value.
 expect() {
@@ -180,32 +160,8 @@ expect 'sum(presence_online_users)' "$((N - 1))" 15
 # Every dashboard query is valid PromQL and runs against this data (Grafana variables
 # substituted: $namespace and $role by ".*", $__rate_interval by 1m); the dashboard's own
 # "Online users" stat answers N - 1.
-if python3 - "$PROM_URL" "$PWD/charts/presence-service/dashboards/presence.json" "$((N - 1))" >"$WORK/dashboard.txt" 2>&1 <<'PY'; then
-import json, sys, urllib.parse, urllib.request
-url, path, want = sys.argv[1], sys.argv[2], sys.argv[3]
-dash = json.load(open(path))
-errors, n, online = [], 0, None
-for panel in dash['panels']:
-    for t in panel.get('targets', []):
-        q = (t['expr'].replace('$namespace', '.*').replace('$role', '.*')
-             .replace('$__rate_interval', '1m'))
-        n += 1
-        try:
-            with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': q})}") as r:
-                body = json.load(r)
-        except Exception as e:  # HTTP 400 on a parse error
-            errors.append(f"{panel['title']}: {q}: {e}")
-            continue
-        if body.get('status') != 'success':
-            errors.append(f"{panel['title']}: {q}: {body}")
-        if panel['title'] == 'Online users':
-            res = body['data']['result']
-            online = res[0]['value'][1] if res else ''
-print(f'{n} dashboard queries ran; "Online users" = {online}')
-for e in errors:
-    print('ERROR', e)
-sys.exit(1 if errors or online != want else 0)
-PY
+if "${PYCHECK[@]}" prom-dashboard "$PROM_URL" "$PWD/charts/presence-service/dashboards/presence.json" "$((N - 1))" \
+    >"$WORK/dashboard.txt" 2>&1; then
     ok "dashboard: $(head -n 1 "$WORK/dashboard.txt")"
 else
     bad "dashboard queries: $(tr '\n' ';' <"$WORK/dashboard.txt")"
@@ -213,16 +169,7 @@ fi
 
 # The chart's alert rules ran against this data: all healthy, none firing.
 sleep 2
-if curl -sf "$PROM_URL/api/v1/rules" | python3 -c '
-import json, sys
-groups = json.load(sys.stdin)["data"]["groups"]
-rules = [r for g in groups for r in g["rules"]]
-bad = [f"{r['"'"'name'"'"']}: {r.get('"'"'lastError'"'"') or r['"'"'health'"'"']}" for r in rules if r["health"] != "ok"]
-firing = [r["name"] for r in rules if r.get("state") == "firing"]
-print(f"{len(rules)} rules evaluated")
-for b in bad: print("unhealthy:", b)
-for f in firing: print("firing:", f)
-sys.exit(1 if bad or firing or not rules else 0)' >"$WORK/rules.txt" 2>&1; then
+if "${PYCHECK[@]}" prom-rules "$PROM_URL" >"$WORK/rules.txt" 2>&1; then
     ok "alert rules loaded in Prometheus: $(head -n 1 "$WORK/rules.txt"), all health ok, none firing"
 else
     bad "alert rules in Prometheus: $(tr '\n' ';' <"$WORK/rules.txt")"

@@ -17,29 +17,26 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$REPO_ROOT/scripts/lib.sh"
+LIB_LOG_TAG=redis-cluster
 BASE_PORT="${PRESENCE_REDIS_BASE_PORT:-7100}"
 DATA_DIR="${PRESENCE_REDIS_DIR:-$REPO_ROOT/.tmp/redis-cluster}"
 WAIT_SECS="${PRESENCE_REDIS_WAIT_SECS:-30}"
 NODES=6
 HOST=127.0.0.1
 
-log() { printf '[redis-cluster] %s\n' "$*" >&2; }
-die() {
-    printf '[redis-cluster] ERROR: %s\n' "$*" >&2
-    exit 1
-}
-
 case "$BASE_PORT" in
-    '' | *[!0-9]*) die "PRESENCE_REDIS_BASE_PORT must be a number, got '$BASE_PORT'" ;;
+    '' | *[!0-9]*) lib_die "PRESENCE_REDIS_BASE_PORT must be a number, got '$BASE_PORT'" ;;
 esac
 # Cluster bus port is port+10000, so the last node's bus port must stay < 65536.
 if ((BASE_PORT < 1024 || BASE_PORT + NODES - 1 + 10000 > 65535)); then
-    die "PRESENCE_REDIS_BASE_PORT=$BASE_PORT out of range (1024..$((65535 - 10000 - NODES + 1)))"
+    lib_die "PRESENCE_REDIS_BASE_PORT=$BASE_PORT out of range (1024..$((65535 - 10000 - NODES + 1)))"
 fi
 if ((BASE_PORT <= 6379 && 6379 <= BASE_PORT + NODES - 1)); then
-    die "ports $BASE_PORT..$((BASE_PORT + NODES - 1)) would collide with a default Redis on 6379"
+    lib_die "ports $BASE_PORT..$((BASE_PORT + NODES - 1)) would collide with a default Redis on 6379"
 fi
-[[ -n "$DATA_DIR" && "$DATA_DIR" != "/" ]] || die "PRESENCE_REDIS_DIR must not be empty or /"
+[[ -n "$DATA_DIR" && "$DATA_DIR" != "/" ]] || lib_die "PRESENCE_REDIS_DIR must not be empty or /"
 case "$DATA_DIR" in
     /*) ;;
     *) DATA_DIR="$PWD/$DATA_DIR" ;;
@@ -59,59 +56,17 @@ seed_urls() {
 
 # ---------------------------------------------------------------- install
 
-run_root() {
-    if [[ $EUID -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo -n "$@"
-    else
-        die "need root (or passwordless sudo) to run: $*"
-    fi
-}
-
-apt_install() {
-    run_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        -o DPkg::Lock::Timeout=300 --no-install-recommends "$@" >&2
-}
-
 ensure_redis() {
-    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
-        return 0
-    fi
-    command -v apt-get >/dev/null 2>&1 ||
-        die "redis-server/redis-cli missing and apt-get unavailable; install Redis >= 7 manually"
-    log "redis-server/redis-cli missing: installing redis-server redis-tools with apt"
-    # Only refresh the package lists when the packages are not installable as-is
-    # (fresh machine with empty lists, or stale lists pointing at removed files).
-    if ! apt_install redis-server redis-tools; then
-        log "apt-get install failed; running apt-get update once and retrying"
-        run_root env DEBIAN_FRONTEND=noninteractive apt-get update -q \
-            -o DPkg::Lock::Timeout=300 >&2 || die "apt-get update failed"
-        apt_install redis-server redis-tools || die "apt-get install redis-server redis-tools failed"
-    fi
-    hash -r
-    command -v redis-server >/dev/null 2>&1 || die "redis-server still not on PATH after install"
-    command -v redis-cli >/dev/null 2>&1 || die "redis-cli still not on PATH after install"
-    log "installed: $(redis-server --version)"
+    lib_apt_ensure redis-server redis-cli -- redis-server redis-tools ||
+        lib_die "redis-server/redis-cli missing and not installable with apt; install Redis >= 7 manually"
 }
 
 # ---------------------------------------------------------------- processes
 
-# Alive and not a zombie. (PID 1 here reaps slowly, so killed daemons linger
-# as <defunct>; those count as gone.)
-pid_alive() {
-    local pid="$1" stat state
-    [[ -r "/proc/$pid/stat" ]] || return 1
-    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
-    state="${stat##*) }"
-    state="${state%% *}"
-    [[ "$state" != Z && "$state" != X ]]
-}
-
 # Is $pid the redis-server we started in $dir on $port? Guards against PID reuse.
 pid_is_ours() {
     local pid="$1" dir="$2" port="$3" comm cwd cmd
-    pid_alive "$pid" || return 1
+    lib_pid_alive "$pid" || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
     [[ "$comm" == redis-server* ]] || return 1
     cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
@@ -124,9 +79,7 @@ pid_is_ours() {
 node_pid() {
     local dir="$1" port="$2" f pid
     for f in "$dir/redis.pid" "$dir/started.pid"; do
-        [[ -s "$f" ]] || continue
-        pid="$(tr -dc '0-9' <"$f")"
-        [[ -n "$pid" ]] || continue
+        pid="$(lib_pid_from_file "$f")" || continue
         if pid_is_ours "$pid" "$dir" "$port"; then
             echo "$pid"
             return 0
@@ -135,27 +88,12 @@ node_pid() {
     return 1
 }
 
-# Wait (bounded, in tenths of a second) until a pid is gone.
-wait_gone() {
-    local pid="$1" tenths="$2" i
-    for ((i = 0; i < tenths; i++)); do
-        pid_alive "$pid" || return 0
-        sleep 0.1
-    done
-    ! pid_alive "$pid"
-}
-
 stop_node_dir() {
     local dir="$1" port pid
     port="$(basename "$dir")"
     pid="$(node_pid "$dir" "$port")" || return 0
-    log "stopping redis-server pid $pid (port $port)"
-    kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_gone "$pid" 100; then
-        log "pid $pid did not stop after SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        wait_gone "$pid" 50 || die "pid $pid (port $port) still alive after SIGKILL"
-    fi
+    lib_log "stopping redis-server pid $pid (port $port)"
+    lib_stop_pids -t 10 "$pid" || lib_die "pid $pid (port $port) still alive after SIGKILL"
 }
 
 # Stop every node recorded under DATA_DIR (whatever ports it used) and remove its data.
@@ -187,10 +125,6 @@ rcli() {
 
 field() { # field NAME  (from INFO / CLUSTER INFO text on stdin)
     tr -d '\r' | sed -n "s/^$1:\(.*\)$/\1/p" | head -n1
-}
-
-port_in_use() {
-    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
 }
 
 # Healthy iff: every node is ours and alive, reports cluster_state:ok with all
@@ -268,16 +202,13 @@ start_node() {
     # pipe of whoever runs us, which would then never see EOF), so start it from
     # a subshell that closes everything above stderr and points 0-2 at a file.
     (
-        for fd in "/proc/$BASHPID/fd/"*; do
-            fd="${fd##*/}"
-            if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
-        done
+        lib_close_fds
         exec redis-server --port "$port" --bind "$HOST" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 1000 \
             --save "" --appendonly no --repl-diskless-sync-delay 0 \
             --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
     ) </dev/null >>"$dir/startup.log" 2>&1 ||
-        die "redis-server on port $port failed to start (see $dir/startup.log, $dir/redis.log)"
+        lib_die "redis-server on port $port failed to start (see $dir/startup.log, $dir/redis.log)"
     # The daemon writes its pidfile shortly after forking; wait for it and for PING.
     for ((i = 0; i < 100; i++)); do
         if [[ -s "$dir/redis.pid" ]]; then
@@ -292,32 +223,32 @@ start_node() {
         sleep 0.1
     done
     tail -n 20 "$dir/redis.log" >&2 2>/dev/null || true
-    die "redis-server on port $port did not come up within 10 s (see $dir/redis.log)"
+    lib_die "redis-server on port $port did not come up within 10 s (see $dir/redis.log)"
 }
 
 cmd_up() {
     ensure_redis
     mkdir -p "$(dirname "$DATA_DIR")"
     exec 9>"$DATA_DIR.lock"
-    flock -w 120 9 || die "could not lock $DATA_DIR.lock"
+    flock -w 120 9 || lib_die "could not lock $DATA_DIR.lock"
 
     if [[ -d "$DATA_DIR" ]] && healthy; then
-        log "cluster already running and healthy in $DATA_DIR"
+        lib_log "cluster already running and healthy in $DATA_DIR"
         seed_urls
         return 0
     fi
     if [[ -d "$DATA_DIR" ]]; then
-        log "stale state in $DATA_DIR ($HEALTH_MSG); cleaning it up"
+        lib_log "stale state in $DATA_DIR ($HEALTH_MSG); cleaning it up"
         cleanup_all
     fi
 
     local p start=$SECONDS
     for p in $(ports); do
-        port_in_use "$p" && die "port $p on $HOST is already in use by a process we did not start; set PRESENCE_REDIS_BASE_PORT"
-        port_in_use $((p + 10000)) && die "cluster bus port $((p + 10000)) on $HOST is already in use; set PRESENCE_REDIS_BASE_PORT"
+        lib_port_open "$HOST" "$p" && lib_die "port $p on $HOST is already in use by a process we did not start; set PRESENCE_REDIS_BASE_PORT"
+        lib_port_open "$HOST" $((p + 10000)) && lib_die "cluster bus port $((p + 10000)) on $HOST is already in use; set PRESENCE_REDIS_BASE_PORT"
     done
     mkdir -p "$DATA_DIR"
-    log "starting $NODES nodes on $HOST:$BASE_PORT-$((BASE_PORT + NODES - 1)) in $DATA_DIR ($(redis-server --version | cut -d' ' -f1-3))"
+    lib_log "starting $NODES nodes on $HOST:$BASE_PORT-$((BASE_PORT + NODES - 1)) in $DATA_DIR ($(redis-server --version | cut -d' ' -f1-3))"
     for p in $(ports); do start_node "$p"; done
 
     local addrs=()
@@ -326,23 +257,23 @@ cmd_up() {
         </dev/null >"$DATA_DIR/create.log" 2>&1; then
         cat "$DATA_DIR/create.log" >&2
         cleanup_all
-        die "redis-cli --cluster create failed"
+        lib_die "redis-cli --cluster create failed"
     fi
 
     local deadline=$((SECONDS + WAIT_SECS))
     until healthy; do
         if ((SECONDS >= deadline)); then
-            log "cluster not healthy after ${WAIT_SECS}s: $HEALTH_MSG"
+            lib_log "cluster not healthy after ${WAIT_SECS}s: $HEALTH_MSG"
             for p in $(ports); do
-                log "--- tail of $DATA_DIR/$p/redis.log"
+                lib_log "--- tail of $DATA_DIR/$p/redis.log"
                 tail -n 10 "$DATA_DIR/$p/redis.log" >&2 2>/dev/null || true
             done
             cleanup_all
-            die "cluster did not become healthy"
+            lib_die "cluster did not become healthy"
         fi
         sleep 0.1
     done
-    log "cluster healthy after $((SECONDS - start))s"
+    lib_log "cluster healthy after $((SECONDS - start))s"
     seed_urls >"$DATA_DIR/urls"
     seed_urls
 }
@@ -350,13 +281,13 @@ cmd_up() {
 cmd_down() {
     mkdir -p "$(dirname "$DATA_DIR")"
     exec 9>"$DATA_DIR.lock"
-    flock -w 120 9 || die "could not lock $DATA_DIR.lock"
+    flock -w 120 9 || lib_die "could not lock $DATA_DIR.lock"
     cleanup_all
-    log "stopped; removed $DATA_DIR"
+    lib_log "stopped; removed $DATA_DIR"
 }
 
 cmd_status() {
-    command -v redis-cli >/dev/null 2>&1 || die "redis-cli not installed"
+    command -v redis-cli >/dev/null 2>&1 || lib_die "redis-cli not installed"
     local p pid role state
     for p in $(ports); do
         pid="$(node_pid "$DATA_DIR/$p" "$p" || echo -)"
