@@ -382,6 +382,8 @@ mod tests {
         LoadFailed,
         /// SIGTERM.
         Drain,
+        /// The oldest load finishes, and leaves every partition of `ME` owned, none loading.
+        LoadDoneAndOwned,
         /// Every partition the ring gives `ME` is in this state; all others are released.
         ExpectMine(State),
         /// No partition is in this state.
@@ -431,6 +433,19 @@ mod tests {
             self.table.sync(&self.own);
         }
 
+        /// A shard that has owned its share of `members` for a while.
+        async fn settled(members: Vec<usize>) -> Harness {
+            let mut h = Harness::new();
+            h.run(&[
+                Members(members),
+                Wait(GRACE * 2),
+                LoadDone,
+                ExpectMine(State::Owned),
+            ])
+            .await;
+            h
+        }
+
         async fn run(&mut self, steps: &[Step]) {
             for (i, step) in steps.iter().enumerate() {
                 let now = Instant::now();
@@ -461,6 +476,14 @@ mod tests {
                         let (id, _) = self.loads.remove(0);
                         self.own.load_failed(id, now);
                         self.table.sync(&self.own);
+                    }
+                    Step::LoadDoneAndOwned => {
+                        Box::pin(self.run(&[
+                            LoadDone,
+                            ExpectMine(State::Owned),
+                            ExpectNone(State::Loading),
+                        ]))
+                        .await
                     }
                     Step::Drain => {
                         let a = self.own.drain();
@@ -530,9 +553,7 @@ mod tests {
                 Wait(GRACE),
                 ExpectLoads(1),
                 ExpectMine(State::Loading),
-                LoadDone,
-                ExpectMine(State::Owned),
-                ExpectNone(State::Loading),
+                LoadDoneAndOwned,
             ])
             .await;
     }
@@ -556,12 +577,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn another_shard_joins_and_we_release_its_share() {
-        Harness::new()
+        Harness::settled(vec![0, 1])
+            .await
             .run(&[
-                Members(vec![0, 1]),
-                Wait(GRACE * 2),
-                LoadDone,
-                ExpectMine(State::Owned),
                 Members(vec![0, 1, 2]),
                 // About a third of ours went to the newcomer, released at once.
                 ExpectReleasedAtLeast(PARTITIONS as usize / 3 / 2),
@@ -573,12 +591,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shard_leaves_and_we_load_its_share_without_waiting() {
-        Harness::new()
+        Harness::settled(vec![0, 1, 2])
+            .await
             .run(&[
-                Members(vec![0, 1, 2]),
-                Wait(GRACE * 2),
-                LoadDone,
-                ExpectMine(State::Owned),
                 // Shard 2 was killed: its partitions have no live previous owner.
                 Members(vec![0, 1]),
                 ExpectLoads(1),
@@ -604,9 +619,7 @@ mod tests {
                 ExpectReleasedAtLeast(1),
                 ExpectMine(State::Owned),
                 // ...and A's late result makes none of it ours again.
-                LoadDone,
-                ExpectMine(State::Owned),
-                ExpectNone(State::Loading),
+                LoadDoneAndOwned,
                 ExpectLoads(0),
             ])
             .await;
@@ -624,10 +637,8 @@ mod tests {
                 Members(vec![0, 1, 2]),
                 ExpectReleasedAtLeast(PARTITIONS as usize / 2),
                 ExpectMine(State::Loading),
-                LoadDone,
                 // Only what is still ours is owned.
-                ExpectMine(State::Owned),
-                ExpectNone(State::Loading),
+                LoadDoneAndOwned,
             ])
             .await;
     }
@@ -662,12 +673,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn sigterm_releases_everything_and_takes_nothing_more() {
-        Harness::new()
+        Harness::settled(vec![0, 1])
+            .await
             .run(&[
-                Members(vec![0, 1]),
-                Wait(GRACE * 2),
-                LoadDone,
-                ExpectMine(State::Owned),
                 Drain,
                 ExpectReleasedAtLeast(PARTITIONS as usize / 3),
                 ExpectNone(State::Owned),

@@ -390,16 +390,26 @@ async fn put_subscriptions(
     let user = user_id_path(raw)?;
     let targets = targets_of(&req.targets, s.limits.max_subscriptions)?;
     let list = s.presence.subscribe(user, req.mode, &targets).await?;
-    let statuses = if req.mode == SubscriptionMode::Remove {
-        Vec::new()
+    subscriptions_answer(&s, user, list, req.mode != SubscriptionMode::Remove).await
+}
+
+/// The subscription list of `user`, with the status view of every target when `views` is set.
+async fn subscriptions_answer(
+    s: &AppState,
+    user: UserId,
+    targets: Vec<UserId>,
+    views: bool,
+) -> Result<Response, Error> {
+    let statuses = if views {
+        s.presence.views(&targets).await?
     } else {
-        s.presence.views(&list).await?
+        Vec::new()
     };
     Ok(ok(
         "success",
         SubscriptionsAnswer {
             user_id: user,
-            targets: list,
+            targets,
             statuses,
         },
     ))
@@ -411,15 +421,7 @@ async fn get_subscriptions(
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
     let list = s.presence.subscriptions(user).await?;
-    let statuses = s.presence.views(&list).await?;
-    Ok(ok(
-        "success",
-        SubscriptionsAnswer {
-            user_id: user,
-            targets: list,
-            statuses,
-        },
-    ))
+    subscriptions_answer(&s, user, list, true).await
 }
 
 async fn clear_status(

@@ -86,6 +86,13 @@ impl Hub {
         *self.interest.lock() = Some(tx);
     }
 
+    fn count_subscriptions(&self, st: &State) {
+        self.metrics
+            .push
+            .ws_subscriptions
+            .set(st.watchers.values().map(|w| w.len() as i64).sum());
+    }
+
     fn notify(&self, delta: InterestDelta) {
         if delta.add.is_empty() && delta.remove.is_empty() {
             return;
@@ -169,10 +176,7 @@ impl Hub {
             unwatch(&mut st, user, user, &mut delta);
         }
         self.metrics.push.ws_connections.set(st.socks.len() as i64);
-        self.metrics
-            .push
-            .ws_subscriptions
-            .set(st.watchers.values().map(|w| w.len() as i64).sum());
+        self.count_subscriptions(&st);
         drop(st);
         self.notify(delta);
         generation
@@ -224,10 +228,7 @@ impl Hub {
                 unwatch(&mut st, t, user, &mut delta);
             }
         }
-        self.metrics
-            .push
-            .ws_subscriptions
-            .set(st.watchers.values().map(|w| w.len() as i64).sum());
+        self.count_subscriptions(&st);
         drop(st);
         self.notify(delta);
     }
