@@ -297,6 +297,15 @@ pub struct StoreMetrics {
     pub redis_commands: Counters<StoreOp<'static>>,
     pub redis_errors: Counters<RedisError>,
     pub redis_topology_refreshes: IntCounter,
+    /// Writes the store refused, by reason (`stale`: a newer version is stored; `fenced`: a
+    /// newer owner took the partition).
+    pub refused_writes: Counters<StoreOp<'static>>,
+    /// Background writes (timer changes, refreshes, repairs) retried after a failure.
+    pub retries: Counters<StoreOp<'static>>,
+    /// Background writes waiting for the writer.
+    pub backlog: IntGauge,
+    /// Records skipped on reload because they could not be read.
+    pub unreadable_records: IntCounter,
 }
 
 impl StoreMetrics {
@@ -327,7 +336,29 @@ impl StoreMetrics {
                 "presence_redis_topology_refreshes_total",
                 "Reads of the Redis Cluster slot map.",
             ),
+            refused_writes: r.counters(
+                "presence_store_refused_writes_total",
+                "Writes the store refused, by reason (stale: a newer version is stored; fenced: a newer owner took the partition).",
+            ),
+            retries: r.counters(
+                "presence_store_retries_total",
+                "Background store work (timer changes, refreshes, repairs) retried after a failure, by operation.",
+            ),
+            backlog: r.gauge(
+                "presence_store_backlog",
+                "Background store work waiting: timer changes, refreshes and reloads, coalesced per user.",
+            ),
+            unreadable_records: r.counter(
+                "presence_store_unreadable_records_total",
+                "Stored records skipped on reload because they could not be read.",
+            ),
         };
+        for op in ["stale", "fenced"] {
+            m.refused_writes.get(StoreOp { op });
+        }
+        for op in ["save", "refresh", "repair"] {
+            m.retries.get(StoreOp { op });
+        }
         for &k in RedisError::ALL {
             m.redis_errors.get(k);
         }

@@ -14,6 +14,7 @@ use crate::api::{self, AppState, Limits};
 use crate::config::{Config, ConfigError, DiscoveryKind, Role};
 use crate::membership::{self, Discovery, Members, StaticDiscovery};
 use crate::metrics::Metrics;
+use crate::ownership::Table;
 use crate::peer::client::Clients;
 use crate::peer::upstream::Upstreams;
 use crate::peer::{GrpcProbe, Handoff, Router, ShardService};
@@ -178,6 +179,7 @@ impl Node {
                     config.rules(),
                     config.timer_tick,
                     metrics.clone(),
+                    Table::owning_all(),
                 ));
                 let h = Hub::new(metrics.clone(), config.ws_queue as usize);
                 shard.set_sink(h.clone());
@@ -206,8 +208,14 @@ impl Node {
                     config.rules(),
                     config.timer_tick,
                     metrics.clone(),
+                    Table::new(),
                 ));
-                let own = Handoff::new(config.advertise_addr(), config.grace(), metrics.clone());
+                let own = Handoff::new(
+                    config.advertise_addr(),
+                    config.grace(),
+                    metrics.clone(),
+                    shard.table().clone(),
+                );
                 let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 shard.set_sink(fanout.clone());
                 let discovery = match discovery.clone() {

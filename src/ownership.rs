@@ -309,6 +309,24 @@ impl Table {
         })
     }
 
+    /// A table that serves every partition, for good: a one-process node.
+    pub fn owning_all() -> Arc<Table> {
+        let t = Table::new();
+        for s in t.states.iter() {
+            s.store(OWNED, Ordering::Relaxed);
+        }
+        t.owned.store(PARTITIONS as u64, Ordering::Relaxed);
+        t
+    }
+
+    /// Marks one partition served or not, outside the machine: for tests of what reads the
+    /// table.
+    #[cfg(test)]
+    pub fn set_owned(&self, partition: u32, owned: bool) {
+        let v = if owned { OWNED } else { WAITING };
+        self.states[partition as usize].store(v, Ordering::Release);
+    }
+
     /// Copies the machine's view. Refusals take effect before the caller releases anything.
     pub fn sync(&self, own: &Ownership) {
         let mut owned = 0;

@@ -4,7 +4,18 @@
 //! State is split into lock stripes by user id, so writes for one user are serialized and writes
 //! for different users run in parallel. A heartbeat that changes nothing visible takes one stripe
 //! lock, updates two integers and returns: no allocation, no store round trip, no timer work.
+//!
+//! Faults:
+//! - Ownership is checked under the user's stripe lock, so a user is never put back into memory
+//!   after its partition was released, and every write carries its partition's fencing token: a
+//!   store refuses the writes of an owner that a newer one replaced.
+//! - A request's change is acknowledged and published only once it is written; a failed or
+//!   refused write takes the user out of memory (the store holds the truth, and a retry applies
+//!   the change again), and a cancelled request's write is finished by the writer.
+//! - Timer changes and write-behind refreshes go to a writer task through a backlog coalesced per
+//!   user: bounded by the users in memory, retried with backoff, never dropped, counted.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +27,14 @@ use crate::error::Error;
 use crate::metrics::{
     HeartbeatResult, Metrics, StoreOp, StoreResult, SubscriptionChange, Transition,
 };
+use crate::ownership::Table;
 use crate::presence::{
     BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
 };
 use crate::push::{Event, EventSink};
-use crate::ring::stripe_of;
+use crate::ring::{partition_of, stripe_of, PARTITIONS};
 use crate::service::Presence;
-use crate::store::{Store, SubscriptionMode};
+use crate::store::{Saved, Store, SubscriptionMode, Write};
 use crate::timer::{Clock, Tick, TimerWheel};
 
 const STRIPES: usize = 256;
@@ -31,8 +43,11 @@ const WHEEL_SLOTS: usize = 4096;
 const EVICT_DELAY: Millis = 5_000;
 /// Furthest ahead a settings expiry may be.
 const MAX_EXPIRY: Millis = 366 * 86_400_000;
-/// Most timer saves kept for retry while the store fails.
-const MAX_PENDING_SAVES: usize = 100_000;
+/// The first and the longest wait of the writer after a failed store call.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most users in one call of the writer.
+const WRITER_BATCH: usize = 10_000;
 
 struct Entry {
     state: UserState,
@@ -43,6 +58,32 @@ struct Entry {
 }
 
 type Stripe = hashbrown::HashMap<UserId, Box<Entry>>;
+
+/// Work for the writer: timer changes to write through, live records to refresh, users to reload
+/// after a failed write. Coalesced per user (a newer state replaces an older one), so it is
+/// bounded by the users this shard owns and nothing is dropped.
+#[derive(Default)]
+struct Backlog {
+    saves: hashbrown::HashMap<UserId, UserState>,
+    refreshes: hashbrown::HashSet<UserId>,
+    repairs: hashbrown::HashSet<UserId>,
+}
+
+impl Backlog {
+    fn len(&self) -> usize {
+        self.saves.len() + self.refreshes.len() + self.repairs.len()
+    }
+
+    /// Keeps `state` for writing unless a newer one is waiting.
+    fn save(&mut self, user: UserId, state: UserState) {
+        match self.saves.get(&user) {
+            Some(s) if s.version >= state.version => {}
+            _ => {
+                self.saves.insert(user, state);
+            }
+        }
+    }
+}
 
 /// The in-process owner of users.
 pub struct Shard {
@@ -60,6 +101,12 @@ pub struct Shard {
     sweep_cursor: Mutex<usize>,
     /// Where visible changes go (push), once set.
     sink: std::sync::OnceLock<Arc<dyn EventSink>>,
+    /// Which partitions this shard serves.
+    table: Arc<Table>,
+    /// Per partition: the fencing token this shard writes with (0 before it took it over).
+    fences: Box<[AtomicU64]>,
+    backlog: Mutex<Backlog>,
+    wake: tokio::sync::Notify,
 }
 
 impl Shard {
@@ -68,6 +115,7 @@ impl Shard {
         rules: Rules,
         tick: Duration,
         metrics: Arc<Metrics>,
+        table: Arc<Table>,
     ) -> Shard {
         for from in Status::ALL {
             for to in Status::ALL {
@@ -99,7 +147,16 @@ impl Shard {
             sweep_per_tick,
             sweep_cursor: Mutex::new(0),
             sink: std::sync::OnceLock::new(),
+            table,
+            fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
+            backlog: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Which partitions this shard serves.
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
     }
 
     /// Sends every visible change to `sink` from now on.
@@ -180,9 +237,10 @@ impl Shard {
     }
 
     /// Runs `op` on the user's live state: applies what is due first, then the operation,
-    /// accounts the effect, re-arms the timer and writes a visible change through to the store
-    /// before returning. A user not in memory is loaded from the store when `load` is set;
-    /// otherwise `op` runs on `None`.
+    /// accounts the effect, re-arms the timer, and writes a visible change through to the store
+    /// before it returns and publishes it. A user not in memory is loaded from the store when
+    /// `load` is set; otherwise `op` runs on `None`. Ownership is checked under the stripe lock
+    /// every time round, so after every await.
     async fn mutate<R>(
         &self,
         user: UserId,
@@ -194,6 +252,7 @@ impl Shard {
             let now = self.clock.now();
             let done = {
                 let mut stripe = self.stripe(user).lock();
+                self.table.check(user)?;
                 if let Some(state) = loaded.take() {
                     if !stripe.contains_key(&user) {
                         let synced = self.secs(now);
@@ -221,11 +280,94 @@ impl Shard {
             };
             if let Some(state) = snapshot {
                 if self.store.write_through() {
-                    self.save(&[(user, state.clone())]).await?;
+                    self.persist(user, state, now).await?;
+                } else {
+                    self.publish(user, &state, now);
                 }
-                self.publish(user, &state, now);
             }
             return result;
+        }
+    }
+
+    /// Writes a request's change through, then publishes it. If the request is cancelled
+    /// meanwhile, the writer finishes the job. A write that fails or that the store refuses takes
+    /// the user out of memory: the store holds the truth, and the next request (or the writer's
+    /// repair) reloads it, so a retried request applies its change again.
+    async fn persist(&self, user: UserId, state: UserState, now: Millis) -> Result<(), Error> {
+        let version = state.version;
+        let mut unfinished = Unfinished {
+            shard: self,
+            write: Some((user, state.clone())),
+        };
+        let write = Write {
+            user,
+            state,
+            fence: self.fence_of(user),
+        };
+        let outcome = self.save(std::slice::from_ref(&write)).await;
+        unfinished.write = None;
+        match outcome.map(|v| v.first().copied().unwrap_or(Saved::Stale)) {
+            Ok(Saved::Written) => {
+                self.publish(user, &write.state, now);
+                Ok(())
+            }
+            // Memory moved past this version meanwhile: a later write carries this change.
+            Ok(Saved::Stale) if self.version_in_memory(user).is_some_and(|v| v > version) => Ok(()),
+            Ok(refused) => {
+                self.evict(user);
+                Err(self.refusal(refused))
+            }
+            Err(e) => {
+                self.evict(user);
+                Err(e)
+            }
+        }
+    }
+
+    fn refusal(&self, refused: Saved) -> Error {
+        let reason = if refused == Saved::Fenced {
+            "fenced"
+        } else {
+            "stale"
+        };
+        self.metrics
+            .store
+            .refused_writes
+            .get(StoreOp { op: reason })
+            .inc();
+        match refused {
+            Saved::Fenced => Error::WrongOwner {
+                epoch: self.table.epoch(),
+            },
+            _ => Error::ShardUnavailable("concurrent change, retry".into()),
+        }
+    }
+
+    fn fence_of(&self, user: UserId) -> u64 {
+        self.fences[partition_of(user) as usize].load(Ordering::Acquire)
+    }
+
+    fn version_in_memory(&self, user: UserId) -> Option<u64> {
+        self.stripe(user).lock().get(&user).map(|e| e.state.version)
+    }
+
+    /// Takes a user out of memory after a failed or refused write, and asks the writer to reload
+    /// it (so its timers run again) once the store answers.
+    fn evict(&self, user: UserId) {
+        if let Some(entry) = self.stripe(user).lock().remove(&user) {
+            self.forget_entry(&entry);
+            self.metrics.presence.cached_users.dec();
+        }
+        self.backlog.lock().repairs.insert(user);
+        self.wake.notify_one();
+    }
+
+    /// Takes a user's devices out of the gauges as it leaves memory.
+    fn forget_entry(&self, entry: &Entry) {
+        let online = entry.state.online_devices().count() as i64;
+        self.metrics.presence.online_devices.sub(online);
+        if entry.state.status != Status::Offline {
+            self.metrics.presence.online_users.dec();
         }
     }
 
@@ -264,7 +406,29 @@ impl Shard {
         r
     }
 
-    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+    /// Loads users for a recovery: a record that cannot be read (corrupt, or written by a newer
+    /// version) is skipped and counted, never a reason to fail the whole partition.
+    async fn load_readable(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
+        match self.load(users).await {
+            Err(Error::Internal(_)) => {}
+            other => return other,
+        }
+        let mut out = Vec::with_capacity(users.len());
+        for &user in users {
+            match self.load(&[user]).await {
+                Ok(mut v) => out.push(v.pop().flatten()),
+                Err(Error::Internal(e)) => {
+                    self.metrics.store.unreadable_records.inc();
+                    tracing::warn!(user, error = %e, "skipping an unreadable record");
+                    out.push(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn save(&self, batch: &[Write]) -> Result<Vec<Saved>, Error> {
         let t = std::time::Instant::now();
         let r = self.store.save(batch).await;
         self.observe("save", t, r.is_ok());
@@ -286,8 +450,8 @@ impl Shard {
             .inc();
     }
 
-    /// Processes every timer due by now. Returns the states to write through.
-    fn fire(&self, fired: &mut Vec<(u64, Tick)>, saves: &mut Vec<(UserId, UserState)>) {
+    /// Processes every timer due by now. Changes to write go to the backlog.
+    fn fire(&self, fired: &mut Vec<(u64, Tick)>) {
         let now = self.clock.now();
         let to = ((now - self.clock.base()).max(0) / self.tick_ms) as u64;
         self.wheel.lock().advance(to, fired);
@@ -298,6 +462,7 @@ impl Shard {
                 .timer_lag
                 .observe((now - scheduled).max(0) as f64 / 1000.0);
         }
+        let mut saves = Vec::new();
         for (user, tick) in fired.drain(..) {
             let mut stripe = self.stripe(user).lock();
             let Some(entry) = stripe.get_mut(&user) else {
@@ -307,6 +472,12 @@ impl Shard {
                 continue; // stale: re-armed since
             }
             entry.armed = 0;
+            if self.table.check(user).is_err() {
+                // Not served now (its partition is loading or being let go): look again in a
+                // second, change nothing.
+                entry.armed = self.wheel.lock().insert(user, self.tick_at(now + 1000));
+                continue;
+            }
             self.metrics.presence.timer_fired.inc();
             if entry.state.is_dormant() {
                 if let Some(e) = stripe.remove(&user) {
@@ -335,11 +506,20 @@ impl Shard {
             }
             self.arm(user, entry, now);
         }
+        if !saves.is_empty() {
+            let mut backlog = self.backlog.lock();
+            for (user, state) in saves {
+                backlog.save(user, state);
+            }
+            drop(backlog);
+            self.wake.notify_one();
+        }
     }
 
     /// Write-behind: collects live users whose record is due for a refresh, a few stripes per
-    /// tick, so that a full pass takes at most half the refresh interval.
-    fn sweep(&self, refreshes: &mut Vec<UserId>) {
+    /// tick, so that a full pass takes at most half the refresh interval. A user counts as
+    /// refreshed only once the writer's refresh succeeded.
+    fn sweep(&self) {
         let Some(every) = self.refresh_secs else {
             return;
         };
@@ -350,49 +530,61 @@ impl Shard {
             *cursor = (start + self.sweep_per_tick) % STRIPES;
             start
         };
+        let mut due = Vec::new();
         for i in 0..self.sweep_per_tick {
-            let mut stripe = self.stripes[(start + i) % STRIPES].lock();
-            for (user, entry) in stripe.iter_mut() {
+            let stripe = self.stripes[(start + i) % STRIPES].lock();
+            for (user, entry) in stripe.iter() {
                 if !entry.state.devices.is_empty() && now.saturating_sub(entry.synced) >= every {
-                    entry.synced = now;
-                    refreshes.push(*user);
+                    due.push(*user);
                 }
             }
+        }
+        if !due.is_empty() {
+            self.backlog.lock().refreshes.extend(due);
+            self.wake.notify_one();
         }
     }
 
     /// Lets go of every user in the marked partitions (`owned[p]` true): their state leaves
     /// memory (it is in the store already), their timers stop, and their records' expiry is
-    /// pushed back so the next owner finds them. Returns how many users were released.
+    /// pushed back so the next owner finds them. A store private to this process forgets the
+    /// partitions: once another shard owns them, what it holds is no longer true. Returns how
+    /// many users were released.
     pub async fn release(&self, partitions: &[bool]) -> usize {
         let mut live = Vec::new();
-        let mut written = Vec::new();
-        let write_back = !self.store.write_through();
         let mut released = 0usize;
         for stripe in self.stripes.iter() {
             let mut stripe = stripe.lock();
             stripe.retain(|user, entry| {
-                if !partitions[crate::ring::partition_of(*user) as usize] {
+                if !partitions[partition_of(*user) as usize] {
                     return true;
                 }
-                let online = entry.state.online_devices().count() as i64;
-                self.metrics.presence.online_devices.sub(online);
-                if entry.state.status != Status::Offline {
-                    self.metrics.presence.online_users.dec();
-                }
+                self.forget_entry(entry);
                 if !entry.state.devices.is_empty() {
                     live.push(*user);
-                }
-                if write_back {
-                    written.push((*user, entry.state.clone()));
                 }
                 released += 1;
                 false
             });
         }
         self.metrics.presence.cached_users.sub(released as i64);
-        if let Err(e) = self.save(&written).await {
-            tracing::warn!(error = %e, users = written.len(), "write-back on release failed");
+        {
+            let mut backlog = self.backlog.lock();
+            let mine = |u: &UserId| !partitions[partition_of(*u) as usize];
+            backlog.saves.retain(|u, _| mine(u));
+            backlog.refreshes.retain(mine);
+            backlog.repairs.retain(mine);
+        }
+        for (p, gone) in partitions.iter().enumerate() {
+            if *gone {
+                self.fences[p].store(0, Ordering::Release);
+            }
+        }
+        if !self.store.write_through() {
+            let gone: Vec<u32> = (0..PARTITIONS)
+                .filter(|p| partitions[*p as usize])
+                .collect();
+            self.store.forget(&gone).await;
         }
         for chunk in live.chunks(10_000) {
             if let Err(e) = self.store.refresh(chunk).await {
@@ -402,38 +594,20 @@ impl Shard {
         released
     }
 
-    /// Reloads the live users of `partitions` from the store and arms their timers: what a
-    /// restarted node (or a new owner) does before it serves. Returns how many were reloaded.
+    /// Takes `partitions` over and reloads their live users from the store, arming their
+    /// timers: what a restarted node (or a new owner) does before it serves. The partitions are
+    /// fenced first, so a previous owner's late writes are refused from then on. Returns how
+    /// many users were reloaded.
     pub async fn recover(&self, partitions: &[u32]) -> Result<usize, Error> {
+        let fences = self.store.fence(partitions).await?;
+        for (&p, f) in partitions.iter().zip(fences) {
+            self.fences[p as usize].store(f, Ordering::Release);
+        }
         let users = self.store.live_users(partitions).await?;
         let mut recovered = 0;
         for chunk in users.chunks(1000) {
-            let states = self.load(chunk).await?;
-            let now = self.clock.now();
-            for (&user, state) in chunk.iter().zip(states) {
-                let Some(mut state) = state.filter(|s| !s.devices.is_empty()) else {
-                    continue;
-                };
-                state.reloaded(now);
-                let mut stripe = self.stripe(user).lock();
-                if stripe.contains_key(&user) {
-                    continue;
-                }
-                let online = state.online_devices().count() as i64;
-                self.metrics.presence.online_devices.add(online);
-                if state.status != Status::Offline {
-                    self.metrics.presence.online_users.inc();
-                }
-                let synced = self.secs(now);
-                let entry = stripe.entry(user).or_insert(Box::new(Entry {
-                    state,
-                    armed: 0,
-                    synced,
-                }));
-                self.arm(user, entry, now);
-                self.metrics.presence.cached_users.inc();
-                recovered += 1;
-            }
+            let states = self.load_readable(chunk).await?;
+            recovered += self.install(chunk, states);
         }
         self.metrics
             .presence
@@ -442,49 +616,189 @@ impl Shard {
         Ok(recovered)
     }
 
-    /// Drives the timer wheel until `cancel` fires. One task for every deadline of the node.
+    /// Puts reloaded users with devices into memory (unless there already) and arms their
+    /// timers. Returns how many it put.
+    fn install(&self, users: &[UserId], states: Vec<Option<UserState>>) -> usize {
+        let now = self.clock.now();
+        let mut installed = 0;
+        for (&user, state) in users.iter().zip(states) {
+            let Some(mut state) = state.filter(|s| !s.devices.is_empty()) else {
+                continue;
+            };
+            state.reloaded(now);
+            let mut stripe = self.stripe(user).lock();
+            if stripe.contains_key(&user) {
+                continue;
+            }
+            let online = state.online_devices().count() as i64;
+            self.metrics.presence.online_devices.add(online);
+            if state.status != Status::Offline {
+                self.metrics.presence.online_users.inc();
+            }
+            let synced = self.secs(now);
+            let entry = stripe.entry(user).or_insert(Box::new(Entry {
+                state,
+                armed: 0,
+                synced,
+            }));
+            self.arm(user, entry, now);
+            self.metrics.presence.cached_users.inc();
+            installed += 1;
+        }
+        installed
+    }
+
+    /// Drives the timer wheel and the writer until `cancel` fires. One task for every deadline
+    /// of the node; the timer never waits for the store.
     pub async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
-        let mut interval = tokio::time::interval(Duration::from_millis(self.tick_ms as u64));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut fired = Vec::new();
-        let mut saves = Vec::new();
-        let mut refreshes = Vec::new();
+        let timers = async {
+            let mut interval = tokio::time::interval(Duration::from_millis(self.tick_ms as u64));
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut fired = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = interval.tick() => {}
+                }
+                self.fire(&mut fired);
+                self.sweep();
+            }
+        };
+        tokio::join!(timers, self.run_writer(&cancel));
+    }
+
+    /// Writes the backlog until `cancel`, then once more.
+    async fn run_writer(&self, cancel: &CancellationToken) {
+        let mut backoff = FIRST_BACKOFF;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = interval.tick() => {}
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(self.tick_ms as u64 * 10)) => {}
             }
-            self.fire(&mut fired, &mut saves);
-            self.sweep(&mut refreshes);
-            if !refreshes.is_empty() {
-                if let Err(e) = self.store.refresh(&refreshes).await {
-                    tracing::warn!(error = %e, users = refreshes.len(), "refresh of live records failed");
-                }
-                refreshes.clear();
+            if self.write_backlog().await {
+                backoff = FIRST_BACKOFF;
+                continue;
             }
-            if !saves.is_empty() {
-                match self.save(&saves).await {
-                    Ok(()) => {
-                        let now = self.clock.now();
-                        for (user, state) in saves.drain(..) {
-                            self.publish(user, &state, now);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, pending = saves.len(), "timer write-through failed, retrying");
-                        if saves.len() > MAX_PENDING_SAVES {
-                            tracing::error!(dropped = saves.len(), "dropping timer writes");
-                            saves.clear();
-                        }
-                    }
-                }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        if !self.write_backlog().await {
+            let left = self.backlog.lock().len();
+            tracing::error!(
+                left,
+                "the store failed the last writes before shutdown; the next owner reloads"
+            );
+        }
+    }
+
+    /// One round of the writer: timer changes, refreshes, repairs, at most a batch of each.
+    /// Failed work goes back to the backlog (unless superseded). False when something failed.
+    async fn write_backlog(&self) -> bool {
+        let (saves, refreshes, repairs) = {
+            let mut b = self.backlog.lock();
+            let saves: Vec<(UserId, UserState)> = take_some(&mut b.saves, WRITER_BATCH);
+            let refreshes: Vec<UserId> = take_some_set(&mut b.refreshes, WRITER_BATCH);
+            let repairs: Vec<UserId> = take_some_set(&mut b.repairs, WRITER_BATCH);
+            (saves, refreshes, repairs)
+        };
+        let mut ok = true;
         if !saves.is_empty() {
-            if let Err(e) = self.save(&saves).await {
-                tracing::error!(error = %e, lost = saves.len(), "final timer write-through failed");
+            ok &= self.write_saves(saves).await;
+        }
+        if !refreshes.is_empty() {
+            match self.store.refresh(&refreshes).await {
+                Ok(()) => {
+                    let now = self.secs(self.clock.now());
+                    for u in refreshes {
+                        if let Some(e) = self.stripe(u).lock().get_mut(&u) {
+                            e.synced = now;
+                        }
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    self.retry("refresh", refreshes.len(), &e);
+                    self.backlog.lock().refreshes.extend(refreshes);
+                }
             }
         }
+        if !repairs.is_empty() {
+            let owned: Vec<UserId> = repairs
+                .into_iter()
+                .filter(|u| self.table.check(*u).is_ok())
+                .collect();
+            match self.load_readable(&owned).await {
+                Ok(states) => {
+                    self.install(&owned, states);
+                }
+                Err(e) => {
+                    ok = false;
+                    self.retry("repair", owned.len(), &e);
+                    self.backlog.lock().repairs.extend(owned);
+                }
+            }
+        }
+        let left = self.backlog.lock().len();
+        self.metrics.store.backlog.set(left as i64);
+        if left > 0 {
+            self.wake.notify_one();
+        }
+        ok
+    }
+
+    async fn write_saves(&self, saves: Vec<(UserId, UserState)>) -> bool {
+        let writes: Vec<Write> = saves
+            .into_iter()
+            .filter(|(u, _)| self.table.check(*u).is_ok())
+            .map(|(user, state)| Write {
+                user,
+                fence: self.fence_of(user),
+                state,
+            })
+            .collect();
+        if writes.is_empty() {
+            return true;
+        }
+        match self.save(&writes).await {
+            Ok(outcomes) => {
+                let now = self.clock.now();
+                for (w, outcome) in writes.iter().zip(outcomes) {
+                    match outcome {
+                        Saved::Written => self.publish(w.user, &w.state, now),
+                        Saved::Stale
+                            if self
+                                .version_in_memory(w.user)
+                                .is_some_and(|v| v > w.state.version) => {}
+                        refused => {
+                            self.refusal(refused);
+                            self.evict(w.user);
+                        }
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.retry("save", writes.len(), &e);
+                let mut b = self.backlog.lock();
+                for w in writes {
+                    b.save(w.user, w.state);
+                }
+                false
+            }
+        }
+    }
+
+    fn retry(&self, op: &'static str, n: usize, e: &Error) {
+        self.metrics
+            .store
+            .retries
+            .get(StoreOp { op })
+            .inc_by(n as u64);
+        tracing::warn!(op, users = n, error = %e, "store write failed, retrying with backoff");
     }
 
     /// `show` of each distinct user, in request order: from memory, else from the store (one
@@ -534,6 +848,42 @@ impl Shard {
             .flatten()
             .unwrap_or_default())
     }
+}
+
+/// A request's write that did not finish (the request was cancelled): the writer takes it.
+struct Unfinished<'a> {
+    shard: &'a Shard,
+    write: Option<(UserId, UserState)>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some((user, state)) = self.write.take() {
+            self.shard.backlog.lock().save(user, state);
+            self.shard.wake.notify_one();
+        }
+    }
+}
+
+fn take_some<K: Copy + Eq + std::hash::Hash, V>(
+    map: &mut hashbrown::HashMap<K, V>,
+    n: usize,
+) -> Vec<(K, V)> {
+    let keys: Vec<K> = map.keys().take(n).copied().collect();
+    keys.into_iter()
+        .filter_map(|k| map.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
+fn take_some_set<K: Copy + Eq + std::hash::Hash>(
+    set: &mut hashbrown::HashSet<K>,
+    n: usize,
+) -> Vec<K> {
+    let keys: Vec<K> = set.iter().take(n).copied().collect();
+    for k in &keys {
+        set.remove(k);
+    }
+    keys
 }
 
 #[async_trait]
@@ -682,6 +1032,9 @@ impl Presence for Shard {
 }
 
 #[cfg(test)]
+mod faults;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
@@ -699,6 +1052,7 @@ mod tests {
             rules,
             Duration::from_millis(tick_ms),
             Arc::new(Metrics::new()),
+            Table::owning_all(),
         ))
     }
 

@@ -39,12 +39,18 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    pub fn new(me: String, grace: Duration, metrics: Arc<Metrics>) -> Arc<Handoff> {
+    /// Drives the ownership of the shard whose table is `table`.
+    pub fn new(
+        me: String,
+        grace: Duration,
+        metrics: Arc<Metrics>,
+        table: Arc<Table>,
+    ) -> Arc<Handoff> {
         let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
         Arc::new(Handoff {
             me,
             machine: tokio::sync::Mutex::new(machine),
-            table: Table::new(),
+            table,
             stop: CancellationToken::new(),
             metrics,
         })
