@@ -445,6 +445,8 @@ pub struct PushMetrics {
     pub events_published: IntCounter,
     pub events_delivered: IntCounter,
     pub event_streams: IntGauge,
+    /// Gateway event streams reopened after they failed, were cut off or went silent.
+    pub stream_restarts: IntCounter,
     pub delay: Histogram,
     pub subscription_changes: Counters<SubscriptionChange<'static>>,
 }
@@ -479,6 +481,10 @@ impl PushMetrics {
             event_streams: r.gauge(
                 "presence_event_streams",
                 "Open shard-to-gateway event streams.",
+            ),
+            stream_restarts: r.counter(
+                "presence_event_stream_restarts_total",
+                "Gateway event streams reopened after they failed, were cut off by the shard, or carried nothing (not even a ping) for 3 ping intervals.",
             ),
             delay: r.histogram(
                 "presence_push_delay_seconds",

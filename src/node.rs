@@ -210,13 +210,14 @@ impl Node {
                     metrics.clone(),
                     Table::new(),
                 ));
+                let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 let own = Handoff::new(
                     config.advertise_addr(),
                     config.grace(),
                     metrics.clone(),
                     shard.table().clone(),
+                    fanout.clone(),
                 );
-                let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 shard.set_sink(fanout.clone());
                 let discovery = match discovery.clone() {
                     Some(d) => d,

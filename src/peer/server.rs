@@ -5,8 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response};
 use tracing::Instrument;
@@ -17,7 +19,8 @@ use crate::metrics::{Direction, Metrics};
 use crate::ownership::{Action, Ownership, Table};
 use crate::presence::{validate_device_id, validate_user_id, UserId};
 use crate::proto::{self, v1};
-use crate::push::fanout::{Fanout, StreamItem};
+use crate::push::fanout::{to_wire, Fanout, Opened, StreamItem};
+use crate::push::{Event, EventSink};
 use crate::ring::{Ring, PARTITIONS};
 use crate::service::Presence;
 use crate::shard::Shard;
@@ -26,6 +29,9 @@ use crate::store::SubscriptionMode;
 /// Most users in one gRPC batch call.
 const MAX_BATCH: usize = 100_000;
 
+/// How often a shard pings each gateway's event stream.
+pub const PING: Duration = Duration::from_secs(2);
+
 /// Drives this shard's [`Ownership`]: feeds it ring changes and the passing of time, carries out
 /// its actions on the [`Shard`] (release users, load partitions from the store) and mirrors its
 /// view into the [`Table`] that requests read.
@@ -33,6 +39,8 @@ pub struct Handoff {
     me: String,
     machine: tokio::sync::Mutex<Ownership>,
     table: Arc<Table>,
+    /// The gateways' interest: partitions that become owned catch them up.
+    fanout: Arc<Fanout>,
     /// Stops the ring-following loop (a drain takes over).
     stop: CancellationToken,
     metrics: Arc<Metrics>,
@@ -45,12 +53,14 @@ impl Handoff {
         grace: Duration,
         metrics: Arc<Metrics>,
         table: Arc<Table>,
+        fanout: Arc<Fanout>,
     ) -> Arc<Handoff> {
         let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
         Arc::new(Handoff {
             me,
             machine: tokio::sync::Mutex::new(machine),
             table,
+            fanout,
             stop: CancellationToken::new(),
             metrics,
         })
@@ -125,6 +135,8 @@ impl Handoff {
                             let owned = machine.load_done(id);
                             self.observe(Direction::Gained, started, owned.len());
                             tracing::info!(partitions = owned.len(), users, took = ?started.elapsed(), epoch = machine.ring().epoch(), "took over partitions");
+                            self.table.sync(machine);
+                            self.catch_up(shard, &owned).await;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, partitions = partitions.len(), "loading partitions failed, retrying");
@@ -141,6 +153,28 @@ impl Handoff {
                 .set(self.table.owned_count() as i64);
         }
         true
+    }
+
+    /// Partitions just became owned: every gateway interested in one of their users gets its
+    /// current state, whatever events it missed while the partition moved.
+    async fn catch_up(&self, shard: &Shard, partitions: &[u32]) {
+        let partitions: std::collections::HashSet<u32> = partitions.iter().copied().collect();
+        let users = self.fanout.interested_in(&partitions);
+        for chunk in users.chunks(1000) {
+            let Ok(views) = shard.views(chunk).await else {
+                tracing::warn!(users = chunk.len(), "catch-up after a handoff failed");
+                continue;
+            };
+            let now = shard.now();
+            for view in views {
+                self.fanout.publish(Event {
+                    view,
+                    changed_at: now,
+                    subscriptions: None,
+                    snapshot: true,
+                });
+            }
+        }
     }
 
     async fn release(&self, shard: &Shard, partitions: &[u32]) {
@@ -174,6 +208,7 @@ impl Handoff {
         let mut machine = self.machine.lock().await;
         let actions = machine.drain();
         self.act(&mut machine, shard, actions).await;
+        self.fanout.close_all();
         self.metrics.ring.owned_partitions.set(0);
         tracing::info!("handed off every partition");
     }
@@ -381,18 +416,36 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     type EventsStream = Pin<Box<dyn futures::Stream<Item = StreamItem> + Send + 'static>>;
 
     /// A gateway's event stream: interest in, events out. Each user declared interesting gets
-    /// its current state at once (if this shard owns it), then every change.
+    /// its current state at once (if this shard owns it), then every change. A ping (an event
+    /// without presence) goes down every [`PING`], so the gateway can tell a live but quiet
+    /// stream from a dead one; a stream the shard cuts off (too slow, or shutting down) ends
+    /// with `UNAVAILABLE`, so the gateway reconnects.
     async fn events(
         &self,
         req: Request<tonic::Streaming<v1::Interest>>,
     ) -> Reply<Self::EventsStream> {
         let mut inbound = req.into_inner();
-        let (id, rx, tx) = self.fanout.open("gateway");
+        let Opened { id, rx, tx, cut } = self.fanout.open("gateway");
         let fanout = self.fanout.clone();
         let shard = self.shard.clone();
         let own = self.own.clone();
+        let stop = cut.clone();
         tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
+            let mut ping = tokio::time::interval(PING);
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ping.tick() => {
+                        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Ok(v1::Event::default())) {
+                            fanout.close(id);
+                        }
+                        continue;
+                    }
+                    m = inbound.message() => match m {
+                        Ok(Some(msg)) => msg,
+                        _ => break,
+                    },
+                };
                 fanout.interest(id, &msg.add, &msg.remove);
                 let owned: Vec<UserId> = msg
                     .add
@@ -408,7 +461,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 };
                 let now = shard.now();
                 for view in views {
-                    let ev = crate::push::fanout::to_wire(&crate::push::Event {
+                    let ev = to_wire(&Event {
                         view,
                         changed_at: now,
                         subscriptions: None,
@@ -421,8 +474,18 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             }
             fanout.close(id);
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let tail = cut.clone();
+        let end = futures::stream::once(async move {
+            tail.is_cancelled().then(|| {
+                Err(tonic::Status::unavailable(
+                    "event stream cut off: too slow, or the shard is shutting down",
+                ))
+            })
+        })
+        .filter_map(|item: Option<StreamItem>| async move { item });
+        let events = ReceiverStream::new(rx)
+            .take_until(cut.cancelled_owned())
+            .chain(end);
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -22,6 +22,9 @@ use crate::ring::Ring;
 /// Most user ids in one interest message.
 const CHUNK: usize = 10_000;
 
+/// A stream that carried nothing, not even a ping, for this long is dead: reopen it.
+const STREAM_IDLE: Duration = Duration::from_secs(3 * super::server::PING.as_secs());
+
 struct Link {
     targets: Mutex<HashSet<UserId>>,
     tx: Mutex<Option<mpsc::UnboundedSender<v1::Interest>>>,
@@ -196,11 +199,18 @@ impl Upstreams {
                     self.metrics.push.event_streams.inc();
                     tracing::info!(shard = %shard, "event stream open");
                     let mut inbound = resp.into_inner();
+                    let mut last = tokio::time::Instant::now();
                     loop {
                         tokio::select! {
                             _ = link.cancel.cancelled() => break,
+                            _ = tokio::time::sleep_until(last + STREAM_IDLE) => {
+                                self.metrics.push.stream_restarts.inc();
+                                tracing::warn!(shard = %shard, idle = ?STREAM_IDLE, "event stream silent, reopening it");
+                                break;
+                            }
                             m = inbound.message() => match m {
                                 Ok(Some(ev)) => {
+                                    last = tokio::time::Instant::now();
                                     backoff = Duration::from_millis(100);
                                     if let Some(e) = from_wire(ev) {
                                         self.hub.deliver(&e);
@@ -208,7 +218,8 @@ impl Upstreams {
                                 }
                                 Ok(None) => break,
                                 Err(e) => {
-                                    tracing::debug!(shard = %shard, error = %e, "event stream failed");
+                                    self.metrics.push.stream_restarts.inc();
+                                    tracing::info!(shard = %shard, error = %e, "event stream ended, reopening it");
                                     break;
                                 }
                             }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::{Event, EventSink};
 use crate::metrics::Metrics;
@@ -21,6 +22,17 @@ struct Stream {
     gateway: String,
     tx: mpsc::Sender<StreamItem>,
     interest: HashSet<UserId>,
+    /// Cancelled when the stream is cut off: its gateway sees the stream end and reconnects.
+    cut: CancellationToken,
+}
+
+/// One gateway stream, as [`Fanout::open`] hands it out.
+pub struct Opened {
+    pub id: u64,
+    pub rx: mpsc::Receiver<StreamItem>,
+    pub tx: mpsc::Sender<StreamItem>,
+    /// Fires when the shard cuts the stream off (too slow, or shutting down).
+    pub cut: CancellationToken,
 }
 
 #[derive(Default)]
@@ -57,12 +69,10 @@ impl Fanout {
         })
     }
 
-    /// A new gateway stream: its id and what to send down it.
-    pub fn open(
-        &self,
-        gateway: &str,
-    ) -> (u64, mpsc::Receiver<StreamItem>, mpsc::Sender<StreamItem>) {
+    /// A new gateway stream.
+    pub fn open(&self, gateway: &str) -> Opened {
         let (tx, rx) = mpsc::channel(self.queue);
+        let cut = CancellationToken::new();
         let mut st = self.state.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -72,11 +82,31 @@ impl Fanout {
                 gateway: gateway.to_owned(),
                 tx: tx.clone(),
                 interest: HashSet::new(),
+                cut: cut.clone(),
             },
         );
         self.metrics.push.event_streams.set(st.streams.len() as i64);
         tracing::info!(gateway, stream = id, "gateway stream opened");
-        (id, rx, tx)
+        Opened { id, rx, tx, cut }
+    }
+
+    /// The users some gateway is interested in, among `partitions`.
+    pub fn interested_in(&self, partitions: &HashSet<u32>) -> Vec<UserId> {
+        self.state
+            .lock()
+            .index
+            .keys()
+            .copied()
+            .filter(|u| partitions.contains(&crate::ring::partition_of(*u)))
+            .collect()
+    }
+
+    /// Cuts every stream off (the shard is shutting down): gateways reconnect elsewhere.
+    pub fn close_all(&self) {
+        let ids: Vec<u64> = self.state.lock().streams.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
     }
 
     /// Adds and removes interest of a stream.
@@ -103,6 +133,7 @@ impl Fanout {
         let mut st = self.state.lock();
         let State { streams, index, .. } = &mut *st;
         if let Some(s) = streams.remove(&id) {
+            s.cut.cancel();
             for u in s.interest {
                 drop_from_index(index, u, id);
             }
@@ -181,8 +212,12 @@ mod tests {
     #[tokio::test]
     async fn one_event_per_interested_gateway() {
         let f = Fanout::new(Arc::new(Metrics::new()), 16);
-        let (g1, mut r1, _) = f.open("g1");
-        let (g2, mut r2, _) = f.open("g2");
+        let Opened {
+            id: g1, rx: mut r1, ..
+        } = f.open("g1");
+        let Opened {
+            id: g2, rx: mut r2, ..
+        } = f.open("g2");
         f.interest(g1, &[7, 8], &[]);
         f.interest(g2, &[7], &[]);
         assert!(f.wants(8) && !f.wants(9));
@@ -197,5 +232,22 @@ mod tests {
         f.close(g2);
         f.close(g1);
         assert!(!f.wants(7));
+    }
+
+    #[tokio::test]
+    async fn a_slow_gateway_is_cut_off_and_its_stream_says_so() {
+        let f = Fanout::new(Arc::new(Metrics::new()), 16);
+        let g = f.open("slow");
+        f.interest(g.id, &[7], &[]);
+        for v in 0..17 {
+            f.publish(ev(7, v));
+        }
+        // The queue overflowed: the stream is cut (the gRPC side ends it with an error, so
+        // the gateway reconnects), and the shard no longer counts the gateway as interested.
+        assert!(g.cut.is_cancelled());
+        assert!(!f.wants(7));
+        let other = f.open("other");
+        f.close_all();
+        assert!(other.cut.is_cancelled());
     }
 }
