@@ -163,6 +163,20 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_MAX_INFLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight: u32,
 
+    /// How long a client may take to send a request's headers (from its first byte); then the
+    /// connection is closed.
+    #[arg(long, env = "PRESENCE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// How long a client may take to send a request's body once its headers arrived; then 408
+    /// and the connection is closed. No in-flight slot is held meanwhile.
+    #[arg(long, env = "PRESENCE_HTTP_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+
+    /// How long a keep-alive connection may sit idle between requests before it is closed.
+    #[arg(long, env = "PRESENCE_HTTP_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+
     /// Resolution of the timer wheel; a timeout fires at most one tick late.
     #[arg(long, env = "PRESENCE_TIMER_TICK", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub timer_tick: Duration,
@@ -408,6 +422,15 @@ impl Config {
                 return bad("PRESENCE_ADVERTISE", "must be host:port");
             }
         }
+        for (var, d) in [
+            ("PRESENCE_HTTP_HEADER_TIMEOUT", self.http_header_timeout),
+            ("PRESENCE_HTTP_BODY_TIMEOUT", self.http_body_timeout),
+            ("PRESENCE_HTTP_IDLE_TIMEOUT", self.http_idle_timeout),
+        ] {
+            if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                return bad(var, "must be between 10ms and 1h");
+            }
+        }
         if self.ws_close_grace > Duration::from_secs(300) {
             return bad("PRESENCE_WS_CLOSE_GRACE", "must be at most 5m");
         }
@@ -650,6 +673,15 @@ mod tests {
         .is_ok());
         let e = load(&["--redis-url", "redis://nohost"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_REDIS_URL");
+        for (flag, var) in [
+            ("--http-header-timeout", "PRESENCE_HTTP_HEADER_TIMEOUT"),
+            ("--http-body-timeout", "PRESENCE_HTTP_BODY_TIMEOUT"),
+            ("--http-idle-timeout", "PRESENCE_HTTP_IDLE_TIMEOUT"),
+        ] {
+            assert_eq!(load(&[flag, "soon"]).unwrap_err().variable, var);
+            assert_eq!(load(&[flag, "0s"]).unwrap_err().variable, var);
+            assert!(load(&[flag, "250ms"]).is_ok());
+        }
         let e = load(&["--status-styles", r#"{"BUSY":{"color":"red"}}"#]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_STATUS_STYLES");
     }

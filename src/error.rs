@@ -22,6 +22,9 @@ pub enum Error {
     /// A user already has the maximum number of online devices.
     #[error("too many devices online for this user (limit {0})")]
     TooManyDevices(usize),
+    /// The client did not send the request body in time.
+    #[error("request body not received in time")]
+    RequestTimeout,
     #[error("request body too large (limit {0} bytes)")]
     PayloadTooLarge(usize),
     #[error("unsupported media type: expected Content-Type: application/json")]
@@ -53,6 +56,7 @@ impl Error {
             Error::DeviceNotOnline | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooManyDevices(_) => StatusCode::CONFLICT,
+            Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Overloaded
@@ -72,6 +76,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::TooManyDevices(_) => "too_many_devices",
+            Error::RequestTimeout => "request_timeout",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::UnsupportedMediaType => "unsupported_media_type",
             Error::Overloaded => "overloaded",
@@ -98,6 +103,7 @@ impl From<Error> for tonic::Status {
             Error::DeviceNotOnline | Error::NotFound(_) => Code::NotFound,
             Error::MethodNotAllowed => Code::Unimplemented,
             Error::TooManyDevices(_) => Code::ResourceExhausted,
+            Error::RequestTimeout => Code::DeadlineExceeded,
             Error::PayloadTooLarge(_) => Code::OutOfRange,
             Error::UnsupportedMediaType => Code::InvalidArgument,
             Error::WrongOwner { .. } => Code::FailedPrecondition,
@@ -140,6 +146,7 @@ impl From<tonic::Status> for Error {
             Some("device_not_online") => Error::DeviceNotOnline,
             Some("not_found") => Error::NotFound(after("not found: ")),
             Some("too_many_devices") => Error::TooManyDevices(number(LIMIT) as usize),
+            Some("request_timeout") => Error::RequestTimeout,
             Some("payload_too_large") => Error::PayloadTooLarge(number(LIMIT) as usize),
             Some("overloaded") => Error::Overloaded,
             Some("store_unavailable") => Error::StoreUnavailable(after("store unavailable: ")),

@@ -158,6 +158,15 @@ label_enum!(
     RedisError("kind") { Retriable = "retriable", Fatal = "fatal", ReplicaLag = "replica_lag" }
 );
 label_enum!(
+    /// Why the HTTP server refused a request or closed a connection.
+    HttpRefusal("reason") {
+        HeaderTimeout = "header_timeout",
+        BodyTimeout = "body_timeout",
+        IdleTimeout = "idle_timeout",
+        Overloaded = "overloaded"
+    }
+);
+label_enum!(
     /// The direction of a partition handoff.
     Direction("direction") { Gained = "gained", Released = "released" }
 );
@@ -271,11 +280,12 @@ impl PresenceMetrics {
 pub struct HttpMetrics {
     pub requests: Counters<HttpAnswer<'static>>,
     pub duration: Histograms<HttpRoute<'static>>,
+    pub refusals: Counters<HttpRefusal>,
 }
 
 impl HttpMetrics {
     fn new(r: &Reg) -> HttpMetrics {
-        HttpMetrics {
+        let m = HttpMetrics {
             requests: r.counters(
                 "presence_http_requests_total",
                 "HTTP requests, by route, method and code.",
@@ -285,7 +295,16 @@ impl HttpMetrics {
                 "HTTP request latency.",
                 LATENCY_BUCKETS,
             ),
+            refusals: r.counters(
+                "presence_http_refusals_total",
+                "Requests refused or connections closed by the HTTP server's limits, by reason \
+                 (header_timeout, body_timeout, idle_timeout, overloaded).",
+            ),
+        };
+        for &k in HttpRefusal::ALL {
+            m.refusals.get(k);
         }
+        m
     }
 }
 

@@ -350,19 +350,17 @@ impl Node {
 
         ready.store(true, Ordering::Relaxed);
         tracing::info!("ready");
-        let drain = shutdown.clone();
-        let ready_flag = ready.clone();
-        let server = axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
+        let timeouts = api::server::Timeouts {
+            header: config.http_header_timeout,
+            idle: config.http_idle_timeout,
+        };
+        let server = tokio::spawn(api::server::serve(
+            listener,
             app,
-        )
-        .with_graceful_shutdown(async move {
-            drain.cancelled().await;
-            ready_flag.store(false, Ordering::Relaxed);
-        });
-        let server = tokio::spawn(async move { server.await });
+            timeouts,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         shutdown.cancelled().await;
         tracing::info!("draining");
         ready.store(false, Ordering::Relaxed);

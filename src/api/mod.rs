@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{Config, StatusStyle};
 use crate::error::{ok, Error};
-use crate::metrics::{HttpAnswer, HttpRoute, Metrics};
+use crate::metrics::{HttpAnswer, HttpRefusal, HttpRoute, Metrics};
 use crate::presence::{
     parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_user_id,
     Platform, Settings, Status, UserId,
@@ -27,6 +27,7 @@ use crate::presence::{
 use crate::service::Presence;
 use crate::store::SubscriptionMode;
 
+pub mod server;
 mod ws;
 
 /// The base path of the presence API.
@@ -69,6 +70,8 @@ pub struct Limits {
     pub ws_rate: u32,
     pub ws_close_grace: std::time::Duration,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (then 408).
+    pub body_timeout: std::time::Duration,
     pub heartbeat_interval_ms: u64,
     pub styles: Vec<StatusStyle>,
     inflight: Arc<Semaphore>,
@@ -82,6 +85,7 @@ impl Limits {
             ws_rate: c.ws_rate,
             ws_close_grace: c.ws_close_grace,
             max_body_bytes: c.max_body_bytes as usize,
+            body_timeout: c.http_body_timeout,
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
             styles: c.status_styles()?,
             inflight: Arc::new(Semaphore::new(c.max_inflight as usize)),
@@ -139,17 +143,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Error> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(|m| {
-                let m = m.trim().to_ascii_lowercase();
-                m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-            })
-            .unwrap_or(false);
-        if !json {
+        if !is_json(req.headers()) {
             return Err(Error::UnsupportedMediaType);
         }
         let limit = state.limits.max_body_bytes;
@@ -179,6 +173,29 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
         })?;
         Ok(ApiJson(value))
     }
+}
+
+/// Whether the request says its body is JSON (`application/json` or `application/*+json`).
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether the request announces a body (a non-zero length, or chunked).
+fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
 }
 
 /// The `{userId}` path segment; axum's own rejection (e.g. bad UTF-8) never leaks.
@@ -521,26 +538,66 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     resp
 }
 
-/// Answers 503 at once when too many requests are in flight, instead of queueing.
+/// Reads a JSON request body in full, within the body timeout (then 408) and the size limit
+/// (then 413), and only then takes an in-flight slot: answers 503 at once when too many requests
+/// are in flight, instead of queueing. A client that sends its body slowly holds no slot, so it
+/// cannot starve the others. A body that is not JSON is left unread: the handler refuses it (415)
+/// without reading it.
 async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let req = if has_body(req.headers()) && is_json(req.headers()) {
+        let (parts, body) = req.into_parts();
+        let limit = s.limits.max_body_bytes;
+        match tokio::time::timeout(s.limits.body_timeout, read_body(body, limit)).await {
+            Ok(Ok(bytes)) => Request::from_parts(parts, axum::body::Body::from(bytes)),
+            Ok(Err(e)) => return e.into_response(),
+            Err(_) => {
+                s.metrics.http.refusals.get(HttpRefusal::BodyTimeout).inc();
+                return Error::RequestTimeout.into_response();
+            }
+        }
+    } else {
+        req
+    };
     match s.limits.inflight.clone().try_acquire_owned() {
         Ok(_permit) => next.run(req).await,
-        Err(_) => Error::Overloaded.into_response(),
+        Err(_) => {
+            s.metrics.http.refusals.get(HttpRefusal::Overloaded).inc();
+            Error::Overloaded.into_response()
+        }
     }
 }
 
-/// An answer given without reading the request body (404, 405, 413, 415) closes the connection
-/// and says so, so keep-alive clients do not reuse a connection the server is about to drop.
+/// The whole body, at most `limit` bytes.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, Error> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| Error::BadRequest("could not read request body".into()))?;
+        let len = first.as_ref().map_or(0, Bytes::len) + rest.len() + chunk.len();
+        if len > limit {
+            return Err(Error::PayloadTooLarge(limit));
+        }
+        match first.take() {
+            None if rest.is_empty() => first = Some(chunk),
+            None => rest.extend_from_slice(&chunk),
+            Some(f) => {
+                rest.extend_from_slice(&f);
+                rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
+}
+
+/// An answer given without reading the request body (404, 405, 408, 413, 415) closes the
+/// connection and says so, so keep-alive clients do not reuse a connection the server is about
+/// to drop.
 async fn close_unread(req: Request, next: Next) -> Response {
-    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > 0);
+    let has_body = has_body(req.headers());
     let mut resp = next.run(req).await;
-    if has_body && matches!(resp.status().as_u16(), 404 | 405 | 413 | 415) {
+    if has_body && matches!(resp.status().as_u16(), 404 | 405 | 408 | 413 | 415) {
         resp.headers_mut().insert(
             header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),
