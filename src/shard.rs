@@ -575,11 +575,8 @@ impl Shard {
             backlog.refreshes.retain(mine);
             backlog.repairs.retain(mine);
         }
-        for (p, gone) in partitions.iter().enumerate() {
-            if *gone {
-                self.fences[p].store(0, Ordering::Release);
-            }
-        }
+        // The fencing tokens stay: a write still in flight for a released user carries the old
+        // token, which the store refuses once the new owner fenced the partition.
         if !self.store.write_through() {
             let gone: Vec<u32> = (0..PARTITIONS)
                 .filter(|p| partitions[*p as usize])
