@@ -4,7 +4,8 @@
 //! activity; closing it takes the device offline after `PRESENCE_WS_CLOSE_GRACE` unless the
 //! device reconnects meanwhile. Client messages are JSON with a `type` (`heartbeat`,
 //! `setStatus`, `clearStatus`, `subscribe`, `unsubscribe`, `query`, `resume`) and an optional
-//! `id` echoed in the `reply`. Server messages: `welcome`, `presence`, `reply`, `error`.
+//! `id` echoed in the `reply` or `error` (also when the rest of the message is malformed).
+//! Server messages: `welcome`, `presence`, `reply`, `error`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -342,17 +343,35 @@ impl Socket {
                 .inc();
             return error_frame(&None, &Error::PayloadTooLarge(MAX_MESSAGE));
         }
-        let msg: ClientMessage = match serde_json::from_str(text) {
+        // Leniently first: a message of the wrong shape still has its `id` echoed.
+        let malformed = |id: &Option<Value>, e: Error| {
+            m.push
+                .ws_messages
+                .get(WsMessage {
+                    kind: "malformed",
+                    result: "error",
+                })
+                .inc();
+            error_frame(id, &e)
+        };
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return malformed(&None, Error::BadRequest(format!("malformed message: {e}")));
+            }
+        };
+        let id = value.get("id").filter(|v| !v.is_null()).cloned();
+        let msg: ClientMessage = match serde_path_to_error::deserialize(&value) {
             Ok(m) => m,
             Err(e) => {
-                m.push
-                    .ws_messages
-                    .get(WsMessage {
-                        kind: "malformed",
-                        result: "error",
-                    })
-                    .inc();
-                return error_frame(&None, &Error::BadRequest(format!("malformed message: {e}")));
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let message = if path == "." {
+                    format!("malformed message: {inner}")
+                } else {
+                    format!("malformed message: invalid field {path}: {inner}")
+                };
+                return malformed(&id, Error::BadRequest(message));
             }
         };
         let kind = match msg.kind.as_str() {
