@@ -158,6 +158,10 @@ label_enum!(
     RedisError("kind") { Retriable = "retriable", Fatal = "fatal", ReplicaLag = "replica_lag" }
 );
 label_enum!(
+    /// Why a WebSocket message or upgrade was refused by a limit.
+    WsRefusal("reason") { ResumeTooLarge = "resume_too_large" }
+);
+label_enum!(
     /// The direction of a partition handoff.
     Direction("direction") { Gained = "gained", Released = "released" }
 );
@@ -416,11 +420,14 @@ pub struct PushMetrics {
     pub event_streams: IntGauge,
     pub delay: Histogram,
     pub subscription_changes: Counters<SubscriptionChange<'static>>,
+    pub ws_refusals: Counters<WsRefusal>,
+    pub ws_degraded: IntCounter,
+    pub ws_catch_up_frames: IntCounter,
 }
 
 impl PushMetrics {
     fn new(r: &Reg) -> PushMetrics {
-        PushMetrics {
+        let m = PushMetrics {
             ws_connections: r.gauge(
                 "presence_ws_connections",
                 "WebSockets connected to this gateway.",
@@ -460,7 +467,23 @@ impl PushMetrics {
                 "presence_subscription_changes_total",
                 "Subscription changes, by mode.",
             ),
+            ws_refusals: r.counters(
+                "presence_ws_refusals_total",
+                "WebSocket messages refused by a limit, by reason (resume_too_large).",
+            ),
+            ws_degraded: r.counter(
+                "presence_ws_degraded_welcomes_total",
+                "WebSockets welcomed without their subscription list (the read failed; it is retried).",
+            ),
+            ws_catch_up_frames: r.counter(
+                "presence_ws_catch_up_frames_total",
+                "Presence frames a resume queued as the socket's queue drained (after the first chunk).",
+            ),
+        };
+        for &k in WsRefusal::ALL {
+            m.ws_refusals.get(k);
         }
+        m
     }
 }
 

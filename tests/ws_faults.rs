@@ -1,17 +1,24 @@
 //! WebSocket faults of issue 10, each proved in-process (nodes started with `Node::builder` on
 //! the memory store, clients with tokio-tungstenite and reqwest; no Redis, no child process):
 //!
+//! - defect 9: a `resume` larger than the socket queue catches every target up as the queue
+//!   drains; a `resume` carrying too many versions is refused and counted;
+//! - defect 11: a `welcome` after a failed subscription read says so, and the list follows in a
+//!   `subscriptions` frame once it loads;
 //! - defect 12: a malformed message gets its `id` back in the `error`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use presence_service::config::Config;
 use presence_service::membership::ManualDiscovery;
 use presence_service::node::Node;
-use presence_service::presence::UserId;
-use presence_service::store::Store;
+use presence_service::presence::{UserId, UserState};
+use presence_service::store::{MemoryStore, Store, SubscriptionMode};
+use presence_service::Error;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -24,6 +31,70 @@ const API: &str = "/api/v1/presence";
 
 // ---------------------------------------------------------------------------------------------
 // Harness
+
+/// The memory store, with faults to inject: a failing subscription read, and write-through (so
+/// that what an all-in-one node applies is visible in the store at once).
+struct TestStore {
+    inner: Arc<MemoryStore>,
+    fail_subscriptions: AtomicBool,
+    write_through: bool,
+}
+
+impl TestStore {
+    fn new(write_through: bool) -> Arc<TestStore> {
+        Arc::new(TestStore {
+            inner: MemoryStore::new(),
+            fail_subscriptions: AtomicBool::new(false),
+            write_through,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for TestStore {
+    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
+        self.inner.load(users).await
+    }
+
+    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+        self.inner.save(batch).await
+    }
+
+    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
+        self.inner.live_users(partitions).await
+    }
+
+    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
+        if self.fail_subscriptions.load(Ordering::SeqCst) {
+            return Err(Error::StoreUnavailable("injected fault".into()));
+        }
+        self.inner.subscriptions(user).await
+    }
+
+    async fn update_subscriptions(
+        &self,
+        user: UserId,
+        mode: SubscriptionMode,
+        targets: &[UserId],
+        max: usize,
+    ) -> Result<Vec<UserId>, Error> {
+        self.inner
+            .update_subscriptions(user, mode, targets, max)
+            .await
+    }
+
+    fn write_through(&self) -> bool {
+        self.write_through
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "test"
+    }
+}
 
 /// A node running in this process.
 struct Running {
@@ -68,6 +139,55 @@ async fn start(
         shutdown,
         task,
     }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut req = http().request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("an HTTP answer");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn online(base: &str, user: UserId, device: &str) {
+    let body = json!({"userId": user, "deviceId": device, "platform": "WEB"});
+    let (code, v) = call(
+        reqwest::Method::POST,
+        format!("{base}{API}/online"),
+        Some(body),
+    )
+    .await;
+    assert_eq!(code, 200, "online: {v}");
+}
+
+async fn subscribe_rest(base: &str, user: UserId, targets: &[UserId]) {
+    let (code, v) = call(
+        reqwest::Method::PUT,
+        format!("{base}{API}/subscriptions/{user}"),
+        Some(json!({"targets": targets})),
+    )
+    .await;
+    assert_eq!(code, 200, "subscriptions: {v}");
+}
+
+async fn metrics(base: &str) -> String {
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -165,6 +285,176 @@ impl Ws {
         }
         panic!("no answer with id {id}; got {:?}", self.log);
     }
+
+    /// The `presence` frames received so far of `user`.
+    fn presence(&self, user: UserId) -> Vec<Value> {
+        self.log
+            .iter()
+            .filter(|v| v["type"] == "presence" && v["data"]["userId"] == user)
+            .map(|v| v["data"].clone())
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defect 9: resume
+
+/// A resume with more to send than the socket queue holds (30 targets, `PRESENCE_WS_QUEUE=4`)
+/// sends every one of them as the client reads, says so in its reply, does not cut the socket
+/// off, and live events keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_larger_than_the_socket_queue_catches_up_every_target() {
+    let node = start(&[("PRESENCE_WS_QUEUE", "4")], None, None).await;
+    let base = node.base.clone();
+    let me: UserId = 1;
+    let targets: Vec<UserId> = (100..130).collect();
+    for &t in &targets {
+        online(&base, t, "t").await;
+    }
+    subscribe_rest(&base, me, &targets).await;
+    let mut ws = Ws::connect(&base, me, "d").await;
+    assert_eq!(ws.welcome["subscriptions"], json!(targets));
+
+    let r = ws
+        .request(json!({"type": "resume", "id": "r", "versions": {}}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    assert_eq!(r["data"]["sent"], 30, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while targets.iter().any(|&t| ws.presence(t).is_empty()) && Instant::now() < deadline {
+        ws.next(Duration::from_millis(200)).await;
+        assert!(ws.closed.is_none(), "cut off: {:?}", ws.closed);
+    }
+    let missing: Vec<UserId> = targets
+        .iter()
+        .copied()
+        .filter(|&t| ws.presence(t).is_empty())
+        .collect();
+    assert!(missing.is_empty(), "never caught up: {missing:?}");
+    for &t in &targets {
+        assert_eq!(ws.presence(t).len(), 1, "target {t} sent twice");
+    }
+
+    // Live events still arrive, and the socket answers.
+    let (code, v) = call(
+        reqwest::Method::PUT,
+        format!("{base}{API}/status/100"),
+        Some(json!({"status": "BUSY"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ws.presence(100).len() < 2 && Instant::now() < deadline {
+        ws.next(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ws.presence(100).last().unwrap()["status"], "BUSY");
+    let r = ws.request(json!({"type": "heartbeat", "id": 2})).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    assert!(
+        metrics(&base)
+            .await
+            .contains("presence_slow_consumers_total 0"),
+        "a slow consumer was counted"
+    );
+    node.stop().await;
+}
+
+/// A resume may carry at most one version per subscription and one for the user itself
+/// (`PRESENCE_MAX_SUBSCRIPTIONS` + 1); a larger one gets an `error` with its id and is counted
+/// in `presence_ws_refusals_total{reason="resume_too_large"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_too_many_versions_is_refused_and_counted() {
+    let node = start(&[("PRESENCE_MAX_SUBSCRIPTIONS", "10")], None, None).await;
+    let mut ws = Ws::connect(&node.base, 1, "d").await;
+    let versions = |n: u64| {
+        let m: serde_json::Map<String, Value> =
+            (0..n).map(|i| ((1000 + i).to_string(), json!(1))).collect();
+        Value::Object(m)
+    };
+    let r = ws
+        .request(json!({"type": "resume", "id": "ok", "versions": versions(11)}))
+        .await;
+    assert_eq!(r["type"], "reply", "at the limit: {r}");
+    let r = ws
+        .request(json!({"type": "resume", "id": "big", "versions": versions(12)}))
+        .await;
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_u64()),
+        (Some("error"), Some(400)),
+        "{r}"
+    );
+    let text = metrics(&node.base).await;
+    assert!(
+        text.contains(r#"presence_ws_refusals_total{reason="resume_too_large"} 1"#),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("refusals"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    node.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defect 11: welcome after a failed subscription read
+
+/// The subscription read fails when the socket opens: the welcome says `subscriptions: null`
+/// and `degraded: ["subscriptions"]`; once the store answers again the server sends the list in
+/// a `subscriptions` frame, and the subscribed targets' changes reach the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_says_when_the_subscription_list_could_not_be_read() {
+    let store = TestStore::new(false);
+    let node = start(&[], Some(store.clone()), None).await;
+    let base = node.base.clone();
+    let (me, target): (UserId, UserId) = (1, 2);
+    subscribe_rest(&base, me, &[target]).await;
+
+    store.fail_subscriptions.store(true, Ordering::SeqCst);
+    let mut ws = Ws::connect(&base, me, "d").await;
+    assert_eq!(ws.welcome["subscriptions"], Value::Null, "{}", ws.welcome);
+    assert_eq!(
+        ws.welcome["degraded"],
+        json!(["subscriptions"]),
+        "{}",
+        ws.welcome
+    );
+    assert!(metrics(&base)
+        .await
+        .contains("presence_ws_degraded_welcomes_total 1"));
+
+    // Still failing: nothing claims the list is there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store.fail_subscriptions.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut list = None;
+    while list.is_none() && Instant::now() < deadline {
+        if let Some(v) = ws.next(Duration::from_millis(200)).await {
+            if v["type"] == "subscriptions" {
+                list = Some(v["data"]["subscriptions"].clone());
+            }
+        }
+    }
+    assert_eq!(list, Some(json!([target])), "frames: {:?}", ws.log);
+
+    // The hub has the list now: the target's change is pushed.
+    online(&base, target, "t").await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ws.presence(target).is_empty() && Instant::now() < deadline {
+        ws.next(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ws.presence(target)[0]["status"], "ONLINE", "{:?}", ws.log);
+    node.stop().await;
+}
+
+/// A healthy welcome lists the subscriptions and says nothing about degradation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_welcome_is_not_degraded() {
+    let node = start(&[], None, None).await;
+    subscribe_rest(&node.base, 1, &[3, 2]).await;
+    let ws = Ws::connect(&node.base, 1, "d").await;
+    assert_eq!(ws.welcome["subscriptions"], json!([2, 3]));
+    assert!(ws.welcome.get("degraded").is_none(), "{}", ws.welcome);
+    node.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
