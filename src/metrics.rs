@@ -159,7 +159,14 @@ label_enum!(
 );
 label_enum!(
     /// Why a WebSocket message or upgrade was refused by a limit.
-    WsRefusal("reason") { ResumeTooLarge = "resume_too_large" }
+    WsRefusal("reason") {
+        ResumeTooLarge = "resume_too_large",
+        Draining = "draining"
+    }
+);
+label_enum!(
+    /// What became of the `offline` a draining gateway sends for a socket's device.
+    DrainOffline("result") { Ok = "ok", Error = "error", Timeout = "timeout" }
 );
 label_enum!(
     /// The direction of a partition handoff.
@@ -423,6 +430,7 @@ pub struct PushMetrics {
     pub ws_refusals: Counters<WsRefusal>,
     pub ws_degraded: IntCounter,
     pub ws_catch_up_frames: IntCounter,
+    pub ws_drain_offlines: Counters<DrainOffline>,
 }
 
 impl PushMetrics {
@@ -469,7 +477,7 @@ impl PushMetrics {
             ),
             ws_refusals: r.counters(
                 "presence_ws_refusals_total",
-                "WebSocket messages refused by a limit, by reason (resume_too_large).",
+                "WebSocket messages or upgrades refused by a limit, by reason (resume_too_large, draining).",
             ),
             ws_degraded: r.counter(
                 "presence_ws_degraded_welcomes_total",
@@ -479,9 +487,16 @@ impl PushMetrics {
                 "presence_ws_catch_up_frames_total",
                 "Presence frames a resume queued as the socket's queue drained (after the first chunk).",
             ),
+            ws_drain_offlines: r.counters(
+                "presence_ws_drain_offlines_total",
+                "Devices a draining gateway took offline for its closed sockets, by result (ok, error, timeout).",
+            ),
         };
         for &k in WsRefusal::ALL {
             m.ws_refusals.get(k);
+        }
+        for &k in DrainOffline::ALL {
+            m.ws_drain_offlines.get(k);
         }
         m
     }

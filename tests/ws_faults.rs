@@ -5,7 +5,9 @@
 //!   drains; a `resume` carrying too many versions is refused and counted;
 //! - defect 11: a `welcome` after a failed subscription read says so, and the list follows in a
 //!   `subscriptions` frame once it loads;
-//! - defect 12: a malformed message gets its `id` back in the `error`.
+//! - defect 12: a malformed message gets its `id` back in the `error`;
+//! - defect 10 (gateway half): on shutdown every socket gets a close frame with 1001 and its
+//!   device is OFFLINE at once, on an all-in-one node and on a gateway in front of a shard.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -141,6 +143,15 @@ async fn start(
     }
 }
 
+/// A loopback port free at the time of asking.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -167,6 +178,16 @@ async fn online(base: &str, user: UserId, device: &str) {
     )
     .await;
     assert_eq!(code, 200, "online: {v}");
+}
+
+async fn status(base: &str, user: UserId) -> (u16, Value) {
+    let (code, v) = call(
+        reqwest::Method::GET,
+        format!("{base}{API}/status/{user}"),
+        None,
+    )
+    .await;
+    (code, v["data"].clone())
 }
 
 async fn subscribe_rest(base: &str, user: UserId, targets: &[UserId]) {
@@ -284,6 +305,16 @@ impl Ws {
             assert!(self.closed.is_none(), "closed: {:?}", self.closed);
         }
         panic!("no answer with id {id}; got {:?}", self.log);
+    }
+
+    /// Reads until a close frame comes (or `within` runs out); returns its code.
+    async fn wait_closed(&mut self, within: Duration) -> Option<Option<CloseCode>> {
+        let deadline = Instant::now() + within;
+        while self.closed.is_none() && Instant::now() < deadline {
+            self.next(deadline.saturating_duration_since(Instant::now()))
+                .await;
+        }
+        self.closed
     }
 
     /// The `presence` frames received so far of `user`.
@@ -515,4 +546,123 @@ async fn a_malformed_message_gets_its_id_back() {
     let r = ws.request(json!({"type": "heartbeat", "id": 10})).await;
     assert_eq!(r["type"], "reply", "{r}");
     node.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defect 10, gateway half: SIGTERM
+
+/// An all-in-one node shutting down sends each socket a close frame with 1001 and takes the
+/// device offline before it exits (the store, written through, holds the device no more),
+/// although the close grace (60 s) and the heartbeat timeout are far away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_of_an_all_in_one_node_closes_with_1001_and_takes_devices_offline() {
+    let store = TestStore::new(true);
+    let node = start(
+        &[
+            ("PRESENCE_WS_CLOSE_GRACE", "60s"),
+            ("PRESENCE_DRAIN_TIMEOUT", "5s"),
+        ],
+        Some(store.clone()),
+        None,
+    )
+    .await;
+    let mut a = Ws::connect(&node.base, 1, "phone").await;
+    let mut b = Ws::connect(&node.base, 2, "laptop").await;
+    let online_devices = |s: Option<UserState>| s.map(|s| s.devices.len()).unwrap_or(0);
+    let before = store.load(&[1, 2]).await.unwrap();
+    assert_eq!(
+        before.into_iter().map(online_devices).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+
+    let stopping = tokio::spawn(node.stop());
+    for ws in [&mut a, &mut b] {
+        let code = ws.wait_closed(Duration::from_secs(5)).await;
+        assert_eq!(code, Some(Some(CloseCode::Away)), "the close frame");
+    }
+    stopping.await.unwrap();
+    let after = store.load(&[1, 2]).await.unwrap();
+    for (user, s) in [1, 2].into_iter().zip(after) {
+        let s = s.expect("a stored state");
+        assert!(
+            s.devices.is_empty(),
+            "user {user} still has {:?}",
+            s.devices
+        );
+        assert_eq!(s.status, presence_service::presence::Status::Offline);
+    }
+}
+
+/// A gateway shutting down (a shard and a second gateway stay up, on one memory store) closes
+/// its sockets with 1001, and the device reads OFFLINE through the other gateway right after,
+/// not after the heartbeat timeout or the close grace. A subscriber on the other gateway is
+/// told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_of_a_gateway_closes_with_1001_and_the_device_is_offline_at_once() {
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let members = || Arc::new(ManualDiscovery::new(vec![grpc.clone()]));
+    let common = [
+        ("PRESENCE_SHARDS", grpc.as_str()),
+        ("PRESENCE_WS_CLOSE_GRACE", "60s"),
+        ("PRESENCE_DRAIN_TIMEOUT", "5s"),
+        ("PRESENCE_HEALTH_INTERVAL", "100ms"),
+    ];
+    let shard_vars: Vec<(&str, &str)> = common
+        .iter()
+        .copied()
+        .chain([
+            ("PRESENCE_ROLE", "shard"),
+            ("PRESENCE_GRPC_LISTEN", grpc.as_str()),
+            ("PRESENCE_ADVERTISE", grpc.as_str()),
+        ])
+        .collect();
+    let gateway_vars: Vec<(&str, &str)> = common
+        .iter()
+        .copied()
+        .chain([("PRESENCE_ROLE", "gateway")])
+        .collect();
+    let shard = start(&shard_vars, Some(MemoryStore::new()), Some(members())).await;
+    let g1 = start(&gateway_vars, None, Some(members())).await;
+    let g2 = start(&gateway_vars, None, Some(members())).await;
+    // The shard owns its partitions and both gateways route to it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for g in [&g1, &g2] {
+        while status(&g.base, 99).await.0 != 200 {
+            assert!(Instant::now() < deadline, "the cluster never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (me, watcher): (UserId, UserId) = (7, 8);
+    let mut w = Ws::connect(&g2.base, watcher, "w").await;
+    let r = w
+        .request(json!({"type": "subscribe", "id": 1, "targets": [me]}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let mut ws = Ws::connect(&g1.base, me, "phone").await;
+    assert_eq!(status(&g2.base, me).await.1["status"], "ONLINE");
+
+    let stopping = tokio::spawn(g1.stop());
+    let code = ws.wait_closed(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(Some(CloseCode::Away)), "the close frame");
+    stopping.await.unwrap();
+    let (code, view) = status(&g2.base, me).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        view["status"], "OFFLINE",
+        "right after the gateway stopped: {view}"
+    );
+    assert_eq!(view["devices"], json!([]), "{view}");
+    // The subscriber on the other gateway was told.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !w.presence(me).iter().any(|v| v["status"] == "OFFLINE") && Instant::now() < deadline {
+        w.next(Duration::from_millis(200)).await;
+    }
+    assert!(
+        w.presence(me).iter().any(|v| v["status"] == "OFFLINE"),
+        "{:?}",
+        w.log
+    );
+    g2.stop().await;
+    shard.stop().await;
 }

@@ -6,7 +6,8 @@
 //! `setStatus`, `clearStatus`, `subscribe`, `unsubscribe`, `query`, `resume`) and an optional
 //! `id` echoed in the `reply` or `error` (also when the rest of the message is malformed).
 //! Server messages: `welcome`, `presence`, `reply`, `error`, and `subscriptions` (the list, once
-//! loaded, after a welcome that could not include it).
+//! loaded, after a welcome that could not include it). When the node shuts down every socket is
+//! closed with 1001 and its device taken offline at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{settings_of, targets_of, AppState, SetStatusRequest};
 use crate::error::Error;
-use crate::metrics::{WsMessage, WsRefusal};
+use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
 use crate::push::hub::{Frame, Hub};
 use crate::store::SubscriptionMode;
@@ -39,8 +40,13 @@ const MAX_FRAME: usize = 1024 * 1024;
 const REPLY_QUEUE: usize = 64;
 /// Close code for a client that floods or does not read (policy violation).
 const CLOSE_POLICY: u16 = 1008;
+/// Close code when the node shuts down (Going Away).
+const CLOSE_GOING_AWAY: u16 = 1001;
 /// Longest the close frame may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A draining node's `offline` ignores heartbeats of the device seen up to this long after its
+/// socket stopped (they are the socket's own, still in flight); later ones are a reconnect.
+const RECONNECT_MARGIN: Duration = Duration::from_millis(250);
 /// First retry of a subscription list that could not be read for a welcome; then doubling.
 const RELOAD_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between retries of the subscription list.
@@ -63,6 +69,11 @@ pub async fn upgrade(
         .hub
         .clone()
         .ok_or_else(|| Error::NotFound("/api/v1/presence/ws".into()))?;
+    if hub.is_closing() {
+        // Draining: no new sockets.
+        s.metrics.push.ws_refusals.get(WsRefusal::Draining).inc();
+        return Err(Error::NotReady);
+    }
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
@@ -74,7 +85,11 @@ pub async fn upgrade(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_FRAME)
-        .on_upgrade(move |socket| run(s, hub, user, device, platform, socket)))
+        .on_upgrade(move |socket| {
+            // Tracked, so that a shutdown waits for the socket's close and offline.
+            let sessions = hub.sessions().clone();
+            sessions.track_future(run(s, hub, user, device, platform, socket))
+        }))
 }
 
 /// A token bucket: `rate` per second, bursts of twice that.
@@ -218,8 +233,10 @@ async fn run(
         .send(Message::Text(Utf8Bytes::from(welcome.to_string())))
         .await;
 
-    // Writer: events and replies, until the socket closes or the hub cuts it off.
+    // Writer: events and replies, until the socket closes, the hub cuts it off or the node
+    // shuts down.
     let kill = reg.kill.clone();
+    let closing = reg.closing.clone();
     let stop = CancellationToken::new();
     let stop_writer = stop.clone();
     let mut events = reg.rx;
@@ -232,6 +249,8 @@ async fn run(
                 Some((CLOSE_POLICY, "slow consumer"))
             } else if stop_writer.is_cancelled() {
                 Some((CLOSE_POLICY, "rate limit exceeded"))
+            } else if closing.is_cancelled() {
+                Some((CLOSE_GOING_AWAY, "server shutting down"))
             } else {
                 None
             }
@@ -242,6 +261,7 @@ async fn run(
                 biased;
                 _ = kill.cancelled() => break,
                 _ = stop_writer.cancelled() => break,
+                _ = closing.cancelled() => break,
                 f = events.recv() => match f {
                     Some(f) => {
                         if catching_up.load(Ordering::Acquire) {
@@ -258,6 +278,7 @@ async fn run(
                 biased;
                 _ = kill.cancelled() => false,
                 _ = stop_writer.cancelled() => false,
+                _ = closing.cancelled() => false,
                 r = sink.send(msg) => r.is_ok(),
             };
             if !sent {
@@ -279,6 +300,7 @@ async fn run(
     while let Some(Ok(msg)) = tokio::select! {
         m = stream.next() => m,
         _ = reg.kill.cancelled() => None,
+        _ = reg.closing.cancelled() => None,
     } {
         if !bucket.take() {
             m.push.slow_consumers.inc();
@@ -313,6 +335,9 @@ async fn run(
             }
         }
     }
+    // From here on the socket hears nothing from its client: a heartbeat seen later for this
+    // device came through another socket.
+    let stopped = tokio::time::Instant::now();
     done.cancel();
     drop(reply_tx);
     // The socket leaves the hub at once; the writer may still be getting a close frame out to
@@ -321,26 +346,83 @@ async fn run(
     let _ = writer.await;
     // Read on briefly, so the client gets our close frame before the connection goes (closing
     // with unread input would reset it and lose the frame).
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let read_on = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(Ok(m)) = stream.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
         }
-    })
-    .await;
-    // Offline after the grace, unless the device came back meanwhile.
+    });
+    let device = sock.device.clone();
+    if hub.is_closing() {
+        // The node is going away: the device goes offline now, not after the close grace.
+        let offline = offline_on_drain(&s, &hub, user, &device, generation, stopped);
+        let _ = tokio::join!(read_on, offline);
+        return;
+    }
+    let _ = read_on.await;
+    // Offline after the grace, unless the device came back meanwhile; at once if the node starts
+    // shutting down meanwhile.
     let grace = s.limits.ws_close_grace;
-    let (presence, device) = (s.presence.clone(), sock.device.clone());
-    tokio::spawn(async move {
-        tokio::time::sleep(grace).await;
-        if hub.gone_since(user, &device, generation) {
+    let drain_hub = hub.clone();
+    hub.sessions().spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = drain_hub.closing().cancelled() => {
+                offline_on_drain(&s, &drain_hub, user, &device, generation, stopped).await;
+                return;
+            }
+        }
+        if drain_hub.gone_since(user, &device, generation) {
             // Not if the device reconnected meanwhile, here or through another gateway.
-            if let Err(e) = presence.offline(user, &device, Some(grace)).await {
+            if let Err(e) = s.presence.offline(user, &device, Some(grace)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
         }
     });
+}
+
+/// A draining node takes the device of a closed socket offline at once (unless another socket
+/// of the device is still open here), bounded in concurrency and by the drain deadline. A
+/// heartbeat of the device seen since the socket stopped (a reconnect through another gateway)
+/// keeps it online; the margin keeps this socket's own last heartbeats out of that window.
+async fn offline_on_drain(
+    s: &AppState,
+    hub: &Hub,
+    user: UserId,
+    device: &str,
+    generation: u64,
+    stopped: tokio::time::Instant,
+) {
+    if !hub.gone_since(user, device, generation) {
+        return;
+    }
+    let results = &s.metrics.push.ws_drain_offlines;
+    let (Some(deadline), Some(_permit)) = (hub.drain_deadline(), hub.drain_permit().await) else {
+        results.get(DrainOffline::Timeout).inc();
+        tracing::warn!(user, "no time left to take a device offline while draining");
+        return;
+    };
+    let unless_seen_within = stopped
+        .elapsed()
+        .checked_sub(RECONNECT_MARGIN)
+        .filter(|d| !d.is_zero());
+    match tokio::time::timeout_at(
+        deadline,
+        s.presence.offline(user, device, unless_seen_within),
+    )
+    .await
+    {
+        Ok(Ok(())) => results.get(DrainOffline::Ok).inc(),
+        Ok(Err(e)) => {
+            results.get(DrainOffline::Error).inc();
+            tracing::warn!(user, reason = e.reason(), error = %e, "offline while draining failed");
+        }
+        Err(_) => {
+            results.get(DrainOffline::Timeout).inc();
+            tracing::warn!(user, "offline while draining timed out");
+        }
+    }
 }
 
 /// After a welcome without the subscription list: reloads it with a bounded backoff until it

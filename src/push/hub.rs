@@ -9,6 +9,9 @@
 //! A `resume` catches a socket up through a backlog that is queued in chunks as the socket's
 //! queue drains, never filling more than half of it (the rest stays for live events), so a
 //! catch-up larger than the queue is neither dropped nor a reason to cut the socket off.
+//!
+//! On shutdown the hub closes every socket (1001, Going Away) and bounds the `offline` calls
+//! the sockets then make ([`Hub::shutdown`], [`Hub::drain_permit`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +21,10 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Event, EventSink};
 use crate::metrics::Metrics;
@@ -41,6 +46,8 @@ pub struct Registration {
     pub rx: mpsc::Receiver<Frame>,
     /// Fires when the hub drops the socket (slow consumer).
     pub kill: CancellationToken,
+    /// Fires when the node shuts down: the socket is closed with 1001 (Going Away).
+    pub closing: CancellationToken,
     /// True while a resume's backlog waits for room in the queue: the writer then calls
     /// [`Hub::top_up`] after each frame it takes.
     pub catching_up: Arc<AtomicBool>,
@@ -77,7 +84,18 @@ pub struct Hub {
     interest: Mutex<Option<mpsc::UnboundedSender<InterestDelta>>>,
     metrics: Arc<Metrics>,
     queue: usize,
+    /// Cancelled when the node shuts down.
+    closing: CancellationToken,
+    /// The sockets' tasks (and their close-grace offlines), which a shutdown waits for.
+    sessions: TaskTracker,
+    /// When a shutdown's offlines must be done by.
+    drain_deadline: Mutex<Option<Instant>>,
+    /// Bounds the `offline` calls made at once while draining.
+    drain_permits: Arc<Semaphore>,
 }
+
+/// `offline` calls a draining hub makes at once by default (`PRESENCE_WS_DRAIN_CONCURRENCY`).
+pub const DEFAULT_DRAIN_CONCURRENCY: usize = 64;
 
 /// The JSON text of a `presence` frame.
 pub fn presence_frame(view: &StatusView) -> Frame {
@@ -135,12 +153,69 @@ fn top_up(sock: &mut Sock, subs: &HashMap<UserId, HashSet<UserId>>, reserve: usi
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>, queue: usize) -> Arc<Hub> {
+        Hub::with_drain_concurrency(metrics, queue, DEFAULT_DRAIN_CONCURRENCY)
+    }
+
+    /// A hub whose shutdown makes at most `drain_concurrency` `offline` calls at once.
+    pub fn with_drain_concurrency(
+        metrics: Arc<Metrics>,
+        queue: usize,
+        drain_concurrency: usize,
+    ) -> Arc<Hub> {
         Arc::new(Hub {
             state: Mutex::default(),
             interest: Mutex::new(None),
             metrics,
             queue: queue.max(1),
+            closing: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            drain_deadline: Mutex::new(None),
+            drain_permits: Arc::new(Semaphore::new(drain_concurrency.max(1))),
         })
+    }
+
+    /// Whether the node is shutting down (no new sockets).
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Fires when the node shuts down.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    /// The tasks of sockets (and of their close graces), which [`Hub::wait`] waits for.
+    pub fn sessions(&self) -> &TaskTracker {
+        &self.sessions
+    }
+
+    /// Starts the drain: every socket gets its close frame (1001) and takes its device offline
+    /// by `deadline`.
+    pub fn shutdown(&self, deadline: Instant) {
+        *self.drain_deadline.lock() = Some(deadline);
+        self.closing.cancel();
+        self.sessions.close();
+    }
+
+    /// When the drain's offlines must be done by (`None` unless shutting down).
+    pub fn drain_deadline(&self) -> Option<Instant> {
+        *self.drain_deadline.lock()
+    }
+
+    /// A permit for one `offline` call while draining (bounded concurrency); `None` once the
+    /// drain deadline has passed.
+    pub async fn drain_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let deadline = self.drain_deadline()?;
+        tokio::time::timeout_at(deadline, self.drain_permits.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Resolves once every socket task has ended (after [`Hub::shutdown`]).
+    pub async fn wait(&self) {
+        self.sessions.close();
+        self.sessions.wait().await;
     }
 
     /// Sends interest changes to `tx` from now on (a gateway's upstream manager).
@@ -212,6 +287,7 @@ impl Hub {
             id,
             rx,
             kill,
+            closing: self.closing.clone(),
             catching_up,
         }
     }
@@ -712,6 +788,22 @@ mod tests {
         assert_eq!(hub.install_loaded(1, &[9]), vec![2, 3], "older read");
         hub.set_subscriptions(1, &[4], true);
         assert_eq!(hub.subscriptions_of(1), Some(vec![4]));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_sockets_and_bounds_the_offlines() {
+        let hub = Hub::with_drain_concurrency(Arc::new(Metrics::new()), 2, 1);
+        let a = hub.register(1, "d");
+        assert!(hub.drain_permit().await.is_none(), "not draining");
+        hub.shutdown(Instant::now() + Duration::from_millis(50));
+        assert!(a.closing.is_cancelled() && hub.is_closing());
+        let p = hub.drain_permit().await.expect("a permit");
+        assert!(
+            hub.drain_permit().await.is_none(),
+            "one at a time, then the deadline"
+        );
+        drop(p);
+        hub.wait().await;
     }
 
     #[test]
