@@ -151,6 +151,11 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_WS_CLOSE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub ws_close_grace: Duration,
 
+    /// On shutdown, how many `offline` calls a gateway makes at once for the devices of the
+    /// sockets it closes (all within PRESENCE_DRAIN_TIMEOUT).
+    #[arg(long, env = "PRESENCE_WS_DRAIN_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub ws_drain_concurrency: u32,
+
     /// Events queued per gateway stream on a shard before the gateway counts as slow.
     #[arg(long, env = "PRESENCE_EVENT_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
     pub event_queue: u32,
@@ -648,6 +653,9 @@ mod tests {
         assert_eq!(e.variable, "PRESENCE_HEARTBEAT_TIMEOUT");
         let e = load(&["--timer-tick", "2s"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_TIMER_TICK");
+        let e = load(&["--ws-drain-concurrency", "0"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_WS_DRAIN_CONCURRENCY");
+        assert_eq!(load(&[]).unwrap().ws_drain_concurrency, 64);
         let e = load(&["--role", "gateway"]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_SHARDS");
         let e = load(&[

@@ -167,6 +167,17 @@ label_enum!(
     }
 );
 label_enum!(
+    /// Why a WebSocket message or upgrade was refused by a limit.
+    WsRefusal("reason") {
+        ResumeTooLarge = "resume_too_large",
+        Draining = "draining"
+    }
+);
+label_enum!(
+    /// What became of the `offline` a draining gateway sends for a socket's device.
+    DrainOffline("result") { Ok = "ok", Error = "error", Timeout = "timeout" }
+);
+label_enum!(
     /// The direction of a partition handoff.
     Direction("direction") { Gained = "gained", Released = "released" }
 );
@@ -468,11 +479,15 @@ pub struct PushMetrics {
     pub stream_restarts: IntCounter,
     pub delay: Histogram,
     pub subscription_changes: Counters<SubscriptionChange<'static>>,
+    pub ws_refusals: Counters<WsRefusal>,
+    pub ws_degraded: IntCounter,
+    pub ws_catch_up_frames: IntCounter,
+    pub ws_drain_offlines: Counters<DrainOffline>,
 }
 
 impl PushMetrics {
     fn new(r: &Reg) -> PushMetrics {
-        PushMetrics {
+        let m = PushMetrics {
             ws_connections: r.gauge(
                 "presence_ws_connections",
                 "WebSockets connected to this gateway.",
@@ -516,7 +531,30 @@ impl PushMetrics {
                 "presence_subscription_changes_total",
                 "Subscription changes, by mode.",
             ),
+            ws_refusals: r.counters(
+                "presence_ws_refusals_total",
+                "WebSocket messages or upgrades refused by a limit, by reason (resume_too_large, draining).",
+            ),
+            ws_degraded: r.counter(
+                "presence_ws_degraded_welcomes_total",
+                "WebSockets welcomed without their subscription list (the read failed; it is retried).",
+            ),
+            ws_catch_up_frames: r.counter(
+                "presence_ws_catch_up_frames_total",
+                "Presence frames a resume queued as the socket's queue drained (after the first chunk).",
+            ),
+            ws_drain_offlines: r.counters(
+                "presence_ws_drain_offlines_total",
+                "Devices a draining gateway took offline for its closed sockets, by result (ok, error, timeout).",
+            ),
+        };
+        for &k in WsRefusal::ALL {
+            m.ws_refusals.get(k);
         }
+        for &k in DrainOffline::ALL {
+            m.ws_drain_offlines.get(k);
+        }
+        m
     }
 }
 

@@ -181,7 +181,11 @@ impl Node {
                     metrics.clone(),
                     Table::owning_all(),
                 ));
-                let h = Hub::new(metrics.clone(), config.ws_queue as usize);
+                let h = Hub::with_drain_concurrency(
+                    metrics.clone(),
+                    config.ws_queue as usize,
+                    config.ws_drain_concurrency as usize,
+                );
                 shard.set_sink(h.clone());
                 hub = Some(h);
                 let all: Vec<u32> = (0..PARTITIONS).collect();
@@ -240,7 +244,11 @@ impl Node {
                 };
                 let members = watch_members(&discovery, &background);
                 let ring = ring::follow(members, metrics.clone(), background.clone());
-                let h = Hub::new(metrics.clone(), config.ws_queue as usize);
+                let h = Hub::with_drain_concurrency(
+                    metrics.clone(),
+                    config.ws_queue as usize,
+                    config.ws_drain_concurrency as usize,
+                );
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 h.set_interest_sink(tx);
                 let host = std::env::var("HOSTNAME").unwrap_or_default();
@@ -291,9 +299,10 @@ impl Node {
         &self.state.metrics
     }
 
-    /// Serves until `shutdown` fires. Then: report not ready; a shard hands off every partition
-    /// (and leaves Nacos); HTTP and gRPC drain requests in flight (up to the drain timeout); the
-    /// timers stop and flush their writes.
+    /// Serves until `shutdown` fires. Then: report not ready; stop accepting connections; every
+    /// WebSocket is closed with 1001 (Going Away) and its device taken offline at once; a shard
+    /// hands off every partition (and leaves Nacos); HTTP, gRPC and the sockets' offlines drain
+    /// (up to the drain timeout); the timers stop and flush their writes.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Node {
             config,
@@ -310,6 +319,7 @@ impl Node {
         }
         let ready = state.ready.clone();
         let metrics = state.metrics.clone();
+        let hub = state.hub.clone();
         let app = api::router(state, config.role != Role::Shard);
 
         // Shard: the gRPC service, ownership following the ring, registration.
@@ -364,6 +374,13 @@ impl Node {
         shutdown.cancelled().await;
         tracing::info!("draining");
         ready.store(false, Ordering::Relaxed);
+        if let Some(hub) = &hub {
+            // Every socket gets its close frame now, and its device goes offline within the
+            // drain (a little before its end, so the offlines are not cut off by it).
+            let margin = (config.drain_timeout / 10).min(Duration::from_secs(1));
+            hub.shutdown(tokio::time::Instant::now() + config.drain_timeout - margin);
+            tracing::info!(sockets = hub.sockets(), "closing websockets");
+        }
 
         if let (Some((own, discovery)), Some(shard)) = (own_for_drain, shard.as_ref()) {
             if let Err(e) = discovery.deregister(own.me()).await {
@@ -372,7 +389,12 @@ impl Node {
             own.drain(shard).await;
         }
         let drained = async {
-            let _ = server.await;
+            let sockets = async {
+                if let Some(hub) = &hub {
+                    hub.wait().await;
+                }
+            };
+            let (_, _) = tokio::join!(server, sockets);
             grpc_stop.cancel();
             if let Some(t) = grpc_task {
                 let _ = t.await;

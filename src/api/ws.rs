@@ -4,9 +4,13 @@
 //! activity; closing it takes the device offline after `PRESENCE_WS_CLOSE_GRACE` unless the
 //! device reconnects meanwhile. Client messages are JSON with a `type` (`heartbeat`,
 //! `setStatus`, `clearStatus`, `subscribe`, `unsubscribe`, `query`, `resume`) and an optional
-//! `id` echoed in the `reply`. Server messages: `welcome`, `presence`, `reply`, `error`.
+//! `id` echoed in the `reply` or `error` (also when the rest of the message is malformed).
+//! Server messages: `welcome`, `presence`, `reply`, `error`, and `subscriptions` (the list, once
+//! loaded, after a welcome that could not include it). When the node shuts down every socket is
+//! closed with 1001 and its device taken offline at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +23,11 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::{settings_of, targets_of, AppState, SetStatusRequest};
 use crate::error::Error;
-use crate::metrics::WsMessage;
+use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
 use crate::push::hub::{Frame, Hub};
 use crate::store::SubscriptionMode;
@@ -35,6 +40,17 @@ const MAX_FRAME: usize = 1024 * 1024;
 const REPLY_QUEUE: usize = 64;
 /// Close code for a client that floods or does not read (policy violation).
 const CLOSE_POLICY: u16 = 1008;
+/// Close code when the node shuts down (Going Away).
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// Longest the close frame may take to write.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A draining node's `offline` ignores heartbeats of the device seen up to this long after its
+/// socket stopped (they are the socket's own, still in flight); later ones are a reconnect.
+const RECONNECT_MARGIN: Duration = Duration::from_millis(250);
+/// First retry of a subscription list that could not be read for a welcome; then doubling.
+const RELOAD_FIRST: Duration = Duration::from_millis(200);
+/// Longest wait between retries of the subscription list.
+const RELOAD_MAX: Duration = Duration::from_secs(10);
 
 /// Upgrades after validating the query; errors are the usual envelope.
 pub async fn upgrade(
@@ -53,6 +69,11 @@ pub async fn upgrade(
         .hub
         .clone()
         .ok_or_else(|| Error::NotFound("/api/v1/presence/ws".into()))?;
+    if hub.is_closing() {
+        // Draining: no new sockets.
+        s.metrics.push.ws_refusals.get(WsRefusal::Draining).inc();
+        return Err(Error::NotReady);
+    }
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
@@ -64,7 +85,11 @@ pub async fn upgrade(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_FRAME)
-        .on_upgrade(move |socket| run(s, hub, user, device, platform, socket)))
+        .on_upgrade(move |socket| {
+            // Tracked, so that a shutdown waits for the socket's close and offline.
+            let sessions = hub.sessions().clone();
+            sessions.track_future(run(s, hub, user, device, platform, socket))
+        }))
 }
 
 /// A token bucket: `rate` per second, bursts of twice that.
@@ -164,11 +189,23 @@ async fn run(
         platform,
         last_heartbeat: Instant::now(),
     };
-    let subscriptions = s.presence.subscriptions(user).await.unwrap_or_default();
-    hub.set_subscriptions(user, &subscriptions, false);
-
-    let (mut sink, mut stream) = socket.split();
-    let welcome = json!({
+    let m = s.metrics.clone();
+    // The subscription list: from the store; failing that, the list this hub keeps for another
+    // socket of the user; failing that, the welcome says it is missing and it is retried.
+    let subscriptions = match s.presence.subscriptions(user).await {
+        Ok(list) => {
+            hub.set_subscriptions(user, &list, false);
+            Some(list)
+        }
+        Err(e) => {
+            tracing::warn!(user, reason = e.reason(), error = %e, "reading subscriptions for a socket failed");
+            hub.subscriptions_of(user)
+        }
+    };
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
+    // Ends the socket's helper tasks (the subscription reload).
+    let done = CancellationToken::new();
+    let mut welcome = json!({
         "type": "welcome",
         "data": {
             "userId": user,
@@ -177,68 +214,93 @@ async fn run(
             "nextHeartbeatInterval": s.limits.heartbeat_interval_ms,
         }
     });
+    if subscriptions.is_none() {
+        welcome["data"]["degraded"] = json!(["subscriptions"]);
+        m.push.ws_degraded.inc();
+        tokio::spawn(reload_subscriptions(
+            s.clone(),
+            hub.clone(),
+            user,
+            sock.id,
+            reply_tx.clone(),
+            done.clone(),
+        ));
+    }
+
+    let (mut sink, mut stream) = socket.split();
     // The welcome goes first, before any event.
     let _ = sink
         .send(Message::Text(Utf8Bytes::from(welcome.to_string())))
         .await;
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
 
-    // Writer: events and replies, until the socket closes or the hub cuts it off.
+    // Writer: events and replies, until the socket closes, the hub cuts it off or the node
+    // shuts down.
     let kill = reg.kill.clone();
-    let stop = tokio_util::sync::CancellationToken::new();
+    let closing = reg.closing.clone();
+    let stop = CancellationToken::new();
     let stop_writer = stop.clone();
     let mut events = reg.rx;
+    let catching_up = reg.catching_up.clone();
+    let (writer_hub, id) = (hub.clone(), sock.id);
     let writer = tokio::spawn(async move {
-        let close = |code: u16, reason: &'static str| {
-            Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            }))
+        // Why the server ends the socket, if it does: the close frame to send.
+        let ending = || {
+            if kill.is_cancelled() {
+                Some((CLOSE_POLICY, "slow consumer"))
+            } else if stop_writer.is_cancelled() {
+                Some((CLOSE_POLICY, "rate limit exceeded"))
+            } else if closing.is_cancelled() {
+                Some((CLOSE_GOING_AWAY, "server shutting down"))
+            } else {
+                None
+            }
         };
-        // A write never outlives a cut-off: a client that does not read would otherwise hold
-        // the socket open forever once its TCP buffers are full.
-        let bounded = Duration::from_secs(10);
         loop {
-            // Biased: a cut-off wins over anything still queued, so its close frame is sent.
+            // Biased: an ending wins over anything still queued, so its close frame is sent.
             let msg = tokio::select! {
                 biased;
-                _ = kill.cancelled() => {
-                    let _ = tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, "slow consumer"))).await;
-                    break;
-                }
-                _ = stop_writer.cancelled() => {
-                    let _ = tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, "rate limit exceeded"))).await;
-                    break;
-                }
-                f = events.recv() => match f { Some(f) => Message::Text(f), None => break },
+                _ = kill.cancelled() => break,
+                _ = stop_writer.cancelled() => break,
+                _ = closing.cancelled() => break,
+                f = events.recv() => match f {
+                    Some(f) => {
+                        if catching_up.load(Ordering::Acquire) {
+                            // Room in the queue: the next chunk of a resume's catch-up.
+                            writer_hub.top_up(id);
+                        }
+                        Message::Text(f)
+                    }
+                    None => break,
+                },
                 f = reply_rx.recv() => match f { Some(f) => Message::Text(f), None => break },
             };
             let sent = tokio::select! {
                 biased;
                 _ = kill.cancelled() => false,
                 _ = stop_writer.cancelled() => false,
+                _ = closing.cancelled() => false,
                 r = sink.send(msg) => r.is_ok(),
             };
             if !sent {
-                if kill.is_cancelled() || stop_writer.is_cancelled() {
-                    let reason = if kill.is_cancelled() {
-                        "slow consumer"
-                    } else {
-                        "rate limit exceeded"
-                    };
-                    let _ =
-                        tokio::time::timeout(bounded, sink.send(close(CLOSE_POLICY, reason))).await;
-                }
                 break;
             }
+        }
+        if let Some((code, reason)) = ending() {
+            // A write never outlives an ending: a client that does not read would otherwise
+            // hold the socket open forever once its TCP buffers are full.
+            let close = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            }));
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close)).await;
         }
     });
 
     let mut bucket = Bucket::new(s.limits.ws_rate);
-    let m = s.metrics.clone();
     while let Some(Ok(msg)) = tokio::select! {
         m = stream.next() => m,
         _ = reg.kill.cancelled() => None,
+        _ = reg.closing.cancelled() => None,
     } {
         if !bucket.take() {
             m.push.slow_consumers.inc();
@@ -273,6 +335,10 @@ async fn run(
             }
         }
     }
+    // From here on the socket hears nothing from its client: a heartbeat seen later for this
+    // device came through another socket.
+    let stopped = tokio::time::Instant::now();
+    done.cancel();
     drop(reply_tx);
     // The socket leaves the hub at once; the writer may still be getting a close frame out to
     // a client that reads slowly.
@@ -280,26 +346,137 @@ async fn run(
     let _ = writer.await;
     // Read on briefly, so the client gets our close frame before the connection goes (closing
     // with unread input would reset it and lose the frame).
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let read_on = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(Ok(m)) = stream.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
         }
-    })
-    .await;
-    // Offline after the grace, unless the device came back meanwhile.
+    });
+    let device = sock.device.clone();
+    if hub.is_closing() {
+        // The node is going away: the device goes offline now, not after the close grace.
+        let offline = offline_on_drain(&s, &hub, user, &device, generation, stopped);
+        let _ = tokio::join!(read_on, offline);
+        return;
+    }
+    let _ = read_on.await;
+    // Offline after the grace, unless the device came back meanwhile; at once if the node starts
+    // shutting down meanwhile.
     let grace = s.limits.ws_close_grace;
-    let (presence, device) = (s.presence.clone(), sock.device.clone());
-    tokio::spawn(async move {
-        tokio::time::sleep(grace).await;
-        if hub.gone_since(user, &device, generation) {
+    let drain_hub = hub.clone();
+    hub.sessions().spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = drain_hub.closing().cancelled() => {
+                offline_on_drain(&s, &drain_hub, user, &device, generation, stopped).await;
+                return;
+            }
+        }
+        if drain_hub.gone_since(user, &device, generation) {
             // Not if the device reconnected meanwhile, here or through another gateway.
-            if let Err(e) = presence.offline(user, &device, Some(grace)).await {
+            if let Err(e) = s.presence.offline(user, &device, Some(grace)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
         }
     });
+}
+
+/// A draining node takes the device of a closed socket offline at once (unless another socket
+/// of the device is still open here), bounded in concurrency and by the drain deadline. A
+/// heartbeat of the device seen since the socket stopped (a reconnect through another gateway)
+/// keeps it online; the margin keeps this socket's own last heartbeats out of that window.
+async fn offline_on_drain(
+    s: &AppState,
+    hub: &Hub,
+    user: UserId,
+    device: &str,
+    generation: u64,
+    stopped: tokio::time::Instant,
+) {
+    if !hub.gone_since(user, device, generation) {
+        return;
+    }
+    let results = &s.metrics.push.ws_drain_offlines;
+    let (Some(deadline), Some(_permit)) = (hub.drain_deadline(), hub.drain_permit().await) else {
+        results.get(DrainOffline::Timeout).inc();
+        tracing::warn!(user, "no time left to take a device offline while draining");
+        return;
+    };
+    let unless_seen_within = stopped
+        .elapsed()
+        .checked_sub(RECONNECT_MARGIN)
+        .filter(|d| !d.is_zero());
+    match tokio::time::timeout_at(
+        deadline,
+        s.presence.offline(user, device, unless_seen_within),
+    )
+    .await
+    {
+        Ok(Ok(())) => results.get(DrainOffline::Ok).inc(),
+        Ok(Err(e)) => {
+            results.get(DrainOffline::Error).inc();
+            tracing::warn!(user, reason = e.reason(), error = %e, "offline while draining failed");
+        }
+        Err(_) => {
+            results.get(DrainOffline::Timeout).inc();
+            tracing::warn!(user, "offline while draining timed out");
+        }
+    }
+}
+
+/// After a welcome without the subscription list: reloads it with a bounded backoff until it
+/// loads or the socket ends, installs it in the hub (unless the hub got the list meanwhile, from
+/// a subscription change or another socket of the user), and tells the client with a
+/// `subscriptions` frame.
+async fn reload_subscriptions(
+    s: AppState,
+    hub: Arc<Hub>,
+    user: UserId,
+    id: u64,
+    tx: mpsc::Sender<Frame>,
+    done: CancellationToken,
+) {
+    let mut delay = RELOAD_FIRST;
+    for attempt in 0u64.. {
+        // Jitter (up to half the delay, from the socket id): sockets that failed together do
+        // not retry together.
+        let spread = delay.as_millis() as u64 / 2 + 1;
+        let jitter =
+            Duration::from_millis(id.wrapping_mul(7919).wrapping_add(attempt * 104_729) % spread);
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(delay + jitter) => {}
+        }
+        let list = match hub.subscriptions_of(user) {
+            Some(list) => list,
+            None => {
+                let read = tokio::select! {
+                    _ = done.cancelled() => return,
+                    r = s.presence.subscriptions(user) => r,
+                };
+                match read {
+                    Ok(list) => hub.install_loaded(user, &list),
+                    Err(e) => {
+                        tracing::debug!(
+                            user,
+                            reason = e.reason(),
+                            attempt,
+                            "reloading subscriptions failed"
+                        );
+                        delay = (delay * 2).min(RELOAD_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        let frame = json!({ "type": "subscriptions", "data": { "subscriptions": list } });
+        tokio::select! {
+            _ = done.cancelled() => {}
+            _ = tx.send(Utf8Bytes::from(frame.to_string())) => {}
+        }
+        return;
+    }
 }
 
 impl Socket {
@@ -342,17 +519,35 @@ impl Socket {
                 .inc();
             return error_frame(&None, &Error::PayloadTooLarge(MAX_MESSAGE));
         }
-        let msg: ClientMessage = match serde_json::from_str(text) {
+        // Leniently first: a message of the wrong shape still has its `id` echoed.
+        let malformed = |id: &Option<Value>, e: Error| {
+            m.push
+                .ws_messages
+                .get(WsMessage {
+                    kind: "malformed",
+                    result: "error",
+                })
+                .inc();
+            error_frame(id, &e)
+        };
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                return malformed(&None, Error::BadRequest(format!("malformed message: {e}")));
+            }
+        };
+        let id = value.get("id").filter(|v| !v.is_null()).cloned();
+        let msg: ClientMessage = match serde_path_to_error::deserialize(&value) {
             Ok(m) => m,
             Err(e) => {
-                m.push
-                    .ws_messages
-                    .get(WsMessage {
-                        kind: "malformed",
-                        result: "error",
-                    })
-                    .inc();
-                return error_frame(&None, &Error::BadRequest(format!("malformed message: {e}")));
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let message = if path == "." {
+                    format!("malformed message: {inner}")
+                } else {
+                    format!("malformed message: invalid field {path}: {inner}")
+                };
+                return malformed(&id, Error::BadRequest(message));
             }
         };
         let kind = match msg.kind.as_str() {
@@ -427,18 +622,27 @@ impl Socket {
             "resume" => {
                 // What the client has seen; it then gets the current state of every target that
                 // changed since (and of those it never saw), never an older one.
+                // At most one entry per subscribed target, and the user itself.
+                let limit = max + 1;
+                if msg.versions.as_ref().is_some_and(|m| m.len() > limit) {
+                    self.s.metrics.push.ws_refusals.get(WsRefusal::ResumeTooLarge).inc();
+                    return Err(Error::BadRequest(format!(
+                        "versions may hold at most {limit} entries"
+                    )));
+                }
                 let versions: Vec<(UserId, u64)> = msg
                     .versions
                     .as_ref()
                     .map(|m| m.iter().filter_map(|(k, v)| Some((parse_user_id(k).ok()?, *v))).collect())
                     .unwrap_or_default();
-                if versions.len() > max {
-                    return Err(crate::store::too_many_subscriptions(max));
-                }
-                self.hub.seen(self.id, &versions);
+                // The list as stored is the truth (this also loads it for a socket welcomed
+                // without it).
                 let targets = p.subscriptions(self.user).await?;
+                self.hub.set_subscriptions(self.user, &targets, false);
                 let views = p.views(&targets).await?;
-                let n = self.hub.send_fresh(self.id, &views);
+                // Every view newer than the client has: the first chunk is queued now, the rest
+                // as the client reads.
+                let n = self.hub.resume(self.id, &versions, views);
                 Ok(reply(&msg.id, "success", json!({ "sent": n })))
             }
             _ => Err(Error::BadRequest(
