@@ -336,6 +336,8 @@ pub struct StoreMetrics {
     pub backlog: IntGauge,
     /// Records skipped on reload because they could not be read.
     pub unreadable_records: IntCounter,
+    /// Timer writes a shard could not make before letting their partition go.
+    pub abandoned_writes: IntCounter,
 }
 
 impl StoreMetrics {
@@ -377,6 +379,10 @@ impl StoreMetrics {
             backlog: r.gauge(
                 "presence_store_backlog",
                 "Background store work waiting: timer changes, refreshes and reloads, coalesced per user.",
+            ),
+            abandoned_writes: r.counter(
+                "presence_store_abandoned_writes_total",
+                "Timer writes a shard could not make before letting their partition go; the new owner re-derives them from the stored state.",
             ),
             unreadable_records: r.counter(
                 "presence_store_unreadable_records_total",

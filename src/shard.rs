@@ -568,13 +568,24 @@ impl Shard {
             });
         }
         self.metrics.presence.cached_users.sub(released as i64);
-        {
+        let leaving: Vec<Write> = {
             let mut backlog = self.backlog.lock();
             let mine = |u: &UserId| !partitions[partition_of(*u) as usize];
-            backlog.saves.retain(|u, _| mine(u));
             backlog.refreshes.retain(mine);
             backlog.repairs.retain(mine);
-        }
+            let (stay, go) = std::mem::take(&mut backlog.saves)
+                .into_iter()
+                .partition(|(u, _)| mine(u));
+            backlog.saves = stay;
+            go.into_iter()
+                .map(|(user, state)| Write {
+                    user,
+                    fence: self.fence_of(user),
+                    state,
+                })
+                .collect()
+        };
+        self.flush_leaving(leaving).await;
         // The fencing tokens stay: a write still in flight for a released user carries the old
         // token, which the store refuses once the new owner fenced the partition.
         if !self.store.write_through() {
@@ -589,6 +600,38 @@ impl Shard {
             }
         }
         released
+    }
+
+    /// One last try at the timer writes of users whose partition goes: made under this shard's
+    /// token (refused if the new owner fenced the partition already). What cannot be written is
+    /// counted: the new owner re-derives it from the stored state (its timers time the users
+    /// out again).
+    async fn flush_leaving(&self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        let written = match self.save(&writes).await {
+            Ok(outcomes) => {
+                let now = self.clock.now();
+                let mut n = 0;
+                for (w, o) in writes.iter().zip(outcomes) {
+                    if o == Saved::Written {
+                        self.publish(w.user, &w.state, now);
+                        n += 1;
+                    }
+                }
+                n
+            }
+            Err(_) => 0,
+        };
+        let lost = writes.len() - written;
+        if lost > 0 {
+            self.metrics.store.abandoned_writes.inc_by(lost as u64);
+            tracing::warn!(
+                users = lost,
+                "timer writes not made before a handoff; the new owner re-derives them"
+            );
+        }
     }
 
     /// Takes `partitions` over and reloads their live users from the store, arming their
