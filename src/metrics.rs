@@ -316,6 +316,10 @@ pub struct StoreMetrics {
     pub redis_commands: Counters<StoreOp<'static>>,
     pub redis_errors: Counters<RedisError>,
     pub redis_topology_refreshes: IntCounter,
+    /// 1 when the store answers (some Redis master answered the last health check).
+    pub up: IntGauge,
+    /// Redis masters that did not answer the last health check.
+    pub redis_unreachable_masters: IntGauge,
 }
 
 impl StoreMetrics {
@@ -345,6 +349,15 @@ impl StoreMetrics {
             redis_topology_refreshes: r.counter(
                 "presence_redis_topology_refreshes_total",
                 "Reads of the Redis Cluster slot map.",
+            ),
+            up: r.gauge(
+                "presence_store_up",
+                "1 when the store answers (at least one Redis master answered the last health \
+                 check), 0 when none does.",
+            ),
+            redis_unreachable_masters: r.gauge(
+                "presence_redis_unreachable_masters",
+                "Redis masters that did not answer the last health check.",
             ),
         };
         for &k in RedisError::ALL {

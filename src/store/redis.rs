@@ -369,13 +369,26 @@ impl RedisStore {
         deadline: Instant,
         run: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
     ) -> Result<T, NodeError> {
+        self.call_with(addr, deadline, true, run).await
+    }
+
+    /// [`Self::call`]; a connection that answers late is kept unless `late_drops` (for a
+    /// command whose deadline is short by design, like `WAIT`).
+    async fn call_with<T: redis::FromRedisValue>(
+        &self,
+        addr: &str,
+        deadline: Instant,
+        late_drops: bool,
+        run: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, NodeError> {
         let (generation, mut conn) = self.connection(addr, deadline).await?;
         let r = match tokio::time::timeout_at(deadline.into(), run(&mut conn)).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => NodeError::Redis(e),
             Err(_) => NodeError::Timeout,
         };
-        if r.drops_connection() {
+        let late = matches!(r, NodeError::Timeout);
+        if r.drops_connection() && (late_drops || !late) {
             self.forget(addr, generation);
         }
         Err(r)
@@ -611,13 +624,18 @@ impl RedisStore {
             let addr = topo.nodes[n as usize].clone();
             async move {
                 let r = self
-                    .call(&addr, deadline, async |c: &mut MultiplexedConnection| {
-                        redis::cmd("WAIT")
-                            .arg(self.opts.min_replicas)
-                            .arg(ms)
-                            .query_async::<i64>(c)
-                            .await
-                    })
+                    .call_with(
+                        &addr,
+                        deadline,
+                        false,
+                        async |c: &mut MultiplexedConnection| {
+                            redis::cmd("WAIT")
+                                .arg(self.opts.min_replicas)
+                                .arg(ms)
+                                .query_async::<i64>(c)
+                                .await
+                        },
+                    )
                     .await;
                 (addr, r)
             }
@@ -835,8 +853,9 @@ impl Store for RedisStore {
         }
     }
 
-    /// Pings every master, each by the store's timeout. Fails (naming no node: those are
-    /// logged) when one of them does not answer.
+    /// Pings every master, each by the store's timeout, and publishes how many did not answer
+    /// (`presence_redis_unreachable_masters`; the nodes are logged). Fails only when none
+    /// answers: the store as a whole is then unreachable.
     async fn ping(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.opts.timeout;
         let topo = match self.topology() {
@@ -861,13 +880,16 @@ impl Store for RedisStore {
                 down += 1;
             }
         }
+        self.metrics
+            .store
+            .redis_unreachable_masters
+            .set(down as i64);
         if down > 0 {
             // A master that does not answer may have been failed over: look again.
             let _ = self.refresh_topology(deadline).await;
-            return Err(store_err(format!(
-                "{down} of {} redis masters did not answer",
-                topo.nodes.len()
-            )));
+        }
+        if down == topo.nodes.len() {
+            return Err(store_err("no redis master answered"));
         }
         Ok(())
     }
