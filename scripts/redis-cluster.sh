@@ -205,6 +205,7 @@ start_node() {
         lib_close_fds
         exec redis-server --port "$port" --bind "$HOST" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 1000 \
+            --cluster-require-full-coverage no \
             --save "" --appendonly no --repl-diskless-sync-delay 0 \
             --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
     ) </dev/null >>"$dir/startup.log" 2>&1 ||

@@ -5,10 +5,13 @@
 # target against it, and always stops the cluster on exit. There is no silent
 # skip: if Redis cannot be installed or the cluster cannot start, this fails.
 #
-# Three passes: (1) every target, the HTTP suite on the Redis Cluster store;
-# (2) the HTTP suite on the embedded in-memory store; (3) the HTTP suite through
-# a cluster of 3 shards and 2 gateways (PRESENCE_TEST_TOPOLOGY=cluster). All
-# three always run; the exit code is that of the first pass that failed.
+# Four passes: (1) every target, the HTTP suite on the Redis Cluster store;
+# (2) the Redis fault tests (tests/redis_faults.rs, ignored by a plain `cargo test`:
+# they SIGSTOP a master of the shared cluster, so they run alone, and wait for the
+# cluster to heal before they end); (3) the HTTP suite on the embedded in-memory
+# store; (4) the HTTP suite through a cluster of 3 shards and 2 gateways
+# (PRESENCE_TEST_TOPOLOGY=cluster). All always run; the exit code is that of the
+# first pass that failed.
 #
 # Exported to the tests:
 #   PRESENCE_TEST_REDIS_URL        comma-separated seed URLs of the shared cluster
@@ -60,6 +63,9 @@ set +e
 # of shards and gateways of its own on it)...
 cargo test --all-targets --no-fail-fast "$@"
 rc=$?
+# ...the Redis fault tests, alone on the cluster...
+cargo test --no-fail-fast --test redis_faults "$@" -- --ignored
+rc_faults=$?
 # ...the HTTP suite once more on the embedded in-memory store...
 PRESENCE_TEST_HTTP_STORE=memory cargo test --no-fail-fast --test http "$@"
 rc2=$?
@@ -68,8 +74,8 @@ rc2=$?
 PRESENCE_TEST_TOPOLOGY=cluster cargo test --no-fail-fast --test http "$@"
 rc3=$?
 set -e
-echo "scripts/test.sh: exit codes: all targets $rc, HTTP on memory $rc2, HTTP through a cluster $rc3" >&2
-for code in "$rc" "$rc2" "$rc3"; do
+echo "scripts/test.sh: exit codes: all targets $rc, Redis faults $rc_faults, HTTP on memory $rc2, HTTP through a cluster $rc3" >&2
+for code in "$rc" "$rc_faults" "$rc2" "$rc3"; do
     if [ "$code" -ne 0 ]; then exit "$code"; fi
 done
 exit 0

@@ -68,6 +68,18 @@ impl Error {
         }
     }
 
+    /// The message a client sees: the error's text, except for failures of the service's own
+    /// parts (store, shards, internal), whose details (addresses, Redis or transport errors)
+    /// go to the logs only.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::StoreUnavailable(_) => "store unavailable, retry later".into(),
+            Error::ShardUnavailable(_) => "shard unavailable, retry later".into(),
+            Error::Internal(_) => "internal error".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// A stable machine-readable reason, for logs, metrics and WebSocket errors.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -196,7 +208,7 @@ impl IntoResponse for Error {
         }
         let body: Envelope<()> = Envelope {
             code: status.as_u16(),
-            message: self.to_string(),
+            message: self.public_message(),
             data: None,
         };
         (status, axum::Json(body)).into_response()
@@ -224,6 +236,12 @@ mod tests {
             assert_eq!(back.status(), e.status());
         }
         let transport = tonic::Status::unavailable("connection refused");
+        let leak = Error::StoreUnavailable("10.0.0.7:6379: READONLY You can't write".into());
+        assert_eq!(leak.public_message(), "store unavailable, retry later");
+        assert_eq!(
+            Error::from(tonic::Status::unavailable("tcp connect 10.0.0.9:9004")).public_message(),
+            "shard unavailable, retry later"
+        );
         assert_eq!(
             Error::from(transport).status(),
             StatusCode::SERVICE_UNAVAILABLE

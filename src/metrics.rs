@@ -338,6 +338,10 @@ pub struct StoreMetrics {
     pub unreadable_records: IntCounter,
     /// Timer writes a shard could not make before letting their partition go.
     pub abandoned_writes: IntCounter,
+    /// 1 when the store answers (some Redis master answered the last health check).
+    pub up: IntGauge,
+    /// Redis masters that did not answer the last health check.
+    pub redis_unreachable_masters: IntGauge,
 }
 
 impl StoreMetrics {
@@ -387,6 +391,15 @@ impl StoreMetrics {
             unreadable_records: r.counter(
                 "presence_store_unreadable_records_total",
                 "Stored records skipped on reload because they could not be read.",
+            ),
+            up: r.gauge(
+                "presence_store_up",
+                "1 when the store answers (at least one Redis master answered the last health \
+                 check), 0 when none does.",
+            ),
+            redis_unreachable_masters: r.gauge(
+                "presence_redis_unreachable_masters",
+                "Redis masters that did not answer the last health check.",
             ),
         };
         for op in ["stale", "fenced"] {

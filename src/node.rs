@@ -41,6 +41,8 @@ pub struct Node {
     state: AppState,
     shard: Option<Arc<Shard>>,
     shard_parts: Option<ShardParts>,
+    /// The store of an `all` or `shard` node, watched for `presence_store_up`.
+    store: Option<Arc<dyn Store>>,
     /// Stops the membership and ring tasks.
     background: CancellationToken,
 }
@@ -168,12 +170,16 @@ impl Node {
         let background = CancellationToken::new();
         let clients = Clients::new(Duration::from_millis(500), config.route_timeout);
         let mut hub = None;
+        let mut watched_store = None;
         let (presence, shard, shard_parts): (Arc<dyn Presence>, _, _) = match config.role {
             Role::All => {
                 let store = match store.clone() {
                     Some(s) => s,
                     None => build_store(&config, &metrics).await?,
                 };
+                watched_store = Some(store.clone());
+                // It answered when it was built; the watch keeps this up to date.
+                metrics.store.up.set(1);
                 let shard = Arc::new(Shard::new(
                     store,
                     config.rules(),
@@ -204,6 +210,9 @@ impl Node {
                     Some(s) => s,
                     None => build_store(&config, &metrics).await?,
                 };
+                watched_store = Some(store.clone());
+                // It answered when it was built; the watch keeps this up to date.
+                metrics.store.up.set(1);
                 if store.kind() == "memory" {
                     tracing::warn!("a shard on the in-memory store loses its users on handoff; set PRESENCE_REDIS_URL");
                 }
@@ -266,6 +275,7 @@ impl Node {
             hub,
             metrics,
             ready: Arc::new(AtomicBool::new(false)),
+            ready_needs_store: config.role == Role::All,
             limits: Arc::new(limits),
         };
         let listener = TcpListener::bind(config.listen).await?;
@@ -276,6 +286,7 @@ impl Node {
             state,
             shard,
             shard_parts,
+            store: watched_store,
             background,
         })
     }
@@ -310,12 +321,21 @@ impl Node {
             state,
             shard,
             shard_parts,
+            store,
             background,
         } = self;
         let tracker = TaskTracker::new();
         let timers = CancellationToken::new();
         if let Some(shard) = &shard {
             tracker.spawn(shard.clone().run_timers(timers.clone()));
+        }
+        if let Some(store) = store {
+            tracker.spawn(watch_store(
+                store,
+                state.metrics.clone(),
+                config.health_interval,
+                background.clone(),
+            ));
         }
         let ready = state.ready.clone();
         let metrics = state.metrics.clone();
@@ -412,6 +432,30 @@ impl Node {
         tracker.wait().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Checks the store every `every` (each check bounded by the store's own deadline) and publishes
+/// whether it answers as `presence_store_up` (the Redis store also counts the masters that did
+/// not). A shard's `Health` reports it; ring membership never depends on it, and readiness only
+/// on an all-in-one node while the store as a whole does not answer: one stalled Redis master
+/// fails its own users' requests (503) and nothing else.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        let up = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.ping() => r.is_ok(),
+        };
+        metrics.store.up.set(up as i64);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

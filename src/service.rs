@@ -44,6 +44,8 @@ pub trait Presence: Send + Sync + 'static {
         mode: SubscriptionMode,
         targets: &[UserId],
     ) -> Result<Vec<UserId>, Error>;
-    /// Whether the backing store answers.
+    /// Whether this node can serve at all (a gateway: some shard is in its ring). Never the
+    /// store's health: one stalled Redis master must fail only its own users' requests, not
+    /// make a node unready or take a shard out of the ring.
     async fn healthy(&self) -> bool;
 }

@@ -60,6 +60,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// False while starting or draining.
     pub ready: Arc<AtomicBool>,
+    /// Whether `/readyz` fails while the store as a whole does not answer
+    /// (`presence_store_up` 0): on an all-in-one node. Never on a shard, whose readiness is its
+    /// ring membership under Kubernetes discovery; and never for one stalled Redis master.
+    pub ready_needs_store: bool,
     pub limits: Arc<Limits>,
 }
 
@@ -458,7 +462,8 @@ async fn livez() -> Response {
 }
 
 async fn readyz(State(s): State<AppState>) -> Result<Response, Error> {
-    if !s.ready.load(Ordering::Relaxed) || !s.presence.healthy().await {
+    let store_down = s.ready_needs_store && s.metrics.store.up.get() == 0;
+    if !s.ready.load(Ordering::Relaxed) || store_down || !s.presence.healthy().await {
         s.metrics.ready.set(0);
         return Err(Error::NotReady);
     }

@@ -155,7 +155,7 @@ fn error_frame(id: &Option<Value>, e: &Error) -> Frame {
         "type": "error",
         "id": id,
         "code": e.status().as_u16(),
-        "message": e.to_string(),
+        "message": e.public_message(),
         "data": Value::Null,
     });
     Utf8Bytes::from(v.to_string())

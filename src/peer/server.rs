@@ -362,9 +362,13 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn health(&self, req: Request<v1::HealthRequest>) -> Reply<v1::HealthReply> {
         self.serve("Health", req, |_| async move {
             Ok(v1::HealthReply {
-                serving: self.own.serving() && self.shard.healthy().await,
+                // Serving means "up and not draining": never the store's health, or one
+                // stalled Redis master would take every shard out of every ring.
+                serving: self.own.serving(),
                 epoch: self.own.epoch(),
                 owned_partitions: self.own.owned_count() as u32,
+                store_ok: self.metrics.store.up.get() == 1
+                    && self.metrics.store.redis_unreachable_masters.get() == 0,
             })
         })
         .await

@@ -84,8 +84,34 @@ pub struct RedisOptions {
 struct Topology {
     /// Node index of every slot's master.
     slots: Vec<u16>,
-    nodes: Vec<(String, MultiplexedConnection)>,
+    /// Master addresses, by node index. Connections live in `RedisStore::conns`, so that a
+    /// topology can be installed while one of its nodes is unreachable.
+    nodes: Vec<String>,
 }
+
+/// After a failed dial, a node is not dialled again for this long: callers fail at once
+/// meanwhile (and retry after a topology refresh, within their deadline).
+const DIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// A topology read this recently is fresh enough: callers use it instead of reading another.
+const REFRESH_GAP: Duration = Duration::from_millis(50);
+/// A topology refresh asks one more node every this long until one answers, so a stalled
+/// node costs it at most this.
+const REFRESH_HEDGE: Duration = Duration::from_millis(100);
+
+/// The connection to one node: dialled by one caller at a time, under a deadline; dropped when
+/// it fails (an I/O error or no answer in time) and dialled again on next use.
+#[derive(Default)]
+struct NodeConn {
+    dialling: tokio::sync::Mutex<()>,
+    /// The connection and its generation (so that a failure on an old connection never drops
+    /// a newer one).
+    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: std::sync::atomic::AtomicU64,
+    failed_at: Mutex<Option<Instant>>,
+}
+
+type SharedRefresh =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<(), Error>>>;
 
 /// The Redis Cluster implementation of [`Store`].
 pub struct RedisStore {
@@ -94,8 +120,13 @@ pub struct RedisStore {
     userinfo: Option<String>,
     topology: RwLock<Option<Arc<Topology>>>,
     /// Connections by address, reused across topology refreshes.
-    conns: Mutex<HashMap<String, MultiplexedConnection>>,
-    refreshing: tokio::sync::Mutex<()>,
+    conns: Mutex<HashMap<String, Arc<NodeConn>>>,
+    /// The topology refresh in flight, which every caller that needs one joins.
+    refreshing: Mutex<Option<SharedRefresh>>,
+    /// When the last topology refresh succeeded.
+    refreshed_at: Mutex<Option<Instant>>,
+    /// This store, for the refresh task (which outlives the caller that started it).
+    me: std::sync::Weak<RedisStore>,
     partition_slots: Vec<u16>,
     metrics: Arc<Metrics>,
 }
@@ -161,6 +192,55 @@ fn retriable(e: &redis::RedisError) -> bool {
         )
 }
 
+/// How a node failed a call.
+#[derive(Debug)]
+enum NodeError {
+    /// No connection: the dial failed or timed out, or failed moments ago.
+    Unreachable,
+    /// No answer before the deadline.
+    Timeout,
+    Redis(redis::RedisError),
+}
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeError::Unreachable => f.write_str("unreachable"),
+            NodeError::Timeout => f.write_str("no answer in time"),
+            NodeError::Redis(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl NodeError {
+    /// Whether the node's connection is suspect and must be dialled again.
+    fn drops_connection(&self) -> bool {
+        match self {
+            NodeError::Unreachable => false,
+            NodeError::Timeout => true,
+            NodeError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+            }
+        }
+    }
+
+    fn retriable(&self) -> bool {
+        match self {
+            NodeError::Unreachable | NodeError::Timeout => true,
+            NodeError::Redis(e) => retriable(e),
+        }
+    }
+}
+
+/// The answer when the cluster does not answer in time (no address, no Redis text: those go to
+/// the logs).
+fn timed_out() -> Error {
+    store_err("redis cluster did not answer in time")
+}
+
 impl RedisStore {
     /// Connects to the cluster and reads its topology.
     pub async fn connect(
@@ -191,25 +271,83 @@ impl RedisStore {
         if seeds.is_empty() {
             return Err(Error::BadRequest("PRESENCE_REDIS_URL names no node".into()));
         }
-        let store = Arc::new(RedisStore {
+        let store = Arc::new_cyclic(|me| RedisStore {
             opts: RedisOptions { seeds, ..opts },
             userinfo,
             topology: RwLock::new(None),
             conns: Mutex::new(HashMap::new()),
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: Mutex::new(None),
+            refreshed_at: Mutex::new(None),
+            me: me.clone(),
             partition_slots: (0..PARTITIONS)
                 .map(|p| crc16(tag(p).as_bytes()) % SLOTS as u16)
                 .collect(),
             metrics,
         });
-        store.refresh_topology().await?;
+        store
+            .refresh_topology(Instant::now() + store.opts.timeout)
+            .await?;
         Ok(store)
     }
 
-    async fn connection(&self, addr: &str) -> Result<MultiplexedConnection, redis::RedisError> {
-        if let Some(c) = self.conns.lock().get(addr) {
-            return Ok(c.clone());
+    fn node(&self, addr: &str) -> Arc<NodeConn> {
+        self.conns
+            .lock()
+            .entry(addr.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// The connection to `addr`, dialled if there is none, by `deadline` and within the store's
+    /// timeout. A node whose dial failed moments ago fails at once.
+    async fn connection(
+        &self,
+        addr: &str,
+        deadline: Instant,
+    ) -> Result<(u64, MultiplexedConnection), NodeError> {
+        let node = self.node(addr);
+        if let Some(c) = node.conn.lock().clone() {
+            return Ok(c);
         }
+        let _dialling = tokio::time::timeout_at(deadline.into(), node.dialling.lock())
+            .await
+            .map_err(|_| NodeError::Timeout)?;
+        // Dialled by someone else while we waited?
+        if let Some(c) = node.conn.lock().clone() {
+            return Ok(c);
+        }
+        if node
+            .failed_at
+            .lock()
+            .is_some_and(|t| t.elapsed() < DIAL_BACKOFF)
+        {
+            return Err(NodeError::Unreachable);
+        }
+        let by = deadline.min(Instant::now() + self.opts.timeout);
+        match tokio::time::timeout_at(by.into(), self.dial(addr)).await {
+            Ok(Ok(conn)) => {
+                let generation = node
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                *node.conn.lock() = Some((generation, conn.clone()));
+                *node.failed_at.lock() = None;
+                Ok((generation, conn))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %addr, error = %e, "cannot connect to a redis node");
+                *node.failed_at.lock() = Some(Instant::now());
+                Err(NodeError::Unreachable)
+            }
+            Err(_) => {
+                tracing::warn!(node = %addr, "connecting to a redis node timed out");
+                *node.failed_at.lock() = Some(Instant::now());
+                Err(NodeError::Unreachable)
+            }
+        }
+    }
+
+    async fn dial(&self, addr: &str) -> Result<MultiplexedConnection, redis::RedisError> {
         let auth = self
             .userinfo
             .as_deref()
@@ -219,113 +357,146 @@ impl RedisStore {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.opts.timeout)
             .set_response_timeout(self.opts.timeout);
-        let conn = client
+        client
             .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        self.conns.lock().insert(addr.to_owned(), conn.clone());
-        Ok(conn)
+            .await
     }
 
-    fn forget(&self, addr: &str) {
-        self.conns.lock().remove(addr);
+    /// Drops the connection `generation` to `addr` (not a newer one): the next call dials.
+    fn forget(&self, addr: &str, generation: u64) {
+        if let Some(node) = self.conns.lock().get(addr) {
+            let mut conn = node.conn.lock();
+            if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+                *conn = None;
+            }
+        }
     }
 
-    /// Reads `CLUSTER SLOTS` from any reachable node and installs the new topology.
-    async fn refresh_topology(&self) -> Result<(), Error> {
-        let _guard = self.refreshing.lock().await;
+    /// One command (or pipeline) on `addr`, by `deadline`. A connection that fails or does not
+    /// answer in time is dropped.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        addr: &str,
+        deadline: Instant,
+        run: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, NodeError> {
+        self.call_with(addr, deadline, true, run).await
+    }
+
+    /// [`Self::call`]; a connection that answers late is kept unless `late_drops` (for a
+    /// command whose deadline is short by design, like `WAIT`).
+    async fn call_with<T: redis::FromRedisValue>(
+        &self,
+        addr: &str,
+        deadline: Instant,
+        late_drops: bool,
+        run: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, NodeError> {
+        let (generation, mut conn) = self.connection(addr, deadline).await?;
+        let r = match tokio::time::timeout_at(deadline.into(), run(&mut conn)).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => NodeError::Redis(e),
+            Err(_) => NodeError::Timeout,
+        };
+        let late = matches!(r, NodeError::Timeout);
+        if r.drops_connection() && (late_drops || !late) {
+            self.forget(addr, generation);
+        }
+        Err(r)
+    }
+
+    /// Makes sure the topology is fresh: joins the refresh in flight, or starts one (unless one
+    /// just finished). Waits for it until `deadline` at most; the refresh itself goes on, within
+    /// the store's timeout, for those who come next.
+    async fn refresh_topology(&self, deadline: Instant) -> Result<(), Error> {
+        let refresh = {
+            let mut slot = self.refreshing.lock();
+            match slot.as_ref() {
+                Some(r) if r.peek().is_none() => r.clone(),
+                _ => {
+                    if self
+                        .refreshed_at
+                        .lock()
+                        .is_some_and(|t| t.elapsed() < REFRESH_GAP)
+                    {
+                        return Ok(());
+                    }
+                    let Some(me) = self.me.upgrade() else {
+                        return Err(store_err("store closed"));
+                    };
+                    let task = tokio::spawn(async move { me.read_topology().await });
+                    let r = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+                        task.await
+                            .unwrap_or_else(|_| Err(store_err("topology refresh failed")))
+                    }));
+                    *slot = Some(r.clone());
+                    r
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline.into(), refresh)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))
+    }
+
+    /// Reads `CLUSTER SLOTS` and installs the new topology, within the store's timeout. Asks the
+    /// known nodes and the seeds one after another, a new one every `REFRESH_HEDGE` while none
+    /// has answered, and takes the first complete answer: a stalled node delays it by no more
+    /// than that.
+    async fn read_topology(&self) -> Result<(), Error> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         self.metrics.store.redis_topology_refreshes.inc();
+        let deadline = Instant::now() + self.opts.timeout;
         let mut candidates: Vec<String> = self
             .topology
             .read()
             .as_ref()
-            .map(|t| t.nodes.iter().map(|(a, _)| a.clone()).collect())
+            .map(|t| t.nodes.clone())
             .unwrap_or_default();
         for s in &self.opts.seeds {
             if !candidates.contains(s) {
                 candidates.push(s.clone());
             }
         }
-        let mut last = String::from("no node answered");
-        for addr in candidates {
-            let mut conn = match self.connection(&addr).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = format!("{addr}: {e}");
-                    continue;
+        let mut asks: FuturesUnordered<_> = candidates
+            .into_iter()
+            .enumerate()
+            .map(|(i, addr)| async move {
+                tokio::time::sleep(REFRESH_HEDGE * i as u32).await;
+                let r = self
+                    .call(&addr, deadline, async |c: &mut MultiplexedConnection| {
+                        redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await
+                    })
+                    .await;
+                (addr, r)
+            })
+            .collect();
+        let outcome = tokio::time::timeout_at(deadline.into(), async {
+            while let Some((addr, r)) = asks.next().await {
+                match r
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| parse_slots(v, &addr))
+                {
+                    Ok(t) => return Some(t),
+                    Err(e) => {
+                        tracing::debug!(node = %addr, error = %e, "no topology from this node")
+                    }
                 }
-            };
-            let slots: Value = match redis::cmd("CLUSTER")
-                .arg("SLOTS")
-                .query_async(&mut conn)
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    self.forget(&addr);
-                    last = format!("{addr}: {e}");
-                    continue;
-                }
-            };
-            match self.parse_slots(slots, &addr).await {
-                Ok(t) => {
-                    *self.topology.write() = Some(Arc::new(t));
-                    return Ok(());
-                }
-                Err(e) => last = format!("{addr}: {e}"),
+            }
+            None
+        })
+        .await;
+        match outcome {
+            Ok(Some(t)) => {
+                *self.topology.write() = Some(Arc::new(t));
+                *self.refreshed_at.lock() = Some(Instant::now());
+                Ok(())
+            }
+            _ => {
+                tracing::warn!("cannot read the redis cluster topology from any node");
+                Err(store_err("cannot read the redis cluster topology"))
             }
         }
-        Err(store_err(format!("cannot read cluster topology: {last}")))
-    }
-
-    /// `queried` is the node that answered: a node that does not know its own address (a
-    /// one-node cluster) reports an empty host, which means that node's host.
-    async fn parse_slots(&self, v: Value, queried: &str) -> Result<Topology, String> {
-        let Value::Array(ranges) = v else {
-            return Err("unexpected CLUSTER SLOTS reply".into());
-        };
-        let mut slots = vec![u16::MAX; SLOTS];
-        let mut nodes: Vec<(String, MultiplexedConnection)> = Vec::new();
-        for r in ranges {
-            let Value::Array(items) = r else { continue };
-            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
-                (items.first(), items.get(1), items.get(2))
-            else {
-                continue;
-            };
-            let host = match master.first() {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(Value::SimpleString(s)) => s.clone(),
-                _ => continue,
-            };
-            let Some(Value::Int(port)) = master.get(1) else {
-                continue;
-            };
-            let host = if host.is_empty() {
-                queried
-                    .rsplit_once(':')
-                    .map_or(String::new(), |(h, _)| h.to_owned())
-            } else {
-                host
-            };
-            let addr = format!("{host}:{port}");
-            let idx = match nodes.iter().position(|(a, _)| *a == addr) {
-                Some(i) => i,
-                None => {
-                    let conn = self
-                        .connection(&addr)
-                        .await
-                        .map_err(|e| format!("{addr}: {e}"))?;
-                    nodes.push((addr, conn));
-                    nodes.len() - 1
-                }
-            };
-            let range = (*start as usize).min(SLOTS)..=(*end as usize).min(SLOTS - 1);
-            slots[range].fill(idx as u16);
-        }
-        if slots.contains(&u16::MAX) {
-            return Err("not every slot is covered".into());
-        }
-        Ok(Topology { slots, nodes })
     }
 
     fn topology(&self) -> Option<Arc<Topology>> {
@@ -333,20 +504,42 @@ impl RedisStore {
     }
 
     /// Runs commands, each with the slot it must go to: one pipeline per node, all nodes at
-    /// once. Failed node groups are retried after a topology refresh until the timeout.
+    /// once. Failed node groups are retried after a topology refresh; the whole operation,
+    /// retries, refreshes and dials included, ends by the store's timeout.
     async fn exec(&self, op: &'static str, cmds: Vec<(u16, Cmd)>) -> Result<Vec<Value>, Error> {
-        let started = Instant::now();
-        let deadline = started + self.opts.timeout;
+        let deadline = Instant::now() + self.opts.timeout;
         let mut results: Vec<Option<Value>> = vec![None; cmds.len()];
+        let run = self.exec_until(op, &cmds, &mut results, deadline);
+        let outcome = tokio::time::timeout_at(deadline.into(), run)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
+        self.metrics
+            .store
+            .redis_commands
+            .get(StoreOp { op })
+            .inc_by(cmds.len() as u64);
+        outcome.map(|()| {
+            results
+                .into_iter()
+                .map(|v| v.unwrap_or(Value::Nil))
+                .collect()
+        })
+    }
+
+    async fn exec_until(
+        &self,
+        op: &'static str,
+        cmds: &[(u16, Cmd)],
+        results: &mut [Option<Value>],
+        deadline: Instant,
+    ) -> Result<(), Error> {
         let mut pending: Vec<usize> = (0..cmds.len()).collect();
         let mut backoff = Duration::from_millis(50);
-        let outcome = loop {
+        loop {
             let topo = match self.topology() {
                 Some(t) => t,
                 None => {
-                    if let Err(e) = self.refresh_topology().await {
-                        break Err(e);
-                    }
+                    self.refresh_topology(deadline).await?;
                     continue;
                 }
             };
@@ -358,13 +551,17 @@ impl RedisStore {
                     .push(i);
             }
             let runs = groups.into_iter().map(|(node, idxs)| {
-                let (addr, mut conn) = topo.nodes[node as usize].clone();
+                let addr = topo.nodes[node as usize].clone();
                 let mut pipe = redis::pipe();
                 for &i in &idxs {
                     pipe.add_command(cmds[i].1.clone());
                 }
                 async move {
-                    let r = pipe.query_async::<Vec<Value>>(&mut conn).await;
+                    let r = self
+                        .call(&addr, deadline, async |c: &mut MultiplexedConnection| {
+                            pipe.query_async::<Vec<Value>>(c).await
+                        })
+                        .await;
                     (addr, idxs, r)
                 }
             });
@@ -387,55 +584,43 @@ impl RedisStore {
                             results[i] = Some(v);
                         }
                     }
-                    Err(e) if retriable(&e) => {
+                    Err(e) if e.retriable() => {
                         tracing::debug!(node = %addr, error = %e, "redis node failed, will retry");
                         self.metrics
                             .store
                             .redis_errors
                             .get(RedisError::Retriable)
                             .inc();
-                        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
-                        {
-                            self.forget(&addr);
-                        }
                         failed.extend(idxs);
                     }
                     Err(e) => {
+                        tracing::warn!(node = %addr, error = %e, op, "redis refused an operation");
                         self.metrics.store.redis_errors.get(RedisError::Fatal).inc();
-                        fatal = Some(store_err(format!("{addr}: {e}")));
+                        fatal = Some(store_err("redis cluster refused the operation"));
                     }
                 }
             }
             if let Some(e) = fatal {
-                break Err(e);
+                return Err(e);
             }
             if failed.is_empty() {
-                break Ok(());
+                return Ok(());
             }
             pending = failed;
             if Instant::now() + backoff >= deadline {
-                break Err(store_err("redis cluster did not answer in time"));
+                return Err(timed_out());
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(400));
-            if let Err(e) = self.refresh_topology().await {
+            if let Err(e) = self.refresh_topology(deadline).await {
                 tracing::debug!(error = %e, "topology refresh failed");
             }
-        };
-        self.metrics
-            .store
-            .redis_commands
-            .get(StoreOp { op })
-            .inc_by(cmds.len() as u64);
-        outcome.map(|()| {
-            results
-                .into_iter()
-                .map(|v| v.unwrap_or(Value::Nil))
-                .collect()
-        })
+        }
     }
 
-    /// Waits until the writes on each node's connection reached `min_replicas` replicas.
+    /// Waits until the writes on each node's connection reached `min_replicas` replicas: a
+    /// quarter of the store's timeout at most (and no more than 250 ms), plus 50 ms for the
+    /// answer, whatever the node does.
     async fn wait_replicas(&self, slots: &[u16]) {
         if self.opts.min_replicas == 0 {
             return;
@@ -444,14 +629,24 @@ impl RedisStore {
         let mut nodes: Vec<u16> = slots.iter().map(|s| topo.slots[*s as usize]).collect();
         nodes.sort_unstable();
         nodes.dedup();
+        let ms = self.opts.timeout.as_millis().min(1000) as u64 / 4;
+        let deadline = Instant::now() + Duration::from_millis(ms + 50);
         let waits = nodes.into_iter().map(|n| {
-            let (addr, mut conn) = topo.nodes[n as usize].clone();
-            let ms = self.opts.timeout.as_millis().min(1000) as u64 / 4;
+            let addr = topo.nodes[n as usize].clone();
             async move {
-                let r: redis::RedisResult<i64> = redis::cmd("WAIT")
-                    .arg(self.opts.min_replicas)
-                    .arg(ms)
-                    .query_async(&mut conn)
+                let r = self
+                    .call_with(
+                        &addr,
+                        deadline,
+                        false,
+                        async |c: &mut MultiplexedConnection| {
+                            redis::cmd("WAIT")
+                                .arg(self.opts.min_replicas)
+                                .arg(ms)
+                                .query_async::<i64>(c)
+                                .await
+                        },
+                    )
                     .await;
                 (addr, r)
             }
@@ -475,6 +670,54 @@ impl RedisStore {
     fn user_slot(&self, user: UserId) -> u16 {
         self.partition_slots[partition_of(user) as usize]
     }
+}
+
+/// The topology in a `CLUSTER SLOTS` reply. `queried` is the node that answered: a node that
+/// does not know its own address (a one-node cluster) reports an empty host, which means that
+/// node's host.
+fn parse_slots(v: Value, queried: &str) -> Result<Topology, String> {
+    let Value::Array(ranges) = v else {
+        return Err("unexpected CLUSTER SLOTS reply".into());
+    };
+    let mut slots = vec![u16::MAX; SLOTS];
+    let mut nodes: Vec<String> = Vec::new();
+    for r in ranges {
+        let Value::Array(items) = r else { continue };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+            (items.first(), items.get(1), items.get(2))
+        else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            continue;
+        };
+        let host = if host.is_empty() {
+            queried
+                .rsplit_once(':')
+                .map_or(String::new(), |(h, _)| h.to_owned())
+        } else {
+            host
+        };
+        let addr = format!("{host}:{port}");
+        let idx = match nodes.iter().position(|a| *a == addr) {
+            Some(i) => i,
+            None => {
+                nodes.push(addr);
+                nodes.len() - 1
+            }
+        };
+        let range = (*start as usize).min(SLOTS)..=(*end as usize).min(SLOTS - 1);
+        slots[range].fill(idx as u16);
+    }
+    if slots.contains(&u16::MAX) {
+        return Err("not every slot is covered".into());
+    }
+    Ok(Topology { slots, nodes })
 }
 
 #[async_trait]
@@ -654,34 +897,43 @@ impl Store for RedisStore {
         }
     }
 
+    /// Pings every master, each by the store's timeout, and publishes how many did not answer
+    /// (`presence_redis_unreachable_masters`; the nodes are logged). Fails only when none
+    /// answers: the store as a whole is then unreachable.
     async fn ping(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.opts.timeout;
         let topo = match self.topology() {
             Some(t) => t,
             None => {
-                self.refresh_topology().await?;
-                self.topology().ok_or_else(|| store_err("no topology"))?
+                self.refresh_topology(deadline).await?;
+                self.topology().ok_or_else(timed_out)?
             }
         };
-        let pings = topo.nodes.iter().map(|(addr, conn)| {
-            let mut conn = conn.clone();
-            async move {
-                let r = tokio::time::timeout(
-                    self.opts.timeout,
-                    redis::cmd("PING").query_async::<String>(&mut conn),
-                )
+        let pings = topo.nodes.iter().map(|addr| async move {
+            let r = self
+                .call(addr, deadline, async |c: &mut MultiplexedConnection| {
+                    redis::cmd("PING").query_async::<String>(c).await
+                })
                 .await;
-                (addr.clone(), r)
-            }
+            (addr, r)
         });
+        let mut down = 0;
         for (addr, r) in join_all(pings).await {
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    let _ = self.refresh_topology().await;
-                    return Err(store_err(format!("{addr}: {e}")));
-                }
-                Err(_) => return Err(store_err(format!("{addr}: ping timed out"))),
+            if let Err(e) = r {
+                tracing::warn!(node = %addr, error = %e, "a redis master did not answer a ping");
+                down += 1;
             }
+        }
+        self.metrics
+            .store
+            .redis_unreachable_masters
+            .set(down as i64);
+        if down > 0 {
+            // A master that does not answer may have been failed over: look again.
+            let _ = self.refresh_topology(deadline).await;
+        }
+        if down == topo.nodes.len() {
+            return Err(store_err("no redis master answered"));
         }
         Ok(())
     }
@@ -728,6 +980,169 @@ mod tests {
         let l = live_key(partition_of(u));
         let tag = |s: &str| s[s.find('{').unwrap() + 1..s.find('}').unwrap()].to_owned();
         assert_eq!(tag(&k), tag(&l));
+    }
+
+    #[test]
+    fn a_topology_needs_no_connection_and_covers_every_slot() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+            ])
+        };
+        let range = |a: i64, b: i64, m: Value| Value::Array(vec![Value::Int(a), Value::Int(b), m]);
+        let reply = Value::Array(vec![
+            range(0, 8000, node("10.0.0.1", 6379)),
+            range(8001, 16383, node("", 6380)),
+        ]);
+        let t = parse_slots(reply, "10.0.0.2:6380").unwrap();
+        assert_eq!(t.nodes, vec!["10.0.0.1:6379", "10.0.0.2:6380"]);
+        assert_eq!((t.slots[0], t.slots[8000], t.slots[8001]), (0, 0, 1));
+        let partial = Value::Array(vec![range(0, 100, node("h", 1))]);
+        assert!(parse_slots(partial, "h:1").is_err());
+    }
+
+    /// A Redis node on loopback that knows a few commands (`CLUSTER SLOTS`: every slot on the
+    /// node `owner` names; `PING`; `HGET`: nil; anything else: OK). Stalled, it reads every
+    /// command and answers none (a SIGSTOPped or blackholed master); refusing, it answers every
+    /// command with CLUSTERDOWN.
+    struct FakeNode {
+        addr: String,
+        port: u16,
+        /// 0: answers, 1: stalled, 2: refusing.
+        mode: Arc<std::sync::atomic::AtomicU8>,
+        owner: Arc<std::sync::atomic::AtomicU16>,
+    }
+
+    const ANSWERS: u8 = 0;
+    const STALLED: u8 = 1;
+    const REFUSING: u8 = 2;
+
+    impl FakeNode {
+        async fn start() -> FakeNode {
+            use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+            use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let mode = Arc::new(AtomicU8::new(ANSWERS));
+            let owner = Arc::new(AtomicU16::new(port));
+            let (m, o) = (mode.clone(), owner.clone());
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let (mode, owner) = (m.clone(), o.clone());
+                    tokio::spawn(async move {
+                        let (r, mut w) = tcp.into_split();
+                        let mut r = BufReader::new(r);
+                        let mut line = String::new();
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let n: usize = line.trim()[1..].parse().unwrap_or(0);
+                            let mut args = Vec::new();
+                            for _ in 0..n {
+                                line.clear();
+                                r.read_line(&mut line).await.unwrap();
+                                let len: usize = line.trim()[1..].parse().unwrap();
+                                let mut arg = vec![0u8; len + 2];
+                                r.read_exact(&mut arg).await.unwrap();
+                                arg.truncate(len);
+                                args.push(String::from_utf8_lossy(&arg).to_uppercase());
+                            }
+                            let reply = match (mode.load(Ordering::Relaxed), args.first()) {
+                                (STALLED, _) => continue,
+                                (REFUSING, _) => "-CLUSTERDOWN The cluster is down\r\n".into(),
+                                (_, Some(c)) if c == "CLUSTER" => format!(
+                                    "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{}\r\n",
+                                    owner.load(Ordering::Relaxed)
+                                ),
+                                (_, Some(c)) if c == "PING" => "+PONG\r\n".into(),
+                                (_, Some(c)) if c == "HGET" => "$-1\r\n".into(),
+                                _ => "+OK\r\n".into(),
+                            };
+                            if w.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            FakeNode {
+                addr: format!("127.0.0.1:{port}"),
+                port,
+                mode,
+                owner,
+            }
+        }
+
+        fn set(&self, mode: u8) {
+            self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Issue 10, #4: a node that refuses and a seed that stalls cost each caller the store's
+    /// timeout at most, however many wait at once (one topology refresh in flight, which the
+    /// others join; no refresh waits for the stalled seed beyond its deadline), and the answer
+    /// names no node. Before: refreshes ran one after another, each waiting out the stalled
+    /// seed, so the 20th caller waited for 20 of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_node_costs_each_caller_at_most_the_timeout() {
+        let master = FakeNode::start().await;
+        let seed = FakeNode::start().await;
+        seed.owner
+            .store(master.port, std::sync::atomic::Ordering::Relaxed);
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_millis(300);
+        let opts = RedisOptions {
+            timeout,
+            min_replicas: 0,
+            ..test_options(seed.addr.clone())
+        };
+        let store = RedisStore::connect(opts, metrics.clone()).await.unwrap();
+        assert_eq!(store.load(&[1]).await.unwrap(), vec![None]);
+
+        master.set(REFUSING);
+        seed.set(STALLED);
+        let refreshes = metrics.store.redis_topology_refreshes.get();
+        let calls = (1..=20u64).map(|u| {
+            let store = store.clone();
+            async move {
+                let t = Instant::now();
+                let r = store.load(&[u]).await;
+                (r, t.elapsed())
+            }
+        });
+        let results = join_all(calls).await;
+        let worst = results.iter().map(|(_, t)| *t).max().unwrap();
+        let refreshed = metrics.store.redis_topology_refreshes.get() - refreshes;
+        println!(
+            "20 callers, master refusing and seed stalled: slowest answer {worst:?} \
+             (timeout {timeout:?}), {refreshed} topology refreshes"
+        );
+        for (r, _) in &results {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+            assert!(!e.to_string().contains("127.0.0.1"), "{e}");
+        }
+        assert!(worst < timeout + Duration::from_millis(150), "{worst:?}");
+        assert!(refreshed <= 6, "{refreshed} refreshes for 20 callers");
+
+        // Both stalled: a ping answers by the timeout too.
+        master.set(STALLED);
+        let t = Instant::now();
+        assert!(store.ping().await.is_err());
+        assert!(t.elapsed() < timeout + Duration::from_millis(150));
+
+        // Back: the next calls dial again where needed and succeed.
+        master.set(ANSWERS);
+        seed.set(ANSWERS);
+        let back = Instant::now() + Duration::from_secs(3);
+        while store.load(&[1]).await.is_err() {
+            assert!(Instant::now() < back, "the store did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(store.ping().await.is_ok());
     }
 
     /// The shared store suite against a real Redis Cluster (started by scripts/test.sh).
