@@ -1,6 +1,9 @@
-//! HTTP integration tests: the real `presence-service` binary, started as a child process on a
-//! free loopback port, exercised over HTTP. Every answer is checked to be the envelope by the
-//! helpers in `common`.
+//! The HTTP suite: every test is written once, as a function of the [`Topology`] it runs on,
+//! and runs once per topology (`per_topology!` at the end): `memory::*` on one in-process node
+//! with the embedded store (plain `cargo test`), `redis::*` on one in-process node on the
+//! shared Redis Cluster and `cluster::*` through 3 shards and 2 gateways in this process (both
+//! need the Redis Cluster: `bash scripts/test.sh`). Every answer is checked to be the envelope
+//! by the helpers in `common`.
 
 mod common;
 
@@ -8,15 +11,16 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{uid, Server};
+use common::http::sample_sum;
+use common::{uid, Server, Topology};
 use serde_json::{json, Value};
 
 const P: &str = "/api/v1/presence";
 
 /// Short durations for the timing tests (interval < timeout, as the configuration requires).
-/// Tests that assert exact process-wide metrics (the timing tests prove that the timer, not a
-/// request, did the work by reading counters) use `Server::start_private`: a store of their own
-/// even when `scripts/test.sh` provides a shared Redis Cluster.
+/// Tests that assert exact metrics (the timing tests prove that the timer, not a request, did
+/// the work by reading counters) use `Server::start_private`: a store of their own even in the
+/// Redis and cluster topologies.
 const SHORT: &[(&str, &str)] = &[
     ("PRESENCE_HEARTBEAT_INTERVAL", "500ms"),
     ("PRESENCE_HEARTBEAT_TIMEOUT", "2s"),
@@ -118,6 +122,11 @@ async fn snapshot(s: &Server, user: u64) -> (Value, Value, Value, Value, Value) 
     )
 }
 
+/// The HTTP requests `presence_http_requests_total` counted with all of `labels`.
+fn requests(metrics: &str, labels: &[&str]) -> f64 {
+    sample_sum(metrics, "presence_http_requests_total{", labels)
+}
+
 async fn sleep_until(t0: Instant, after: Duration) {
     if let Some(d) = (t0 + after).checked_duration_since(Instant::now()) {
         tokio::time::sleep(d).await;
@@ -127,9 +136,8 @@ async fn sleep_until(t0: Instant, after: Duration) {
 // ---------------------------------------------------------------------------------------------
 // 1. The seed flows
 
-#[tokio::test]
-async fn seed_flows_answer_the_contract() {
-    let s = Server::start(&[]);
+async fn seed_flows_answer_the_contract(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     let before = Utc::now();
 
@@ -189,7 +197,7 @@ async fn seed_flows_answer_the_contract() {
     assert!(view["version"].as_u64().unwrap() > version);
 
     // nextHeartbeatInterval is the configured interval.
-    let s2 = Server::start(&[("PRESENCE_HEARTBEAT_INTERVAL", "2s")]);
+    let s2 = Server::start(t, &[("PRESENCE_HEARTBEAT_INTERVAL", "2s")]);
     let u2 = uid();
     online(&s2, u2, "d", "PC").await;
     assert_eq!(
@@ -201,9 +209,8 @@ async fn seed_flows_answer_the_contract() {
 // ---------------------------------------------------------------------------------------------
 // 2. Never-seen users and lastActiveTime
 
-#[tokio::test]
-async fn never_seen_user_is_offline_and_last_active_survives_offline() {
-    let s = Server::start(&[]);
+async fn never_seen_user_is_offline_and_last_active_survives_offline(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     let view = s.status_of(u).await;
     assert_eq!(view["userId"], json!(u));
@@ -240,9 +247,8 @@ async fn never_seen_user_is_offline_and_last_active_survives_offline() {
 // ---------------------------------------------------------------------------------------------
 // 3. Batch
 
-#[tokio::test]
-async fn batch_keeps_order_drops_duplicates_and_enforces_the_limit() {
-    let s = Server::start(&[]);
+async fn batch_keeps_order_drops_duplicates_and_enforces_the_limit(t: Topology) {
+    let s = Server::start(t, &[]);
     let (a, b, c) = (uid(), uid(), uid());
     online(&s, a, "d", "WEB").await;
     let (code, v) = s
@@ -308,7 +314,7 @@ async fn batch_keeps_order_drops_duplicates_and_enforces_the_limit() {
         );
     }
 
-    let s5 = Server::start(&[("PRESENCE_BATCH_LIMIT", "5")]);
+    let s5 = Server::start(t, &[("PRESENCE_BATCH_LIMIT", "5")]);
     let ids: Vec<u64> = (0..5).map(|_| uid()).collect();
     let (code, v) = s5.post(&p("/status/batch"), json!({"userIds": ids})).await;
     assert_eq!(code, 200, "{v}");
@@ -322,9 +328,8 @@ async fn batch_keeps_order_drops_duplicates_and_enforces_the_limit() {
 // ---------------------------------------------------------------------------------------------
 // 4. Multiple devices
 
-#[tokio::test]
-async fn multi_device_aggregation_and_idempotent_online() {
-    let s = Server::start(&[]);
+async fn multi_device_aggregation_and_idempotent_online(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     let first = online(&s, u, "web-1", "WEB").await;
     let v1 = first["version"].as_u64().unwrap();
@@ -393,9 +398,8 @@ async fn multi_device_aggregation_and_idempotent_online() {
 // ---------------------------------------------------------------------------------------------
 // 5. Timeouts, idle and resume, with short durations
 
-#[tokio::test]
-async fn device_times_out_never_early_and_at_most_one_second_late() {
-    let s = Server::start_private(SHORT);
+async fn device_times_out_never_early_and_at_most_one_second_late(t: Topology) {
+    let s = Server::start_private(t, SHORT);
     let (quiet, busy) = (uid(), uid());
     let t0 = Instant::now();
     online(&s, quiet, "q", "WEB").await;
@@ -467,9 +471,8 @@ async fn device_times_out_never_early_and_at_most_one_second_late() {
     assert_eq!(device_ids(&view), BTreeSet::from(["b".into()]));
 }
 
-#[tokio::test]
-async fn inactive_heartbeats_go_away_on_the_timer_and_an_active_one_comes_back() {
-    let s = Server::start_private(SHORT);
+async fn inactive_heartbeats_go_away_on_the_timer_and_an_active_one_comes_back(t: Topology) {
+    let s = Server::start_private(t, SHORT);
     let u = uid();
     let t0 = Instant::now();
     online(&s, u, "d", "IOS").await;
@@ -532,9 +535,8 @@ async fn inactive_heartbeats_go_away_on_the_timer_and_an_active_one_comes_back()
     assert_eq!(s.metric("presence_device_timeouts_total").await, 0.0);
 }
 
-#[tokio::test]
-async fn timed_out_device_resumes_within_the_window_and_not_after() {
-    let s = Server::start_private(SHORT);
+async fn timed_out_device_resumes_within_the_window_and_not_after(t: Topology) {
+    let s = Server::start_private(t, SHORT);
     let (ua, ub) = (uid(), uid());
     let first = online(&s, ua, "tablet", "IOS").await;
     let first_online = time(&first["devices"][0]["onlineTime"]);
@@ -572,9 +574,8 @@ async fn timed_out_device_resumes_within_the_window_and_not_after() {
     assert_eq!(view["devices"], json!([]));
 }
 
-#[tokio::test]
-async fn explicit_offline_is_final_and_unknown_devices_get_404() {
-    let s = Server::start(&[]);
+async fn explicit_offline_is_final_and_unknown_devices_get_404(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     online(&s, u, "d1", "WEB").await;
     online(&s, u, "d2", "ANDROID").await;
@@ -598,9 +599,8 @@ async fn explicit_offline_is_final_and_unknown_devices_get_404() {
 // ---------------------------------------------------------------------------------------------
 // 6. Manual status and custom text
 
-#[tokio::test]
-async fn manual_status_persists_offline_applies_on_online_and_clears() {
-    let s = Server::start(&[]);
+async fn manual_status_persists_offline_applies_on_online_and_clears(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     let on = online(&s, u, "d1", "WEB").await;
     let path = p(&format!("/status/{u}"));
@@ -665,9 +665,8 @@ async fn manual_status_persists_offline_applies_on_online_and_clears() {
     assert_eq!(v["data"]["manualStatus"], "ONLINE");
 }
 
-#[tokio::test]
-async fn manual_status_expires_on_its_own() {
-    let s = Server::start(&[]);
+async fn manual_status_expires_on_its_own(t: Topology) {
+    let s = Server::start(t, &[]);
     let (on_user, off_user) = (uid(), uid());
     online(&s, on_user, "d", "WEB").await;
     let expires = Utc::now() + chrono::Duration::milliseconds(2000);
@@ -709,9 +708,8 @@ async fn manual_status_expires_on_its_own() {
     assert!(b["data"][0]["customText"].is_null() && b["data"][1]["customText"].is_null());
 }
 
-#[tokio::test]
-async fn manual_status_rejects_bad_input_and_changes_nothing() {
-    let s = Server::start(&[]);
+async fn manual_status_rejects_bad_input_and_changes_nothing(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     online(&s, u, "d", "WEB").await;
     let path = p(&format!("/status/{u}"));
@@ -769,9 +767,8 @@ async fn manual_status_rejects_bad_input_and_changes_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 7. Status styles and configuration errors
 
-#[tokio::test]
-async fn statuses_list_the_four_states_and_styles_are_configurable() {
-    let s = Server::start(&[]);
+async fn statuses_list_the_four_states_and_styles_are_configurable(t: Topology) {
+    let s = Server::start(t, &[]);
     let (code, v) = s.get(&p("/statuses")).await;
     assert_eq!(code, 200);
     assert_eq!(v["message"], "success");
@@ -802,10 +799,13 @@ async fn statuses_list_the_four_states_and_styles_are_configurable() {
         "pick another override colour for this test"
     );
 
-    let styled = Server::start(&[(
-        "PRESENCE_STATUS_STYLES",
-        r##"{"BUSY":{"color":"#FF0000"}}"##,
-    )]);
+    let styled = Server::start(
+        t,
+        &[(
+            "PRESENCE_STATUS_STYLES",
+            r##"{"BUSY":{"color":"#FF0000"}}"##,
+        )],
+    );
     let (code, v) = styled.get(&p("/statuses")).await;
     assert_eq!(code, 200);
     let list2 = v["data"].as_array().unwrap();
@@ -837,7 +837,7 @@ fn bad_configuration_exits_64_naming_the_variable() {
         ("PRESENCE_LISTEN", "not-an-address"),
     ];
     for (var, value) in cases {
-        let (code, stderr) = common::run_to_exit(&[(var, value)]);
+        let (code, stderr) = common::node::run_to_exit(&[(var, value)]);
         assert_eq!(code, Some(64), "{var}={value}: stderr:\n{stderr}");
         assert!(
             stderr.contains(var),
@@ -849,9 +849,8 @@ fn bad_configuration_exits_64_naming_the_variable() {
 // ---------------------------------------------------------------------------------------------
 // 8. Every error class
 
-#[tokio::test]
-async fn bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing() {
-    let s = Server::start(&[]);
+async fn bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     online(&s, u, "d1", "WEB").await;
     let before = snapshot(&s, u).await;
@@ -860,91 +859,43 @@ async fn bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing() {
     let good_offline = json!({"userId": u, "deviceId": "d1"}).to_string();
 
     // (path, Content-Type, body, status, a word the message must contain)
-    let mut cases: Vec<(String, Option<&str>, String, u16, &str)> = vec![
-        // Malformed JSON.
-        (p("/online"), json_ct, "{\"userId\": 1,".into(), 400, "JSON"),
-        (p("/online"), json_ct, "{not json}".into(), 400, "JSON"),
-        (p("/online"), json_ct, String::new(), 400, "JSON"),
-        (
-            p("/offline"),
-            json_ct,
-            "{\"userId\": 1, \"deviceId\": \"d".into(),
-            400,
-            "JSON",
-        ),
-        (p("/heartbeat"), json_ct, "nul".into(), 400, "JSON"),
-        (
-            p("/status/batch"),
-            json_ct,
-            "{\"userIds\": [1,]}".into(),
-            400,
-            "JSON",
-        ),
-        (
-            p(&format!("/status/{u}")),
-            json_ct,
-            "{'status': 'BUSY'}".into(),
-            400,
-            "JSON",
-        ),
-        // Well-formed JSON of the wrong shape.
-        (p("/online"), json_ct, "[]".into(), 400, "body"),
-        (p("/online"), json_ct, "null".into(), 400, "body"),
-        (p("/offline"), json_ct, "42".into(), 400, "body"),
-        // Missing and wrong Content-Type.
-        (p("/online"), None, good_online.clone(), 415, "Content-Type"),
-        (
-            p("/online"),
-            Some("text/plain"),
-            good_online.clone(),
-            415,
-            "Content-Type",
-        ),
-        (
-            p("/online"),
-            Some("application/x-www-form-urlencoded"),
-            good_online,
-            415,
-            "Content-Type",
-        ),
-        (
-            p("/offline"),
-            None,
-            good_offline.clone(),
-            415,
-            "Content-Type",
-        ),
-        (
-            p("/offline"),
-            Some("text/plain"),
-            good_offline,
-            415,
-            "Content-Type",
-        ),
-        (
-            p("/heartbeat"),
-            Some("text/plain"),
-            "{}".into(),
-            415,
-            "Content-Type",
-        ),
-        (
-            p("/status/batch"),
-            None,
-            "{\"userIds\":[]}".into(),
-            415,
-            "Content-Type",
-        ),
-        (
-            p(&format!("/status/{u}")),
-            Some("text/plain"),
-            "{\"status\":\"BUSY\"}".into(),
-            415,
-            "Content-Type",
-        ),
-    ];
+    let mut cases: Vec<(String, Option<&str>, String, u16, &str)> = Vec::new();
+    let status_path = format!("/status/{u}");
+    // Malformed JSON.
+    for (path, body) in [
+        ("/online", "{\"userId\": 1,"),
+        ("/online", "{not json}"),
+        ("/online", ""),
+        ("/offline", "{\"userId\": 1, \"deviceId\": \"d"),
+        ("/heartbeat", "nul"),
+        ("/status/batch", "{\"userIds\": [1,]}"),
+        (&status_path, "{'status': 'BUSY'}"),
+    ] {
+        cases.push((p(path), json_ct, body.into(), 400, "JSON"));
+    }
+    // Well-formed JSON of the wrong shape.
+    for (path, body) in [("/online", "[]"), ("/online", "null"), ("/offline", "42")] {
+        cases.push((p(path), json_ct, body.into(), 400, "body"));
+    }
+    // Missing and wrong Content-Type.
+    let (text, form) = (
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    );
+    for (path, ct, body) in [
+        ("/online", None, good_online.clone()),
+        ("/online", text, good_online.clone()),
+        ("/online", form, good_online),
+        ("/offline", None, good_offline.clone()),
+        ("/offline", text, good_offline),
+        ("/heartbeat", text, "{}".into()),
+        ("/status/batch", None, "{\"userIds\":[]}".into()),
+        (&status_path, text, "{\"status\":\"BUSY\"}".into()),
+    ] {
+        cases.push((p(path), ct, body, 415, "Content-Type"));
+    }
+    // Missing fields name the field.
     let mut field_cases: Vec<(&str, Value, &str)> = vec![
-        // Missing fields name the field.
         (
             "/online",
             json!({"userId": u, "platform": "WEB"}),
@@ -963,139 +914,59 @@ async fn bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing() {
         ("/offline", json!({"userId": u}), "deviceId"),
         ("/offline", json!({"deviceId": "d1"}), "userId"),
         ("/heartbeat", json!({"userId": u}), "deviceId"),
-        // Wrong types.
-        (
-            "/online",
-            json!({"userId": u.to_string(), "deviceId": "d2", "platform": "WEB"}),
-            "userId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": 7, "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "d2", "platform": 1}),
-            "platform",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": null, "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/offline",
-            json!({"userId": true, "deviceId": "d1"}),
-            "userId",
-        ),
-        (
-            "/offline",
-            json!({"userId": u, "deviceId": ["d1"]}),
-            "deviceId",
-        ),
-        // userId not a positive 64-bit integer.
-        (
-            "/online",
-            json!({"userId": 0, "deviceId": "d2", "platform": "WEB"}),
-            "userId",
-        ),
-        (
-            "/online",
-            json!({"userId": -5, "deviceId": "d2", "platform": "WEB"}),
-            "userId",
-        ),
-        (
-            "/online",
-            json!({"userId": 1.5, "deviceId": "d2", "platform": "WEB"}),
-            "userId",
-        ),
-        (
-            "/online",
-            json!({"userId": "1", "deviceId": "d2", "platform": "WEB"}),
-            "userId",
-        ),
-        ("/offline", json!({"userId": 0, "deviceId": "d1"}), "userId"),
-        (
-            "/heartbeat",
-            json!({"userId": -1, "deviceId": "d1"}),
-            "userId",
-        ),
-        // Unknown platform.
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "d2", "platform": "web"}),
-            "platform",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "d2", "platform": "XBOX"}),
-            "platform",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "d2", "platform": ""}),
-            "platform",
-        ),
-        // Bad device ids.
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "", "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "x".repeat(129), "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "a b", "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "设备", "platform": "WEB"}),
-            "deviceId",
-        ),
-        (
-            "/online",
-            json!({"userId": u, "deviceId": "d/1", "platform": "WEB"}),
-            "deviceId",
-        ),
-        ("/offline", json!({"userId": u, "deviceId": ""}), "deviceId"),
-        (
-            "/offline",
-            json!({"userId": u, "deviceId": "d 1"}),
-            "deviceId",
-        ),
-        (
-            "/heartbeat",
-            json!({"userId": u, "deviceId": "x".repeat(129)}),
-            "deviceId",
-        ),
-        // `active` must be a bool.
-        (
-            "/heartbeat",
-            json!({"userId": u, "deviceId": "d1", "active": "yes"}),
-            "active",
-        ),
-        (
-            "/heartbeat",
-            json!({"userId": u, "deviceId": "d1", "active": 1}),
-            "active",
-        ),
     ];
-    field_cases.push((
-        "/online",
-        json!({"userId": i64::MAX as u64 + 1, "deviceId": "d2", "platform": "WEB"}),
-        "userId",
-    ));
-    field_cases.push((
-        "/offline",
-        json!({"userId": u64::MAX, "deviceId": "d1"}),
-        "userId",
-    ));
+    // A good body with one bad field (wrong type; userId not a positive 64-bit integer; unknown
+    // platform; bad device id; `active` not a bool), which the message names.
+    let long = "x".repeat(129);
+    for (path, field, bad) in [
+        (
+            "/online",
+            "userId",
+            vec![json!(u.to_string()), json!(0), json!(-5)],
+        ),
+        (
+            "/online",
+            "userId",
+            vec![json!(1.5), json!("1"), json!(i64::MAX as u64 + 1)],
+        ),
+        (
+            "/online",
+            "deviceId",
+            vec![json!(7), json!(null), json!(""), json!(long)],
+        ),
+        (
+            "/online",
+            "deviceId",
+            vec![json!("a b"), json!("设备"), json!("d/1")],
+        ),
+        (
+            "/online",
+            "platform",
+            vec![json!(1), json!("web"), json!("XBOX"), json!("")],
+        ),
+        (
+            "/offline",
+            "userId",
+            vec![json!(true), json!(0), json!(u64::MAX)],
+        ),
+        (
+            "/offline",
+            "deviceId",
+            vec![json!(["d1"]), json!(""), json!("d 1")],
+        ),
+        ("/heartbeat", "userId", vec![json!(-1)]),
+        ("/heartbeat", "deviceId", vec![json!(long)]),
+        ("/heartbeat", "active", vec![json!("yes"), json!(1)]),
+    ] {
+        for v in bad {
+            let mut body = match path {
+                "/online" => json!({"userId": u, "deviceId": "d2", "platform": "WEB"}),
+                _ => json!({"userId": u, "deviceId": "d1"}),
+            };
+            body[field] = v;
+            field_cases.push((path, body, field));
+        }
+    }
     for (path, body, names) in field_cases {
         cases.push((p(path), json_ct, body.to_string(), 400, names));
     }
@@ -1143,9 +1014,8 @@ async fn bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing() {
     assert_eq!(s.status_of(w).await["devices"].as_array().unwrap().len(), 2);
 }
 
-#[tokio::test]
-async fn bad_path_user_ids_are_400() {
-    let s = Server::start(&[]);
+async fn bad_path_user_ids_are_400(t: Topology) {
+    let s = Server::start(t, &[]);
     for bad in [
         "abc",
         "0",
@@ -1179,9 +1049,8 @@ async fn bad_path_user_ids_are_400() {
 
 /// Requests are JSON objects: a well-formed array of the right values is the wrong shape and
 /// must not be read positionally as the fields in declaration order.
-#[tokio::test]
-async fn array_bodies_are_the_wrong_shape() {
-    let s = Server::start(&[]);
+async fn array_bodies_are_the_wrong_shape(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     online(&s, u, "d1", "WEB").await;
     let before = snapshot(&s, u).await;
@@ -1210,9 +1079,8 @@ async fn array_bodies_are_the_wrong_shape() {
 
 /// A path userId that is not even UTF-8 once decoded is still a 400 in the envelope, not
 /// axum's plain-text rejection.
-#[tokio::test]
-async fn non_utf8_path_user_id_is_an_envelope_400() {
-    let s = Server::start(&[]);
+async fn non_utf8_path_user_id_is_an_envelope_400(t: Topology) {
+    let s = Server::start(t, &[]);
     for (method, ct, body) in [
         ("GET", None, Vec::new()),
         (
@@ -1228,9 +1096,8 @@ async fn non_utf8_path_user_id_is_an_envelope_400() {
     }
 }
 
-#[tokio::test]
-async fn bodies_over_64_kib_are_413() {
-    let s = Server::start(&[]);
+async fn bodies_over_64_kib_are_413(t: Topology) {
+    let s = Server::start(t, &[]);
     let u = uid();
     online(&s, u, "d1", "WEB").await;
     let before = snapshot(&s, u).await;
@@ -1300,9 +1167,8 @@ async fn bodies_over_64_kib_are_413() {
 /// A request refused before its body was read (413, 415) must not leave a keep-alive client
 /// with a dead connection: either the answer says `Connection: close`, or the connection still
 /// serves the next request.
-#[test]
-fn early_rejections_keep_keep_alive_clients_working() {
-    let s = Server::start(&[]);
+fn early_rejections_keep_keep_alive_clients_working(t: Topology) {
+    let s = Server::start(t, &[]);
     let body = format!("{{\"userIds\":[{}]}}", vec!["1"; 100_000].join(","));
     for (path, ct, want) in [
         (p("/status/batch"), "application/json", 413),
@@ -1329,9 +1195,8 @@ fn early_rejections_keep_keep_alive_clients_working() {
     }
 }
 
-#[tokio::test]
-async fn unknown_routes_are_404_and_wrong_methods_405() {
-    let s = Server::start(&[]);
+async fn unknown_routes_are_404_and_wrong_methods_405(t: Topology) {
+    let s = Server::start(t, &[]);
     for (method, path) in [
         ("GET", "/"),
         ("GET", "/nope"),
@@ -1372,9 +1237,8 @@ async fn unknown_routes_are_404_and_wrong_methods_405() {
 // ---------------------------------------------------------------------------------------------
 // 9. Health and metrics
 
-#[tokio::test]
-async fn health_and_metrics() {
-    let s = Server::start_private(&[]);
+async fn health_and_metrics(t: Topology) {
+    let s = Server::start_private(t, &[]);
     let (code, v) = s.get("/livez").await;
     assert_eq!(code, 200, "{v}");
     let (code, v) = s.get("/readyz").await;
@@ -1405,11 +1269,11 @@ async fn health_and_metrics() {
         );
     }
     assert_eq!(
-        common::metric_value(&text, "presence_online_users"),
+        common::http::metric_value(&text, "presence_online_users"),
         Some(0.0)
     );
     assert_eq!(
-        common::metric_value(&text, "presence_online_devices"),
+        common::http::metric_value(&text, "presence_online_devices"),
         Some(0.0)
     );
 
@@ -1449,17 +1313,16 @@ async fn health_and_metrics() {
     );
 
     let (_, _, text) = s.text("/metrics").await;
-    let requests = |route: &str, code: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with("presence_http_requests_total{"))
-            .filter(|l| {
-                l.contains(&format!("route=\"{route}\"")) && l.contains(&format!("code=\"{code}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |a, b| a + b)
-    };
-    assert_eq!(requests("/api/v1/presence/online", "200"), 3.0, "{text}");
-    assert_eq!(requests("/api/v1/presence/heartbeat", "404"), 1.0, "{text}");
+    let online_ok = requests(
+        &text,
+        &["route=\"/api/v1/presence/online\"", "code=\"200\""],
+    );
+    assert_eq!(online_ok, 3.0, "{text}");
+    let hb_404 = requests(
+        &text,
+        &["route=\"/api/v1/presence/heartbeat\"", "code=\"404\""],
+    );
+    assert_eq!(hb_404, 1.0, "{text}");
     assert!(
         text.lines().any(
             |l| l.starts_with("presence_http_request_duration_seconds_bucket{")
@@ -1470,38 +1333,25 @@ async fn health_and_metrics() {
 }
 
 /// Every answer is counted by code, including the router's own 404 and 405.
-#[tokio::test]
-async fn unmatched_routes_and_wrong_methods_are_counted() {
-    let s = Server::start(&[]);
+async fn unmatched_routes_and_wrong_methods_are_counted(t: Topology) {
+    let s = Server::start(t, &[]);
     s.raw("GET", "/nope", None, Vec::new()).await;
     s.raw("GET", &p("/online"), None, Vec::new()).await;
     s.raw("POST", "/livez", None, Vec::new()).await;
     let (_, _, text) = s.text("/metrics").await;
-    let count = |code: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with("presence_http_requests_total{"))
-            .filter(|l| l.contains(&format!("code=\"{code}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .fold(0.0, |a, b| a + b)
-    };
-    assert_eq!(count("404"), 1.0, "{text}");
-    assert_eq!(count("405"), 2.0, "405 answers are not counted:\n{text}");
+    assert_eq!(requests(&text, &["code=\"404\""]), 1.0, "{text}");
+    let wrong_method = requests(&text, &["code=\"405\""]);
+    assert_eq!(wrong_method, 2.0, "405 answers are not counted:\n{text}");
 }
 
 // ---------------------------------------------------------------------------------------------
 // 10. SIGTERM
 
-#[tokio::test]
-async fn sigterm_exits_cleanly() {
-    let mut s = Server::start(&[]);
+async fn sigterm_exits_cleanly(t: Topology) {
+    let mut s = Server::start_process(t, &[]);
     let u = uid();
     online(&s, u, "d", "WEB").await;
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(s.pid().to_string())
-        .status()
-        .expect("running kill");
-    assert!(status.success());
+    s.sigterm();
     let exit = s.wait_exit(Duration::from_secs(5));
     let exit = exit.unwrap_or_else(|| panic!("still running 5 s after SIGTERM:\n{}", s.stderr()));
     assert_eq!(
@@ -1515,9 +1365,8 @@ async fn sigterm_exits_cleanly() {
 // ---------------------------------------------------------------------------------------------
 // 11. Concurrency and the device limit
 
-#[tokio::test]
-async fn concurrent_onlines_all_land_and_the_device_limit_is_409() {
-    let s = Server::start(&[("PRESENCE_MAX_DEVICES", "64")]);
+async fn concurrent_onlines_all_land_and_the_device_limit_is_409(t: Topology) {
+    let s = Server::start(t, &[("PRESENCE_MAX_DEVICES", "64")]);
     let u = uid();
     let path = p("/online");
     let results = futures::future::join_all((0..50).map(|i| {
@@ -1593,4 +1442,33 @@ async fn concurrent_onlines_all_land_and_the_device_limit_is_409() {
     if !s.shared_store {
         assert_eq!(s.metric("presence_online_users").await, 51.0);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every test above, once per topology: `memory::…`, `redis::…`, `cluster::…`.
+
+per_topology! {
+    async seed_flows_answer_the_contract,
+    async never_seen_user_is_offline_and_last_active_survives_offline,
+    async batch_keeps_order_drops_duplicates_and_enforces_the_limit,
+    async multi_device_aggregation_and_idempotent_online,
+    async device_times_out_never_early_and_at_most_one_second_late,
+    async inactive_heartbeats_go_away_on_the_timer_and_an_active_one_comes_back,
+    async timed_out_device_resumes_within_the_window_and_not_after,
+    async explicit_offline_is_final_and_unknown_devices_get_404,
+    async manual_status_persists_offline_applies_on_online_and_clears,
+    async manual_status_expires_on_its_own,
+    async manual_status_rejects_bad_input_and_changes_nothing,
+    async statuses_list_the_four_states_and_styles_are_configurable,
+    async bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing,
+    async bad_path_user_ids_are_400,
+    async array_bodies_are_the_wrong_shape,
+    async non_utf8_path_user_id_is_an_envelope_400,
+    async bodies_over_64_kib_are_413,
+    async unknown_routes_are_404_and_wrong_methods_405,
+    async health_and_metrics,
+    async unmatched_routes_and_wrong_methods_are_counted,
+    async sigterm_exits_cleanly,
+    async concurrent_onlines_all_land_and_the_device_limit_is_409,
+    sync early_rejections_keep_keep_alive_clients_working,
 }

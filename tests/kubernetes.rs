@@ -386,37 +386,53 @@ fn start(fake: &Fake, port: PortSpec) -> Running {
 
 /// The next published member set (within `WAIT`).
 async fn next(r: &mut Running) -> Vec<String> {
-    match tokio::time::timeout(WAIT, r.rx.changed()).await {
+    next_within(r, WAIT, "a membership change").await
+}
+
+/// The next published member set, within `timeout`; panics naming `what` it waited for.
+async fn next_within(r: &mut Running, timeout: Duration, what: &str) -> Vec<String> {
+    match tokio::time::timeout(timeout, r.rx.changed()).await {
         Ok(Ok(())) => r.rx.borrow_and_update().to_vec(),
-        Ok(Err(_)) => panic!("discovery stopped"),
-        Err(_) => panic!(
-            "no membership change within {WAIT:?}; still {:?}",
-            *r.rx.borrow()
-        ),
+        Ok(Err(_)) => panic!("{what}: discovery stopped"),
+        Err(_) => panic!("no {what} within {timeout:?}; still {:?}", *r.rx.borrow()),
     }
+}
+
+/// The next published member set is `want`.
+async fn expect_next(r: &mut Running, want: &[&str]) {
+    assert_eq!(next(r).await, strs(want));
 }
 
 fn strs(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// The shards' first slice (`presence-shard-abcde`): endpoint `10.0.0.<i + 1>` as `states[i]`
+/// makes it.
+fn first_slice(states: &[fn(&str) -> Value]) -> Value {
+    let endpoints = (1..)
+        .zip(states)
+        .map(|(i, state)| state(&format!("10.0.0.{i}")))
+        .collect();
+    slice("presence-shard-abcde", SERVICE, endpoints)
+}
+
 /// Three ready shards, one not ready, one terminating, in one slice; plus a ready endpoint of
 /// another Service that the label selector must keep out.
 fn three_ready() -> Vec<Value> {
     vec![
-        slice(
-            "presence-shard-abcde",
-            SERVICE,
-            vec![
-                ready("10.0.0.1"),
-                ready("10.0.0.2"),
-                ready("10.0.0.3"),
-                not_ready("10.0.0.4"),
-                terminating("10.0.0.5"),
-            ],
-        ),
+        first_slice(&[ready, ready, ready, not_ready, terminating]),
         slice("other-xyz", "other", vec![ready("10.9.9.9")]),
     ]
+}
+
+/// A fake with [`three_ready`], watched on the `grpc` port, after the first member set: the
+/// three ready shards.
+async fn watching_three_ready() -> (Fake, Running) {
+    let fake = Fake::start(three_ready()).await;
+    let mut r = start(&fake, PortSpec::Name("grpc".into()));
+    assert_eq!(next(&mut r).await.len(), 3);
+    (fake, r)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,10 +442,7 @@ fn three_ready() -> Vec<Value> {
 async fn initial_list_gives_exactly_the_ready_endpoints_on_the_named_port() {
     let fake = Fake::start(three_ready()).await;
     let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(
-        next(&mut r).await,
-        strs(&["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"])
-    );
+    expect_next(&mut r, &["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"]).await;
     // The watcher listed with the Service's selector, then watched from the list's version.
     let selector = format!("kubernetes.io/service-name={SERVICE}");
     assert_eq!(fake.requests(false)[0]["labelSelector"], selector);
@@ -441,28 +454,11 @@ async fn initial_list_gives_exactly_the_ready_endpoints_on_the_named_port() {
 
 #[tokio::test]
 async fn an_endpoint_marked_terminating_leaves() {
-    let fake = Fake::start(three_ready()).await;
-    let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(next(&mut r).await.len(), 3);
+    let (fake, mut r) = watching_three_ready().await;
     // 10.0.0.2 is being deleted: the controller marks it terminating.
-    fake.send(
-        "MODIFIED",
-        slice(
-            "presence-shard-abcde",
-            SERVICE,
-            vec![
-                ready("10.0.0.1"),
-                terminating("10.0.0.2"),
-                ready("10.0.0.3"),
-                not_ready("10.0.0.4"),
-                terminating("10.0.0.5"),
-            ],
-        ),
-    );
-    assert_eq!(
-        next(&mut r).await,
-        strs(&["10.0.0.1:9004", "10.0.0.3:9004"])
-    );
+    let states: [fn(&str) -> Value; 5] = [ready, terminating, ready, not_ready, terminating];
+    fake.send("MODIFIED", first_slice(&states));
+    expect_next(&mut r, &["10.0.0.1:9004", "10.0.0.3:9004"]).await;
 }
 
 #[tokio::test]
@@ -476,52 +472,37 @@ async fn a_deleted_slice_takes_its_endpoints_away() {
     initial.push(second.clone());
     let fake = Fake::start(initial).await;
     let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(
-        next(&mut r).await,
-        strs(&[
+    expect_next(
+        &mut r,
+        &[
             "10.0.0.1:9004",
             "10.0.0.2:9004",
             "10.0.0.3:9004",
             "10.0.1.1:9004",
-            "10.0.1.2:9004"
-        ])
-    );
+            "10.0.1.2:9004",
+        ],
+    )
+    .await;
     fake.send("DELETED", second);
-    assert_eq!(
-        next(&mut r).await,
-        strs(&["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"])
-    );
+    expect_next(&mut r, &["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"]).await;
 }
 
 #[tokio::test]
 async fn added_endpoints_join() {
-    let fake = Fake::start(three_ready()).await;
-    let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(next(&mut r).await.len(), 3);
+    let (fake, mut r) = watching_three_ready().await;
     // The not-ready shard becomes ready.
-    fake.send(
-        "MODIFIED",
-        slice(
-            "presence-shard-abcde",
-            SERVICE,
-            vec![
-                ready("10.0.0.1"),
-                ready("10.0.0.2"),
-                ready("10.0.0.3"),
-                ready("10.0.0.4"),
-                terminating("10.0.0.5"),
-            ],
-        ),
-    );
-    assert_eq!(
-        next(&mut r).await,
-        strs(&[
+    let states: [fn(&str) -> Value; 5] = [ready, ready, ready, ready, terminating];
+    fake.send("MODIFIED", first_slice(&states));
+    expect_next(
+        &mut r,
+        &[
             "10.0.0.1:9004",
             "10.0.0.2:9004",
             "10.0.0.3:9004",
-            "10.0.0.4:9004"
-        ])
-    );
+            "10.0.0.4:9004",
+        ],
+    )
+    .await;
     // A new slice with a new shard.
     fake.send(
         "ADDED",
@@ -543,9 +524,7 @@ async fn added_endpoints_join() {
 
 #[tokio::test]
 async fn survives_dropped_watches_and_expired_versions() {
-    let fake = Fake::start(three_ready()).await;
-    let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(next(&mut r).await.len(), 3);
+    let (fake, mut r) = watching_three_ready().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!((fake.lists(), fake.watches()), (1, 1));
 
@@ -563,10 +542,12 @@ async fn survives_dropped_watches_and_expired_versions() {
     // The connection drops, a change happens, and history is compacted past it: the resumed
     // watch gets 410 Expired, and after a backoff the watcher lists again and sees the change.
     fake.expire_with("DELETED", slice("presence-shard-fghij", SERVICE, vec![]));
-    let got = match tokio::time::timeout(Duration::from_secs(5), r.rx.changed()).await {
-        Ok(Ok(())) => r.rx.borrow_and_update().to_vec(),
-        other => panic!("no change after an expired watch: {other:?}"),
-    };
+    let got = next_within(
+        &mut r,
+        Duration::from_secs(5),
+        "change after an expired watch",
+    )
+    .await;
     assert_eq!(
         got,
         strs(&["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"])
@@ -585,29 +566,25 @@ async fn a_failing_list_is_retried_and_members_are_kept_meanwhile() {
     let fake = Fake::start(three_ready()).await;
     fake.state.lock().fail_lists = 2;
     let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    let got = match tokio::time::timeout(Duration::from_secs(10), r.rx.changed()).await {
-        Ok(Ok(())) => r.rx.borrow_and_update().to_vec(),
-        other => panic!("no members after failed lists: {other:?}"),
-    };
+    let got = next_within(
+        &mut r,
+        Duration::from_secs(10),
+        "members after failed lists",
+    )
+    .await;
     assert_eq!(got.len(), 3);
     assert_eq!(fake.lists(), 3);
 
     // Lists fail again during a relist: the last members stay published.
     fake.state.lock().fail_lists = 1;
-    fake.expire_with(
-        "MODIFIED",
-        slice("presence-shard-abcde", SERVICE, vec![ready("10.0.0.1")]),
-    );
+    fake.expire_with("MODIFIED", first_slice(&[ready]));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         r.rx.borrow().len(),
         3,
         "an API error must not empty the ring"
     );
-    let got = match tokio::time::timeout(Duration::from_secs(10), r.rx.changed()).await {
-        Ok(Ok(())) => r.rx.borrow_and_update().to_vec(),
-        other => panic!("no change after the relist: {other:?}"),
-    };
+    let got = next_within(&mut r, Duration::from_secs(10), "change after the relist").await;
     assert_eq!(got, strs(&["10.0.0.1:9004"]));
 }
 
@@ -647,17 +624,12 @@ async fn a_port_name_missing_from_the_slice_gives_no_members() {
     }));
     let fake = Fake::start(initial).await;
     let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(
-        next(&mut r).await,
-        strs(&["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"])
-    );
+    expect_next(&mut r, &["10.0.0.1:9004", "10.0.0.2:9004", "10.0.0.3:9004"]).await;
 }
 
 #[tokio::test]
 async fn run_stops_when_cancelled() {
-    let fake = Fake::start(three_ready()).await;
-    let mut r = start(&fake, PortSpec::Name("grpc".into()));
-    assert_eq!(next(&mut r).await.len(), 3);
+    let (_fake, mut r) = watching_three_ready().await;
     r.cancel.cancel();
     tokio::time::timeout(WAIT, &mut r.task)
         .await

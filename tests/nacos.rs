@@ -1,6 +1,5 @@
 //! Nacos discovery against a real Nacos-compatible server: `rnacos`, started on loopback by each
-//! test through `scripts/nacos.sh` (which installs it with `cargo install` when missing) and
-//! stopped when the test ends, pass or fail.
+//! test through `scripts/nacos.sh` and stopped when the test ends, pass or fail.
 //!
 //! - Two shards, each with its own client (as two processes would have), register; a third
 //!   client's `run` sees both; deregistering one removes it; a late watcher gets the list at once.
@@ -10,19 +9,22 @@
 //! The watchers list the service only every 10 minutes here, so every change they see in time
 //! came from a Nacos push.
 //!
-//! A missing server fails the tests. Outside CI (`CI` unset), `PRESENCE_TEST_SKIP_NACOS=1` skips
-//! them instead (loudly) and never starts the 10-minute install.
+//! The tests that need rnacos are ignored by plain `cargo test`; `bash scripts/test.sh` installs
+//! it (`scripts/nacos.sh install`, ~10 min the first time) and runs them. Run without it, they
+//! fail, saying so: they never install it themselves.
 //!
 //! Environment: `PRESENCE_TEST_NACOS_PORT` (default 18848) is the HTTP port of the first test's
 //! server; the other test uses that port + 10 (each server also uses HTTP + 1000 and + 2000).
 
-use std::io::Write;
+mod common;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::node::{self, Node};
 use presence_service::membership::nacos::NacosDiscovery;
 use presence_service::membership::{members, Discovery, Members};
 use tokio::sync::watch;
@@ -32,14 +34,6 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/nacos.sh");
 const GROUP: &str = "presence-test";
 /// So long that any change seen during a test came from a push, not from a periodic list.
 const NO_RESYNC: Duration = Duration::from_secs(600);
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn skip_requested() -> bool {
-    !ci() && std::env::var("PRESENCE_TEST_SKIP_NACOS").is_ok_and(|v| v == "1")
-}
 
 fn init_logs() {
     if std::env::var("RUST_LOG").is_ok() {
@@ -58,8 +52,8 @@ struct Nacos {
 }
 
 impl Nacos {
-    /// Starts a fresh server on the base port + `offset`. `None` only when skipping is allowed.
-    fn start(offset: u16) -> Option<Nacos> {
+    /// Starts a fresh server on the base port + `offset`; fails the test when it cannot.
+    fn start(offset: u16) -> Nacos {
         init_logs();
         let base: u16 = std::env::var("PRESENCE_TEST_NACOS_PORT")
             .ok()
@@ -78,12 +72,10 @@ impl Nacos {
                 .arg(cmd)
                 .env("PRESENCE_NACOS_PORT", port.to_string())
                 .env("PRESENCE_NACOS_DIR", &dir)
+                // Never a 10-minute build inside a test: `scripts/test.sh` installs it first.
+                .env("PRESENCE_NACOS_INSTALL", "0")
                 .stdin(Stdio::null())
                 .stderr(Stdio::inherit());
-            if skip_requested() {
-                // Skipping is allowed: do not spend 10 minutes building rnacos.
-                c.env("PRESENCE_NACOS_INSTALL", "0");
-            }
             c.output()
         };
         // Start from nothing: no instance of an earlier run survives.
@@ -98,11 +90,11 @@ impl Nacos {
                             "nacos: rnacos up at {addr} in {:.1}s",
                             started.elapsed().as_secs_f64()
                         );
-                        return Some(Nacos {
+                        return Nacos {
                             addr: addr.to_owned(),
                             port,
                             dir,
-                        });
+                        };
                     }
                     other => format!("unexpected last stdout line {other:?}"),
                 }
@@ -110,24 +102,11 @@ impl Nacos {
             Ok(out) => format!("`scripts/nacos.sh up` exited with {}", out.status),
             Err(e) => format!("cannot run bash {SCRIPT}: {e}"),
         };
-        if skip_requested() {
-            // Straight to stderr, past the test harness's capture: a skip must be seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n!!!!!!!! SKIPPING a Nacos test: rnacos is not available ({why}) and \
-                 PRESENCE_TEST_SKIP_NACOS=1 !!!!!!!!\n"
-            );
-            return None;
-        }
-        let hint = if ci() {
-            " (CI=true: never skipped)"
-        } else {
-            "; outside CI, PRESENCE_TEST_SKIP_NACOS=1 skips these tests"
-        };
         panic!(
-            "the Nacos tests need a real rnacos server, and it could not be started on port \
-             {port}: {why}{hint}. Run `bash scripts/nacos.sh up` to see why (it installs rnacos \
-             with `cargo install rnacos --locked` when missing, ~10 min)"
+            "this test needs rnacos (run it with `bash scripts/test.sh`, which installs it), and \
+             it could not be started on port {port}: {why}. Run `bash scripts/nacos.sh up` to \
+             see why (it installs rnacos with `cargo install rnacos --locked` when missing, ~10 \
+             min)"
         );
     }
 
@@ -225,8 +204,9 @@ impl Watch {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs rnacos: bash scripts/test.sh"]
 async fn registered_shards_are_members_and_deregistration_removes_them() {
-    let Some(nacos) = Nacos::start(0) else { return };
+    let nacos = Nacos::start(0);
     let service = unique_service("reg");
     let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
 
@@ -282,10 +262,9 @@ async fn registered_shards_are_members_and_deregistration_removes_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs rnacos: bash scripts/test.sh"]
 async fn a_shard_killed_with_sigkill_leaves_the_members() {
-    let Some(nacos) = Nacos::start(10) else {
-        return;
-    };
+    let nacos = Nacos::start(10);
     let service = unique_service("kill");
     let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
 
@@ -296,7 +275,18 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
         .await
         .expect("register the survivor");
 
-    let mut child = ChildShard::spawn(&nacos.addr, &service, victim);
+    // The real binary as a shard with Nacos discovery: it registers `victim` once it serves.
+    let vars = node::vars(&[
+        ("PRESENCE_ROLE", "shard"),
+        ("PRESENCE_DISCOVERY", "nacos"),
+        ("PRESENCE_NACOS_ADDR", &nacos.addr),
+        ("PRESENCE_NACOS_GROUP", GROUP),
+        ("PRESENCE_NACOS_SERVICE", &service),
+        ("PRESENCE_ADVERTISE", victim),
+        ("PRESENCE_GRPC_LISTEN", victim),
+    ]);
+    let log = node::log_path("presence-nacos-shard");
+    let mut child = Node::spawn(&vars, node::free_ports(1)[0], &log);
     w.until(
         &[survivor, victim],
         Duration::from_secs(60),
@@ -304,7 +294,7 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
     )
     .await;
 
-    let status = child.kill_9();
+    let status = child.kill();
     assert_eq!(
         status.signal(),
         Some(9),
@@ -316,65 +306,7 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
     eprintln!("nacos: killed shard gone from the members {took:?} after kill -9");
 
     w.stop().await;
-}
-
-/// The child process: the real `presence-service` binary as a shard with Nacos discovery, which
-/// registers its advertise address once it serves.
-struct ChildShard {
-    child: Child,
-}
-
-impl ChildShard {
-    fn spawn(addr: &str, service: &str, advertise: &str) -> ChildShard {
-        let http = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .to_string();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence-service"));
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            if k.starts_with("PRESENCE_") || k.starts_with("OTEL_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .env("PRESENCE_ROLE", "shard")
-            .env("PRESENCE_DISCOVERY", "nacos")
-            .env("PRESENCE_NACOS_ADDR", addr)
-            .env("PRESENCE_NACOS_GROUP", GROUP)
-            .env("PRESENCE_NACOS_SERVICE", service)
-            .env("PRESENCE_ADVERTISE", advertise)
-            .env("PRESENCE_GRPC_LISTEN", advertise)
-            .env("PRESENCE_LISTEN", http)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the shard binary");
-        ChildShard { child }
-    }
-
-    /// `kill -9` the child; returns how it ended.
-    fn kill_9(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let killed = Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .expect("run kill");
-        assert!(killed.success(), "kill -9 {pid}: {killed:?}");
-        self.child.wait().expect("reap the child")
-    }
-}
-
-impl Drop for ChildShard {
-    fn drop(&mut self) {
-        // Never leave the child behind when the test fails before killing it.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    let _ = std::fs::remove_file(&log);
 }
 
 #[tokio::test]

@@ -2,10 +2,12 @@
 //! ones, every operation documents its answers and errors, every example fits its schema, and the
 //! real server answers every documented example request with a body that fits the spec.
 
-use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::BTreeSet;
+
+use common::http::{method, send, Answer};
+use common::{Server, Topology, Ws};
 use presence_service::api::{BASE, ROUTES};
 use serde_json::{json, Value};
 
@@ -560,86 +562,7 @@ fn request_schemas_reject_what_the_code_rejects() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The real server.
-
-/// The `presence-service` binary on a free port; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    async fn start(client: &reqwest::Client) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence-service"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("PRESENCE_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .env("PRESENCE_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("presence-service starts");
-        let mut server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client.get(format!("{}/livez", server.base)).send().await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            if let Some(status) = server.child.try_wait().expect("child status") {
-                panic!("presence-service exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "presence-service did not become live"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Answer {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Answer {
-    let r = req.send().await.expect("request sent");
-    let status = r.status().as_u16();
-    let content_type = r
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = r.text().await.expect("response body");
-    Answer {
-        status,
-        content_type,
-        body,
-    }
-}
+// The real server (in this process, on the in-memory store).
 
 /// Checks a live answer against the response the operation documents for its status.
 fn check_answer(spec: &Spec, o: &Op<'_>, a: &Answer, what: &str) -> Value {
@@ -652,6 +575,8 @@ fn check_answer(spec: &Spec, o: &Op<'_>, a: &Answer, what: &str) -> Value {
     });
     let media = a
         .content_type
+        .as_deref()
+        .unwrap_or_default()
         .split(';')
         .next()
         .unwrap_or_default()
@@ -682,19 +607,11 @@ fn check_answer(spec: &Spec, o: &Op<'_>, a: &Answer, what: &str) -> Value {
     body
 }
 
-fn method(m: &str) -> reqwest::Method {
-    reqwest::Method::from_bytes(m.as_bytes()).expect("a method")
-}
-
 #[tokio::test]
 async fn the_server_answers_as_documented() {
     let spec = Spec::load();
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    let server = Server::start(&client).await;
+    let client = common::http::client(true);
+    let server = Server::start(Topology::Memory, &[]);
     let url = |path: &str| format!("{}{path}", server.base);
 
     // Every documented example, in an order where the device is online for the heartbeat and
@@ -775,26 +692,11 @@ async fn the_server_answers_as_documented() {
     // WebSocket upgrades: the documented query examples open a socket (101, then `welcome`);
     // the same request without the upgrade, and a bad parameter, answer the documented 400.
     for o in ops.iter().filter(|o| o.responses().contains_key("101")) {
-        use futures::StreamExt;
         let name = o.name();
         let query = o.query(&spec);
         let ws_url = format!("{}?{query}", url(&o.url_path(&spec))).replacen("http", "ws", 1);
-        let (mut socket, resp) = tokio_tungstenite::connect_async(&ws_url)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: upgrade failed: {e}"));
-        assert_eq!(resp.status().as_u16(), 101, "{name}: upgrade");
-        let first = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .unwrap_or_else(|_| panic!("{name}: no welcome"))
-            .expect("a message")
-            .expect("a valid frame");
-        let welcome: Value =
-            serde_json::from_str(first.to_text().expect("a text frame")).expect("JSON");
-        assert_eq!(
-            welcome["type"], "welcome",
-            "{name}: first message {welcome}"
-        );
-        let _ = socket.close(None).await;
+        // 101, and the first message is the `welcome`.
+        Ws::open(&ws_url, &name).await.close().await;
         let plain = format!("{}?{query}", url(&o.url_path(&spec)));
         let a = send(client.get(&plain)).await;
         assert_eq!(a.status, 400, "{name}: not a WebSocket request: {}", a.body);

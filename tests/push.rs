@@ -1,5 +1,5 @@
-//! Real-time push end to end: WebSocket clients (tokio-tungstenite) against the real binary, in
-//! one process and as a cluster (3 shards + 2 gateways on the shared Redis Cluster).
+//! Real-time push end to end: WebSocket clients (`common::ws`) against nodes in this process
+//! (one node, or 3 shards + 2 gateways) and, where a shard is killed, child processes.
 //!
 //! - presence events cross gateways in order and within a second (online, manual status,
 //!   heartbeat timeout), and a `kill -9` of the owning shard still delivers the timeout;
@@ -11,24 +11,24 @@
 //! - across the gateways of a cluster: a user's devices on both, a reconnect on the other
 //!   gateway (resume, close grace), more subscriptions than the socket queue.
 //!
-//! The tests that use the shared Redis run one at a time (`REDIS`): every process on it reloads
-//! the live users it owns from the store at start, and would time out another test's users.
-//! The others use a private process (or a cluster of their own) on the in-memory store and run
-//! in parallel.
+//! The tests that use the shared Redis (ignored by plain `cargo test`: `bash scripts/test.sh`)
+//! run one at a time (`common::shared_redis`): every node on it fences the partitions it owns
+//! and reloads their live users from the store at start, and would time out another test's
+//! users. The others use a node (or a cluster) of
+//! their own on the in-memory store and run in parallel.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{assert_envelope, uid, Cluster, Server};
+use common::http::{assert_envelope, metric, rest};
+use common::ws::{ids, sorted, ws_url, Ws, WS};
+use common::{blocking, uid, Cluster, Server, Topology};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-const WS: &str = "/api/v1/presence/ws";
 const ONLINE: &str = "/api/v1/presence/online";
 const OFFLINE: &str = "/api/v1/presence/offline";
 
@@ -48,18 +48,6 @@ const CLUSTER_ENVS: &[(&str, &str)] = &[
     ("PRESENCE_HEALTH_INTERVAL", "500ms"),
 ];
 
-/// One test on the shared Redis at a time (see the module documentation).
-static REDIS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn redis() -> Option<String> {
-    presence_service::store::test_redis_urls()
-}
-
-/// Runs blocking harness work (spawning, killing processes) off the async workers.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    tokio::task::block_in_place(f)
-}
-
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -67,65 +55,31 @@ fn ms(d: Duration) -> u128 {
 // ---------------------------------------------------------------------------------------------
 // REST
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("http client")
-}
-
-/// A JSON request to `base` (a process or a gateway); the answer must be the envelope.
-async fn rest(
-    base: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let url = format!("{base}{path}");
-    let mut req = http().request(method.clone(), &url);
-    if let Some(b) = &body {
-        req = req.json(b);
-    }
-    let resp = req
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = resp.text().await.expect("body");
-    let v = assert_envelope(method.as_str(), path, status, ct.as_deref(), &text);
-    (status, v)
-}
-
 /// `POST /online` of `user` on `device`: the view it answers.
 async fn online(base: &str, user: u64, device: &str) -> Value {
     let body = json!({"userId": user, "deviceId": device, "platform": "IOS"});
-    let (code, v) = rest(base, reqwest::Method::POST, ONLINE, Some(body)).await;
+    let (code, v) = rest(base, "POST", ONLINE, Some(body)).await;
     assert_eq!(code, 200, "online {user}/{device}: {v}");
     v["data"].clone()
 }
 
 async fn offline(base: &str, user: u64, device: &str) {
     let body = json!({"userId": user, "deviceId": device});
-    let (code, v) = rest(base, reqwest::Method::POST, OFFLINE, Some(body)).await;
+    let (code, v) = rest(base, "POST", OFFLINE, Some(body)).await;
     assert_eq!(code, 200, "offline {user}/{device}: {v}");
 }
 
 /// `PUT /status/{user}`: the view it answers.
 async fn set_status(base: &str, user: u64, body: Value) -> Value {
     let path = format!("/api/v1/presence/status/{user}");
-    let (code, v) = rest(base, reqwest::Method::PUT, &path, Some(body)).await;
+    let (code, v) = rest(base, "PUT", &path, Some(body)).await;
     assert_eq!(code, 200, "PUT {path}: {v}");
     v["data"].clone()
 }
 
 async fn status(base: &str, user: u64) -> Value {
     let path = format!("/api/v1/presence/status/{user}");
-    let (code, v) = rest(base, reqwest::Method::GET, &path, None).await;
+    let (code, v) = rest(base, "GET", &path, None).await;
     assert_eq!(code, 200, "GET {path}: {v}");
     v["data"].clone()
 }
@@ -136,363 +90,14 @@ fn subs_path(user: u64) -> String {
 
 /// `PUT /subscriptions/{user}`: status and envelope.
 async fn put_subs(base: &str, user: u64, body: Value) -> (u16, Value) {
-    rest(base, reqwest::Method::PUT, &subs_path(user), Some(body)).await
+    rest(base, "PUT", &subs_path(user), Some(body)).await
 }
 
 /// `GET /subscriptions/{user}`: the targets (sorted) and the whole `data`.
 async fn get_subs(base: &str, user: u64) -> (Vec<u64>, Value) {
-    let (code, v) = rest(base, reqwest::Method::GET, &subs_path(user), None).await;
+    let (code, v) = rest(base, "GET", &subs_path(user), None).await;
     assert_eq!(code, 200, "GET subscriptions of {user}: {v}");
     (ids(&v["data"]["targets"]), v["data"].clone())
-}
-
-/// A JSON array of ids, sorted.
-fn ids(v: &Value) -> Vec<u64> {
-    let mut out: Vec<u64> = v
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .map(|x| x.as_u64().unwrap_or_else(|| panic!("not an id: {x}")))
-        .collect();
-    out.sort_unstable();
-    out
-}
-
-fn sorted(v: &[u64]) -> Vec<u64> {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v
-}
-
-/// The value of an unlabelled metric of the process at `base`.
-async fn metric(base: &str, series: &str) -> f64 {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    common::metric_value(&text, series).unwrap_or(0.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// WebSocket client
-
-fn ws_url(base: &str, query: &str) -> String {
-    format!("{}{WS}?{query}", base.replacen("http://", "ws://", 1))
-}
-
-/// What the reader task saw.
-enum Got {
-    Frame(Value),
-    /// The socket closed: the close code, if the server sent a close frame.
-    Closed(Option<u16>),
-}
-
-/// A WebSocket client: a reader task logs every frame with its arrival time; writes go through
-/// a writer task, so a keep-alive can share the socket.
-struct Ws {
-    what: String,
-    out: mpsc::UnboundedSender<Message>,
-    rx: mpsc::UnboundedReceiver<(Instant, Got)>,
-    /// Every frame received, in order, with when it arrived.
-    log: Vec<(Instant, Value)>,
-    closed: Option<(Instant, Option<u16>)>,
-    welcome: Value,
-    next_id: u64,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Ws {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-impl Ws {
-    /// Opens the socket of `user` on `device` at `base` and reads the welcome (which must come
-    /// first).
-    async fn connect(base: &str, user: u64, device: &str) -> Ws {
-        let url = ws_url(
-            base,
-            &format!("userId={user}&deviceId={device}&platform=WEB"),
-        );
-        let (stream, resp) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .unwrap_or_else(|e| panic!("connecting {url}: {e}"));
-        assert_eq!(resp.status().as_u16(), 101, "{url}");
-        let (mut sink, mut stream) = stream.split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
-        let reader = tokio::spawn(async move {
-            loop {
-                let got = match stream.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        let v: Value = serde_json::from_str(t.as_str())
-                            .unwrap_or_else(|e| panic!("a frame is not JSON ({e}): {t}"));
-                        Got::Frame(v)
-                    }
-                    Some(Ok(Message::Close(f))) => Got::Closed(f.map(|f| u16::from(f.code))),
-                    Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => Got::Closed(None),
-                };
-                let done = matches!(got, Got::Closed(_));
-                if tx.send((Instant::now(), got)).is_err() || done {
-                    break;
-                }
-            }
-        });
-        let writer = tokio::spawn(async move {
-            while let Some(m) = out_rx.recv().await {
-                if sink.send(m).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut ws = Ws {
-            what: format!("socket of {user}/{device}"),
-            out,
-            rx,
-            log: Vec::new(),
-            closed: None,
-            welcome: Value::Null,
-            next_id: 0,
-            tasks: vec![reader, writer],
-        };
-        let (_, first) = ws
-            .wait(Duration::from_secs(5), "the welcome", |log| {
-                log.first().cloned()
-            })
-            .await;
-        assert_eq!(first["type"], "welcome", "the first frame: {first}");
-        assert_eq!(first["data"]["userId"], user, "{first}");
-        assert_eq!(first["data"]["deviceId"], device, "{first}");
-        assert!(
-            first["data"]["nextHeartbeatInterval"].as_u64().is_some(),
-            "{first}"
-        );
-        ws.welcome = first["data"].clone();
-        ws
-    }
-
-    /// Takes in whatever arrived.
-    fn pump(&mut self) {
-        while let Ok(got) = self.rx.try_recv() {
-            self.take(got);
-        }
-    }
-
-    fn take(&mut self, (at, got): (Instant, Got)) {
-        match got {
-            Got::Frame(v) => self.log.push((at, v)),
-            Got::Closed(code) => {
-                self.closed.get_or_insert((at, code));
-            }
-        }
-    }
-
-    /// Waits until `found` finds something in the log; panics after `timeout` or on a close.
-    async fn wait<T>(
-        &mut self,
-        timeout: Duration,
-        what: &str,
-        mut found: impl FnMut(&[(Instant, Value)]) -> Option<T>,
-    ) -> T {
-        let until = Instant::now() + timeout;
-        loop {
-            self.pump();
-            if let Some(t) = found(&self.log) {
-                return t;
-            }
-            if let Some((_, code)) = self.closed {
-                panic!(
-                    "{}: closed (code {code:?}) while waiting for {what}; frames: {:?}",
-                    self.what,
-                    self.frames()
-                );
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(got)) => self.take(got),
-                Ok(None) => {
-                    self.closed.get_or_insert((Instant::now(), None));
-                }
-                Err(_) => panic!(
-                    "{}: no {what} within {timeout:?}; frames: {:?}",
-                    self.what,
-                    self.frames()
-                ),
-            }
-        }
-    }
-
-    /// Every frame so far, for messages.
-    fn frames(&self) -> Vec<&Value> {
-        self.log.iter().map(|(_, v)| v).collect()
-    }
-
-    /// Reads for `d` without expecting anything.
-    async fn quiet(&mut self, d: Duration) {
-        tokio::time::sleep(d).await;
-        self.pump();
-    }
-
-    fn send(&self, m: Message) {
-        let _ = self.out.send(m);
-    }
-
-    fn send_json(&self, v: &Value) {
-        self.send(Message::Text(v.to_string().into()));
-    }
-
-    /// Sends `msg` with a fresh `id` and returns the `reply` or `error` that echoes it.
-    async fn request(&mut self, mut msg: Value) -> Value {
-        self.next_id += 1;
-        let id = format!("req-{}", self.next_id);
-        msg["id"] = json!(id);
-        self.send_json(&msg);
-        let what = format!("the answer to {msg}");
-        let (_, v) = self
-            .wait(Duration::from_secs(5), &what, |log| {
-                log.iter()
-                    .find(|(_, v)| {
-                        (v["type"] == "reply" || v["type"] == "error") && v["id"] == id.as_str()
-                    })
-                    .cloned()
-            })
-            .await;
-        v
-    }
-
-    /// The next `error` frame after the first `skip` frames.
-    async fn next_error(&mut self, skip: usize, what: &str) -> Value {
-        let (_, v) = self
-            .wait(Duration::from_secs(5), what, |log| {
-                log.iter()
-                    .skip(skip)
-                    .find(|(_, v)| v["type"] == "error")
-                    .cloned()
-            })
-            .await;
-        v
-    }
-
-    /// A heartbeat that must succeed: the socket is still up and answers.
-    async fn heartbeat(&mut self) {
-        let r = self
-            .request(json!({"type": "heartbeat", "active": true}))
-            .await;
-        assert_eq!(r["type"], "reply", "heartbeat: {r}");
-        assert_eq!(r["code"], 200, "heartbeat: {r}");
-        assert!(r["data"]["nextHeartbeatInterval"].as_u64().is_some(), "{r}");
-    }
-
-    /// Sends a heartbeat every `every` from now on (the replies are logged and ignored).
-    fn keepalive(&mut self, every: Duration) {
-        let out = self.out.clone();
-        self.tasks.push(tokio::spawn(async move {
-            let msg = json!({"type": "heartbeat", "id": "keepalive", "active": true}).to_string();
-            loop {
-                tokio::time::sleep(every).await;
-                if out.send(Message::Text(msg.clone().into())).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-
-    /// `subscribe` to `targets`: checks the reply and returns it.
-    async fn subscribe(&mut self, targets: &[u64]) -> Value {
-        let r = self
-            .request(json!({"type": "subscribe", "targets": targets}))
-            .await;
-        assert_eq!(r["type"], "reply", "subscribe: {r}");
-        assert_eq!(r["code"], 200, "subscribe: {r}");
-        assert_eq!(r["message"], "success", "subscribe: {r}");
-        let listed = ids(&r["data"]["targets"]);
-        for t in targets {
-            assert!(listed.contains(t), "subscribe: {t} not in the list: {r}");
-        }
-        let statuses: Vec<u64> = r["data"]["statuses"]
-            .as_array()
-            .expect("statuses")
-            .iter()
-            .map(|s| s["userId"].as_u64().expect("userId"))
-            .collect();
-        assert_eq!(
-            sorted(&statuses),
-            sorted(targets),
-            "statuses of the targets: {r}"
-        );
-        r
-    }
-
-    /// The `presence` frames about `user`, in arrival order.
-    fn presence(&self, user: u64) -> Vec<(Instant, Value)> {
-        self.log
-            .iter()
-            .filter(|(_, v)| v["type"] == "presence" && v["data"]["userId"] == user)
-            .map(|(t, v)| (*t, v["data"].clone()))
-            .collect()
-    }
-
-    /// The first `presence` frame of `user` matching `pred`: when it arrived and its `data`.
-    async fn wait_presence(
-        &mut self,
-        user: u64,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> (Instant, Value) {
-        let what = format!("a presence event of {user} ({what})");
-        self.wait(timeout, &what, |log| {
-            log.iter()
-                .find(|(_, v)| {
-                    v["type"] == "presence" && v["data"]["userId"] == user && pred(&v["data"])
-                })
-                .map(|(t, v)| (*t, v["data"].clone()))
-        })
-        .await
-    }
-
-    async fn wait_status(
-        &mut self,
-        user: u64,
-        status: &str,
-        timeout: Duration,
-    ) -> (Instant, Value) {
-        self.wait_presence(user, status, timeout, |d| d["status"] == status)
-            .await
-    }
-
-    /// Waits for the socket to close; returns the close code the server sent, if any.
-    async fn wait_closed(&mut self, timeout: Duration) -> Option<(Instant, Option<u16>)> {
-        let until = Instant::now() + timeout;
-        loop {
-            self.pump();
-            if self.closed.is_some() {
-                return self.closed;
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(got)) => self.take(got),
-                Ok(None) => {
-                    self.closed.get_or_insert((Instant::now(), None));
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    /// A clean close from the client side (close frame, then the server's answer).
-    async fn close(mut self) {
-        self.send(Message::Close(None));
-        let _ = self.wait_closed(Duration::from_secs(3)).await;
-    }
 }
 
 /// The statuses and versions of `frames`.
@@ -521,10 +126,13 @@ fn assert_increasing(h: &[(String, u64)], what: &str) {
 /// A gets ONLINE, BUSY, OFFLINE of B, in that order and increasing version, each within 1 s of
 /// the change (the timeout: of the moment it is due, plus the timer tick).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Redis Cluster: bash scripts/test.sh"]
 async fn cluster_push_online_busy_timeout_in_order_within_a_second() {
-    let Some(url) = redis() else { return };
-    let _serial = REDIS.lock().await;
-    let c = blocking(|| Cluster::start(3, 2, CLUSTER_ENVS, Some(&url)));
+    let redis = common::shared_redis();
+    let spec = Cluster::in_process(3, 2)
+        .vars(CLUSTER_ENVS)
+        .redis(Some(&redis.url));
+    let c = blocking(|| spec.start());
     let (g1, g2) = (c.base(0), c.base(1));
     let (a, b) = (uid(), uid());
 
@@ -608,10 +216,13 @@ async fn cluster_push_online_busy_timeout_in_order_within_a_second() {
 /// `kill -9` of the shard that owns B, after B came online and A subscribed: the new owner
 /// times B out and A gets the OFFLINE, within the heartbeat timeout + 6 s of the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Redis Cluster: bash scripts/test.sh"]
 async fn cluster_kill_9_of_the_owner_still_delivers_the_timeout() {
-    let Some(url) = redis() else { return };
-    let _serial = REDIS.lock().await;
-    let mut c = blocking(|| Cluster::start(3, 2, CLUSTER_ENVS, Some(&url)));
+    let redis = common::shared_redis();
+    let spec = Cluster::processes(3, 2)
+        .vars(CLUSTER_ENVS)
+        .redis(Some(&redis.url));
+    let mut c = blocking(|| spec.start());
     let (g1, g2) = (c.base(0), c.base(1));
     let ring = c.ring_of(&[0, 1, 2]);
     let a = uid();
@@ -677,7 +288,7 @@ async fn cluster_gateways_share_devices_resume_across_gateways_and_take_many_sub
         ("PRESENCE_WS_CLOSE_GRACE", "1s"),
         ("PRESENCE_WS_QUEUE", "8"),
     ];
-    let c = blocking(|| Cluster::start(3, 2, &envs, None));
+    let c = blocking(|| Cluster::in_process(3, 2).vars(&envs).start());
     let (g1, g2) = (c.base(0), c.base(1));
     let (s, a, b, cc) = (uid(), uid(), uid(), uid());
     let mut problems = Vec::new();
@@ -807,7 +418,7 @@ async fn cluster_gateways_share_devices_resume_across_gateways_and_take_many_sub
 /// reconnects and resumes with the versions it saw: one frame, B's current state; none for C.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_sends_only_what_was_missed() {
-    let s = Server::start_private(&[("PRESENCE_WS_CLOSE_GRACE", "5s")]);
+    let s = Server::start_private(Topology::Memory, &[("PRESENCE_WS_CLOSE_GRACE", "5s")]);
     let base = s.base.clone();
     let (a, b, c) = (uid(), uid(), uid());
     let mut ws = Ws::connect(&base, a, "a1").await;
@@ -887,11 +498,11 @@ async fn resume_sends_only_what_was_missed() {
 /// Add, remove, replace; GET with statuses; the limit answers 400 and changes nothing;
 /// subscriptions survive a restart on Redis and reach every device of the user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis Cluster: bash scripts/test.sh"]
 async fn subscriptions_rest_limits_persistence_and_every_device() {
-    let Some(_) = redis() else { return };
-    let _serial = REDIS.lock().await;
+    let _redis = common::shared_redis();
     const ENVS: &[(&str, &str)] = &[("PRESENCE_MAX_SUBSCRIPTIONS", "5")];
-    let s = Server::start(ENVS);
+    let s = Server::start(Topology::Redis, ENVS);
     let base = s.base.clone();
     let a = uid();
     let t: Vec<u64> = (0..7).map(|_| uid()).collect();
@@ -972,7 +583,7 @@ async fn subscriptions_rest_limits_persistence_and_every_device() {
     // A restart keeps them, when on Redis.
     let s = if s.shared_store {
         drop(s);
-        let s = Server::start(ENVS);
+        let s = Server::start(Topology::Redis, ENVS);
         let (list, _) = get_subs(&s.base, a).await;
         assert_eq!(list, sorted(&t[0..5]), "after a restart");
         s
@@ -1048,7 +659,7 @@ async fn subscriptions_rest_limits_persistence_and_every_device() {
 /// the socket stays up and answers a heartbeat after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_errors_and_the_socket_stays_up() {
-    let s = Server::start_private(&[("PRESENCE_WS_RATE", "5")]);
+    let s = Server::start_private(Topology::Memory, &[("PRESENCE_WS_RATE", "5")]);
     let u = uid();
     let mut ws = Ws::connect(&s.base, u, "d").await;
 
@@ -1097,7 +708,7 @@ async fn bad_messages_get_errors_and_the_socket_stays_up() {
 /// 1008. Several clients, each must get the close code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_closed_with_1008() {
-    let s = Server::start_private(&[("PRESENCE_WS_RATE", "5")]);
+    let s = Server::start_private(Topology::Memory, &[("PRESENCE_WS_RATE", "5")]);
     let slow = "presence_slow_consumers_total";
     let before = metric(&s.base, slow).await;
     let mut codes = Vec::new();
@@ -1137,7 +748,10 @@ async fn a_flood_is_closed_with_1008() {
 async fn a_slow_consumer_is_counted_and_closed_with_1008() {
     const SLOW: &str = "presence_slow_consumers_total";
     const SOCKETS: &str = "presence_ws_connections";
-    let s = Server::start_private(&[("PRESENCE_WS_QUEUE", "4"), ("PRESENCE_MAX_DEVICES", "64")]);
+    let s = Server::start_private(
+        Topology::Memory,
+        &[("PRESENCE_WS_QUEUE", "4"), ("PRESENCE_MAX_DEVICES", "64")],
+    );
     let base = s.base.clone();
     let user = uid();
     let targets: Vec<u64> = (0..4).map(|_| uid()).collect();
@@ -1270,7 +884,7 @@ async fn a_slow_consumer_is_counted_and_closed_with_1008() {
 /// which brings nobody online.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_upgrade_queries_answer_400() {
-    let s = Server::start_private(&[]);
+    let s = Server::start_private(Topology::Memory, &[]);
     let u = uid();
     for q in [
         "userId=0&deviceId=d&platform=WEB".to_owned(),
@@ -1299,7 +913,7 @@ async fn bad_upgrade_queries_answer_400() {
         format!("userId={u}&deviceId=d&platform=XBOX"),
         format!("userId={u}&deviceId=d&platform=WEB"),
     ] {
-        let (code, v) = rest(&s.base, reqwest::Method::GET, &format!("{WS}?{q}"), None).await;
+        let (code, v) = rest(&s.base, "GET", &format!("{WS}?{q}"), None).await;
         assert_eq!(code, 400, "plain GET {q}: {v}");
     }
     assert_eq!(
@@ -1318,7 +932,7 @@ async fn bad_upgrade_queries_answer_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_grace_hides_a_reconnect_and_then_goes_offline() {
     const GRACE: Duration = Duration::from_secs(2);
-    let s = Server::start_private(&[("PRESENCE_WS_CLOSE_GRACE", "2s")]);
+    let s = Server::start_private(Topology::Memory, &[("PRESENCE_WS_CLOSE_GRACE", "2s")]);
     let base = s.base.clone();
     let (sub, a) = (uid(), uid());
     let mut w = Ws::connect(&base, sub, "s").await;
@@ -1373,7 +987,7 @@ async fn close_grace_hides_a_reconnect_and_then_goes_offline() {
 /// device); the last one makes OFFLINE; offline again changes nothing and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_offline_notifies_subscribers() {
-    let s = Server::start_private(&[]);
+    let s = Server::start_private(Topology::Memory, &[]);
     let base = s.base.clone();
     let (a, b) = (uid(), uid());
     let mut w = Ws::connect(&base, a, "a").await;

@@ -19,7 +19,7 @@ use presence_service::config::Config;
 use presence_service::membership::ManualDiscovery;
 use presence_service::node::Node;
 use presence_service::presence::{UserId, UserState};
-use presence_service::store::{MemoryStore, Store, SubscriptionMode};
+use presence_service::store::{MemoryStore, Saved, Store, SubscriptionMode, Write};
 use presence_service::Error;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -58,8 +58,12 @@ impl Store for TestStore {
         self.inner.load(users).await
     }
 
-    async fn save(&self, batch: &[(UserId, UserState)]) -> Result<(), Error> {
+    async fn save(&self, batch: &[Write]) -> Result<Vec<Saved>, Error> {
         self.inner.save(batch).await
+    }
+
+    async fn fence(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
+        self.inner.fence(partitions).await
     }
 
     async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
