@@ -6,6 +6,8 @@
 //! `PRESENCE_TEST_REDIS_DIR/<port>/redis.pid`). The test stops one master with SIGSTOP for 4 s
 //! under load and always resumes it (a guard sends SIGCONT, even when the test fails).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,14 +144,6 @@ async fn wait_cluster_healthy(base: u16, within: Duration) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn metric(m: &Metrics, name: &str) -> i64 {
     m.render()
         .lines()
@@ -225,7 +219,7 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
     }
 
     // A shard and a gateway, in process, on the cluster.
-    let grpc = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", common::node::free_ports(1)[0]);
     let timeout = format!("{}ms", REDIS_TIMEOUT.as_millis());
     let shard = Node::builder(
         Config::from_vars(&[

@@ -9,6 +9,8 @@
 //! - defect 10 (gateway half): on shutdown every socket gets a close frame with 1001 and its
 //!   device is OFFLINE at once, on an all-in-one node and on a gateway in front of a shard.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -145,15 +147,6 @@ async fn start(
         shutdown,
         task,
     }
-}
-
-/// A loopback port free at the time of asking.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http() -> reqwest::Client {
@@ -603,7 +596,7 @@ async fn shutdown_of_an_all_in_one_node_closes_with_1001_and_takes_devices_offli
 /// told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_of_a_gateway_closes_with_1001_and_the_device_is_offline_at_once() {
-    let grpc = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", common::node::free_ports(1)[0]);
     let members = || Arc::new(ManualDiscovery::new(vec![grpc.clone()]));
     let common = [
         ("PRESENCE_SHARDS", grpc.as_str()),
