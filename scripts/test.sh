@@ -30,8 +30,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT="$PWD"
 
+# PRESENCE_TEST_REDIS_BASE_PORT (default 7100) moves the shared cluster, so that two checkouts
+# can run their tests side by side.
 cluster() {
-    PRESENCE_REDIS_DIR="$REPO_ROOT/.tmp/redis-cluster" PRESENCE_REDIS_BASE_PORT=7100 \
+    PRESENCE_REDIS_DIR="$REPO_ROOT/.tmp/redis-cluster" \
+        PRESENCE_REDIS_BASE_PORT="${PRESENCE_TEST_REDIS_BASE_PORT:-7100}" \
         bash "$REPO_ROOT/scripts/redis-cluster.sh" "$@"
 }
 
