@@ -19,22 +19,27 @@
 # Arguments replace `--all-targets`: `bash scripts/test.sh --test http memory::` runs only
 # those tests (still with the services and `--include-ignored`).
 #
-# Variables the tests read:
-#   PRESENCE_TEST_REDIS_URL   comma-separated seed URLs of the shared Redis Cluster; set here.
-#                             (The test that kills a Redis master starts a cluster of its own,
-#                             on ports 7400-7405, through scripts/redis-cluster.sh.)
-#   PRESENCE_TEST_NACOS_PORT  optional: HTTP port of the first Nacos test's server (default
-#                             18848; the second uses it + 10; each also uses + 1000 and + 2000).
+# Variables the tests read (the first three are set here):
+#   PRESENCE_TEST_REDIS_URL        comma-separated seed URLs of the shared Redis Cluster.
+#   PRESENCE_TEST_REDIS_DIR        its data dir: PID files in <dir>/<port>/redis.pid, for tests
+#                                  that stop one of its nodes (default .tmp/redis-cluster).
+#   PRESENCE_TEST_REDIS_BASE_PORT  its first port; nodes use it to + 5 (default 7100: set it
+#                                  to test two checkouts side by side).
+#   PRESENCE_TEST_NACOS_PORT       optional: HTTP port of the first Nacos test's server (default
+#                                  18848; the second uses + 10; each also uses + 1000 and + 2000).
+# (Tests that kill a Redis master or reshard start a cluster of their own, on free ports,
+# through scripts/redis-cluster.sh.)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT="$PWD"
 
-# PRESENCE_TEST_REDIS_BASE_PORT (default 7100) moves the shared cluster, so that two checkouts
-# can run their tests side by side.
+export PRESENCE_TEST_REDIS_DIR="${PRESENCE_TEST_REDIS_DIR:-$REPO_ROOT/.tmp/redis-cluster}"
+export PRESENCE_TEST_REDIS_BASE_PORT="${PRESENCE_TEST_REDIS_BASE_PORT:-7100}"
+
 cluster() {
-    PRESENCE_REDIS_DIR="$REPO_ROOT/.tmp/redis-cluster" \
-        PRESENCE_REDIS_BASE_PORT="${PRESENCE_TEST_REDIS_BASE_PORT:-7100}" \
+    PRESENCE_REDIS_DIR="$PRESENCE_TEST_REDIS_DIR" \
+        PRESENCE_REDIS_BASE_PORT="$PRESENCE_TEST_REDIS_BASE_PORT" \
         bash "$REPO_ROOT/scripts/redis-cluster.sh" "$@"
 }
 
@@ -49,7 +54,7 @@ trap 'exit 143' TERM
 # Always start from an empty cluster so no state leaks between runs.
 cluster down
 
-echo "scripts/test.sh: starting Redis Cluster${CI:+ (CI=true)}" >&2
+echo "scripts/test.sh: starting Redis Cluster${CI:+ (CI=true)} in $PRESENCE_TEST_REDIS_DIR" >&2
 if ! urls="$(cluster up | tail -n 1)" || [[ "$urls" != redis://* ]]; then
     echo "scripts/test.sh: ERROR: the Redis Cluster could not be started; the tests need it." >&2
     echo "scripts/test.sh: (see the messages above; this fails the run)" >&2
