@@ -93,11 +93,8 @@ async fn kill_9_of_a_shard_under_load_makes_no_false_offline_and_times_out_the_s
     s.clean_up().await;
     o.assert_no_false_offline_and_every_heartbeat_landed("kill -9");
     assert!(!dead.is_empty(), "no quiet user on the dead shard");
-    assert_eq!(
-        o.went_offline,
-        quiet.len() as f64,
-        "ONLINE -> OFFLINE transitions: the quiet users', once each, and no other"
-    );
+    // The quiet users', once each, and no other.
+    o.assert_went_offline(quiet.len(), &beating, "kill -9");
     assert_eq!(o.online, beating.len() as f64, "users online on the shards");
 }
 
@@ -149,7 +146,7 @@ async fn a_restarted_shard_gets_its_users_back_without_a_flap() {
         "users online on the restarted shard: those the ring gives it"
     );
     assert_eq!(o.online, users.len() as f64, "users online on the shards");
-    assert_eq!(o.went_offline, 0.0, "ONLINE -> OFFLINE transitions");
+    o.assert_went_offline(0, &users, "restart");
 }
 
 /// (d) A 4th shard takes about a quarter of the partitions and of the users, and loses no
@@ -243,11 +240,8 @@ async fn a_fourth_shard_takes_a_quarter_and_loses_no_timer() {
         "users online on the 4th shard: those the ring gives it"
     );
     assert_eq!(online, users.len() as f64, "users online on the shards");
-    assert_eq!(
-        o.went_offline,
-        stoppers.len() as f64,
-        "ONLINE -> OFFLINE transitions: those who stopped, once each, and no other"
-    );
+    // Those who stopped, once each, and no other.
+    o.assert_went_offline(stoppers.len(), &users, "add");
 }
 
 /// (f) SIGTERM makes a shard hand its partitions off before it exits: it exits 0 within a few
@@ -292,5 +286,5 @@ async fn sigterm_hands_off_before_exit_without_a_false_offline() {
     o.assert_no_false_offline_and_every_heartbeat_landed("SIGTERM");
     assert!(gained > 0.0, "nobody took over the partitions");
     assert_eq!(o.online, users.len() as f64, "users online on the shards");
-    assert_eq!(o.went_offline, 0.0, "ONLINE -> OFFLINE transitions");
+    o.assert_went_offline(0, &users, "SIGTERM");
 }

@@ -44,8 +44,10 @@ pub const ENVS: &[(&str, &str)] = &[
     ("RUST_LOG", "info"),
 ];
 
-/// Heartbeats in flight at most.
-const CONCURRENCY: usize = 256;
+/// Heartbeats in flight at most: well above what a stalled third of the users can hold (a
+/// heartbeat may wait out a handoff for seconds), so the load never holds back its own senders
+/// (which would time out everybody for real; a fleet of clients does not wait for each other).
+const CONCURRENCY: usize = 4096;
 
 /// How long a cluster may take to settle after a change (generous: 2 cores, many processes).
 pub const SETTLE: Duration = Duration::from_secs(20);
@@ -142,21 +144,39 @@ impl Outcome {
         assert_heartbeats_landed(&self.load, what);
     }
 
+    /// The shards counted `expected` ONLINE -> OFFLINE transitions, give or take those of
+    /// `heartbeating` users whose heartbeats came too late to keep them online (see
+    /// [`LoadReport::at_risk`]).
+    pub fn assert_went_offline(&self, expected: usize, heartbeating: &[u64], what: &str) {
+        let risk = self.load.at_risk(heartbeating);
+        let n = self.went_offline as usize;
+        assert!(
+            (expected..=expected + risk).contains(&n),
+            "{what}: {n} ONLINE -> OFFLINE transitions; want {expected}, plus at most the {risk} \
+             heartbeating users whose heartbeats came a timeout apart"
+        );
+    }
+
     /// The heartbeats, every watch's polls, the transitions and retries, for a test's report.
     pub fn summary(&self) -> String {
         let mut out = format!("heartbeats: {}", self.load);
         for (what, w) in &self.watches {
             out.push_str(&format!(
-                "; batch polls ({what}) {} ok, {} failed {:?}, false offline {}",
+                "; batch polls ({what}) {} ok, {} failed {:?}, false offline {}, OFFLINE after a \
+                 heartbeat that came later than the timeout {}",
                 w.polls,
                 w.failed_polls,
                 w.poll_errors,
-                w.violations.len()
+                w.violations.len(),
+                w.excused
             ));
         }
         out.push_str(&format!(
-            "; ONLINE->OFFLINE transitions {}; wrong-owner retries {}",
-            self.went_offline, self.retries
+            "; ONLINE->OFFLINE transitions {}; users whose heartbeats came a timeout apart {}; \
+             wrong-owner retries {}",
+            self.went_offline,
+            self.load.at_risk(self.load.beats.keys()),
+            self.retries
         ));
         out
     }
@@ -398,8 +418,12 @@ impl Scenario {
     pub async fn end(&mut self) -> Outcome {
         self.end_watch().await;
         let load = self.load.take().expect("ends once").finish().await;
+        let mut watches = std::mem::take(&mut self.watches);
+        for (_, w) in &mut watches {
+            w.judge(&load);
+        }
         Outcome {
-            watches: std::mem::take(&mut self.watches),
+            watches,
             load,
             went_offline: self.delta(WENT_OFFLINE).await,
             online: self.cluster.shard_sum("presence_online_users").await,
@@ -529,6 +553,43 @@ pub struct LoadReport {
     pub max_latency_ms: u64,
     pub max_gap_ms: u64,
     pub failures: Vec<String>,
+    /// Per user: (sent, answered) of every heartbeat answered 200, in ms since the epoch.
+    pub beats: HashMap<u64, Vec<(u64, u64)>>,
+}
+
+impl LoadReport {
+    /// Whether an OFFLINE `read` of a heartbeating user is false: a heartbeat answered 200
+    /// before the read was sent (so the server had it) was sent less than [`TIMEOUT`] before
+    /// the read was answered, so no deadline the server may keep had passed. Otherwise the
+    /// read is excused: the user's heartbeats themselves came too late (a starved load or a
+    /// slow answer), and those are counted on their own.
+    fn is_false_offline(&self, read: &OfflineRead) -> bool {
+        let Some(beats) = self.beats.get(&read.user) else {
+            return true;
+        };
+        let latest_known = beats
+            .iter()
+            .filter(|(_, answered)| *answered <= read.sent)
+            .map(|(sent, _)| *sent)
+            .max();
+        latest_known.is_some_and(|sent| sent + ms(TIMEOUT) > read.answered)
+    }
+
+    /// How many of `users` may have gone a whole [`TIMEOUT`] without a heartbeat reaching the
+    /// server: two heartbeats in a row, the later answered `TIMEOUT` or more after the earlier
+    /// was sent. Only those can time out for real while heartbeating.
+    pub fn at_risk<'a>(&self, users: impl IntoIterator<Item = &'a u64>) -> usize {
+        users
+            .into_iter()
+            .filter(|u| {
+                let mut beats = self.beats.get(u).cloned().unwrap_or_default();
+                beats.sort_unstable();
+                beats
+                    .windows(2)
+                    .any(|w| w[1].1.saturating_sub(w[0].0) >= ms(TIMEOUT))
+            })
+            .count()
+    }
 }
 
 impl std::fmt::Display for LoadReport {
@@ -562,6 +623,8 @@ pub struct Load {
     last_ok: Arc<Vec<AtomicU64>>,
     /// ...and when that answer came (the server had seen it by then).
     last_ok_answered: Arc<Vec<AtomicU64>>,
+    /// Per user: (sent, answered) of every heartbeat answered 200, to judge OFFLINE reads by.
+    beats: Arc<Vec<Mutex<Vec<(u64, u64)>>>>,
     stats: Arc<LoadStats>,
     stop: Arc<AtomicBool>,
     inflight: Arc<Semaphore>,
@@ -582,16 +645,21 @@ impl Load {
             Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
         let last_sent: Arc<Vec<AtomicU64>> =
             Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
+        // Every user was put online before the load started: as good as a heartbeat sent at
+        // the epoch and answered now.
+        let beats: Arc<Vec<Mutex<Vec<(u64, u64)>>>> =
+            Arc::new(users.iter().map(|_| Mutex::new(vec![(0, now)])).collect());
         let stats = Arc::new(LoadStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let inflight = Arc::new(Semaphore::new(CONCURRENCY));
         let index = users.iter().enumerate().map(|(j, &u)| (u, j)).collect();
         let driver = tokio::spawn({
-            let (active, last_ok, answered, sent, stats, stop, inflight) = (
+            let (active, last_ok, answered, sent, beats, stats, stop, inflight) = (
                 active.clone(),
                 last_ok.clone(),
                 last_ok_answered.clone(),
                 last_sent.clone(),
+                beats.clone(),
                 stats.clone(),
                 stop.clone(),
                 inflight.clone(),
@@ -614,15 +682,16 @@ impl Load {
                         let permit = inflight.clone().acquire_owned().await.expect("open");
                         let url =
                             format!("{}{HEARTBEAT}", bases[(j + round as usize) % bases.len()]);
-                        let (client, stats, last_ok, answered, sent) = (
+                        let (client, stats, last_ok, answered, sent, beats) = (
                             client.clone(),
                             stats.clone(),
                             last_ok.clone(),
                             answered.clone(),
                             sent.clone(),
+                            beats.clone(),
                         );
                         tokio::spawn(async move {
-                            let last = (&last_ok[j], &answered[j], &sent[j]);
+                            let last = (&last_ok[j], &answered[j], &sent[j], &beats[j]);
                             beat(&client, &url, user, epoch, &stats, last).await;
                             drop(permit);
                         });
@@ -636,6 +705,7 @@ impl Load {
             active,
             last_ok,
             last_ok_answered,
+            beats,
             stats,
             stop,
             inflight,
@@ -681,6 +751,11 @@ impl Load {
             max_latency_ms: get(&s.max_latency_ms),
             max_gap_ms: get(&s.max_gap_ms),
             failures: s.failures.lock().clone(),
+            beats: self
+                .index
+                .iter()
+                .map(|(&u, &j)| (u, std::mem::take(&mut *self.beats[j].lock())))
+                .collect(),
         }
     }
 }
@@ -692,7 +767,12 @@ async fn beat(
     user: u64,
     epoch: Instant,
     stats: &LoadStats,
-    (last_ok, answered, last_sent): (&AtomicU64, &AtomicU64, &AtomicU64),
+    (last_ok, answered, last_sent, beats): (
+        &AtomicU64,
+        &AtomicU64,
+        &AtomicU64,
+        &Mutex<Vec<(u64, u64)>>,
+    ),
 ) {
     let sent_at = ms(epoch.elapsed());
     let gap = sent_at.saturating_sub(last_sent.swap(sent_at, Ordering::Relaxed));
@@ -713,6 +793,7 @@ async fn beat(
             if last_ok.fetch_max(sent_at, Ordering::Relaxed) <= sent_at {
                 answered.store(sent_at + latency, Ordering::Relaxed);
             }
+            beats.lock().push((sent_at, sent_at + latency));
             None
         }
         Ok(resp) => {
@@ -747,8 +828,36 @@ pub struct WatchReport {
     pub polls: u64,
     pub failed_polls: u64,
     pub poll_errors: Vec<String>,
-    /// Every read of a watched user that was not ONLINE: (ms since the epoch, user, status).
+    /// Every read of a watched user that was not ONLINE.
+    pub reads: Vec<OfflineRead>,
+    /// Those of `reads` that were false (see [`LoadReport::is_false_offline`]): (ms since the
+    /// epoch, user, status). Filled in by [`Scenario::end`].
     pub violations: Vec<(u64, u64, String)>,
+    /// Those of `reads` after a heartbeat that itself came later than the timeout.
+    pub excused: usize,
+}
+
+/// A read of a watched user that was not ONLINE.
+#[derive(Debug, Clone)]
+pub struct OfflineRead {
+    /// When the poll was sent and answered, in ms since the epoch.
+    pub sent: u64,
+    pub answered: u64,
+    pub user: u64,
+    pub status: String,
+}
+
+impl WatchReport {
+    /// Sorts `reads` into `violations` and `excused` by the heartbeats of `load`.
+    fn judge(&mut self, load: &LoadReport) {
+        for r in &self.reads {
+            if load.is_false_offline(r) {
+                self.violations.push((r.answered, r.user, r.status.clone()));
+            } else {
+                self.excused += 1;
+            }
+        }
+    }
 }
 
 struct Watch {
@@ -767,13 +876,19 @@ impl Watch {
             let mut turn = 0;
             while !flag.load(Ordering::Relaxed) {
                 let next = tokio::time::Instant::now() + every;
+                let sent = ms(epoch.elapsed());
                 match statuses(&client, &bases, &users, &mut turn).await {
                     Ok(entries) => {
                         report.polls += 1;
-                        let at = ms(epoch.elapsed());
-                        for (u, status) in entries {
+                        let answered = ms(epoch.elapsed());
+                        for (user, status) in entries {
                             if status != "ONLINE" {
-                                report.violations.push((at, u, status));
+                                report.reads.push(OfflineRead {
+                                    sent,
+                                    answered,
+                                    user,
+                                    status,
+                                });
                             }
                         }
                     }
