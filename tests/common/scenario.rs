@@ -614,6 +614,9 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
+/// One user's heartbeats answered 200: (sent, answered), in ms since the epoch.
+type Beats = Mutex<Vec<(u64, u64)>>;
+
 pub struct Load {
     pub epoch: Instant,
     index: HashMap<u64, usize>,
@@ -624,7 +627,7 @@ pub struct Load {
     /// ...and when that answer came (the server had seen it by then).
     last_ok_answered: Arc<Vec<AtomicU64>>,
     /// Per user: (sent, answered) of every heartbeat answered 200, to judge OFFLINE reads by.
-    beats: Arc<Vec<Mutex<Vec<(u64, u64)>>>>,
+    beats: Arc<Vec<Beats>>,
     stats: Arc<LoadStats>,
     stop: Arc<AtomicBool>,
     inflight: Arc<Semaphore>,
@@ -647,7 +650,7 @@ impl Load {
             Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
         // Every user was put online before the load started: as good as a heartbeat sent at
         // the epoch and answered now.
-        let beats: Arc<Vec<Mutex<Vec<(u64, u64)>>>> =
+        let beats: Arc<Vec<Beats>> =
             Arc::new(users.iter().map(|_| Mutex::new(vec![(0, now)])).collect());
         let stats = Arc::new(LoadStats::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -767,12 +770,7 @@ async fn beat(
     user: u64,
     epoch: Instant,
     stats: &LoadStats,
-    (last_ok, answered, last_sent, beats): (
-        &AtomicU64,
-        &AtomicU64,
-        &AtomicU64,
-        &Mutex<Vec<(u64, u64)>>,
-    ),
+    (last_ok, answered, last_sent, beats): (&AtomicU64, &AtomicU64, &AtomicU64, &Beats),
 ) {
     let sent_at = ms(epoch.elapsed());
     let gap = sent_at.saturating_sub(last_sent.swap(sent_at, Ordering::Relaxed));
