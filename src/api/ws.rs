@@ -374,8 +374,11 @@ async fn run(
             }
         }
         if drain_hub.gone_since(user, &device, generation) {
-            // Not if the device reconnected meanwhile, here or through another gateway.
-            if let Err(e) = s.presence.offline(user, &device, Some(grace)).await {
+            // Not if the device reconnected meanwhile, here or through another gateway: seen
+            // since the socket stopped (whose own requests had all been answered by then), not
+            // merely within the last `grace` (a reconnect right after the close is older).
+            let since_stop = stopped.elapsed();
+            if let Err(e) = s.presence.offline(user, &device, Some(since_stop)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
         }
