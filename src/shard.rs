@@ -275,7 +275,13 @@ impl Shard {
             };
             let Some((result, snapshot)) = done else {
                 let mut got = self.load(&[user]).await?;
-                loaded = Some(got.pop().flatten().unwrap_or_default());
+                // Heartbeats are not written through, so a stored device's `last_seen` is that
+                // of the last durable change: a user back from the store (after a failed write
+                // took it out of memory) gets a fresh deadline, as in a recovery, rather than
+                // being timed out at once while its heartbeats keep coming.
+                let mut state = got.pop().flatten().unwrap_or_default();
+                state.reloaded(self.clock.now());
+                loaded = Some(state);
                 continue;
             };
             if let Some(state) = snapshot {
