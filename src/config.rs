@@ -34,6 +34,29 @@ pub enum DiscoveryKind {
     Nacos,
 }
 
+/// How clients prove who they are (`PRESENCE_AUTH`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// No authentication: any client may act for any user (development only).
+    None,
+    /// `Authorization: Bearer <jwt>` on the presence API and the WebSocket.
+    Jwt,
+}
+
+/// A secret setting: parsed like a string, never printed (`Debug` shows `<redacted>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_owned()))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -212,6 +235,36 @@ pub struct Config {
     /// 0s keeps it forever.
     #[arg(long, env = "PRESENCE_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub retention: Duration,
+
+    /// How clients authenticate: none (anyone may act for any user; a warning at start-up) or
+    /// jwt (a bearer token on the presence API and the WebSocket).
+    #[arg(long, env = "PRESENCE_AUTH", value_enum, default_value = "none")]
+    pub auth: AuthMode,
+
+    /// URL of the JWKS whose RS256, ES256 and EdDSA keys verify tokens, picked by `kid`.
+    #[arg(long, env = "PRESENCE_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Shared secret of HS256 tokens (development and tests; at least 32 bytes).
+    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<Secret>,
+
+    /// The `iss` every token must carry; unchecked when unset.
+    #[arg(long, env = "PRESENCE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` every token must carry.
+    #[arg(long, env = "PRESENCE_JWT_AUDIENCE", default_value = "presence")]
+    pub jwt_audience: String,
+
+    /// A token names an unknown `kid`: the JWKS is fetched again at most this often.
+    #[arg(long, env = "PRESENCE_JWT_JWKS_COOLDOWN", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_jwks_cooldown: Duration,
+
+    /// How long a WebSocket stays open past its token's `exp` without a `refresh`; then it is
+    /// closed with 4001.
+    #[arg(long, env = "PRESENCE_WS_TOKEN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ws_token_grace: Duration,
 
     /// JSON overriding the label, icon and colour of statuses, e.g. `{"BUSY":{"color":"#FF0000"}}`.
     #[arg(long, env = "PRESENCE_STATUS_STYLES")]
@@ -441,6 +494,40 @@ impl Config {
         }
         if self.drain_timeout > Duration::from_secs(600) {
             return bad("PRESENCE_DRAIN_TIMEOUT", "must be at most 10m");
+        }
+        if self.auth == AuthMode::Jwt && self.jwt_jwks_url.is_none() && self.jwt_secret.is_none() {
+            return bad(
+                "PRESENCE_JWT_JWKS_URL",
+                "PRESENCE_AUTH=jwt needs PRESENCE_JWT_JWKS_URL or PRESENCE_JWT_SECRET",
+            );
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            if !rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')) {
+                return bad(
+                    "PRESENCE_JWT_JWKS_URL",
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.0.len() < 32) {
+            return bad("PRESENCE_JWT_SECRET", "must be at least 32 bytes");
+        }
+        if self.jwt_audience.is_empty() {
+            return bad("PRESENCE_JWT_AUDIENCE", "must not be empty");
+        }
+        if self.jwt_issuer.as_deref() == Some("") {
+            return bad("PRESENCE_JWT_ISSUER", "must not be empty when set");
+        }
+        if self.jwt_jwks_cooldown < Duration::from_millis(100)
+            || self.jwt_jwks_cooldown > Duration::from_secs(3600)
+        {
+            return bad("PRESENCE_JWT_JWKS_COOLDOWN", "must be between 100ms and 1h");
+        }
+        if self.ws_token_grace > Duration::from_secs(3600) {
+            return bad("PRESENCE_WS_TOKEN_GRACE", "must be at most 1h");
         }
         self.status_styles().map(|_| ())
     }
@@ -692,6 +779,37 @@ mod tests {
         }
         let e = load(&["--status-styles", r#"{"BUSY":{"color":"red"}}"#]).unwrap_err();
         assert_eq!(e.variable, "PRESENCE_STATUS_STYLES");
+    }
+
+    #[test]
+    fn auth_settings_are_checked() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.auth, AuthMode::None);
+        assert_eq!(c.jwt_audience, "presence");
+        assert_eq!(c.ws_token_grace, Duration::from_secs(30));
+        let e = load(&["--auth", "jwt"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_JWT_JWKS_URL");
+        let e = load(&["--auth", "oauth"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_AUTH");
+        let e = load(&["--auth", "jwt", "--jwt-secret", "short"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_JWT_SECRET");
+        let e = load(&["--auth", "jwt", "--jwt-jwks-url", "ftp://x/keys"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_JWT_JWKS_URL");
+        let e = load(&["--ws-token-grace", "soon"]).unwrap_err();
+        assert_eq!(e.variable, "PRESENCE_WS_TOKEN_GRACE");
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c = load(&["--auth", "jwt", "--jwt-secret", secret]).unwrap();
+        assert!(
+            !format!("{c:?}").contains(secret),
+            "the secret is never printed"
+        );
+        assert!(load(&[
+            "--auth",
+            "jwt",
+            "--jwt-jwks-url",
+            "http://idp:8080/jwks.json"
+        ])
+        .is_ok());
     }
 
     #[test]

@@ -19,6 +19,13 @@ pub enum Error {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// No valid bearer token: missing, malformed, badly signed, expired, or for another audience
+    /// or issuer. The message never says which.
+    #[error("invalid or missing token")]
+    Unauthorized,
+    /// A valid token that may not act for (or read the subscriptions of) this user.
+    #[error("not allowed to act for this user")]
+    Forbidden,
     /// A user already has the maximum number of online devices.
     #[error("too many devices online for this user (limit {0})")]
     TooManyDevices(usize),
@@ -55,6 +62,8 @@ impl Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::DeviceNotOnline | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::Forbidden => StatusCode::FORBIDDEN,
             Error::TooManyDevices(_) => StatusCode::CONFLICT,
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -87,6 +96,8 @@ impl Error {
             Error::DeviceNotOnline => "device_not_online",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::Unauthorized => "unauthorized",
+            Error::Forbidden => "forbidden",
             Error::TooManyDevices(_) => "too_many_devices",
             Error::RequestTimeout => "request_timeout",
             Error::PayloadTooLarge(_) => "payload_too_large",
@@ -114,6 +125,8 @@ impl From<Error> for tonic::Status {
             Error::BadRequest(_) => Code::InvalidArgument,
             Error::DeviceNotOnline | Error::NotFound(_) => Code::NotFound,
             Error::MethodNotAllowed => Code::Unimplemented,
+            Error::Unauthorized => Code::Unauthenticated,
+            Error::Forbidden => Code::PermissionDenied,
             Error::TooManyDevices(_) => Code::ResourceExhausted,
             Error::RequestTimeout => Code::DeadlineExceeded,
             Error::PayloadTooLarge(_) => Code::OutOfRange,
@@ -157,6 +170,8 @@ impl From<tonic::Status> for Error {
             Some("bad_request") => Error::BadRequest(msg),
             Some("device_not_online") => Error::DeviceNotOnline,
             Some("not_found") => Error::NotFound(after("not found: ")),
+            Some("unauthorized") => Error::Unauthorized,
+            Some("forbidden") => Error::Forbidden,
             Some("too_many_devices") => Error::TooManyDevices(number(LIMIT) as usize),
             Some("request_timeout") => Error::RequestTimeout,
             Some("payload_too_large") => Error::PayloadTooLarge(number(LIMIT) as usize),
@@ -211,7 +226,15 @@ impl IntoResponse for Error {
             message: self.public_message(),
             data: None,
         };
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self, Error::Unauthorized) {
+            // RFC 6750: what a bearer-token client needs to know, and nothing more.
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+            );
+        }
+        resp
     }
 }
 
@@ -230,6 +253,8 @@ mod tests {
             Error::ShardUnavailable("partition loading".into()),
             Error::Internal("boom".into()),
             Error::Overloaded,
+            Error::Unauthorized,
+            Error::Forbidden,
         ] {
             let back = Error::from(tonic::Status::from(e.clone()));
             assert_eq!(back, e);
@@ -245,6 +270,29 @@ mod tests {
         assert_eq!(
             Error::from(transport).status(),
             StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn auth_errors_are_401_with_a_challenge_and_403() {
+        let r = Error::Unauthorized.into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers()[axum::http::header::WWW_AUTHENTICATE],
+            r#"Bearer error="invalid_token""#
+        );
+        let r = Error::Forbidden.into_response();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(!r
+            .headers()
+            .contains_key(axum::http::header::WWW_AUTHENTICATE));
+        assert_eq!(
+            tonic::Status::from(Error::Unauthorized).code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            tonic::Status::from(Error::Forbidden).code(),
+            tonic::Code::PermissionDenied
         );
     }
 }

@@ -37,6 +37,13 @@ impl LabelledVec for IntCounterVec {
     }
 }
 
+impl LabelledVec for IntGaugeVec {
+    type Metric = IntGauge;
+    fn with_values(&self, values: &[&str]) -> IntGauge {
+        self.with_label_values(values)
+    }
+}
+
 impl LabelledVec for HistogramVec {
     type Metric = Histogram;
     fn with_values(&self, values: &[&str]) -> Histogram {
@@ -59,6 +66,8 @@ impl<L, V: LabelledVec> Family<L, V> {
 
 /// A labelled counter.
 pub type Counters<L> = Family<L, IntCounterVec>;
+/// A labelled gauge.
+pub type Gauges<L> = Family<L, IntGaugeVec>;
 /// A labelled histogram.
 pub type Histograms<L> = Family<L, HistogramVec>;
 
@@ -178,6 +187,26 @@ label_enum!(
     DrainOffline("result") { Ok = "ok", Error = "error", Timeout = "timeout" }
 );
 label_enum!(
+    /// How clients authenticate (`PRESENCE_AUTH`).
+    AuthScheme("mode") { None = "none", Jwt = "jwt" }
+);
+label_enum!(
+    /// Why a request, an upgrade or a socket's token refresh was refused.
+    AuthRefusal("reason") {
+        Missing = "missing",
+        Invalid = "invalid",
+        Expired = "expired",
+        WrongAudience = "wrong_audience",
+        WrongIssuer = "wrong_issuer",
+        UnknownKey = "unknown_key",
+        Forbidden = "forbidden"
+    }
+);
+label_enum!(
+    /// What became of a fetch of the JWKS.
+    JwksFetch("result") { Ok = "ok", Error = "error" }
+);
+label_enum!(
     /// The direction of a partition handoff.
     Direction("direction") { Gained = "gained", Released = "released" }
 );
@@ -212,6 +241,14 @@ impl Reg<'_> {
 
     fn counters<L: Labels>(&self, name: &str, help: &str) -> Counters<L> {
         let vec = IntCounterVec::new(Opts::new(name, help), L::NAMES).expect("valid metric");
+        Family {
+            vec: self.add(vec),
+            _labels: PhantomData,
+        }
+    }
+
+    fn gauges<L: Labels>(&self, name: &str, help: &str) -> Gauges<L> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), L::NAMES).expect("valid metric");
         Family {
             vec: self.add(vec),
             _labels: PhantomData,
@@ -577,6 +614,50 @@ impl PushMetrics {
     }
 }
 
+/// Authentication of clients.
+pub struct AuthMetrics {
+    /// 1 for the mode in force, 0 for the others.
+    pub mode: Gauges<AuthScheme>,
+    pub refusals: Counters<AuthRefusal>,
+    pub jwks_fetches: Counters<JwksFetch>,
+    /// Keys of the JWKS in use.
+    pub jwks_keys: IntGauge,
+}
+
+impl AuthMetrics {
+    fn new(r: &Reg) -> AuthMetrics {
+        let m = AuthMetrics {
+            mode: r.gauges(
+                "presence_auth_mode",
+                "How clients authenticate (PRESENCE_AUTH): 1 for the mode in force.",
+            ),
+            refusals: r.counters(
+                "presence_auth_refusals_total",
+                "Requests, upgrades and socket token refreshes refused, by reason (missing, \
+                 invalid, expired, wrong_audience, wrong_issuer, unknown_key, forbidden).",
+            ),
+            jwks_fetches: r.counters(
+                "presence_auth_jwks_fetches_total",
+                "Fetches of the JWKS, by result (ok, error); after an error the last good keys stay in use.",
+            ),
+            jwks_keys: r.gauge(
+                "presence_auth_jwks_keys",
+                "Usable keys (RS256, ES256, EdDSA) of the JWKS in use.",
+            ),
+        };
+        for &k in AuthScheme::ALL {
+            m.mode.get(k);
+        }
+        for &k in AuthRefusal::ALL {
+            m.refusals.get(k);
+        }
+        for &k in JwksFetch::ALL {
+            m.jwks_fetches.get(k);
+        }
+        m
+    }
+}
+
 /// Every metric of a node, registered in one registry per node.
 pub struct Metrics {
     pub registry: Registry,
@@ -589,6 +670,7 @@ pub struct Metrics {
     pub ring: RingMetrics,
     pub grpc: GrpcMetrics,
     pub push: PushMetrics,
+    pub auth: AuthMetrics,
 }
 
 impl Metrics {
@@ -615,6 +697,7 @@ impl Metrics {
         let ring = RingMetrics::new(&r);
         let grpc = GrpcMetrics::new(&r);
         let push = PushMetrics::new(&r);
+        let auth = AuthMetrics::new(&r);
         Metrics {
             registry,
             ready,
@@ -625,6 +708,7 @@ impl Metrics {
             ring,
             grpc,
             push,
+            auth,
         }
     }
 

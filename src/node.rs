@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, Limits};
+use crate::auth::Auth;
 use crate::config::{Config, ConfigError, DiscoveryKind, Role};
 use crate::membership::{self, Discovery, Members, StaticDiscovery};
 use crate::metrics::Metrics;
@@ -168,6 +169,14 @@ impl Node {
         let limits = Limits::from_config(&config).map_err(anyhow_config)?;
         let metrics = Arc::new(Metrics::new());
         let background = CancellationToken::new();
+        let auth = Auth::new(&config, metrics.clone())?;
+        if config.role != Role::Shard {
+            if auth.enabled() {
+                auth.start(background.clone());
+            } else {
+                tracing::warn!("PRESENCE_AUTH=none: any client may act for any user; set PRESENCE_AUTH=jwt outside development");
+            }
+        }
         let clients = Clients::new(Duration::from_millis(500), config.route_timeout);
         let mut hub = None;
         let mut watched_store = None;
@@ -277,6 +286,7 @@ impl Node {
             ready: Arc::new(AtomicBool::new(false)),
             ready_needs_store: config.role == Role::All,
             limits: Arc::new(limits),
+            auth,
         };
         let listener = TcpListener::bind(config.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use crate::auth::{Auth, Principal};
 use crate::config::{Config, StatusStyle};
 use crate::error::{ok, Error};
 use crate::metrics::{HttpAnswer, HttpRefusal, HttpRoute, Metrics};
@@ -65,6 +66,8 @@ pub struct AppState {
     /// ring membership under Kubernetes discovery; and never for one stalled Redis master.
     pub ready_needs_store: bool,
     pub limits: Arc<Limits>,
+    /// Who callers are (`PRESENCE_AUTH`), and the self-only rule.
+    pub auth: Arc<Auth>,
 }
 
 /// Limits and fixed answers from the configuration.
@@ -115,6 +118,7 @@ pub fn router(state: AppState, with_api: bool) -> Router {
             get(get_subscriptions).put(put_subscriptions),
         )
         .route("/ws", get(ws::upgrade))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(middleware::from_fn_with_state(state.clone(), shed))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
@@ -267,31 +271,37 @@ struct HeartbeatAnswer {
 
 async fn online(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<OnlineRequest>,
 ) -> Result<Response, Error> {
     let user = validate_user_id(req.user_id)?;
     let device = validate_device_id(&req.device_id)?;
     let platform = platform(&req.platform)?;
+    s.auth.authorize(&who, user)?;
     let view = s.presence.online(user, &device, platform).await?;
     Ok(ok("上线成功", view))
 }
 
 async fn offline(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<OfflineRequest>,
 ) -> Result<Response, Error> {
     let user = validate_user_id(req.user_id)?;
     let device = validate_device_id(&req.device_id)?;
+    s.auth.authorize(&who, user)?;
     s.presence.offline(user, &device, None).await?;
     Ok(ok("下线成功", ()))
 }
 
 async fn heartbeat(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<Response, Error> {
     let user = validate_user_id(req.user_id)?;
     let device = validate_device_id(&req.device_id)?;
+    s.auth.authorize(&who, user)?;
     s.presence.heartbeat(user, &device, req.active).await?;
     let answer = HeartbeatAnswer {
         next_heartbeat_interval: s.limits.heartbeat_interval_ms,
@@ -299,6 +309,7 @@ async fn heartbeat(
     Ok(ok("心跳成功", answer))
 }
 
+/// Any authenticated caller may read anyone's status.
 async fn status(
     State(s): State<AppState>,
     raw: Result<Path<String>, PathRejection>,
@@ -307,6 +318,7 @@ async fn status(
     Ok(ok("success", s.presence.status(user).await?))
 }
 
+/// Any authenticated caller may read anyone's status.
 async fn batch(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<BatchRequest>,
@@ -360,11 +372,13 @@ pub(crate) fn settings_of(req: &SetStatusRequest) -> Result<Settings, Error> {
 
 async fn set_status(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     raw: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<SetStatusRequest>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
     let settings = settings_of(&req)?;
+    s.auth.authorize(&who, user)?;
     Ok(ok("success", s.presence.set_status(user, settings).await?))
 }
 
@@ -405,11 +419,13 @@ struct SubscriptionsAnswer {
 
 async fn put_subscriptions(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     raw: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<SubscribeRequest>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
     let targets = targets_of(&req.targets, s.limits.max_subscriptions)?;
+    s.auth.authorize(&who, user)?;
     let list = s.presence.subscribe(user, req.mode, &targets).await?;
     subscriptions_answer(&s, user, list, req.mode != SubscriptionMode::Remove).await
 }
@@ -436,20 +452,25 @@ async fn subscriptions_answer(
     ))
 }
 
+/// A user's subscriptions are theirs (and a service token's) to read.
 async fn get_subscriptions(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
+    s.auth.authorize(&who, user)?;
     let list = s.presence.subscriptions(user).await?;
     subscriptions_answer(&s, user, list, true).await
 }
 
 async fn clear_status(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
+    s.auth.authorize(&who, user)?;
     Ok(ok("success", s.presence.clear_status(user).await?))
 }
 
@@ -520,6 +541,24 @@ fn record(m: &Metrics, route: &str, method: &Method, code: &str, started: Option
             .duration
             .get(HttpRoute { route, method })
             .observe(t.elapsed().as_secs_f64());
+    }
+}
+
+/// Authenticates every request of the presence API (401 without a valid token when
+/// `PRESENCE_AUTH=jwt`) and hands the handlers its [`Principal`]; each handler then decides
+/// what that caller may do (the self-only rule, [`Auth::authorize`]). The WebSocket route also
+/// takes the token from `Sec-WebSocket-Protocol`; no route takes it from the query string.
+async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let websocket = req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str().ends_with("/ws"));
+    match s.auth.authenticate(req.headers(), websocket).await {
+        Ok(who) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
     }
 }
 

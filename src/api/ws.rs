@@ -8,6 +8,12 @@
 //! Server messages: `welcome`, `presence`, `reply`, `error`, and `subscriptions` (the list, once
 //! loaded, after a welcome that could not include it). When the node shuts down every socket is
 //! closed with 1001 and its device taken offline at once.
+//!
+//! With `PRESENCE_AUTH=jwt` the upgrade needs a token (`Authorization: Bearer`, or a
+//! `bearer.<jwt>` subprotocol next to `presence.v1`, which the server then answers) whose `sub`
+//! is the `userId` (or a service token). The socket closes with 4001 once the token is past its
+//! `exp` plus `PRESENCE_WS_TOKEN_GRACE`, unless a `refresh` `{token}` brought a newer one; an
+//! invalid refresh closes it with 4401.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -17,7 +23,7 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -26,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{settings_of, targets_of, AppState, SetStatusRequest};
+use crate::auth::{socket_deadline, Principal, WS_PROTOCOL};
 use crate::error::Error;
 use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
@@ -42,6 +49,10 @@ const REPLY_QUEUE: usize = 64;
 const CLOSE_POLICY: u16 = 1008;
 /// Close code when the node shuts down (Going Away).
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code when the socket's token expired (past `exp` plus the grace) without a refresh.
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// Close code after a `refresh` with a token that is invalid or for another user.
+const CLOSE_REFRESH_REFUSED: u16 = 4401;
 /// Longest the close frame may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A draining node's `offline` ignores heartbeats of the device seen up to this long after its
@@ -55,6 +66,7 @@ const RELOAD_MAX: Duration = Duration::from_secs(10);
 /// Upgrades after validating the query; errors are the usual envelope.
 pub async fn upgrade(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
@@ -64,6 +76,8 @@ pub async fn upgrade(
     let device = validate_device_id(field("deviceId"))?.to_string();
     let platform = Platform::parse(field("platform"))
         .ok_or_else(|| Error::BadRequest("platform must be one of WEB, IOS, ANDROID, PC".into()))?;
+    // The token's user only (or a service token): 403 before anything happens.
+    s.auth.authorize(&who, user)?;
     let ws = ws.map_err(|e| Error::BadRequest(format!("expected a WebSocket upgrade: {e}")))?;
     let hub = s
         .hub
@@ -78,6 +92,8 @@ pub async fn upgrade(
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
     Ok(ws
+        // A browser sends its token as a subprotocol next to `presence.v1`: answer that one.
+        .protocols([WS_PROTOCOL])
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)
         // Small buffers: presence frames are a few hundred bytes, and a gateway holds tens of
@@ -88,7 +104,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             // Tracked, so that a shutdown waits for the socket's close and offline.
             let sessions = hub.sessions().clone();
-            sessions.track_future(run(s, hub, user, device, platform, socket))
+            sessions.track_future(run(s, hub, who, user, device, platform, socket))
         }))
 }
 
@@ -143,6 +159,8 @@ struct ClientMessage {
     user_ids: Option<Vec<u64>>,
     #[serde(default)]
     versions: Option<HashMap<String, u64>>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 fn reply(id: &Option<Value>, message: &str, data: Value) -> Frame {
@@ -169,11 +187,16 @@ struct Socket {
     device: String,
     platform: Platform,
     last_heartbeat: Instant,
+    /// When the socket's token (plus the grace) runs out; `None`: never (no authentication).
+    deadline: Option<tokio::time::Instant>,
+    /// Set when a message ends the socket: the close code and reason.
+    end: Option<(u16, &'static str)>,
 }
 
 async fn run(
     s: AppState,
     hub: Arc<Hub>,
+    who: Principal,
     user: UserId,
     device: String,
     platform: Platform,
@@ -188,6 +211,8 @@ async fn run(
         device,
         platform,
         last_heartbeat: Instant::now(),
+        deadline: socket_deadline(&who, s.auth.ws_grace),
+        end: None,
     };
     let m = s.metrics.clone();
     // The subscription list: from the store; failing that, the list this hub keeps for another
@@ -239,6 +264,14 @@ async fn run(
     let closing = reg.closing.clone();
     let stop = CancellationToken::new();
     let stop_writer = stop.clone();
+    // Ended by its token: expired, or refused on refresh. The code is set before the cancel.
+    let auth_end = CancellationToken::new();
+    let auth_end_writer = auth_end.clone();
+    let auth_close = Arc::new(parking_lot::Mutex::new((
+        CLOSE_TOKEN_EXPIRED,
+        "token expired",
+    )));
+    let auth_close_writer = auth_close.clone();
     let mut events = reg.rx;
     let catching_up = reg.catching_up.clone();
     let (writer_hub, id) = (hub.clone(), sock.id);
@@ -249,6 +282,8 @@ async fn run(
                 Some((CLOSE_POLICY, "slow consumer"))
             } else if stop_writer.is_cancelled() {
                 Some((CLOSE_POLICY, "rate limit exceeded"))
+            } else if auth_end_writer.is_cancelled() {
+                Some(*auth_close_writer.lock())
             } else if closing.is_cancelled() {
                 Some((CLOSE_GOING_AWAY, "server shutting down"))
             } else {
@@ -261,6 +296,7 @@ async fn run(
                 biased;
                 _ = kill.cancelled() => break,
                 _ = stop_writer.cancelled() => break,
+                _ = auth_end_writer.cancelled() => break,
                 _ = closing.cancelled() => break,
                 f = events.recv() => match f {
                     Some(f) => {
@@ -278,6 +314,7 @@ async fn run(
                 biased;
                 _ = kill.cancelled() => false,
                 _ = stop_writer.cancelled() => false,
+                _ = auth_end_writer.cancelled() => false,
                 _ = closing.cancelled() => false,
                 r = sink.send(msg) => r.is_ok(),
             };
@@ -301,6 +338,11 @@ async fn run(
         m = stream.next() => m,
         _ = reg.kill.cancelled() => None,
         _ = reg.closing.cancelled() => None,
+        _ = until(sock.deadline) => {
+            *auth_close.lock() = (CLOSE_TOKEN_EXPIRED, "token expired");
+            auth_end.cancel();
+            None
+        }
     } {
         if !bucket.take() {
             m.push.slow_consumers.inc();
@@ -326,6 +368,11 @@ async fn run(
             }
             Message::Close(_) => break,
         };
+        if let Some(end) = sock.end {
+            *auth_close.lock() = end;
+            auth_end.cancel();
+            break;
+        }
         if let Some(f) = frame {
             if reply_tx.try_send(f).is_err() {
                 // The client sends but does not read its replies.
@@ -383,6 +430,14 @@ async fn run(
             }
         }
     });
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A draining node takes the device of a closed socket offline at once (unless another socket
@@ -555,7 +610,7 @@ impl Socket {
         };
         let kind = match msg.kind.as_str() {
             k @ ("heartbeat" | "setStatus" | "clearStatus" | "subscribe" | "unsubscribe"
-            | "query" | "resume") => k,
+            | "query" | "resume" | "refresh") => k,
             _ => "unknown",
         };
         let result = self.dispatch(kind, &msg).await;
@@ -622,6 +677,28 @@ impl Socket {
                 let ids: Vec<UserId> = ids.iter().map(|&u| crate::presence::validate_user_id(u)).collect::<Result<_, _>>()?;
                 Ok(reply(&msg.id, "success", json!(p.views(&ids).await?)))
             }
+            "refresh" => {
+                // A newer token for this socket: it must be valid and for this user (or a
+                // service token); anything else ends the socket.
+                let token = msg.token.as_deref().unwrap_or("");
+                if !self.s.auth.enabled() {
+                    return Err(Error::BadRequest("refresh needs PRESENCE_AUTH=jwt".into()));
+                }
+                let who = match self.s.auth.verify(token).await {
+                    Ok(who) if who.may_act_for(self.user) => who,
+                    Ok(_) => {
+                        self.s.auth.count_forbidden();
+                        self.end = Some((CLOSE_REFRESH_REFUSED, "token refused"));
+                        return Err(Error::Forbidden);
+                    }
+                    Err(e) => {
+                        self.end = Some((CLOSE_REFRESH_REFUSED, "token refused"));
+                        return Err(e);
+                    }
+                };
+                self.deadline = socket_deadline(&who, self.s.auth.ws_grace);
+                Ok(reply(&msg.id, "success", json!({ "exp": who.exp })))
+            }
             "resume" => {
                 // What the client has seen; it then gets the current state of every target that
                 // changed since (and of those it never saw), never an older one.
@@ -649,7 +726,7 @@ impl Socket {
                 Ok(reply(&msg.id, "success", json!({ "sent": n })))
             }
             _ => Err(Error::BadRequest(
-                "type must be one of heartbeat, setStatus, clearStatus, subscribe, unsubscribe, query, resume".into(),
+                "type must be one of heartbeat, setStatus, clearStatus, subscribe, unsubscribe, query, resume, refresh".into(),
             )),
         }
     }

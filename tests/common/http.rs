@@ -27,10 +27,11 @@ pub fn method(name: &str) -> reqwest::Method {
     reqwest::Method::from_bytes(name.as_bytes()).expect("valid method")
 }
 
-/// One answer: status, Content-Type, body text.
+/// One answer: status, Content-Type, `WWW-Authenticate`, body text.
 pub struct Answer {
     pub status: u16,
     pub content_type: Option<String>,
+    pub www_authenticate: Option<String>,
     pub body: String,
 }
 
@@ -44,11 +45,14 @@ pub async fn send(req: reqwest::RequestBuilder) -> Answer {
         .await
         .unwrap_or_else(|e| panic!("{what}: request failed: {e:?}"));
     let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(reqwest::header::CONTENT_TYPE);
+    let www_authenticate = header(reqwest::header::WWW_AUTHENTICATE);
     let body = resp
         .text()
         .await
@@ -56,6 +60,7 @@ pub async fn send(req: reqwest::RequestBuilder) -> Answer {
     Answer {
         status,
         content_type,
+        www_authenticate,
         body,
     }
 }
@@ -88,9 +93,30 @@ pub async fn request(
     path: &str,
     body: Option<&Value>,
 ) -> (u16, Value) {
-    let body = body.map(|b| serde_json::to_vec(b).expect("serializable"));
-    let ct = body.as_ref().map(|_| "application/json");
-    let a = send_bytes(client, method_name, base, path, ct, body).await;
+    let (status, v, _) = request_as(client, base, method_name, path, body, None).await;
+    (status, v)
+}
+
+/// [`request`] with `Authorization: Bearer <token>` when `token` is given; also returns the
+/// answer's `WWW-Authenticate`.
+pub async fn request_as(
+    client: &reqwest::Client,
+    base: &str,
+    method_name: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> (u16, Value, Option<String>) {
+    let mut req = client.request(method(method_name), format!("{base}{path}"));
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(b).expect("serializable"));
+    }
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let a = send(req).await;
     let v = assert_envelope(
         method_name,
         path,
@@ -98,7 +124,7 @@ pub async fn request(
         a.content_type.as_deref(),
         &a.body,
     );
-    (a.status, v)
+    (a.status, v, a.www_authenticate)
 }
 
 /// [`request`] with a client of its own, for tests that hold only a base URL.

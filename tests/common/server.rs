@@ -150,6 +150,18 @@ impl Server {
         http::request(&self.client, self.pick(), method, path, body).await
     }
 
+    /// A JSON request with `Authorization: Bearer <token>` (none when `token` is `None`):
+    /// the status, the whole envelope and the answer's `WWW-Authenticate`.
+    pub async fn request_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value, Option<String>) {
+        http::request_as(&self.client, self.pick(), method, path, body, token).await
+    }
+
     /// `GET path`; returns the status and the whole envelope.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.request("GET", path, None).await
@@ -209,6 +221,7 @@ impl Server {
             status,
             content_type,
             body,
+            ..
         } = http::send_bytes(&self.client, "GET", self.pick(), path, None, None).await;
         (status, content_type, body)
     }
@@ -230,6 +243,15 @@ impl Server {
     /// `data` of `GET /api/v1/presence/status/{user}`, which must answer 200 "success".
     pub async fn status_of(&self, user: u64) -> Value {
         let (code, v) = self.get(&format!("/api/v1/presence/status/{user}")).await;
+        assert_eq!(code, 200, "GET /status/{user}: {v}");
+        assert_eq!(v["message"], "success");
+        v["data"].clone()
+    }
+
+    /// [`Server::status_of`] with `Authorization: Bearer <token>`.
+    pub async fn status_of_as(&self, token: &str, user: u64) -> Value {
+        let path = format!("/api/v1/presence/status/{user}");
+        let (code, v, _) = self.request_as(Some(token), "GET", &path, None).await;
         assert_eq!(code, 200, "GET /status/{user}: {v}");
         assert_eq!(v["message"], "success");
         v["data"].clone()

@@ -7,6 +7,8 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A JSON array of ids, sorted.
@@ -53,6 +55,8 @@ pub struct Ws {
     pub log: Vec<(Instant, Value)>,
     pub closed: Option<(Instant, Option<u16>)>,
     pub welcome: Value,
+    /// The subprotocol the server selected (`Sec-WebSocket-Protocol` of its 101).
+    pub protocol: Option<String>,
     next_id: u64,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -84,10 +88,23 @@ impl Ws {
     /// Opens the socket at `url` (it must upgrade: 101) and reads the first frame, which must be
     /// the `welcome`. `what` names the socket in messages.
     pub async fn open(url: &str, what: &str) -> Ws {
-        let (stream, resp) = tokio_tungstenite::connect_async(url)
+        let req = url.into_client_request().expect("a WebSocket URL");
+        Ws::open_request(req, what).await
+    }
+
+    /// [`Ws::open`] with a request of the caller's (headers: `Authorization`,
+    /// `Sec-WebSocket-Protocol`).
+    pub async fn open_request(req: Request, what: &str) -> Ws {
+        let url = req.uri().to_string();
+        let (stream, resp) = tokio_tungstenite::connect_async(req)
             .await
             .unwrap_or_else(|e| panic!("connecting {url}: {e}"));
         assert_eq!(resp.status().as_u16(), 101, "{url}");
+        let protocol = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let (mut sink, mut stream) = stream.split();
         let (tx, rx) = mpsc::unbounded_channel();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
@@ -123,6 +140,7 @@ impl Ws {
             log: Vec::new(),
             closed: None,
             welcome: Value::Null,
+            protocol,
             next_id: 0,
             tasks: vec![reader, writer],
         };
@@ -134,6 +152,31 @@ impl Ws {
         assert_eq!(first["type"], "welcome", "the first frame: {first}");
         ws.welcome = first["data"].clone();
         ws
+    }
+
+    /// Sends the upgrade `req`, which the server must refuse with the envelope: the status,
+    /// the envelope and the answer's `WWW-Authenticate`.
+    pub async fn refused(req: Request) -> (u16, Value, Option<String>) {
+        use tokio_tungstenite::tungstenite::Error;
+        let url = req.uri().to_string();
+        match tokio_tungstenite::connect_async(req).await {
+            Ok(_) => panic!("{url}: upgraded, expected a refusal"),
+            Err(Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let header = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                let ct = header("content-type");
+                let v = super::http::assert_envelope("GET", &url, status, ct.as_deref(), &body);
+                (status, v, header("www-authenticate"))
+            }
+            Err(e) => panic!("{url}: {e}"),
+        }
     }
 
     /// Takes in whatever arrived.
