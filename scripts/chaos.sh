@@ -4,8 +4,8 @@
 # Starts the Redis Cluster the suite needs (as scripts/test.sh does, on ports 7200-7205), runs
 # `cargo test --test chaos -- --include-ignored --test-threads 1` and stops the cluster. The
 # scenarios start their own nodes, private Redis Clusters and fault proxies, and need root for
-# the iptables scenario. Not part of scripts/test.sh: see docs/chaos.md for the state of each
-# scenario.
+# the iptables scenario. .ci/run runs it after scripts/test.sh: see docs/chaos.md for the state
+# of each scenario.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh

@@ -65,12 +65,16 @@ async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) {
             ])
             .await;
         }
+        (Proc::Gateway(k), Hit::Kill) => {
+            // Through the cluster, so that it stops reading the dead gateway's metrics.
+            c.s.cluster.kill_gateway(k);
+            c.h.gateway_down(k);
+            c.run(vec![Step::Sleep(STALL)]).await;
+            c.after_heal(false).await;
+        }
         _ => {
             let pid = c.s.cluster.pid(p).expect("a running child");
             hit_process(&mut c, pid, hit).await;
-            if let (Proc::Gateway(k), Hit::Kill) = (p, hit) {
-                c.h.gateway_down(k);
-            }
             c.after_heal(matches!(p, Proc::Shard(_))).await;
         }
     }

@@ -319,6 +319,13 @@ impl Cluster {
             .collect()
     }
 
+    /// The gateways that run now.
+    pub fn running_gateways(&self) -> Vec<usize> {
+        (0..self.gateways.len())
+            .filter(|&k| self.gateways[k].node.is_some())
+            .collect()
+    }
+
     /// Every node that runs now.
     pub fn procs(&self) -> Vec<Proc> {
         let mut v: Vec<Proc> = self.running_shards().into_iter().map(Proc::Shard).collect();
@@ -404,6 +411,13 @@ impl Cluster {
     pub fn kill_shard(&mut self, i: usize) {
         let m = &mut self.shards[i];
         let mut node = m.node.take().expect("the shard runs");
+        m.exited = Some(node.kill());
+    }
+
+    /// SIGKILL of gateway `k` (`Child::kill`), reaped: it is no longer among the running nodes.
+    pub fn kill_gateway(&mut self, k: usize) {
+        let m = &mut self.gateways[k];
+        let mut node = m.node.take().expect("the gateway runs");
         m.exited = Some(node.kill());
     }
 

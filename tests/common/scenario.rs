@@ -461,10 +461,11 @@ async fn online_all(c: &Cluster, users: &[u64]) {
 /// Takes every user's device offline: what a test leaves in the shared Redis is then no live
 /// user for the next cluster to reload and time out.
 async fn offline_all(c: &Cluster, users: &[u64]) {
+    let gateways = c.running_gateways();
     let _: Vec<(u16, Value)> = futures::stream::iter(users.iter().enumerate())
         .map(|(j, &u)| {
             let body = json!({"userId": u, "deviceId": "d"});
-            c.post(j % c.gateways(), OFFLINE, body)
+            c.post(gateways[j % gateways.len()], OFFLINE, body)
         })
         .buffer_unordered(32)
         .collect()
