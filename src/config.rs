@@ -1,6 +1,7 @@
 //! The one `Config`: every option is a flag and a `PRESENCE_*` environment variable.
 
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
@@ -70,6 +71,11 @@ pub struct Config {
     /// Address of the HTTP API, health and metrics.
     #[arg(long, env = "PRESENCE_LISTEN", default_value = "0.0.0.0:8004")]
     pub listen: SocketAddr,
+
+    /// Address of a separate listener for `/metrics` (and `/livez`, `/readyz`). When set,
+    /// `/metrics` is not served on PRESENCE_LISTEN, so an ingress to that port never exposes it.
+    #[arg(long, env = "PRESENCE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// What this process does: all (one-process service), gateway or shard.
     #[arg(long, env = "PRESENCE_ROLE", value_enum, default_value = "all")]
@@ -169,6 +175,70 @@ pub struct Config {
     /// floods is closed with code 1008.
     #[arg(long, env = "PRESENCE_WS_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub ws_rate: u32,
+
+    /// Status and custom-text changes per user (REST `PUT`/`DELETE /status` and the socket's
+    /// `setStatus`/`clearStatus`), as `N/PERIOD[,BURST]`; past it, 429 with `Retry-After`.
+    /// `off` disables it. Counted per gateway.
+    #[arg(long, env = "PRESENCE_STATUS_RATE", default_value = "20/1m,10", value_parser = crate::limits::Rate::from_str)]
+    pub status_rate: crate::limits::Rate,
+
+    /// How long a request refused by a rate limit (429) is held back before it is answered, at
+    /// most its `Retry-After`; it holds no in-flight slot meanwhile. A client looping without
+    /// waiting then costs one request per delay and connection. 0s answers at once.
+    #[arg(long, env = "PRESENCE_RATE_LIMIT_DELAY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub rate_limit_delay: Duration,
+
+    /// Most users whose status-change rate a gateway tracks at once (users within their burst
+    /// are forgotten); past it, changes of further users are refused with 429.
+    #[arg(long, env = "PRESENCE_STATUS_RATE_USERS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(16..=100_000_000))]
+    pub status_rate_users: u32,
+
+    /// The kernel send buffer of each client connection (`SO_SNDBUF`), in bytes; 0 leaves the
+    /// kernel's autotuning. Bounds what a WebSocket that does not read holds in the kernel, so
+    /// that it backs up into its queue (`PRESENCE_WS_QUEUE`) and is cut as a slow consumer.
+    #[arg(long, env = "PRESENCE_SEND_BUFFER", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(0..=16_777_216))]
+    pub send_buffer: u32,
+
+    /// Open WebSockets per user on one gateway; a socket past it is closed at once with 4409.
+    #[arg(long, env = "PRESENCE_WS_MAX_PER_USER", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub ws_max_per_user: u32,
+
+    /// How often the server pings each WebSocket (0s: never).
+    #[arg(long, env = "PRESENCE_WS_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// A WebSocket from which nothing (no message, no pong) arrived for this long is closed with
+    /// 4408: a half-open connection does not hold its device online forever (0s: never).
+    #[arg(long, env = "PRESENCE_WS_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub ws_idle_timeout: Duration,
+
+    /// Largest WebSocket frame or message a client may send, in bytes; a larger one closes the
+    /// socket with 1009 before it is buffered.
+    #[arg(long, env = "PRESENCE_WS_MAX_FRAME", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub ws_max_frame: u32,
+
+    /// PEM certificate of this node for mTLS between nodes (server and client use), from the CA
+    /// of `PRESENCE_GRPC_TLS_CA`. Set with `_KEY` and `_CA`, or none of them (plaintext gRPC).
+    #[arg(long, env = "PRESENCE_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `PRESENCE_GRPC_TLS_CERT`.
+    #[arg(long, env = "PRESENCE_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate: only peers with a certificate from it may call a shard, and shards
+    /// must present one.
+    #[arg(long, env = "PRESENCE_GRPC_TLS_CA")]
+    pub grpc_tls_ca: Option<std::path::PathBuf>,
+
+    /// The name every node's certificate carries (a DNS subject alternative name), checked by
+    /// the calling side; addresses are pod IPs, so one shared name is checked instead.
+    #[arg(
+        long,
+        env = "PRESENCE_GRPC_TLS_SERVER_NAME",
+        default_value = "presence"
+    )]
+    pub grpc_tls_server_name: String,
 
     /// A WebSocket that closes takes its device offline after this grace, unless it reconnects.
     #[arg(long, env = "PRESENCE_WS_CLOSE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -401,6 +471,27 @@ impl Config {
             if d > day {
                 return bad(var, "must be at most 24h");
             }
+        }
+        let tls = [
+            ("PRESENCE_GRPC_TLS_CERT", &self.grpc_tls_cert),
+            ("PRESENCE_GRPC_TLS_KEY", &self.grpc_tls_key),
+            ("PRESENCE_GRPC_TLS_CA", &self.grpc_tls_ca),
+        ];
+        if tls.iter().any(|(_, p)| p.is_some()) {
+            for (var, path) in tls {
+                let Some(path) = path else {
+                    return bad(var, "PRESENCE_GRPC_TLS_CERT, PRESENCE_GRPC_TLS_KEY and PRESENCE_GRPC_TLS_CA go together");
+                };
+                if let Err(e) = std::fs::metadata(path) {
+                    return bad(var, &format!("cannot read {}: {e}", path.display()));
+                }
+            }
+        }
+        if !self.ws_idle_timeout.is_zero() && self.ws_idle_timeout <= self.ws_ping_interval {
+            return bad(
+                "PRESENCE_WS_IDLE_TIMEOUT",
+                "must be 0s or longer than PRESENCE_WS_PING_INTERVAL",
+            );
         }
         if self.timer_tick < Duration::from_millis(1) || self.timer_tick > Duration::from_secs(1) {
             return bad("PRESENCE_TIMER_TICK", "must be between 1ms and 1s");

@@ -36,6 +36,9 @@ pub enum Error {
     PayloadTooLarge(usize),
     #[error("unsupported media type: expected Content-Type: application/json")]
     UnsupportedMediaType,
+    /// A per-user rate limit (`PRESENCE_STATUS_RATE`): retry after the given whole seconds.
+    #[error("too many status changes, retry in {0} s")]
+    RateLimited(u64),
     /// Too many requests in flight.
     #[error("server overloaded, retry later")]
     Overloaded,
@@ -68,6 +71,7 @@ impl Error {
             Error::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Overloaded
             | Error::StoreUnavailable(_)
             | Error::NotReady
@@ -102,6 +106,7 @@ impl Error {
             Error::RequestTimeout => "request_timeout",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::UnsupportedMediaType => "unsupported_media_type",
+            Error::RateLimited(_) => "rate_limited",
             Error::Overloaded => "overloaded",
             Error::StoreUnavailable(_) => "store_unavailable",
             Error::NotReady => "not_ready",
@@ -127,7 +132,7 @@ impl From<Error> for tonic::Status {
             Error::MethodNotAllowed => Code::Unimplemented,
             Error::Unauthorized => Code::Unauthenticated,
             Error::Forbidden => Code::PermissionDenied,
-            Error::TooManyDevices(_) => Code::ResourceExhausted,
+            Error::TooManyDevices(_) | Error::RateLimited(_) => Code::ResourceExhausted,
             Error::RequestTimeout => Code::DeadlineExceeded,
             Error::PayloadTooLarge(_) => Code::OutOfRange,
             Error::UnsupportedMediaType => Code::InvalidArgument,
@@ -150,6 +155,9 @@ impl From<Error> for tonic::Status {
             }
             Error::TooManyDevices(n) | Error::PayloadTooLarge(n) => {
                 md.insert(LIMIT, n.to_string().parse().expect("digits are ascii"));
+            }
+            Error::RateLimited(secs) => {
+                md.insert(LIMIT, secs.to_string().parse().expect("digits are ascii"));
             }
             _ => {}
         }
@@ -176,6 +184,7 @@ impl From<tonic::Status> for Error {
             Some("request_timeout") => Error::RequestTimeout,
             Some("payload_too_large") => Error::PayloadTooLarge(number(LIMIT) as usize),
             Some("overloaded") => Error::Overloaded,
+            Some("rate_limited") => Error::RateLimited(number(LIMIT)),
             Some("store_unavailable") => Error::StoreUnavailable(after("store unavailable: ")),
             Some("not_ready") => Error::ShardUnavailable("shard not ready".into()),
             Some("wrong_owner") => Error::WrongOwner {
@@ -227,6 +236,12 @@ impl IntoResponse for Error {
             data: None,
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        if let Error::RateLimited(secs) = self {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
         if matches!(self, Error::Unauthorized) {
             // RFC 6750: what a bearer-token client needs to know, and nothing more.
             resp.headers_mut().insert(
@@ -255,6 +270,7 @@ mod tests {
             Error::Overloaded,
             Error::Unauthorized,
             Error::Forbidden,
+            Error::RateLimited(6),
         ] {
             let back = Error::from(tonic::Status::from(e.clone()));
             assert_eq!(back, e);
@@ -271,6 +287,13 @@ mod tests {
             Error::from(transport).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[test]
+    fn a_rate_limit_is_429_with_retry_after() {
+        let r = Error::RateLimited(6).into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "6");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`timer`]: the timer wheel behind every deadline, and the clock.
 //! - [`ring`]: the fixed partitions of the userId space and their placement on shards.
 //! - [`metrics`]: the Prometheus registry and every metric, by subsystem.
+//! - [`limits`]: per-key rate limits (GCRA), bounded in memory.
 //! - [`auth`]: who calls: bearer JWTs (secret or JWKS), the `Principal`, the self-only rule.
 //! - [`membership`]: who the shards are (static list with health checks, Kubernetes, Nacos).
 //! - [`store`]: the persistence boundary (`Store`), the in-memory store and Redis Cluster.
@@ -27,6 +28,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod node;

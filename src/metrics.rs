@@ -176,10 +176,18 @@ label_enum!(
     }
 );
 label_enum!(
+    /// Which per-user rate limit refused a request or a socket message (`status`: the user is
+    /// over `PRESENCE_STATUS_RATE`; `status_table_full`: too many users over their burst at once).
+    RateLimit("limit") { Status = "status", StatusTableFull = "status_table_full" }
+);
+label_enum!(
     /// Why a WebSocket message or upgrade was refused by a limit.
     WsRefusal("reason") {
         ResumeTooLarge = "resume_too_large",
-        Draining = "draining"
+        Draining = "draining",
+        TooManySockets = "too_many_sockets",
+        IdleTimeout = "idle_timeout",
+        FrameTooLarge = "frame_too_large"
     }
 );
 label_enum!(
@@ -276,6 +284,8 @@ pub struct PresenceMetrics {
     pub timer_fired: IntCounter,
     pub timer_lag: Histogram,
     pub recovered_users: IntCounter,
+    /// Changes refused by a per-user rate limit (counted by the user's owner).
+    pub rate_limited: Counters<RateLimit>,
 }
 
 impl PresenceMetrics {
@@ -315,10 +325,18 @@ impl PresenceMetrics {
                 "presence_recovered_users_total",
                 "Live users reloaded from the store's live index at start-up.",
             ),
+            rate_limited: r.counters(
+                "presence_rate_limited_total",
+                "Changes refused by a per-user rate limit, counted by the user's shard, by limit \
+                 (status: over PRESENCE_STATUS_RATE; status_table_full: too many users tracked).",
+            ),
         };
         // Pre-create the label sets dashboards expect, so they read 0 rather than nothing.
         for &h in &HeartbeatResult::ALL[..2] {
             m.heartbeats.get(h);
+        }
+        for &k in RateLimit::ALL {
+            m.rate_limited.get(k);
         }
         m
     }
@@ -589,7 +607,8 @@ impl PushMetrics {
             ),
             ws_refusals: r.counters(
                 "presence_ws_refusals_total",
-                "WebSocket messages or upgrades refused by a limit, by reason (resume_too_large, draining).",
+                "WebSocket messages or upgrades refused by a limit, by reason (resume_too_large, draining, \
+                 too_many_sockets, idle_timeout, frame_too_large).",
             ),
             ws_degraded: r.counter(
                 "presence_ws_degraded_welcomes_total",

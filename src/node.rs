@@ -17,6 +17,7 @@ use crate::membership::{self, Discovery, Members, StaticDiscovery};
 use crate::metrics::Metrics;
 use crate::ownership::Table;
 use crate::peer::client::Clients;
+use crate::peer::tls::GrpcTls;
 use crate::peer::upstream::Upstreams;
 use crate::peer::{GrpcProbe, Handoff, Router, ShardService};
 use crate::proto::v1::presence_shard_server::PresenceShardServer;
@@ -46,6 +47,10 @@ pub struct Node {
     store: Option<Arc<dyn Store>>,
     /// Stops the membership and ring tasks.
     background: CancellationToken,
+    /// mTLS of the shard's gRPC server (`PRESENCE_GRPC_TLS_*`).
+    grpc_tls: Option<GrpcTls>,
+    /// `PRESENCE_METRICS_LISTEN`: metrics on a listener of their own.
+    metrics_listener: Option<TcpListener>,
 }
 
 fn anyhow_config(e: ConfigError) -> anyhow::Error {
@@ -177,7 +182,15 @@ impl Node {
                 tracing::warn!("PRESENCE_AUTH=none: any client may act for any user; set PRESENCE_AUTH=jwt outside development");
             }
         }
-        let clients = Clients::new(Duration::from_millis(500), config.route_timeout);
+        let grpc_tls = GrpcTls::from_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if grpc_tls.is_none() && config.role != Role::All {
+            tracing::warn!("gRPC between nodes is plaintext and unauthenticated; set PRESENCE_GRPC_TLS_CERT, _KEY and _CA");
+        }
+        let clients = Clients::with_tls(
+            Duration::from_millis(500),
+            config.route_timeout,
+            grpc_tls.clone(),
+        );
         let mut hub = None;
         let mut watched_store = None;
         let (presence, shard, shard_parts): (Arc<dyn Presence>, _, _) = match config.role {
@@ -189,13 +202,16 @@ impl Node {
                 watched_store = Some(store.clone());
                 // It answered when it was built; the watch keeps this up to date.
                 metrics.store.up.set(1);
-                let shard = Arc::new(Shard::new(
-                    store,
-                    config.rules(),
-                    config.timer_tick,
-                    metrics.clone(),
-                    Table::owning_all(),
-                ));
+                let shard = Arc::new(
+                    Shard::new(
+                        store,
+                        config.rules(),
+                        config.timer_tick,
+                        metrics.clone(),
+                        Table::owning_all(),
+                    )
+                    .with_status_rate(config.status_rate, config.status_rate_users as usize),
+                );
                 let h = Hub::with_drain_concurrency(
                     metrics.clone(),
                     config.ws_queue as usize,
@@ -225,13 +241,16 @@ impl Node {
                 if store.kind() == "memory" {
                     tracing::warn!("a shard on the in-memory store loses its users on handoff; set PRESENCE_REDIS_URL");
                 }
-                let shard = Arc::new(Shard::new(
-                    store,
-                    config.rules(),
-                    config.timer_tick,
-                    metrics.clone(),
-                    Table::new(),
-                ));
+                let shard = Arc::new(
+                    Shard::new(
+                        store,
+                        config.rules(),
+                        config.timer_tick,
+                        metrics.clone(),
+                        Table::new(),
+                    )
+                    .with_status_rate(config.status_rate, config.status_rate_users as usize),
+                );
                 let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 let own = Handoff::new(
                     config.advertise_addr(),
@@ -290,6 +309,14 @@ impl Node {
         };
         let listener = TcpListener::bind(config.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).await?;
+                tracing::info!(addr = %l.local_addr()?, "metrics listening");
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Node {
             config,
             listener,
@@ -298,6 +325,8 @@ impl Node {
             shard_parts,
             store: watched_store,
             background,
+            grpc_tls,
+            metrics_listener,
         })
     }
 
@@ -333,6 +362,8 @@ impl Node {
             shard_parts,
             store,
             background,
+            grpc_tls,
+            metrics_listener,
         } = self;
         let tracker = TaskTracker::new();
         let timers = CancellationToken::new();
@@ -350,7 +381,11 @@ impl Node {
         let ready = state.ready.clone();
         let metrics = state.metrics.clone();
         let hub = state.hub.clone();
-        let app = api::router(state, config.role != Role::Shard);
+        let app = api::router(
+            state.clone(),
+            config.role != Role::Shard,
+            metrics_listener.is_none(),
+        );
 
         // Shard: the gRPC service, ownership following the ring, registration.
         let grpc_stop = CancellationToken::new();
@@ -373,8 +408,14 @@ impl Node {
             // No Nagle: events and replies are small and must not wait for more bytes.
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = &grpc_tls {
+                server = server
+                    .tls_config(tls.server())
+                    .map_err(|e| anyhow::anyhow!("gRPC TLS: {e}"))?;
+            }
             grpc_task = Some(tokio::spawn(
-                tonic::transport::Server::builder()
+                server
                     .add_service(PresenceShardServer::new(service))
                     .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
             ));
@@ -393,6 +434,7 @@ impl Node {
         let timeouts = api::server::Timeouts {
             header: config.http_header_timeout,
             idle: config.http_idle_timeout,
+            send_buffer: (config.send_buffer > 0).then_some(config.send_buffer as usize),
         };
         let server = tokio::spawn(api::server::serve(
             listener,
@@ -401,6 +443,15 @@ impl Node {
             metrics.clone(),
             shutdown.clone(),
         ));
+        if let Some(l) = metrics_listener {
+            tokio::spawn(api::server::serve(
+                l,
+                api::metrics_router(state),
+                timeouts,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         shutdown.cancelled().await;
         tracing::info!("draining");
         ready.store(false, Ordering::Relaxed);

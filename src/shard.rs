@@ -24,8 +24,9 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::limits::{Rate, RateLimiter, Refused};
 use crate::metrics::{
-    HeartbeatResult, Metrics, StoreOp, StoreResult, SubscriptionChange, Transition,
+    HeartbeatResult, Metrics, RateLimit, StoreOp, StoreResult, SubscriptionChange, Transition,
 };
 use crate::ownership::Table;
 use crate::presence::{
@@ -67,6 +68,9 @@ struct Backlog {
     saves: hashbrown::HashMap<UserId, UserState>,
     refreshes: hashbrown::HashSet<UserId>,
     repairs: hashbrown::HashSet<UserId>,
+    /// Users out of memory after a failed write, until they are back: a heartbeat or a read of
+    /// one of them reloads it (with a fresh deadline) instead of answering "not online".
+    evicted: hashbrown::HashSet<UserId>,
 }
 
 impl Backlog {
@@ -107,6 +111,8 @@ pub struct Shard {
     fences: Box<[AtomicU64]>,
     backlog: Mutex<Backlog>,
     wake: tokio::sync::Notify,
+    /// Status changes per user (`PRESENCE_STATUS_RATE`).
+    status_rate: RateLimiter,
 }
 
 impl Shard {
@@ -151,7 +157,29 @@ impl Shard {
             fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
             backlog: Mutex::default(),
             wake: tokio::sync::Notify::new(),
+            status_rate: RateLimiter::new(Rate::OFF, 1, 1),
         }
+    }
+
+    /// Limits the status changes of each user to `rate` (`PRESENCE_STATUS_RATE`), tracking at
+    /// most `max_users` at once.
+    pub fn with_status_rate(mut self, rate: Rate, max_users: usize) -> Shard {
+        self.status_rate = RateLimiter::new(rate, 1, max_users);
+        self
+    }
+
+    /// Takes a token of `user`'s status-change rate, or refuses with 429 (counted).
+    fn status_change(&self, user: UserId) -> Result<(), Error> {
+        let refused = match self.status_rate.check(user, std::time::Instant::now()) {
+            Ok(()) => return Ok(()),
+            Err(r) => r,
+        };
+        let (limit, wait) = match refused {
+            Refused::Rate(wait) => (RateLimit::Status, wait),
+            Refused::Full => (RateLimit::StatusTableFull, Duration::from_secs(1)),
+        };
+        self.metrics.presence.rate_limited.get(limit).inc();
+        Err(Error::RateLimited(wait.as_secs_f64().ceil().max(1.0) as u64))
     }
 
     /// Which partitions this shard serves.
@@ -266,6 +294,7 @@ impl Shard {
                         );
                         self.metrics.presence.cached_users.inc();
                     }
+                    self.backlog.lock().evicted.remove(&user);
                 }
                 match stripe.get_mut(&user) {
                     Some(entry) => Some(self.apply(user, entry, now, &op)),
@@ -364,7 +393,11 @@ impl Shard {
             self.forget_entry(&entry);
             self.metrics.presence.cached_users.dec();
         }
-        self.backlog.lock().repairs.insert(user);
+        {
+            let mut backlog = self.backlog.lock();
+            backlog.repairs.insert(user);
+            backlog.evicted.insert(user);
+        }
         self.wake.notify_one();
     }
 
@@ -579,6 +612,7 @@ impl Shard {
             let mine = |u: &UserId| !partitions[partition_of(*u) as usize];
             backlog.refreshes.retain(mine);
             backlog.repairs.retain(mine);
+            backlog.evicted.retain(mine);
             let (stay, go) = std::mem::take(&mut backlog.saves)
                 .into_iter()
                 .partition(|(u, _)| mine(u));
@@ -673,6 +707,7 @@ impl Shard {
             };
             state.reloaded(now);
             let mut stripe = self.stripe(user).lock();
+            self.backlog.lock().evicted.remove(&user);
             if stripe.contains_key(&user) {
                 continue;
             }
@@ -873,7 +908,8 @@ impl Shard {
         if !misses.is_empty() {
             let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
             for (&i, st) in misses.iter().zip(self.load(&ids).await?) {
-                out[i] = Some(show(&st.unwrap_or_default(), users[i], now, &self.rules));
+                let st = self.as_reloaded(users[i], st.unwrap_or_default(), now);
+                out[i] = Some(show(&st, users[i], now, &self.rules));
             }
         }
         Ok(out
@@ -887,12 +923,26 @@ impl Shard {
         if let Some(e) = self.stripe(user).lock().get(&user) {
             return Ok(e.state.clone());
         }
-        Ok(self
+        let st = self
             .load(&[user])
             .await?
             .pop()
             .flatten()
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok(self.as_reloaded(user, st, self.clock.now()))
+    }
+
+    fn is_evicted(&self, user: UserId) -> bool {
+        self.backlog.lock().evicted.contains(&user)
+    }
+
+    /// A stored state as a read shows it: an evicted user's devices count as seen now (their
+    /// heartbeats were not written through), as they will once the writer reinstalls it.
+    fn as_reloaded(&self, user: UserId, mut st: UserState, now: Millis) -> UserState {
+        if self.is_evicted(user) {
+            st.reloaded(now);
+        }
+        st
     }
 }
 
@@ -969,8 +1019,9 @@ impl Presence for Shard {
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
         let rules = self.rules;
+        let evicted = self.is_evicted(user);
         let r = self
-            .mutate(user, false, |st, now| {
+            .mutate(user, evicted, |st, now| {
                 let st = st.ok_or(Error::DeviceNotOnline)?;
                 let effect = st
                     .heartbeat(device, active, now, &rules)
@@ -1008,6 +1059,8 @@ impl Presence for Shard {
                 ));
             }
         }
+        self.table.check(user)?;
+        self.status_change(user)?;
         let rules = self.rules;
         self.mutate(user, true, |st, now| {
             let st = st.expect("loaded");
@@ -1018,6 +1071,8 @@ impl Presence for Shard {
     }
 
     async fn clear_status(&self, user: UserId) -> Result<StatusView, Error> {
+        self.table.check(user)?;
+        self.status_change(user)?;
         let rules = self.rules;
         self.mutate(user, true, |st, now| {
             let st = st.expect("loaded");
@@ -1108,6 +1163,45 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn status_changes_past_the_rate_are_refused_and_change_nothing() {
+        let s = shard(100);
+        let s = Arc::new(
+            Arc::try_unwrap(s)
+                .ok()
+                .unwrap()
+                .with_status_rate("3/1m,3".parse().unwrap(), 100),
+        );
+        let busy = |text: &str| Settings {
+            manual: Some(Status::Busy),
+            text: Some(text.into()),
+            expires_at: None,
+        };
+        for i in 0..3 {
+            s.set_status(1, busy(&format!("t{i}"))).await.unwrap();
+        }
+        let r = s.set_status(1, busy("t3")).await;
+        // One token comes back every 20 s.
+        assert!(
+            matches!(r, Err(Error::RateLimited(n)) if (19..=20).contains(&n)),
+            "{r:?}"
+        );
+        assert_eq!(
+            s.clear_status(1).await.map(|_| ()),
+            Err(Error::RateLimited(20))
+        );
+        let view = s.status(1).await.unwrap();
+        assert_eq!(
+            view.custom_text.as_deref(),
+            Some("t2"),
+            "a refused change changed something"
+        );
+        let limited = s.metrics.presence.rate_limited.get(RateLimit::Status).get();
+        assert_eq!(limited, 2);
+        // Other users have their own budget.
+        s.set_status(2, busy("x")).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

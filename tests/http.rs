@@ -835,6 +835,12 @@ fn bad_configuration_exits_64_naming_the_variable() {
         ("PRESENCE_BATCH_LIMIT", "0"),
         ("PRESENCE_BATCH_LIMIT", "many"),
         ("PRESENCE_LISTEN", "not-an-address"),
+        ("PRESENCE_STATUS_RATE", "10 a minute"),
+        ("PRESENCE_STATUS_RATE", "0/1m"),
+        ("PRESENCE_WS_IDLE_TIMEOUT", "10s"), // not longer than the 30 s ping interval
+        ("PRESENCE_WS_MAX_FRAME", "12"),
+        ("PRESENCE_GRPC_TLS_CA", "/nonexistent/ca.pem"), // without its cert and key
+        ("PRESENCE_METRICS_LISTEN", "everywhere"),
     ];
     for (var, value) in cases {
         let (code, stderr) = common::node::run_to_exit(&[(var, value)]);
@@ -844,6 +850,34 @@ fn bad_configuration_exits_64_naming_the_variable() {
             "{var}={value}: stderr does not name it:\n{stderr}"
         );
     }
+}
+
+/// `PRESENCE_METRICS_LISTEN`: the metrics move to their own listener; the API port answers 404
+/// for them (an ingress to it can never expose them) and keeps its health endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_move_to_a_listener_of_their_own() {
+    let port = common::node::free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let s = Server::start_private(Topology::Memory, &[("PRESENCE_METRICS_LISTEN", &addr)]);
+    let (code, _, _) = s.text("/metrics").await;
+    assert_eq!(code, 404, "/metrics still served on the API port");
+    let (code, _, _) = s.text("/livez").await;
+    assert_eq!(code, 200);
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("the metrics listener answers")
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("presence_http_requests_total"), "{body}");
+    let api = reqwest::get(format!("http://{addr}/api/v1/presence/statuses"))
+        .await
+        .unwrap();
+    assert_eq!(
+        api.status().as_u16(),
+        404,
+        "the metrics listener serves the API"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

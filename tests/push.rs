@@ -655,8 +655,8 @@ async fn subscriptions_rest_limits_persistence_and_every_device() {
 // ---------------------------------------------------------------------------------------------
 // 5: limits and bad input
 
-/// Malformed, oversized, unknown and binary messages each get an `error` with the REST code;
-/// the socket stays up and answers a heartbeat after each.
+/// Malformed, unknown and binary messages each get an `error` with the REST code; the socket
+/// stays up and answers a heartbeat after each. An oversized frame closes it (1009).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_errors_and_the_socket_stays_up() {
     let s = Server::start_private(Topology::Memory, &[("PRESENCE_WS_RATE", "5")]);
@@ -671,14 +671,6 @@ async fn bad_messages_get_errors_and_the_socket_stays_up() {
         e["data"].is_null() && e["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{e}"
     );
-    ws.heartbeat().await;
-
-    let n = ws.log.len();
-    let pad = "x".repeat(70 * 1024);
-    ws.send_json(&json!({"type": "heartbeat", "id": "big", "pad": pad}));
-    let e = ws.next_error(n, "an error for a 70 KiB message").await;
-    assert_eq!(e["code"], 413, "{e}");
-    assert!(e["data"].is_null(), "{e}");
     ws.heartbeat().await;
 
     let e = ws.request(json!({"type": "dance"})).await;
@@ -702,6 +694,17 @@ async fn bad_messages_get_errors_and_the_socket_stays_up() {
     ws.heartbeat().await;
     assert!(ws.closed.is_none(), "closed: {:?}", ws.closed);
     assert_eq!(status(&s.base, u).await["status"], "ONLINE");
+
+    // A frame over PRESENCE_WS_MAX_FRAME (64 KiB) is refused before it is buffered: the socket
+    // is closed with 1009 (Message Too Big).
+    let pad = "x".repeat(70 * 1024);
+    ws.send_json(&json!({"type": "heartbeat", "id": "big", "pad": pad}));
+    let closed = ws.wait_closed(Duration::from_secs(5)).await;
+    assert_eq!(
+        closed.map(|(_, c)| c),
+        Some(Some(1009)),
+        "a 70 KiB frame: {closed:?}"
+    );
 }
 
 /// A client that sends faster than `PRESENCE_WS_RATE` (bursts of twice that) is closed with
@@ -739,6 +742,127 @@ async fn a_flood_is_closed_with_1008() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(ws.closed.is_none(), "{:?}", ws.closed);
+}
+
+/// The socket limits of issue 11: a user's sockets past `PRESENCE_WS_MAX_PER_USER` are closed at
+/// once with 4409 (the device untouched); a socket silent past `PRESENCE_WS_IDLE_TIMEOUT` is
+/// closed with 4408 while one that answers pings stays; a frame over `PRESENCE_WS_MAX_FRAME`
+/// closes with 1009; `setStatus` past `PRESENCE_STATUS_RATE` gets an error with code 429. Each
+/// refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_limits_close_with_their_codes_and_count() {
+    const REFUSED: &str = "presence_ws_refusals_total";
+    let s = Server::start_private(
+        Topology::Memory,
+        &[
+            ("PRESENCE_WS_MAX_PER_USER", "2"),
+            ("PRESENCE_WS_PING_INTERVAL", "300ms"),
+            ("PRESENCE_WS_IDLE_TIMEOUT", "1s"),
+            ("PRESENCE_WS_MAX_FRAME", "4096"),
+            ("PRESENCE_STATUS_RATE", "2/1m,2"),
+            ("PRESENCE_RATE_LIMIT_DELAY", "0s"),
+        ],
+    );
+    let base = s.base.clone();
+    let reason = |r: &str| format!("{REFUSED}{{reason=\"{r}\"}}");
+    let user = uid();
+    // Two sockets are fine; the third is closed with 4409 and changes nothing.
+    let mut a = Ws::connect(&base, user, "a").await;
+    let mut b = Ws::connect(&base, user, "b").await;
+    let url = ws_url(&base, &format!("userId={user}&deviceId=c&platform=WEB"));
+    let (mut third, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("the upgrade itself succeeds");
+    let first = tokio::time::timeout(Duration::from_secs(5), third.next())
+        .await
+        .expect("a frame")
+        .expect("open")
+        .expect("no error");
+    match first {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4409, "{f:?}"),
+        other => panic!("expected a close with 4409, got {other:?}"),
+    }
+    let view = rest(
+        &base,
+        "GET",
+        &format!("/api/v1/presence/status/{user}"),
+        None,
+    )
+    .await;
+    let devices: Vec<&str> = view.1["data"]["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter_map(|d| d["deviceId"].as_str())
+        .collect();
+    assert_eq!(devices.len(), 2, "{}", view.1);
+    assert!(
+        !devices.contains(&"c"),
+        "the refused socket's device came online: {}",
+        view.1
+    );
+    assert_eq!(metric(&base, &reason("too_many_sockets")).await, 1.0);
+
+    // setStatus: two pass, the third is a 429 error and the socket stays open.
+    for i in 0..2 {
+        let r = a
+            .request(json!({"type": "setStatus", "status": "BUSY", "customText": format!("t{i}")}))
+            .await;
+        assert_eq!(r["type"], "reply", "{r}");
+    }
+    let r = a
+        .request(json!({"type": "setStatus", "status": "AWAY", "customText": "t2"}))
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["code"], 429, "{r}");
+    let view = rest(
+        &base,
+        "GET",
+        &format!("/api/v1/presence/status/{user}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        view.1["data"]["customText"], "t1",
+        "a refused change changed something"
+    );
+    assert_eq!(
+        metric(&base, "presence_rate_limited_total{limit=\"status\"}").await,
+        1.0
+    );
+
+    // A frame over the limit closes the socket with 1009.
+    b.send_json(&json!({"type": "heartbeat", "id": "x".repeat(5000)}));
+    let closed = b.wait_closed(Duration::from_secs(5)).await;
+    assert_eq!(closed.map(|(_, c)| c), Some(Some(1009)), "{closed:?}");
+    assert_eq!(metric(&base, &reason("frame_too_large")).await, 1.0);
+
+    // A client that answers pings (ours does, while it reads) outlives the idle timeout...
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2500) {
+        a.pump();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.closed.is_none(),
+        "a socket that answers pings was closed: {:?}",
+        a.closed
+    );
+    // ...and one that reads nothing and answers nothing is closed with 4408.
+    let url = ws_url(&base, &format!("userId={}&deviceId=d&platform=WEB", uid()));
+    let (mut silent, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let mut code = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(3), silent.next()).await {
+        if let Message::Close(f) = m {
+            code = f.map(|f| u16::from(f.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(4408));
+    assert_eq!(metric(&base, &reason("idle_timeout")).await, 1.0);
 }
 
 /// A client that subscribes and then never reads while its targets change many times is cut

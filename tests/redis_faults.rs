@@ -231,6 +231,8 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
             ("PRESENCE_HEALTH_INTERVAL", "250ms"),
             ("PRESENCE_REDIS_URL", &url),
             ("PRESENCE_REDIS_TIMEOUT", &timeout),
+            // The load changes statuses as fast as it can: no rate limit here.
+            ("PRESENCE_STATUS_RATE", "off"),
         ])
         .unwrap(),
     )

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -76,12 +76,18 @@ pub struct Limits {
     pub max_subscriptions: usize,
     pub ws_rate: u32,
     pub ws_close_grace: std::time::Duration,
+    pub ws_max_per_user: usize,
+    pub ws_ping_interval: Duration,
+    pub ws_idle_timeout: Duration,
+    pub ws_max_frame: usize,
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive (then 408).
     pub body_timeout: std::time::Duration,
     pub heartbeat_interval_ms: u64,
     pub styles: Vec<StatusStyle>,
     inflight: Arc<Semaphore>,
+    /// How long a 429 is held back at most (`PRESENCE_RATE_LIMIT_DELAY`).
+    pub rate_limit_delay: Duration,
 }
 
 impl Limits {
@@ -91,18 +97,24 @@ impl Limits {
             max_subscriptions: c.max_subscriptions as usize,
             ws_rate: c.ws_rate,
             ws_close_grace: c.ws_close_grace,
+            ws_max_per_user: c.ws_max_per_user as usize,
+            ws_ping_interval: c.ws_ping_interval,
+            ws_idle_timeout: c.ws_idle_timeout,
+            ws_max_frame: c.ws_max_frame as usize,
             max_body_bytes: c.max_body_bytes as usize,
             body_timeout: c.http_body_timeout,
             heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
             styles: c.status_styles()?,
             inflight: Arc::new(Semaphore::new(c.max_inflight as usize)),
+            rate_limit_delay: c.rate_limit_delay,
         })
     }
 }
 
 /// The HTTP surface of a node: the presence API (unless `with_api` is false, as on a shard,
-/// which serves gRPC instead) and health and metrics.
-pub fn router(state: AppState, with_api: bool) -> Router {
+/// which serves gRPC instead), health, and metrics unless `with_metrics` is false (they are
+/// served on `PRESENCE_METRICS_LISTEN` by [`metrics_router`] instead).
+pub fn router(state: AppState, with_api: bool, with_metrics: bool) -> Router {
     let api = Router::new()
         .route("/online", post(online))
         .route("/offline", post(offline))
@@ -122,11 +134,13 @@ pub fn router(state: AppState, with_api: bool) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(middleware::from_fn_with_state(state.clone(), shed))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
-    let ops = Router::new()
+    let mut ops = Router::new()
         .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), track));
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        ops = ops.route("/metrics", get(metrics));
+    }
+    let ops = ops.route_layer(middleware::from_fn_with_state(state.clone(), track));
     let root = if with_api {
         Router::new().nest(BASE, api)
     } else {
@@ -141,6 +155,17 @@ pub fn router(state: AppState, with_api: bool) -> Router {
                 tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
             ),
         )
+        .with_state(state)
+}
+
+/// The listener of `PRESENCE_METRICS_LISTEN`: `/metrics`, `/livez` and `/readyz` only.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -602,13 +627,24 @@ async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
     } else {
         req
     };
-    match s.limits.inflight.clone().try_acquire_owned() {
+    let resp = match s.limits.inflight.clone().try_acquire_owned() {
         Ok(_permit) => next.run(req).await,
         Err(_) => {
             s.metrics.http.refusals.get(HttpRefusal::Overloaded).inc();
-            Error::Overloaded.into_response()
+            return Error::Overloaded.into_response();
         }
+    };
+    if resp.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
+        // Held back (without an in-flight slot) for up to its Retry-After: a client that loops
+        // without waiting sends one request per delay on each connection, not thousands.
+        let retry = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .map_or(Duration::ZERO, Duration::from_secs);
+        tokio::time::sleep(retry.min(s.limits.rate_limit_delay)).await;
     }
+    resp
 }
 
 /// The whole body, at most `limit` bytes.

@@ -33,6 +33,10 @@ pub struct Timeouts {
     pub header: Duration,
     /// Between requests on a keep-alive connection, with no bytes moving.
     pub idle: Duration,
+    /// The kernel send buffer of every connection (`SO_SNDBUF`), in bytes; `None` leaves the
+    /// kernel's autotuning (up to `net.ipv4.tcp_wmem`, often 4 MiB). A small buffer makes a
+    /// socket that does not read back up into its queue, where it is cut as a slow consumer.
+    pub send_buffer: Option<usize>,
 }
 
 /// Serves `app` on `listener` until `shutdown`; then stops accepting, lets every connection
@@ -61,6 +65,9 @@ pub async fn serve(
         };
         // No Nagle: answers are small and must not wait for more bytes.
         let _ = tcp.set_nodelay(true);
+        if let Some(bytes) = timeouts.send_buffer {
+            let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes);
+        }
         connections.spawn(connection(
             tcp,
             app.clone(),
@@ -309,6 +316,7 @@ mod tests {
         Timeouts {
             header: Duration::from_millis(100),
             idle: Duration::from_millis(1000),
+            send_buffer: None,
         }
     }
 

@@ -39,10 +39,17 @@ use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
 use crate::push::hub::{Frame, Hub};
 use crate::store::SubscriptionMode;
 
-/// A client message larger than this gets an `error` reply (the socket stays up).
+/// A client message larger than this gets an `error` reply (the socket stays up); frames and
+/// messages over `PRESENCE_WS_MAX_FRAME` close it (1009) before they are buffered.
 const MAX_MESSAGE: usize = 64 * 1024;
-/// Frames larger than this close the socket (protocol limit).
-const MAX_FRAME: usize = 1024 * 1024;
+/// Most bytes buffered for writing to one socket (a welcome with thousands of subscriptions).
+const MAX_WRITE: usize = 1024 * 1024;
+/// Close code for a socket past the per-user cap (`PRESENCE_WS_MAX_PER_USER`).
+const CLOSE_TOO_MANY_SOCKETS: u16 = 4409;
+/// Close code for a socket from which nothing arrived within `PRESENCE_WS_IDLE_TIMEOUT`.
+const CLOSE_IDLE: u16 = 4408;
+/// Close code for a frame over `PRESENCE_WS_MAX_FRAME`.
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Replies queued for a client that does not read.
 const REPLY_QUEUE: usize = 64;
 /// Close code for a client that floods or does not read (policy violation).
@@ -88,19 +95,40 @@ pub async fn upgrade(
         s.metrics.push.ws_refusals.get(WsRefusal::Draining).inc();
         return Err(Error::NotReady);
     }
+    let max_frame = s.limits.ws_max_frame;
+    if hub.sockets_of(user) >= s.limits.ws_max_per_user {
+        // Past the cap: the socket opens and closes at once with 4409; the device is not
+        // touched.
+        s.metrics
+            .push
+            .ws_refusals
+            .get(WsRefusal::TooManySockets)
+            .inc();
+        return Ok(ws
+            .protocols([WS_PROTOCOL])
+            .max_message_size(max_frame)
+            .max_frame_size(max_frame)
+            .on_upgrade(|mut socket| async move {
+                let close = Message::Close(Some(CloseFrame {
+                    code: CLOSE_TOO_MANY_SOCKETS,
+                    reason: Utf8Bytes::from_static("too many sockets for this user"),
+                }));
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(close)).await;
+            }));
+    }
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
     Ok(ws
         // A browser sends its token as a subprotocol next to `presence.v1`: answer that one.
         .protocols([WS_PROTOCOL])
-        .max_message_size(MAX_FRAME)
-        .max_frame_size(MAX_FRAME)
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
         // Small buffers: presence frames are a few hundred bytes, and a gateway holds tens of
         // thousands of sockets (the defaults are 128 KiB each way).
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(MAX_FRAME)
+        .max_write_buffer_size(MAX_WRITE)
         .on_upgrade(move |socket| {
             // Tracked, so that a shutdown waits for the socket's close and offline.
             let sessions = hub.sessions().clone();
@@ -273,6 +301,12 @@ async fn run(
     )));
     let auth_close_writer = auth_close.clone();
     let mut events = reg.rx;
+    let ping_every = s.limits.ws_ping_interval;
+    let mut ping = (!ping_every.is_zero()).then(|| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let catching_up = reg.catching_up.clone();
     let (writer_hub, id) = (hub.clone(), sock.id);
     let writer = tokio::spawn(async move {
@@ -309,6 +343,7 @@ async fn run(
                     None => break,
                 },
                 f = reply_rx.recv() => match f { Some(f) => Message::Text(f), None => break },
+                _ = tick(&mut ping) => Message::Ping(Default::default()),
             };
             let sent = tokio::select! {
                 biased;
@@ -334,16 +369,39 @@ async fn run(
     });
 
     let mut bucket = Bucket::new(s.limits.ws_rate);
-    while let Some(Ok(msg)) = tokio::select! {
-        m = stream.next() => m,
+    let idle = s.limits.ws_idle_timeout;
+    let idle_at = || (!idle.is_zero()).then(|| tokio::time::Instant::now() + idle);
+    let mut idle_deadline = idle_at();
+    // Ends the socket with a close frame of the server's choosing.
+    let end_with = |code: u16, reason: &'static str| {
+        *auth_close.lock() = (code, reason);
+        auth_end.cancel();
+    };
+    while let Some(msg) = tokio::select! {
+        next = stream.next() => match next {
+            Some(Ok(msg)) => Some(msg),
+            Some(Err(e)) => {
+                if is_too_big(&e) {
+                    m.push.ws_refusals.get(WsRefusal::FrameTooLarge).inc();
+                    end_with(CLOSE_TOO_BIG, "frame too large");
+                }
+                None
+            }
+            None => None,
+        },
         _ = reg.kill.cancelled() => None,
         _ = reg.closing.cancelled() => None,
         _ = until(sock.deadline) => {
-            *auth_close.lock() = (CLOSE_TOKEN_EXPIRED, "token expired");
-            auth_end.cancel();
+            end_with(CLOSE_TOKEN_EXPIRED, "token expired");
+            None
+        }
+        _ = until(idle_deadline) => {
+            m.push.ws_refusals.get(WsRefusal::IdleTimeout).inc();
+            end_with(CLOSE_IDLE, "idle timeout");
             None
         }
     } {
+        idle_deadline = idle_at();
         if !bucket.take() {
             m.push.slow_consumers.inc();
             m.push
@@ -430,6 +488,24 @@ async fn run(
             }
         }
     });
+}
+
+/// Whether a read failed on a frame or message over the size limit.
+fn is_too_big(e: &axum::Error) -> bool {
+    // tungstenite's capacity error ("Space limit exceeded: Message too long: ..."), by its text:
+    // axum does not expose the type.
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long")
+}
+
+/// The next tick of `ping`; never without one.
+async fn tick(ping: &mut Option<tokio::time::Interval>) {
+    match ping {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves at `deadline`; never without one.
@@ -645,7 +721,8 @@ impl Socket {
                     custom_text: msg.custom_text.clone(),
                     expires_at: msg.expires_at.clone(),
                 };
-                let view = p.set_status(self.user, settings_of(&req)?).await?;
+                let settings = settings_of(&req)?;
+                let view = p.set_status(self.user, settings).await?;
                 Ok(reply(&msg.id, "success", json!(view)))
             }
             "clearStatus" => {

@@ -28,14 +28,25 @@ pub struct Clients {
     map: Mutex<HashMap<String, ShardClient>>,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// mTLS to the shards (`PRESENCE_GRPC_TLS_*`), or plaintext.
+    tls: Option<super::tls::GrpcTls>,
 }
 
 impl Clients {
     pub fn new(connect_timeout: Duration, request_timeout: Duration) -> Arc<Clients> {
+        Clients::with_tls(connect_timeout, request_timeout, None)
+    }
+
+    pub fn with_tls(
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        tls: Option<super::tls::GrpcTls>,
+    ) -> Arc<Clients> {
         Arc::new(Clients {
             map: Mutex::new(HashMap::new()),
             connect_timeout,
             request_timeout,
+            tls,
         })
     }
 
@@ -43,8 +54,15 @@ impl Clients {
         if let Some(c) = self.map.lock().get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::ShardUnavailable(format!("bad shard address {addr}: {e}")))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Error::ShardUnavailable(format!("bad shard address {addr}: {e}")))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.client())
+                .map_err(|e| Error::ShardUnavailable(format!("TLS to {addr}: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout)
             .tcp_nodelay(true)

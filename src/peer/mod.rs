@@ -13,6 +13,7 @@ use crate::metrics::{GrpcAnswer, GrpcCall, Metrics};
 
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use client::{GrpcProbe, Router};

@@ -248,6 +248,11 @@ impl Hub {
         self.state.lock().socks.len()
     }
 
+    /// Open sockets of `user` here.
+    pub fn sockets_of(&self, user: UserId) -> usize {
+        self.state.lock().by_user.get(&user).map_or(0, |s| s.len())
+    }
+
     /// A new socket of `user` on `device`.
     pub fn register(&self, user: UserId, device: &str) -> Registration {
         let (tx, rx) = mpsc::channel(self.queue);

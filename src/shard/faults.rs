@@ -25,6 +25,7 @@ use crate::store::{MemoryStore, Saved, Store, SubscriptionMode, Write};
 struct Faults {
     fail_save: AtomicBool,
     fail_refresh: AtomicBool,
+    fail_load: AtomicBool,
     /// Saves and loads wait while the gate is closed (false).
     save_gate: watch::Sender<bool>,
     load_gate: watch::Sender<bool>,
@@ -44,6 +45,7 @@ impl FaultyStore {
         let f = Arc::new(Faults {
             fail_save: AtomicBool::new(false),
             fail_refresh: AtomicBool::new(false),
+            fail_load: AtomicBool::new(false),
             save_gate: watch::channel(true).0,
             load_gate: watch::channel(true).0,
             corrupt: Mutex::default(),
@@ -79,6 +81,9 @@ fn down() -> Error {
 impl Store for FaultyStore {
     async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
         pass(&self.f.load_gate).await;
+        if self.f.fail_load.load(Ordering::Relaxed) {
+            return Err(down());
+        }
         if users.iter().any(|u| self.f.corrupt.lock().contains(u)) {
             return Err(Error::Internal("corrupt stored state".into()));
         }
@@ -227,6 +232,36 @@ async fn a_failed_write_changes_nothing_and_its_retry_applies_it() {
     assert_eq!(v.status, Status::Online);
     assert_eq!(events.statuses_of(7), vec![Status::Online]);
     assert_eq!(stored(&store, 7).await.unwrap().devices.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() {
+    let (store, f) = FaultyStore::new();
+    let (shard, _events) = start(store.clone(), Table::owning_all()).await;
+    shard.online(9, "d", Platform::Web).await.unwrap();
+    run_for(TIMEOUT_MS as u64 / 2).await;
+    shard.heartbeat(9, "d", true).await.unwrap();
+    // A status change fails: the user leaves memory, and the store cannot give it back yet.
+    f.fail_save.store(true, Ordering::Relaxed);
+    f.fail_load.store(true, Ordering::Relaxed);
+    let settings = crate::presence::Settings {
+        manual: Some(Status::Busy),
+        ..Default::default()
+    };
+    assert!(shard.set_status(9, settings).await.is_err());
+    assert!(!in_memory(&shard, 9));
+    run_for(TIMEOUT_MS as u64).await;
+    // Its heartbeats are not "device not online" (the client would go offline and back): they
+    // fail like the store does, and the client retries.
+    let r = shard.heartbeat(9, "d", true).await;
+    assert!(matches!(r, Err(Error::StoreUnavailable(_))), "{r:?}");
+    // Once the store answers, a read shows the device online (its heartbeats kept coming, and a
+    // whole timeout passed since the last durable change), and the heartbeats are accepted.
+    f.fail_save.store(false, Ordering::Relaxed);
+    f.fail_load.store(false, Ordering::Relaxed);
+    assert_eq!(shard.status(9).await.unwrap().status, Status::Online);
+    shard.heartbeat(9, "d", true).await.unwrap();
+    assert!(in_memory(&shard, 9));
 }
 
 #[tokio::test(start_paused = true)]

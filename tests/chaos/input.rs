@@ -396,7 +396,9 @@ async fn slow_websocket_readers() {
     // A socket queue of 64 messages: at 32, a reading subscriber that the test process
     // schedules ~50 ms late under ~700 changes/s is cut as slow too; at the default 256, the
     // kernel's socket buffers and the queue hold more than the 10 s of changes.
-    let mut s = Scenario::start_with(&url, 0, &all, &[], &[("PRESENCE_WS_QUEUE", "64")]).await;
+    // Each target changes up to 100 times a second: no status rate limit here.
+    let envs = [("PRESENCE_WS_QUEUE", "64"), ("PRESENCE_STATUS_RATE", "off")];
+    let mut s = Scenario::start_with(&url, 0, &all, &[], &envs).await;
     s.run(vec![Step::watch(NAME, &hb, Duration::from_millis(500))])
         .await;
     let gw0 = s.cluster.pid(Proc::Gateway(0)).expect("a child");

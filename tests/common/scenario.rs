@@ -41,6 +41,8 @@ pub const ENVS: &[(&str, &str)] = &[
     ("PRESENCE_HEARTBEAT_TIMEOUT", "4s"),
     ("PRESENCE_IDLE_TIMEOUT", "10m"),
     ("PRESENCE_HEALTH_INTERVAL", "500ms"),
+    // Writers change a user's status up to 10 times a second; a flooder far more often.
+    ("PRESENCE_STATUS_RATE", "20/1s,20"),
     ("RUST_LOG", "info"),
 ];
 
