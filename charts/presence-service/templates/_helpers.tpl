@@ -22,6 +22,12 @@ valid StatefulSet name (its pods' controller-revision-hash label must fit in 63)
 {{- define "presence.shardName" -}}{{ include "presence.fullname" . }}-shard{{- end -}}
 {{- define "presence.redisName" -}}{{ include "presence.fullname" . }}-redis{{- end -}}
 {{- define "presence.configName" -}}{{ include "presence.fullname" . }}-config{{- end -}}
+{{- define "presence.grpcTlsName" -}}{{ include "presence.fullname" . }}-grpc-tls{{- end -}}
+
+{{/* The Secret with the nodes' gRPC certificate: grpcTls.existingSecret or cert-manager's. */}}
+{{- define "presence.grpcTlsSecret" -}}
+{{- default (include "presence.grpcTlsName" .) .Values.grpcTls.existingSecret -}}
+{{- end -}}
 
 {{- define "presence.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
@@ -84,7 +90,8 @@ password Secret is configured (Kubernetes expands it from the env var defined be
 {{- if eq .Values.redis.mode "bundled" -}}
 {{- $name := include "presence.redisName" . -}}
 {{- range $i := until (int .Values.redis.bundled.nodes) -}}
-{{- $urls = append $urls (printf "redis://%s-%d.%s:6379" $name $i $name) -}}
+{{- $auth := ternary ":$(REDIS_PASSWORD)@" "" (not (empty $.Values.redis.existingSecret)) -}}
+{{- $urls = append $urls (printf "redis://%s%s-%d.%s:6379" $auth $name $i $name) -}}
 {{- end -}}
 {{- else if eq .Values.redis.mode "external" -}}
 {{- range .Values.redis.urls -}}
@@ -96,6 +103,17 @@ password Secret is configured (Kubernetes expands it from the env var defined be
 {{- end -}}
 {{- end -}}
 {{- join "," $urls -}}
+{{- end -}}
+
+{{/* The bundled Redis' password for redis-server and redis-cli, when redis.existingSecret is set. */}}
+{{- define "presence.redisAuthEnv" -}}
+{{- if .Values.redis.existingSecret -}}
+- name: REDISCLI_AUTH
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretPasswordKey }}
+{{- end -}}
 {{- end -}}
 
 {{/* terminationGracePeriodSeconds for a role: preStop sleep + drain + margin. */}}
@@ -111,8 +129,8 @@ password Secret is configured (Kubernetes expands it from the env var defined be
 {{- if and (eq $v.redis.mode "external") (empty $v.redis.urls) -}}
 {{- fail "redis.mode=external needs redis.urls (e.g. [redis://redis-0.redis:6379])" -}}
 {{- end -}}
-{{- if and $v.redis.existingSecret (ne $v.redis.mode "external") -}}
-{{- fail "redis.existingSecret is only used with redis.mode=external" -}}
+{{- if and $v.redis.existingSecret (eq $v.redis.mode "memory") -}}
+{{- fail "redis.existingSecret is only used with redis.mode=external or bundled" -}}
 {{- end -}}
 {{- if eq $v.redis.mode "bundled" -}}
 {{- $min := mul 3 (add1 (int $v.redis.bundled.replicasPerMaster)) -}}
@@ -131,6 +149,24 @@ password Secret is configured (Kubernetes expands it from the env var defined be
 {{- end -}}
 {{- if and $v.gateway.autoscaling.enabled (eq (int $v.gateway.autoscaling.targetCPUUtilizationPercentage) 0) (not $v.gateway.autoscaling.wsConnections.enabled) -}}
 {{- fail "gateway.autoscaling needs CPU (targetCPUUtilizationPercentage > 0) or wsConnections" -}}
+{{- end -}}
+{{- if eq $v.auth.mode "jwt" -}}
+{{- if not (or $v.auth.jwksUrl $v.auth.existingSecret) -}}
+{{- fail "auth.mode=jwt (the default) needs a key source: set auth.jwksUrl (the identity provider's JWKS URL) or auth.existingSecret (a Secret with an HS256 secret); to run without authentication set auth.mode=none and auth.allowAnonymous=true" -}}
+{{- end -}}
+{{- else if not $v.auth.allowAnonymous -}}
+{{- fail "auth is off: set auth.allowAnonymous=true to run without authentication (auth.mode=none lets any client act for any user)" -}}
+{{- end -}}
+{{- if $v.grpcTls.enabled -}}
+{{- if and $v.grpcTls.existingSecret $v.grpcTls.certManager.enabled -}}
+{{- fail "grpcTls: set either grpcTls.existingSecret or grpcTls.certManager.enabled, not both" -}}
+{{- end -}}
+{{- if not (or $v.grpcTls.existingSecret $v.grpcTls.certManager.enabled) -}}
+{{- fail "grpcTls.enabled needs a certificate source: grpcTls.existingSecret (a kubernetes.io/tls Secret with tls.crt, tls.key, ca.crt) or grpcTls.certManager.enabled=true with grpcTls.certManager.issuerRef" -}}
+{{- end -}}
+{{- if and $v.grpcTls.certManager.enabled (not $v.grpcTls.certManager.issuerRef.name) -}}
+{{- fail "grpcTls.certManager.enabled needs grpcTls.certManager.issuerRef.name (an Issuer or ClusterIssuer that fills ca.crt, e.g. a CA issuer)" -}}
+{{- end -}}
 {{- end -}}
 {{- if or (gt (int $v.gateway.preStopSleepSeconds) 0) (gt (int $v.shard.preStopSleepSeconds) 0) -}}
 {{- if semverCompare "<1.30.0-0" .Capabilities.KubeVersion.Version -}}
@@ -173,6 +209,19 @@ startupProbe:
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- end -}}
+
+{{/* The gRPC mTLS Secret's volume and mount (grpcTls.enabled), for both roles. */}}
+{{- define "presence.grpcTlsVolume" -}}
+- name: grpc-tls
+  secret:
+    secretName: {{ include "presence.grpcTlsSecret" . }}
+    defaultMode: 288 # 0440: the pods' group (fsGroup) may read
+{{- end -}}
+{{- define "presence.grpcTlsMount" -}}
+- name: grpc-tls
+  mountPath: /etc/presence/grpc-tls
+  readOnly: true
 {{- end -}}
 
 {{/* topologySpreadConstraints of a component: (list $ "gateway" .Values.gateway). */}}
