@@ -508,12 +508,14 @@ fn is_too_big(e: &axum::Error) -> bool {
 /// The Close frame for a client that broke the protocol (tungstenite's errors, by their text as
 /// in [`is_too_big`]): 1007 for a text message that is not UTF-8, 1002 for any other protocol
 /// violation (unmasked or reserved-bit frames, unknown opcodes, bad fragments or control
-/// frames). `None` for I/O errors: the connection is gone, there is no one to tell.
+/// frames). `None` for I/O errors and a TCP reset: the connection is gone, no one to tell.
 fn protocol_close(e: &axum::Error) -> Option<(u16, &'static str)> {
     let text = e.to_string();
     if text.contains("UTF-8 encoding error") {
         Some((CLOSE_INVALID_DATA, "invalid UTF-8"))
-    } else if text.contains("WebSocket protocol error") {
+    } else if text.contains("WebSocket protocol error")
+        && !text.contains("reset without closing handshake")
+    {
         Some((CLOSE_PROTOCOL, "protocol error"))
     } else {
         None
