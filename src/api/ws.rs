@@ -50,6 +50,10 @@ const CLOSE_TOO_MANY_SOCKETS: u16 = 4409;
 const CLOSE_IDLE: u16 = 4408;
 /// Close code for a frame over `PRESENCE_WS_MAX_FRAME`.
 const CLOSE_TOO_BIG: u16 = 1009;
+/// A text message that is not UTF-8 (RFC 6455 7.4.1).
+const CLOSE_INVALID_DATA: u16 = 1007;
+/// Any other violation of RFC 6455 by the client.
+const CLOSE_PROTOCOL: u16 = 1002;
 /// Replies queued for a client that does not read.
 const REPLY_QUEUE: usize = 64;
 /// Close code for a client that floods or does not read (policy violation).
@@ -384,6 +388,9 @@ async fn run(
                 if is_too_big(&e) {
                     m.push.ws_refusals.get(WsRefusal::FrameTooLarge).inc();
                     end_with(CLOSE_TOO_BIG, "frame too large");
+                } else if let Some((code, reason)) = protocol_close(&e) {
+                    // RFC 6455 7.1.7: fail the connection with a Close frame, not a bare drop.
+                    end_with(code, reason);
                 }
                 None
             }
@@ -496,6 +503,23 @@ fn is_too_big(e: &axum::Error) -> bool {
     // axum does not expose the type.
     let text = e.to_string();
     text.contains("Space limit exceeded") || text.contains("too long")
+}
+
+/// The Close frame for a client that broke the protocol (tungstenite's errors, by their text as
+/// in [`is_too_big`]): 1007 for a text message that is not UTF-8, 1002 for any other protocol
+/// violation (unmasked or reserved-bit frames, unknown opcodes, bad fragments or control
+/// frames). `None` for I/O errors and a TCP reset: the connection is gone, no one to tell.
+fn protocol_close(e: &axum::Error) -> Option<(u16, &'static str)> {
+    let text = e.to_string();
+    if text.contains("UTF-8 encoding error") {
+        Some((CLOSE_INVALID_DATA, "invalid UTF-8"))
+    } else if text.contains("WebSocket protocol error")
+        && !text.contains("reset without closing handshake")
+    {
+        Some((CLOSE_PROTOCOL, "protocol error"))
+    } else {
+        None
+    }
 }
 
 /// The next tick of `ping`; never without one.
