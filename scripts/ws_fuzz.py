@@ -374,6 +374,14 @@ def pid_alive(pid):
         return False
 
 
+
+async def error_of(check) -> str | None:
+    """What the check coroutine `check` returned (a failure text or None), or the exception it raised."""
+    try:
+        return await check
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
 async def well_behaved(args):
     """A fresh socket gets `welcome`, and a `reply` with code 200 to a heartbeat."""
     url = ws_url(args.base, 424242, "fz-check")
@@ -505,16 +513,10 @@ async def main():
     live = http_status(args.base + "/livez")
     if live != 200:
         failures.append(f"/livez answered {live}")
-    try:
-        err = await well_behaved(args)
-    except Exception as e:  # noqa: BLE001
-        err = f"{type(e).__name__}: {e}"
+    err = await error_of(well_behaved(args))
     if err:
         failures.append(f"a well-behaved socket: {err}")
-    try:
-        err = await close_codes(args)
-    except Exception as e:  # noqa: BLE001
-        err = f"{type(e).__name__}: {e}"
+    err = await error_of(close_codes(args))
     if err:
         failures.append(f"close codes: {err}")
     else:

@@ -66,6 +66,25 @@ async fn build_store(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<
     })
 }
 
+/// The shard of an `all` or `shard` node, with its settings from `config`.
+fn new_shard(
+    config: &Config,
+    store: Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
+    table: Arc<Table>,
+) -> Arc<Shard> {
+    Arc::new(
+        Shard::new(
+            store,
+            config.rules(),
+            config.timer_tick,
+            metrics.clone(),
+            table,
+        )
+        .with_status_rate(config.status_rate, config.status_rate_users as usize),
+    )
+}
+
 async fn build_discovery(
     config: &Config,
     clients: &Arc<Clients>,
@@ -202,16 +221,7 @@ impl Node {
                 watched_store = Some(store.clone());
                 // It answered when it was built; the watch keeps this up to date.
                 metrics.store.up.set(1);
-                let shard = Arc::new(
-                    Shard::new(
-                        store,
-                        config.rules(),
-                        config.timer_tick,
-                        metrics.clone(),
-                        Table::owning_all(),
-                    )
-                    .with_status_rate(config.status_rate, config.status_rate_users as usize),
-                );
+                let shard = new_shard(&config, store, &metrics, Table::owning_all());
                 let h = Hub::with_drain_concurrency(
                     metrics.clone(),
                     config.ws_queue as usize,
@@ -241,16 +251,7 @@ impl Node {
                 if store.kind() == "memory" {
                     tracing::warn!("a shard on the in-memory store loses its users on handoff; set PRESENCE_REDIS_URL");
                 }
-                let shard = Arc::new(
-                    Shard::new(
-                        store,
-                        config.rules(),
-                        config.timer_tick,
-                        metrics.clone(),
-                        Table::new(),
-                    )
-                    .with_status_rate(config.status_rate, config.status_rate_users as usize),
-                );
+                let shard = new_shard(&config, store, &metrics, Table::new());
                 let fanout = Fanout::new(metrics.clone(), config.event_queue as usize);
                 let own = Handoff::new(
                     config.advertise_addr(),

@@ -1019,16 +1019,19 @@ impl Presence for Shard {
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
         let rules = self.rules;
-        let evicted = self.is_evicted(user);
-        let r = self
-            .mutate(user, evicted, |st, now| {
-                let st = st.ok_or(Error::DeviceNotOnline)?;
-                let effect = st
-                    .heartbeat(device, active, now, &rules)
-                    .map_err(|_| Error::DeviceNotOnline)?;
-                Ok(((), effect))
-            })
-            .await;
+        let beat = |st: Option<&mut UserState>, now| {
+            let st = st.ok_or(Error::DeviceNotOnline)?;
+            let effect = st
+                .heartbeat(device, active, now, &rules)
+                .map_err(|_| Error::DeviceNotOnline)?;
+            Ok(((), effect))
+        };
+        let mut r = self.mutate(user, false, beat).await;
+        // Not in memory because a failed write evicted it: reload it rather than answer "not
+        // online" (looked up only on a miss, so a live user's heartbeat takes no shared lock).
+        if r == Err(Error::DeviceNotOnline) && self.is_evicted(user) {
+            r = self.mutate(user, true, beat).await;
+        }
         let label = match &r {
             Ok(()) => HeartbeatResult::Ok,
             Err(Error::DeviceNotOnline) => HeartbeatResult::NotOnline,

@@ -782,24 +782,17 @@ async fn socket_limits_close_with_their_codes_and_count() {
         Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4409, "{f:?}"),
         other => panic!("expected a close with 4409, got {other:?}"),
     }
-    let view = rest(
-        &base,
-        "GET",
-        &format!("/api/v1/presence/status/{user}"),
-        None,
-    )
-    .await;
-    let devices: Vec<&str> = view.1["data"]["devices"]
+    let view = status(&base, user).await;
+    let devices: Vec<&str> = view["devices"]
         .as_array()
         .expect("devices")
         .iter()
         .filter_map(|d| d["deviceId"].as_str())
         .collect();
-    assert_eq!(devices.len(), 2, "{}", view.1);
+    assert_eq!(devices.len(), 2, "{view}");
     assert!(
         !devices.contains(&"c"),
-        "the refused socket's device came online: {}",
-        view.1
+        "the refused socket's device came online: {view}"
     );
     assert_eq!(metric(&base, &reason("too_many_sockets")).await, 1.0);
 
@@ -815,15 +808,9 @@ async fn socket_limits_close_with_their_codes_and_count() {
         .await;
     assert_eq!(r["type"], "error", "{r}");
     assert_eq!(r["code"], 429, "{r}");
-    let view = rest(
-        &base,
-        "GET",
-        &format!("/api/v1/presence/status/{user}"),
-        None,
-    )
-    .await;
+    let view = status(&base, user).await;
     assert_eq!(
-        view.1["data"]["customText"], "t1",
+        view["customText"], "t1",
         "a refused change changed something"
     );
     assert_eq!(
