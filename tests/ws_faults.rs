@@ -11,18 +11,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use presence_service::config::Config;
 use presence_service::membership::ManualDiscovery;
 use presence_service::node::Node;
 use presence_service::presence::{UserId, UserState};
-use presence_service::store::{MemoryStore, Saved, Store, SubscriptionMode, Write};
-use presence_service::Error;
+use presence_service::store::faulty::FaultyStore;
+use presence_service::store::{MemoryStore, Store};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -35,74 +34,6 @@ const API: &str = "/api/v1/presence";
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-/// The memory store, with faults to inject: a failing subscription read, and write-through (so
-/// that what an all-in-one node applies is visible in the store at once).
-struct TestStore {
-    inner: Arc<MemoryStore>,
-    fail_subscriptions: AtomicBool,
-    write_through: bool,
-}
-
-impl TestStore {
-    fn new(write_through: bool) -> Arc<TestStore> {
-        Arc::new(TestStore {
-            inner: MemoryStore::new(),
-            fail_subscriptions: AtomicBool::new(false),
-            write_through,
-        })
-    }
-}
-
-#[async_trait]
-impl Store for TestStore {
-    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
-        self.inner.load(users).await
-    }
-
-    async fn save(&self, batch: &[Write]) -> Result<Vec<Saved>, Error> {
-        self.inner.save(batch).await
-    }
-
-    async fn fence(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
-        self.inner.fence(partitions).await
-    }
-
-    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
-        self.inner.live_users(partitions).await
-    }
-
-    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
-        if self.fail_subscriptions.load(Ordering::SeqCst) {
-            return Err(Error::StoreUnavailable("injected fault".into()));
-        }
-        self.inner.subscriptions(user).await
-    }
-
-    async fn update_subscriptions(
-        &self,
-        user: UserId,
-        mode: SubscriptionMode,
-        targets: &[UserId],
-        max: usize,
-    ) -> Result<Vec<UserId>, Error> {
-        self.inner
-            .update_subscriptions(user, mode, targets, max)
-            .await
-    }
-
-    fn write_through(&self) -> bool {
-        self.write_through
-    }
-
-    async fn ping(&self) -> Result<(), Error> {
-        Ok(())
-    }
-
-    fn kind(&self) -> &'static str {
-        "test"
-    }
-}
 
 /// A node running in this process.
 struct Running {
@@ -431,13 +362,16 @@ async fn resume_with_too_many_versions_is_refused_and_counted() {
 /// a `subscriptions` frame, and the subscribed targets' changes reach the socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_says_when_the_subscription_list_could_not_be_read() {
-    let store = TestStore::new(false);
+    let store = FaultyStore::new(false);
     let node = start(&[], Some(store.clone()), None).await;
     let base = node.base.clone();
     let (me, target): (UserId, UserId) = (1, 2);
     subscribe_rest(&base, me, &[target]).await;
 
-    store.fail_subscriptions.store(true, Ordering::SeqCst);
+    store
+        .faults()
+        .fail_subscriptions
+        .store(true, Ordering::SeqCst);
     let mut ws = Ws::connect(&base, me, "d").await;
     assert_eq!(ws.welcome["subscriptions"], Value::Null, "{}", ws.welcome);
     assert_eq!(
@@ -452,7 +386,10 @@ async fn welcome_says_when_the_subscription_list_could_not_be_read() {
 
     // Still failing: nothing claims the list is there.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    store.fail_subscriptions.store(false, Ordering::SeqCst);
+    store
+        .faults()
+        .fail_subscriptions
+        .store(false, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut list = None;
     while list.is_none() && Instant::now() < deadline {
@@ -553,7 +490,7 @@ async fn a_malformed_message_gets_its_id_back() {
 /// although the close grace (60 s) and the heartbeat timeout are far away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_of_an_all_in_one_node_closes_with_1001_and_takes_devices_offline() {
-    let store = TestStore::new(true);
+    let store = FaultyStore::new(true);
     let node = start(
         &[
             ("PRESENCE_WS_CLOSE_GRACE", "60s"),

@@ -1,14 +1,11 @@
 //! The shard under store faults: each test breaks the store (or ownership) in one way and checks
 //! the guarantee that holds anyway. Paused time, an in-memory store behind a fault switchboard.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Shard;
@@ -19,130 +16,8 @@ use crate::presence::{Platform, Rules, Status, UserId, UserState};
 use crate::push::{Event, EventSink};
 use crate::ring::partition_of;
 use crate::service::Presence;
-use crate::store::{MemoryStore, Saved, Store, SubscriptionMode, Write};
-
-/// What the store does wrong, switchable while a test runs.
-struct Faults {
-    fail_save: AtomicBool,
-    fail_refresh: AtomicBool,
-    fail_load: AtomicBool,
-    /// Saves and loads wait while the gate is closed (false).
-    save_gate: watch::Sender<bool>,
-    load_gate: watch::Sender<bool>,
-    corrupt: Mutex<HashSet<UserId>>,
-    saves: AtomicUsize,
-    refreshed: Mutex<Vec<UserId>>,
-}
-
-/// An in-memory store that writes through (as Redis does) and fails on demand.
-struct FaultyStore {
-    inner: Arc<MemoryStore>,
-    f: Arc<Faults>,
-}
-
-impl FaultyStore {
-    fn new() -> (Arc<FaultyStore>, Arc<Faults>) {
-        let f = Arc::new(Faults {
-            fail_save: AtomicBool::new(false),
-            fail_refresh: AtomicBool::new(false),
-            fail_load: AtomicBool::new(false),
-            save_gate: watch::channel(true).0,
-            load_gate: watch::channel(true).0,
-            corrupt: Mutex::default(),
-            saves: AtomicUsize::new(0),
-            refreshed: Mutex::default(),
-        });
-        let store = Arc::new(FaultyStore {
-            inner: MemoryStore::new(),
-            f: f.clone(),
-        });
-        (store, f)
-    }
-
-    /// Another store on the same data and faults: a second shard's view of one Redis Cluster.
-    fn twin(&self) -> Arc<FaultyStore> {
-        Arc::new(FaultyStore {
-            inner: self.inner.clone(),
-            f: self.f.clone(),
-        })
-    }
-}
-
-async fn pass(gate: &watch::Sender<bool>) {
-    let mut rx = gate.subscribe();
-    let _ = rx.wait_for(|open| *open).await;
-}
-
-fn down() -> Error {
-    Error::StoreUnavailable("injected".into())
-}
-
-#[async_trait]
-impl Store for FaultyStore {
-    async fn load(&self, users: &[UserId]) -> Result<Vec<Option<UserState>>, Error> {
-        pass(&self.f.load_gate).await;
-        if self.f.fail_load.load(Ordering::Relaxed) {
-            return Err(down());
-        }
-        if users.iter().any(|u| self.f.corrupt.lock().contains(u)) {
-            return Err(Error::Internal("corrupt stored state".into()));
-        }
-        self.inner.load(users).await
-    }
-
-    async fn save(&self, batch: &[Write]) -> Result<Vec<Saved>, Error> {
-        self.f.saves.fetch_add(1, Ordering::Relaxed);
-        pass(&self.f.save_gate).await;
-        if self.f.fail_save.load(Ordering::Relaxed) {
-            return Err(down());
-        }
-        self.inner.save(batch).await
-    }
-
-    async fn fence(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
-        self.inner.fence(partitions).await
-    }
-
-    async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
-        self.inner.live_users(partitions).await
-    }
-
-    async fn refresh(&self, users: &[UserId]) -> Result<(), Error> {
-        if self.f.fail_refresh.load(Ordering::Relaxed) {
-            return Err(down());
-        }
-        self.f.refreshed.lock().extend_from_slice(users);
-        Ok(())
-    }
-
-    fn refresh_interval(&self) -> Option<Duration> {
-        Some(Duration::from_secs(10))
-    }
-
-    async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
-        self.inner.subscriptions(user).await
-    }
-
-    async fn update_subscriptions(
-        &self,
-        user: UserId,
-        mode: SubscriptionMode,
-        targets: &[UserId],
-        max: usize,
-    ) -> Result<Vec<UserId>, Error> {
-        self.inner
-            .update_subscriptions(user, mode, targets, max)
-            .await
-    }
-
-    async fn ping(&self) -> Result<(), Error> {
-        Ok(())
-    }
-
-    fn kind(&self) -> &'static str {
-        "faulty"
-    }
-}
+use crate::store::faulty::FaultyStore;
+use crate::store::{MemoryStore, Store};
 
 /// Records every published event.
 #[derive(Default)]
@@ -209,7 +84,7 @@ async fn run_for(ms: u64) {
 }
 
 async fn stored(store: &FaultyStore, user: UserId) -> Option<UserState> {
-    store.inner.load(&[user]).await.unwrap().pop().flatten()
+    store.data().load(&[user]).await.unwrap().pop().flatten()
 }
 
 fn in_memory(shard: &Shard, user: UserId) -> bool {
@@ -218,7 +93,8 @@ fn in_memory(shard: &Shard, user: UserId) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_changes_nothing_and_its_retry_applies_it() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, events) = start(store.clone(), Table::owning_all()).await;
     f.fail_save.store(true, Ordering::Relaxed);
     let r = shard.online(7, "d", Platform::Web).await;
@@ -236,7 +112,8 @@ async fn a_failed_write_changes_nothing_and_its_retry_applies_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, _events) = start(store.clone(), Table::owning_all()).await;
     shard.online(9, "d", Platform::Web).await.unwrap();
     run_for(TIMEOUT_MS as u64 / 2).await;
@@ -266,7 +143,8 @@ async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() 
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_request_is_finished_by_the_writer() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, events) = start(store.clone(), Table::owning_all()).await;
     f.save_gate.send_replace(false);
     let request = tokio::spawn({
@@ -284,7 +162,7 @@ async fn a_cancelled_request_is_finished_by_the_writer() {
 
 #[tokio::test(start_paused = true)]
 async fn a_fenced_owner_refuses_the_write_and_lets_go_of_the_user() {
-    let (store, _) = FaultyStore::new();
+    let store = FaultyStore::new(true);
     let (old, old_events) = start(store.clone(), Table::owning_all()).await;
     old.online(9, "d", Platform::Web).await.unwrap();
     // A new owner takes the partition over (the old one has not seen the ring yet).
@@ -316,7 +194,8 @@ async fn a_fenced_owner_refuses_the_write_and_lets_go_of_the_user() {
 
 #[tokio::test(start_paused = true)]
 async fn a_user_is_never_put_back_after_its_partition_was_released() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let table = Table::owning_all();
     let (shard, _) = start(store.clone(), table.clone()).await;
     f.load_gate.send_replace(false);
@@ -340,7 +219,7 @@ async fn a_user_is_never_put_back_after_its_partition_was_released() {
 
 #[tokio::test(start_paused = true)]
 async fn timers_of_partitions_not_served_change_nothing() {
-    let (store, _) = FaultyStore::new();
+    let store = FaultyStore::new(true);
     let table = Table::owning_all();
     let (shard, events) = start(store.clone(), table.clone()).await;
     shard.online(11, "d", Platform::Web).await.unwrap();
@@ -362,7 +241,8 @@ async fn timers_of_partitions_not_served_change_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn timer_changes_wait_out_a_store_outage_with_backoff_and_none_is_dropped() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, events) = start(store.clone(), Table::owning_all()).await;
     let users: Vec<UserId> = (100..1100).collect();
     for &u in &users {
@@ -405,7 +285,8 @@ async fn timer_changes_wait_out_a_store_outage_with_backoff_and_none_is_dropped(
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_store_does_not_stop_the_timers() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, _) = start(store.clone(), Table::owning_all()).await;
     shard.online(12, "d", Platform::Web).await.unwrap();
     run_for(1_000).await;
@@ -419,7 +300,8 @@ async fn a_hung_store_does_not_stop_the_timers() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_refresh_is_retried_and_not_counted_as_done() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (shard, _) = start(store.clone(), Table::owning_all()).await;
     f.fail_refresh.store(true, Ordering::Relaxed);
     shard.online(14, "d", Platform::Web).await.unwrap();
@@ -446,7 +328,8 @@ async fn a_failed_refresh_is_retried_and_not_counted_as_done() {
 
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_record_is_skipped_and_the_partition_still_loads() {
-    let (store, f) = FaultyStore::new();
+    let store = FaultyStore::new(true);
+    let f = store.faults();
     let (first, _) = start(store.clone(), Table::owning_all()).await;
     first.online(15, "d", Platform::Web).await.unwrap();
     // 16 shares no partition requirement; its record is unreadable (say, a newer version's).

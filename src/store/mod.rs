@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::presence::{UserId, UserState};
 use crate::ring::partition_of;
 
+pub mod faulty;
 pub mod redis;
 pub use self::redis::{RedisOptions, RedisStore};
 
