@@ -215,6 +215,10 @@ label_enum!(
     JwksFetch("result") { Ok = "ok", Error = "error" }
 );
 label_enum!(
+    /// What a handover poll learnt from a previous owner.
+    HandoverPoll("result") { Released = "released", Waiting = "waiting", Failed = "failed" }
+);
+label_enum!(
     /// The direction of a partition handoff.
     Direction("direction") { Gained = "gained", Released = "released" }
 );
@@ -478,6 +482,7 @@ pub struct RingMetrics {
     pub owned_partitions: IntGauge,
     pub handoffs: Counters<Direction>,
     pub handoff_duration: Histograms<Direction>,
+    pub handover_polls: Counters<HandoverPoll>,
 }
 
 impl RingMetrics {
@@ -505,9 +510,16 @@ impl RingMetrics {
                 "How long taking over (loading) or releasing partitions took.",
                 &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
             ),
+            handover_polls: r.counters(
+                "presence_handover_polls_total",
+                "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them; failed: no answer, the grace bounds the wait).",
+            ),
         };
         for &d in Direction::ALL {
             m.handoffs.get(d);
+        }
+        for &r in HandoverPoll::ALL {
+            m.handover_polls.get(r);
         }
         m
     }

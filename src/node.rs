@@ -259,6 +259,7 @@ impl Node {
                     metrics.clone(),
                     shard.table().clone(),
                     fanout.clone(),
+                    clients.clone(),
                 );
                 shard.set_sink(fanout.clone());
                 let discovery = match discovery.clone() {

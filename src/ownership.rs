@@ -15,9 +15,10 @@
 //!   a partition taken on a partial view would have two owners.
 //! - A lost partition is released at once, whatever its state, and a load still running for it
 //!   no longer counts: its result is ignored for that partition.
-//! - A gained partition whose previous owner is still a member waits a grace, so that the
-//!   previous owner has seen the same ring and stopped serving it; one whose previous owner is
-//!   gone loads at once.
+//! - A gained partition whose previous owner is still a member waits until that owner says it
+//!   has let go (a handover: [`Ownership::awaiting_handover`], [`Ownership::handed_over`]), or a
+//!   grace at most, so that the previous owner has seen the same ring and stopped serving it; one
+//!   whose previous owner is gone loads at once.
 //! - A failed load goes back to pending with a backoff (100 ms doubling to 5 s); ring changes are
 //!   taken meanwhile, so a failing store never makes the shard deaf to the ring.
 //! - Draining releases everything and takes nothing more.
@@ -60,13 +61,24 @@ pub enum Action {
     Load { id: u64, partitions: Vec<u32> },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Part {
     state: State,
     /// For `Pending`: when it may load.
     ready_at: Option<Instant>,
     /// For `Loading`: the load that is reading it.
     load: u64,
+    /// For `Pending` within its grace: the previous owner, still a member, to ask for a handover.
+    from: Option<Arc<str>>,
+}
+
+impl Part {
+    const RELEASED: Part = Part {
+        state: State::Released,
+        ready_at: None,
+        load: 0,
+        from: None,
+    };
 }
 
 /// The ownership of one shard: a pure state machine.
@@ -92,14 +104,7 @@ impl Ownership {
             ring: Arc::new(Ring::new(Vec::new())),
             held: None,
             hold_until: Some(now + grace),
-            parts: vec![
-                Part {
-                    state: State::Released,
-                    ready_at: None,
-                    load: 0,
-                };
-                PARTITIONS as usize
-            ],
+            parts: vec![Part::RELEASED; PARTITIONS as usize],
             next_load: 1,
             backoff: FIRST_BACKOFF,
             serving: true,
@@ -159,11 +164,7 @@ impl Ownership {
             .filter(|&p| !mine[p as usize] && self.parts[p as usize].state != State::Released)
             .collect();
         for &p in &lost {
-            self.parts[p as usize] = Part {
-                state: State::Released,
-                ready_at: None,
-                load: 0,
-            };
+            self.parts[p as usize] = Part::RELEASED;
         }
         if !lost.is_empty() {
             actions.push(Action::Release(lost));
@@ -182,13 +183,18 @@ impl Ownership {
             if !mine[p as usize] || part.state != State::Released {
                 continue;
             }
-            let wait = before
+            let from = before
                 .owner(p)
-                .is_some_and(|owner| owner != self.me && next.members().iter().any(|m| m == owner));
+                .filter(|owner| *owner != self.me && next.members().iter().any(|m| m == owner));
             *part = Part {
                 state: State::Pending,
-                ready_at: Some(if wait { now + self.grace } else { now }),
+                ready_at: Some(if from.is_some() {
+                    now + self.grace
+                } else {
+                    now
+                }),
                 load: 0,
+                from: from.map(Arc::from),
             };
         }
         actions.extend(self.tick(now));
@@ -226,6 +232,7 @@ impl Ownership {
                 state: State::Loading,
                 ready_at: None,
                 load: id,
+                from: None,
             };
         }
         vec![Action::Load {
@@ -259,9 +266,44 @@ impl Ownership {
                     state: State::Pending,
                     ready_at: Some(retry),
                     load: 0,
+                    from: None,
                 };
             }
         }
+    }
+
+    /// The gained partitions still waiting for their previous owner, by that owner: ask each
+    /// whether it has let go, and report what it has with [`Ownership::handed_over`].
+    pub fn awaiting_handover(&self) -> Vec<(Arc<str>, Vec<u32>)> {
+        let mut by: Vec<(Arc<str>, Vec<u32>)> = Vec::new();
+        for (p, part) in self.parts.iter().enumerate() {
+            let (State::Pending, Some(from)) = (part.state, &part.from) else {
+                continue;
+            };
+            match by.iter_mut().find(|(o, _)| o == from) {
+                Some((_, ps)) => ps.push(p as u32),
+                None => by.push((from.clone(), vec![p as u32])),
+            }
+        }
+        by
+    }
+
+    /// Their previous owner has let go of `partitions`: those still waiting for it load now,
+    /// without the rest of the grace.
+    pub fn handed_over(&mut self, partitions: &[u32], now: Instant) -> Vec<Action> {
+        if !self.serving {
+            return Vec::new();
+        }
+        for &p in partitions {
+            let Some(part) = self.parts.get_mut(p as usize) else {
+                continue;
+            };
+            if part.state == State::Pending && part.from.is_some() {
+                part.ready_at = Some(now);
+                part.from = None;
+            }
+        }
+        self.tick(now)
     }
 
     /// Graceful shutdown: release everything, take nothing more.
@@ -273,11 +315,7 @@ impl Ownership {
             .filter(|&p| self.parts[p as usize].state != State::Released)
             .collect();
         for &p in &all {
-            self.parts[p as usize] = Part {
-                state: State::Released,
-                ready_at: None,
-                load: 0,
-            };
+            self.parts[p as usize] = Part::RELEASED;
         }
         if all.is_empty() {
             Vec::new()
@@ -290,6 +328,8 @@ impl Ownership {
 const RELEASED: u8 = 0;
 const WAITING: u8 = 1;
 const OWNED: u8 = 2;
+/// Refused like `RELEASED`, while its users are still being let go (see [`Table::let_go`]).
+const RELEASING: u8 = 3;
 
 /// What the request path reads: per partition, whether it is served, without a lock.
 pub struct Table {
@@ -331,8 +371,10 @@ impl Table {
     pub fn sync(&self, own: &Ownership) {
         let mut owned = 0;
         for (p, part) in own.parts.iter().enumerate() {
+            let cur = self.states[p].load(Ordering::Acquire);
             let v = match part.state {
-                State::Released => RELEASED,
+                State::Released if cur == RELEASED => RELEASED,
+                State::Released => RELEASING,
                 State::Pending | State::Loading => WAITING,
                 State::Owned => {
                     owned += 1;
@@ -344,6 +386,26 @@ impl Table {
         self.owned.store(owned, Ordering::Relaxed);
         self.epoch.store(own.ring.epoch(), Ordering::Relaxed);
         self.serving.store(own.serving, Ordering::Relaxed);
+    }
+
+    /// The users of these partitions are gone from memory (after their release): a handover
+    /// may now tell the next owner they are free.
+    pub fn let_go(&self, partitions: &[u32]) {
+        for &p in partitions {
+            let _ = self.states[p as usize].compare_exchange(
+                RELEASING,
+                RELEASED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// Whether this shard neither serves `partition` nor is still letting it go.
+    pub fn is_released(&self, partition: u32) -> bool {
+        self.states
+            .get(partition as usize)
+            .is_some_and(|s| s.load(Ordering::Acquire) == RELEASED)
     }
 
     /// Reports not serving at once (a drain begins), before the machine has caught up.
@@ -400,6 +462,10 @@ mod tests {
         LoadFailed,
         /// SIGTERM.
         Drain,
+        /// Shard `n` answers a handover poll: it has let go of what it owned.
+        HandedOverBy(usize),
+        /// The partitions waiting for a handover, by previous owner (indexes, sorted).
+        ExpectAwaiting(Vec<usize>),
         /// The oldest load finishes, and leaves every partition of `ME` owned, none loading.
         LoadDoneAndOwned,
         /// Every partition the ring gives `ME` is in this state; all others are released.
@@ -507,6 +573,28 @@ mod tests {
                         let a = self.own.drain();
                         self.take(a);
                     }
+                    Step::HandedOverBy(n) => {
+                        let asked: Vec<u32> = self
+                            .own
+                            .awaiting_handover()
+                            .into_iter()
+                            .filter(|(o, _)| **o == addr(n))
+                            .flat_map(|(_, ps)| ps)
+                            .collect();
+                        assert!(!asked.is_empty(), "step {i}: nothing awaits shard {n}");
+                        let a = self.own.handed_over(&asked, now);
+                        self.take(a);
+                    }
+                    Step::ExpectAwaiting(owners) => {
+                        let mut got: Vec<usize> = self
+                            .own
+                            .awaiting_handover()
+                            .iter()
+                            .map(|(o, _)| (0..8).find(|&n| **o == addr(n)).unwrap())
+                            .collect();
+                        got.sort();
+                        assert_eq!(got, owners, "step {i}: awaiting handover from");
+                    }
                     Step::ExpectMine(state) => {
                         let mine: Vec<u32> = self.ring.partitions_of(&addr(ME));
                         assert!(
@@ -603,6 +691,77 @@ mod tests {
                 ExpectReleasedAtLeast(PARTITIONS as usize / 3 / 2),
                 ExpectMine(State::Owned),
                 ExpectLoads(0),
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_returning_shard_loads_as_soon_as_the_interim_owners_hand_over() {
+        Harness::settled(vec![0, 1, 2])
+            .await
+            .run(&[
+                // Our own health checks fail (our gRPC port is cut): we leave our ring...
+                Members(vec![1, 2]),
+                ExpectMine(State::Released),
+                // ...and come back while 1 and 2 still serve our share.
+                Members(vec![0, 1, 2]),
+                ExpectMine(State::Pending),
+                ExpectAwaiting(vec![1, 2]),
+                ExpectLoads(0),
+                // 1 has let go: its part loads at once, 2's still waits.
+                HandedOverBy(1),
+                ExpectLoads(1),
+                ExpectAwaiting(vec![2]),
+                HandedOverBy(2),
+                ExpectLoads(2),
+                ExpectAwaiting(vec![]),
+                LoadDone,
+                LoadDoneAndOwned,
+            ])
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_counts_as_let_go_only_once_its_release_finished() {
+        let mut h = Harness::settled(vec![0]).await;
+        let p = 0;
+        assert!(!h.table.is_released(p));
+        // 1 joins and takes partition p from us: refused at once, but not let go yet...
+        let ring = Arc::new(Ring::new([addr(0), addr(1)]));
+        let p = (0..PARTITIONS)
+            .find(|&q| ring.owner(q) == Some(addr(1).as_str()))
+            .unwrap();
+        let actions = h.own.ring_changed(ring, Instant::now());
+        h.table.sync(&h.own);
+        assert!(matches!(&actions[0], Action::Release(ps) if ps.contains(&p)));
+        let user = (1..).find(|u| partition_of(*u) == p).unwrap();
+        assert!(h.table.check(user).is_err());
+        assert!(
+            !h.table.is_released(p),
+            "a handover must wait for the release"
+        );
+        // ...until the driver has let its users go.
+        h.table.let_go(&[p]);
+        assert!(h.table.is_released(p));
+        // Another sync keeps it released.
+        h.table.sync(&h.own);
+        assert!(h.table.is_released(p));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_previous_owner_that_never_answers_costs_one_grace() {
+        Harness::settled(vec![0, 1])
+            .await
+            .run(&[
+                Members(vec![1]),
+                Members(vec![0, 1]),
+                ExpectAwaiting(vec![1]),
+                Wait(GRACE - Duration::from_millis(1)),
+                ExpectLoads(0),
+                Wait(Duration::from_millis(1)),
+                ExpectAwaiting(vec![]),
+                ExpectMine(State::Loading),
+                LoadDoneAndOwned,
             ])
             .await;
     }

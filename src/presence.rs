@@ -183,6 +183,17 @@ pub struct Device {
     pub timed_out_at: Millis,
 }
 
+/// How long ago a shard that let a user go last saw one of its devices: handed to the next owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub user: UserId,
+    pub device: CompactString,
+    /// Since the last heartbeat or online, in ms (at least 0).
+    pub seen_ago: Millis,
+    /// Since the last activity, in ms (at least 0).
+    pub active_ago: Millis,
+}
+
 impl Device {
     pub fn is_online(&self) -> bool {
         self.timed_out_at == 0
@@ -497,11 +508,26 @@ impl UserState {
     /// goes falsely OFFLINE after a takeover. A user stored as ONLINE (active) keeps being
     /// active from `now`, so that no one goes falsely AWAY either; one stored as AWAY stays idle.
     pub fn reloaded(&mut self, now: Millis) {
+        self.handed_over(now, &[]);
+    }
+
+    /// As [`UserState::reloaded`], except for the devices the previous owner handed over with
+    /// the partition ([`Seen`]): they keep the times it saw, so that they time out (or go AWAY)
+    /// when they would have there, not a whole timeout after the handover.
+    pub fn handed_over(&mut self, now: Millis, seen: &[Seen]) {
         let active = self.status == Status::Online;
         for d in self.devices.iter_mut().filter(|d| d.is_online()) {
-            d.last_seen = d.last_seen.max(now);
-            if active {
-                d.last_active = d.last_active.max(now);
+            match seen.iter().find(|s| s.device == d.id) {
+                Some(s) => {
+                    d.last_seen = d.last_seen.max(now - s.seen_ago);
+                    d.last_active = d.last_active.max(now - s.active_ago);
+                }
+                None => {
+                    d.last_seen = d.last_seen.max(now);
+                    if active {
+                        d.last_active = d.last_active.max(now);
+                    }
+                }
             }
         }
     }
@@ -863,6 +889,33 @@ mod tests {
         idle.reloaded(later);
         assert_eq!(idle.effective_status(later, &R), Status::Away);
         assert_eq!(idle.next_deadline(&R), Some(later + 60_000));
+    }
+
+    #[test]
+    fn a_handed_over_device_keeps_the_previous_owners_deadline() {
+        let mut st = UserState::default();
+        online(&mut st, "d1", T0);
+        online(&mut st, "d2", T0);
+        let later = T0 + 500_000;
+        // The previous owner saw d1 50 s ago (its last activity 70 s ago), and says nothing of d2.
+        let seen = [Seen {
+            user: 1,
+            device: "d1".into(),
+            seen_ago: 50_000,
+            active_ago: 70_000,
+        }];
+        st.handed_over(later, &seen);
+        assert_eq!(st.devices[0].last_seen, later - 50_000);
+        assert_eq!(st.devices[0].last_active, later - 70_000);
+        // d2, not handed over, is treated as a plain reload: seen now.
+        assert_eq!(st.devices[1].last_seen, later);
+        // So the user's next deadline is d1's timeout, 10 s from now, not a whole timeout.
+        assert_eq!(st.next_deadline(&R), Some(later + 10_000));
+        // A handed time older than the stored one changes nothing.
+        let mut fresh = UserState::default();
+        online(&mut fresh, "d1", later);
+        fresh.handed_over(later + 1_000, &seen);
+        assert_eq!(fresh.devices[0].last_seen, later);
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod v1 {
 }
 
 use crate::error::Error;
-use crate::presence::{self, BatchEntry, DeviceView, Platform, Settings, Status, StatusView};
+use crate::presence::{self, BatchEntry, DeviceView, Platform, Seen, Settings, Status, StatusView};
 
 impl From<Status> for v1::Status {
     fn from(s: Status) -> v1::Status {
@@ -165,6 +165,31 @@ pub fn settings_to(epoch: u64, user_id: u64, s: &Settings) -> v1::SetStatusReque
         manual: s.manual.map(|m| v1::Status::from(m) as i32),
         custom_text: s.text.as_ref().map(|t| t.to_string()),
         expires_at: s.expires_at,
+    }
+}
+
+impl From<Seen> for v1::SeenDevice {
+    fn from(s: Seen) -> v1::SeenDevice {
+        v1::SeenDevice {
+            user_id: s.user,
+            device_id: s.device.to_string(),
+            seen_ms_ago: s.seen_ago.max(0) as u64,
+            active_ms_ago: s.active_ago.max(0) as u64,
+        }
+    }
+}
+
+/// Longest "ago" taken from a peer: a day (anything older has timed out anyway).
+const MAX_AGO_MS: u64 = 86_400_000;
+
+impl From<v1::SeenDevice> for Seen {
+    fn from(d: v1::SeenDevice) -> Seen {
+        Seen {
+            user: d.user_id,
+            device: d.device_id.into(),
+            seen_ago: d.seen_ms_ago.min(MAX_AGO_MS) as i64,
+            active_ago: d.active_ms_ago.min(MAX_AGO_MS) as i64,
+        }
     }
 }
 

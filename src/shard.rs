@@ -30,7 +30,8 @@ use crate::metrics::{
 };
 use crate::ownership::Table;
 use crate::presence::{
-    BatchEntry, Effect, Millis, Platform, Rules, Settings, Status, StatusView, UserId, UserState,
+    BatchEntry, Effect, Millis, Platform, Rules, Seen, Settings, Status, StatusView, UserId,
+    UserState,
 };
 use crate::push::{Event, EventSink};
 use crate::ring::{partition_of, stripe_of, PARTITIONS};
@@ -113,6 +114,8 @@ pub struct Shard {
     wake: tokio::sync::Notify,
     /// Status changes per user (`PRESENCE_STATUS_RATE`).
     status_rate: RateLimiter,
+    /// The devices of users let go lately, for their next owner.
+    parting: parting::Parting,
 }
 
 impl Shard {
@@ -158,6 +161,7 @@ impl Shard {
             backlog: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             status_rate: RateLimiter::new(Rate::OFF, 1, 1),
+            parting: parting::Parting::default(),
         }
     }
 
@@ -592,6 +596,8 @@ impl Shard {
     pub async fn release(&self, partitions: &[bool]) -> usize {
         let mut live = Vec::new();
         let mut released = 0usize;
+        let now = self.clock.now();
+        self.parting.forget(&[], now);
         for stripe in self.stripes.iter() {
             let mut stripe = stripe.lock();
             stripe.retain(|user, entry| {
@@ -600,6 +606,7 @@ impl Shard {
                 }
                 self.forget_entry(entry);
                 if !entry.state.devices.is_empty() {
+                    self.parting.note(*user, &entry.state, now);
                     live.push(*user);
                 }
                 released += 1;
@@ -642,6 +649,12 @@ impl Shard {
         released
     }
 
+    /// What this shard last saw of the online devices of `partitions`, which it let go lately:
+    /// the answer to the next owner's handover.
+    pub fn parted(&self, partitions: &[u32]) -> Vec<Seen> {
+        self.parting.seen(partitions, self.clock.now())
+    }
+
     /// One last try at the timer writes of users whose partition goes: made under this shard's
     /// token (refused if the new owner fenced the partition already). What cannot be written is
     /// counted: the new owner re-derives it from the stored state (its timers time the users
@@ -679,6 +692,17 @@ impl Shard {
     /// fenced first, so a previous owner's late writes are refused from then on. Returns how
     /// many users were reloaded.
     pub async fn recover(&self, partitions: &[u32]) -> Result<usize, Error> {
+        self.recover_handed(partitions, &[]).await
+    }
+
+    /// As [`Shard::recover`], with what the previous owner last saw of the partitions' devices
+    /// (from a handover): those devices keep its times rather than being seen at reload.
+    pub async fn recover_handed(&self, partitions: &[u32], seen: &[Seen]) -> Result<usize, Error> {
+        self.parting.forget(partitions, self.clock.now());
+        let mut handed: hashbrown::HashMap<UserId, Vec<Seen>> = hashbrown::HashMap::new();
+        for s in seen {
+            handed.entry(s.user).or_default().push(s.clone());
+        }
         let fences = self.store.fence(partitions).await?;
         for (&p, f) in partitions.iter().zip(fences) {
             self.fences[p as usize].store(f, Ordering::Release);
@@ -687,7 +711,7 @@ impl Shard {
         let mut recovered = 0;
         for chunk in users.chunks(1000) {
             let states = self.load_readable(chunk).await?;
-            recovered += self.install(chunk, states);
+            recovered += self.install(chunk, states, &handed);
         }
         self.metrics
             .presence
@@ -698,14 +722,19 @@ impl Shard {
 
     /// Puts reloaded users with devices into memory (unless there already) and arms their
     /// timers. Returns how many it put.
-    fn install(&self, users: &[UserId], states: Vec<Option<UserState>>) -> usize {
+    fn install(
+        &self,
+        users: &[UserId],
+        states: Vec<Option<UserState>>,
+        handed: &hashbrown::HashMap<UserId, Vec<Seen>>,
+    ) -> usize {
         let now = self.clock.now();
         let mut installed = 0;
         for (&user, state) in users.iter().zip(states) {
             let Some(mut state) = state.filter(|s| !s.devices.is_empty()) else {
                 continue;
             };
-            state.reloaded(now);
+            state.handed_over(now, handed.get(&user).map_or(&[], |v| v.as_slice()));
             let mut stripe = self.stripe(user).lock();
             self.backlog.lock().evicted.remove(&user);
             if stripe.contains_key(&user) {
@@ -814,7 +843,7 @@ impl Shard {
                 .collect();
             match self.load_readable(&owned).await {
                 Ok(states) => {
-                    self.install(&owned, states);
+                    self.install(&owned, states, &hashbrown::HashMap::new());
                 }
                 Err(e) => {
                     ok = false;
@@ -1138,6 +1167,7 @@ impl Presence for Shard {
 
 #[cfg(test)]
 mod faults;
+mod parting;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The shard's side of the transport: the gRPC service that serves gateways for the users this
 //! shard owns, and the driver of its ownership state machine ([`crate::ownership`]).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,15 +14,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response};
 use tracing::Instrument;
 
+use super::client::Clients;
 use super::{extract_trace, Timed};
 use crate::error::Error;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, HandoverPoll, Metrics};
 use crate::ownership::{Action, Ownership, Table};
-use crate::presence::{validate_device_id, validate_user_id, UserId};
+use crate::presence::{validate_device_id, validate_user_id, Seen, UserId};
 use crate::proto::{self, v1};
 use crate::push::fanout::{to_wire, Fanout, Opened, StreamItem};
 use crate::push::{Event, EventSink};
-use crate::ring::{Ring, PARTITIONS};
+use crate::ring::{partition_of, Ring, PARTITIONS};
 use crate::service::Presence;
 use crate::shard::Shard;
 use crate::store::SubscriptionMode;
@@ -31,6 +33,11 @@ const MAX_BATCH: usize = 100_000;
 
 /// How often a shard pings each gateway's event stream.
 pub const PING: Duration = Duration::from_secs(2);
+
+/// How often a shard asks the previous owners of partitions it gained whether they let go.
+const HANDOVER_POLL: Duration = Duration::from_millis(200);
+/// Longest a handover poll may take (then the next poll, and the grace, bound the wait).
+const HANDOVER_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Drives this shard's [`Ownership`]: feeds it ring changes and the passing of time, carries out
 /// its actions on the [`Shard`] (release users, load partitions from the store) and mirrors its
@@ -44,6 +51,10 @@ pub struct Handoff {
     /// Stops the ring-following loop (a drain takes over).
     stop: CancellationToken,
     metrics: Arc<Metrics>,
+    /// To ask previous owners for a handover.
+    clients: Arc<Clients>,
+    /// What previous owners handed over, by partition, until the partition loads (or goes).
+    handed: parking_lot::Mutex<HashMap<u32, Vec<Seen>>>,
 }
 
 impl Handoff {
@@ -54,6 +65,7 @@ impl Handoff {
         metrics: Arc<Metrics>,
         table: Arc<Table>,
         fanout: Arc<Fanout>,
+        clients: Arc<Clients>,
     ) -> Arc<Handoff> {
         let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
         Arc::new(Handoff {
@@ -63,6 +75,8 @@ impl Handoff {
             fanout,
             stop: CancellationToken::new(),
             metrics,
+            clients,
+            handed: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
@@ -90,7 +104,12 @@ impl Handoff {
             if !self.act(&mut machine, &shard, actions).await {
                 return;
             }
-            let next = machine.next_deadline();
+            let mut next = machine.next_deadline();
+            let poll = !machine.awaiting_handover().is_empty();
+            if poll {
+                let at = Instant::now() + HANDOVER_POLL;
+                next = Some(next.map_or(at, |t| t.min(at)));
+            }
             drop(machine);
             let wake = async {
                 match next {
@@ -108,7 +127,9 @@ impl Handoff {
             actions = if changed {
                 machine.ring_changed(ring.borrow_and_update().clone(), Instant::now())
             } else {
-                machine.tick(Instant::now())
+                let mut a = self.poll_handovers(&mut machine).await;
+                a.extend(machine.tick(Instant::now()));
+                a
             };
         }
     }
@@ -126,9 +147,17 @@ impl Handoff {
                 Action::Release(partitions) => self.release(shard, &partitions).await,
                 Action::Load { id, partitions } => {
                     let started = std::time::Instant::now();
+                    let seen: Vec<Seen> = {
+                        let mut handed = self.handed.lock();
+                        partitions
+                            .iter()
+                            .filter_map(|p| handed.remove(p))
+                            .flatten()
+                            .collect()
+                    };
                     let result = tokio::select! {
                         _ = self.stop.cancelled() => return false,
-                        r = shard.recover(&partitions) => r,
+                        r = shard.recover_handed(&partitions, &seen) => r,
                     };
                     match result {
                         Ok(users) => {
@@ -177,13 +206,77 @@ impl Handoff {
         }
     }
 
+    /// Asks each previous owner still awaited whether it has let go of the partitions this
+    /// shard gained from it; what it has let go loads now, with the devices' times it hands
+    /// over. A previous owner that does not answer is asked again; the grace bounds the wait.
+    async fn poll_handovers(&self, machine: &mut Ownership) -> Vec<Action> {
+        let awaited = machine.awaiting_handover();
+        if awaited.is_empty() {
+            return Vec::new();
+        }
+        let asks = awaited.into_iter().map(|(owner, partitions)| async move {
+            let reply = async {
+                let mut client = self.clients.get(&owner)?;
+                let req = v1::HandoverRequest {
+                    partitions: partitions.clone(),
+                };
+                match tokio::time::timeout(HANDOVER_TIMEOUT, client.handover(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    Ok(Err(status)) => Err(Error::ShardUnavailable(status.message().to_owned())),
+                    Err(_) => Err(Error::ShardUnavailable("handover timed out".into())),
+                }
+            }
+            .await;
+            (owner, partitions, reply)
+        });
+        let mut free = Vec::new();
+        for (owner, asked, reply) in futures::future::join_all(asks).await {
+            let result = match reply {
+                Err(e) => {
+                    tracing::debug!(owner = %owner, error = %e, "handover poll failed");
+                    HandoverPoll::Failed
+                }
+                Ok(r) => {
+                    let asked: std::collections::HashSet<u32> = asked.into_iter().collect();
+                    let released: Vec<u32> = r
+                        .released
+                        .into_iter()
+                        .filter(|p| asked.contains(p))
+                        .collect();
+                    let released_set: std::collections::HashSet<u32> =
+                        released.iter().copied().collect();
+                    let mut handed = self.handed.lock();
+                    for d in r.devices {
+                        let seen = Seen::from(d);
+                        let p = partition_of(seen.user);
+                        if released_set.contains(&p) {
+                            handed.entry(p).or_default().push(seen);
+                        }
+                    }
+                    drop(handed);
+                    if released.is_empty() {
+                        HandoverPoll::Waiting
+                    } else {
+                        tracing::info!(owner = %owner, partitions = released.len(), "previous owner handed over");
+                        free.extend(released);
+                        HandoverPoll::Released
+                    }
+                }
+            };
+            self.metrics.ring.handover_polls.get(result).inc();
+        }
+        machine.handed_over(&free, Instant::now())
+    }
+
     async fn release(&self, shard: &Shard, partitions: &[u32]) {
         let mut lost = vec![false; PARTITIONS as usize];
         for &p in partitions {
             lost[p as usize] = true;
+            self.handed.lock().remove(&p);
         }
         let started = std::time::Instant::now();
         let users = shard.release(&lost).await;
+        self.table.let_go(partitions);
         self.observe(Direction::Released, started, partitions.len());
         tracing::info!(partitions = partitions.len(), users, took = ?started.elapsed(), "released partitions");
     }
@@ -319,6 +412,30 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 });
             }
             Ok(v1::HeartbeatBatchReply { codes })
+        })
+        .await
+    }
+
+    /// A shard that gained partitions from this one asks which it has let go.
+    async fn handover(&self, req: Request<v1::HandoverRequest>) -> Reply<v1::HandoverReply> {
+        self.serve("Handover", req, |r| async move {
+            if r.partitions.len() > PARTITIONS as usize
+                || r.partitions.iter().any(|&p| p >= PARTITIONS)
+            {
+                return Err(Error::BadRequest("partitions out of range".into()));
+            }
+            let released: Vec<u32> = r
+                .partitions
+                .into_iter()
+                .filter(|&p| self.own.is_released(p))
+                .collect();
+            let devices = self
+                .shard
+                .parted(&released)
+                .into_iter()
+                .map(v1::SeenDevice::from)
+                .collect();
+            Ok(v1::HandoverReply { released, devices })
         })
         .await
     }
