@@ -193,6 +193,16 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_STATUS_RATE_USERS", default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(16..=100_000_000))]
     pub status_rate_users: u32,
 
+    /// Most records of users never online (a status set before any device came online) one
+    /// shard creates within `PRESENCE_RETENTION`, which is how long they are kept; past it, such
+    /// a change answers 503 (`presence_rate_limited_total{limit="offline_records"}`). 0 = no cap.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_OFFLINE_RECORDS",
+        default_value_t = 1_000_000
+    )]
+    pub max_offline_records: u64,
+
     /// The kernel send buffer of each client connection (`SO_SNDBUF`), in bytes; 0 leaves the
     /// kernel's autotuning. Bounds what a WebSocket that does not read holds in the kernel, so
     /// that it backs up into its queue (`PRESENCE_WS_QUEUE`) and is cut as a slow consumer.

@@ -1,5 +1,6 @@
 //! Per-key rate limits (GCRA, one timestamp per key), bounded in memory: a client cannot make
-//! the server hold more than `max_keys` of them.
+//! the server hold more than `max_keys` of them; and [`WindowCap`], a cap on how many of
+//! something were made within a window.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -157,9 +158,74 @@ impl RateLimiter {
     }
 }
 
+/// Buckets of a [`WindowCap`]'s window.
+const WINDOW_BUCKETS: i64 = 32;
+
+/// At most `max` admissions within any `window` (counted in 32 buckets, so an admission leaves
+/// the count between 31/32 and the whole of a window later). For things a client makes the
+/// server keep for a window, such as records of users never online, kept `PRESENCE_RETENTION`.
+pub struct WindowCap {
+    max: u64,
+    bucket_ms: i64,
+    /// (bucket index, admissions in it), oldest first.
+    buckets: Mutex<std::collections::VecDeque<(i64, u64)>>,
+}
+
+impl WindowCap {
+    /// `max` 0 admits everything.
+    pub fn new(max: u64, window: Duration) -> WindowCap {
+        WindowCap {
+            max,
+            bucket_ms: (window.as_millis() as i64 / WINDOW_BUCKETS).max(1),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Admits one more at `now_ms` (Unix ms), unless `max` were admitted within the window.
+    pub fn admit(&self, now_ms: i64) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        let b = now_ms.div_euclid(self.bucket_ms);
+        let mut buckets = self.buckets.lock();
+        while buckets
+            .front()
+            .is_some_and(|(i, _)| *i <= b - WINDOW_BUCKETS)
+        {
+            buckets.pop_front();
+        }
+        if buckets.iter().map(|(_, n)| n).sum::<u64>() >= self.max {
+            return false;
+        }
+        match buckets.back_mut() {
+            Some((i, n)) if *i == b => *n += 1,
+            _ => buckets.push_back((b, 1)),
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_cap_admits_max_per_window_and_frees_up_as_it_slides() {
+        let cap = WindowCap::new(3, Duration::from_millis(3200)); // buckets of 100 ms
+        assert!(cap.admit(0));
+        assert!(cap.admit(50));
+        assert!(cap.admit(150));
+        assert!(!cap.admit(160), "a 4th within the window");
+        assert!(!cap.admit(3199));
+        // The first bucket (0-99 ms) has left the window: two admissions free up.
+        assert!(cap.admit(3200));
+        assert!(cap.admit(3250));
+        assert!(!cap.admit(3260));
+        assert!(
+            WindowCap::new(0, Duration::from_secs(1)).admit(0),
+            "0 is off"
+        );
+    }
 
     #[test]
     fn rates_parse_and_print() {

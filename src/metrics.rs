@@ -178,7 +178,7 @@ label_enum!(
 label_enum!(
     /// Which per-user rate limit refused a request or a socket message (`status`: the user is
     /// over `PRESENCE_STATUS_RATE`; `status_table_full`: too many users over their burst at once).
-    RateLimit("limit") { Status = "status", StatusTableFull = "status_table_full" }
+    RateLimit("limit") { Status = "status", StatusTableFull = "status_table_full", OfflineRecords = "offline_records" }
 );
 label_enum!(
     /// Why a WebSocket message or upgrade was refused by a limit.

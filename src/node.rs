@@ -81,7 +81,8 @@ fn new_shard(
             metrics.clone(),
             table,
         )
-        .with_status_rate(config.status_rate, config.status_rate_users as usize),
+        .with_status_rate(config.status_rate, config.status_rate_users as usize)
+        .with_offline_records(config.max_offline_records, config.retention),
     )
 }
 

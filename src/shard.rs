@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::limits::{Rate, RateLimiter, Refused};
+use crate::limits::{Rate, RateLimiter, Refused, WindowCap};
 use crate::metrics::{
     HeartbeatResult, Metrics, RateLimit, StoreOp, StoreResult, SubscriptionChange, Transition,
 };
@@ -116,6 +116,8 @@ pub struct Shard {
     status_rate: RateLimiter,
     /// The devices of users let go lately, for their next owner.
     parting: parting::Parting,
+    /// Records of users never online created within their retention (`PRESENCE_MAX_OFFLINE_RECORDS`).
+    offline_records: WindowCap,
 }
 
 impl Shard {
@@ -162,6 +164,7 @@ impl Shard {
             wake: tokio::sync::Notify::new(),
             status_rate: RateLimiter::new(Rate::OFF, 1, 1),
             parting: parting::Parting::default(),
+            offline_records: WindowCap::new(0, Duration::from_secs(1)),
         }
     }
 
@@ -170,6 +173,26 @@ impl Shard {
     pub fn with_status_rate(mut self, rate: Rate, max_users: usize) -> Shard {
         self.status_rate = RateLimiter::new(rate, 1, max_users);
         self
+    }
+
+    /// Caps the records of users never online this shard creates within `retention` at `max`.
+    pub fn with_offline_records(mut self, max: u64, retention: Duration) -> Shard {
+        self.offline_records = WindowCap::new(max, retention);
+        self
+    }
+
+    /// A change would create the record of a user never online (nothing stored, no device):
+    /// admitted under the cap, or refused with 503 (counted).
+    fn new_offline_record(&self, st: &UserState, now: Millis) -> Result<(), Error> {
+        if st.version != 0 || !st.devices.is_empty() || self.offline_records.admit(now) {
+            return Ok(());
+        }
+        self.metrics
+            .presence
+            .rate_limited
+            .get(RateLimit::OfflineRecords)
+            .inc();
+        Err(Error::Overloaded)
     }
 
     /// Takes a token of `user`'s status-change rate, or refuses with 429 (counted).
@@ -1096,6 +1119,7 @@ impl Presence for Shard {
         let rules = self.rules;
         self.mutate(user, true, |st, now| {
             let st = st.expect("loaded");
+            self.new_offline_record(st, now)?;
             let effect = st.set_settings(settings.clone(), now, &rules);
             Ok((st.view(user, now, &rules), effect))
         })

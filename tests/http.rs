@@ -880,6 +880,52 @@ async fn metrics_can_move_to_a_listener_of_their_own() {
     );
 }
 
+/// `PRESENCE_MAX_OFFLINE_RECORDS`: a status set for a user never online creates a record; past the
+/// cap such a change answers 503 and stores nothing, while users with a record (or a device) are
+/// served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_users_never_online_are_capped() {
+    let s = Server::start_private(
+        Topology::Memory,
+        &[
+            ("PRESENCE_MAX_OFFLINE_RECORDS", "3"),
+            ("PRESENCE_STATUS_RATE", "off"),
+        ],
+    );
+    let busy = json!({"status": "BUSY"});
+    let first: Vec<u64> = (0..3).map(|_| uid()).collect();
+    for &u in &first {
+        let (code, v) = s.put(&p(&format!("/status/{u}")), busy.clone()).await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let refused = uid();
+    let (code, v) = s.put(&p(&format!("/status/{refused}")), busy.clone()).await;
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(v["code"], 503, "{v}");
+    assert_eq!(v["message"], "server overloaded, retry later", "{v}");
+    let (_, v) = s.get(&p(&format!("/status/{refused}"))).await;
+    assert!(v["data"]["manualStatus"].is_null(), "stored anyway: {v}");
+    assert_eq!(
+        s.metric("presence_rate_limited_total{limit=\"offline_records\"}")
+            .await,
+        1.0
+    );
+    // A user with a record changes it again; a user with a device is not counted.
+    let (code, v) = s
+        .put(
+            &p(&format!("/status/{}", first[0])),
+            json!({"customText": "x"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let online_user = uid();
+    online(&s, online_user, "d", "WEB").await;
+    let (code, v) = s
+        .put(&p(&format!("/status/{online_user}")), busy.clone())
+        .await;
+    assert_eq!(code, 200, "{v}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Every error class
 

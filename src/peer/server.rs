@@ -610,3 +610,69 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         Ok(Response::new(Box::pin(events)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::{Platform, Rules};
+    use crate::store::faulty::FaultyStore;
+    use crate::store::Store;
+
+    /// Issue 10, defect 8: when a partition becomes owned, every gateway interested in one of
+    /// its users gets the user's current state, whatever it missed while the partition moved.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_that_becomes_owned_catches_interested_gateways_up() {
+        let store = FaultyStore::new(true);
+        let metrics = Arc::new(Metrics::new());
+        let user: UserId = 77;
+        // The previous owner put the user online (written through), then went away.
+        let before = Shard::new(
+            store.clone(),
+            Rules::default(),
+            Duration::from_millis(100),
+            metrics.clone(),
+            Table::owning_all(),
+        );
+        before.online(user, "d1", Platform::Web).await.unwrap();
+        drop(before);
+        // The new owner: a gateway already streams from it and is interested in the user.
+        let table = Table::new();
+        let shard = Arc::new(Shard::new(
+            store.twin() as Arc<dyn Store>,
+            Rules::default(),
+            Duration::from_millis(100),
+            metrics.clone(),
+            table.clone(),
+        ));
+        let fanout = Fanout::new(metrics.clone(), 64);
+        shard.set_sink(fanout.clone());
+        let mut gateway = fanout.open("gw");
+        fanout.interest(gateway.id, &[user], &[]);
+        assert!(gateway.rx.try_recv().is_err(), "nothing before the handoff");
+        let grace = Duration::from_millis(100);
+        let me = "10.0.0.1:50051".to_owned();
+        let handoff = Handoff::new(
+            me.clone(),
+            grace,
+            metrics,
+            table.clone(),
+            fanout.clone(),
+            Clients::new(Duration::from_millis(100), Duration::from_millis(100)),
+        );
+        let (_tx, ring) = watch::channel(Arc::new(Ring::new([me])));
+        let cancel = CancellationToken::new();
+        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let item = tokio::time::timeout(Duration::from_secs(5), gateway.rx.recv())
+            .await
+            .expect("a catch-up within the start grace and a load")
+            .expect("the stream is open")
+            .expect("an event, not an error");
+        assert!(item.snapshot, "a catch-up is a snapshot: {item:?}");
+        let view = item.presence.expect("the user's state");
+        assert_eq!(view.user_id, user);
+        assert_eq!(view.status, v1::Status::Online as i32);
+        assert_eq!(view.devices.len(), 1);
+        assert!(table.check(user).is_ok(), "the partition is owned");
+        cancel.cancel();
+    }
+}
