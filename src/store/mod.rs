@@ -15,7 +15,7 @@ use crate::presence::{UserId, UserState};
 use crate::ring::partition_of;
 
 pub mod redis;
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, RedisTlsFiles};
 
 /// The persistence boundary.
 #[async_trait]
