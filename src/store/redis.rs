@@ -136,13 +136,30 @@ impl RedisTlsFiles {
                 "PRESENCE_REDIS_TLS_CA: no PEM certificate in the file".into(),
             ));
         }
+        // Parses the PEM now, so that a bad file stops the start instead of every dial.
+        let parse = |var: &str, certs: redis::TlsCertificates| {
+            redis::Client::build_with_tls("rediss://localhost:1/", certs)
+                .map(drop)
+                .map_err(|e| Error::BadRequest(format!("{var}: {e}")))
+        };
         let certs = redis::TlsCertificates {
             client_tls,
             root_cert,
         };
-        // Parses the PEM now, so that a bad file stops the start instead of every dial.
-        redis::Client::build_with_tls("rediss://localhost:1/", certs.clone())
-            .map_err(|e| Error::BadRequest(format!("PRESENCE_REDIS_TLS_CA, _CERT or _KEY: {e}")))?;
+        parse(
+            "PRESENCE_REDIS_TLS_CA",
+            redis::TlsCertificates {
+                client_tls: None,
+                ..certs.clone()
+            },
+        )?;
+        parse(
+            "PRESENCE_REDIS_TLS_CERT or PRESENCE_REDIS_TLS_KEY",
+            redis::TlsCertificates {
+                root_cert: None,
+                ..certs.clone()
+            },
+        )?;
         Ok(certs)
     }
 }
@@ -457,21 +474,21 @@ impl RedisStore {
             .ok_or_else(|| {
                 redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "not host:port"))
             })?;
-        let mut info = redis::ConnectionInfo {
-            addr: redis::ConnectionAddr::Tcp(host.clone(), port),
+        let info = |addr| redis::ConnectionInfo {
+            addr,
             redis: self.auth.clone(),
         };
         let client = match &self.tls {
             Some(certs) => {
-                info.addr = redis::ConnectionAddr::TcpTls {
+                let addr = redis::ConnectionAddr::TcpTls {
                     host,
                     port,
                     insecure: false,
                     tls_params: None,
                 };
-                redis::Client::build_with_tls(info, certs.clone())?
+                redis::Client::build_with_tls(info(addr), certs.clone())?
             }
-            None => redis::Client::open(info)?,
+            None => redis::Client::open(info(redis::ConnectionAddr::Tcp(host, port)))?,
         };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.opts.timeout)
@@ -1276,6 +1293,58 @@ mod tests {
             .unwrap();
         let base = crate::store::test_user_base();
         crate::store::suite::run(store.as_ref(), base).await;
+    }
+
+    #[tokio::test]
+    async fn tls_files_are_read_and_parsed_at_start() {
+        let fixture = |f: &str| {
+            Some(
+                std::path::PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/tls"
+                ))
+                .join(f),
+            )
+        };
+        let good = RedisTlsFiles {
+            ca: fixture("ca.pem"),
+            cert: fixture("node.pem"),
+            key: fixture("node.key"),
+        };
+        assert!(good.load().is_ok());
+        for (files, var) in [
+            (
+                RedisTlsFiles {
+                    ca: fixture("node.key"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (
+                RedisTlsFiles {
+                    ca: fixture("nope.pem"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (
+                RedisTlsFiles {
+                    key: fixture("ca.pem"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_KEY",
+            ),
+        ] {
+            let e = files.load().err().unwrap().to_string();
+            assert!(e.contains(var), "{e}");
+        }
+        // Mixed schemes are refused before any dial.
+        let opts = test_options("rediss://127.0.0.1:1,redis://127.0.0.1:2".into());
+        let e = RedisStore::connect(opts, Arc::new(Metrics::new()))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::BadRequest(_)), "{e}");
     }
 
     pub(crate) fn test_options(urls: String) -> RedisOptions {
