@@ -201,7 +201,7 @@ if ((have_helm && have_py)); then
     # variant|what `chart_checks.py rendered <variant>` checks in its render
     RENDERED=(
         "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service, JWT from a JWKS"
-        "external-redis|Secret-sourced password, Ingress, ServiceMonitor, egress, cert-manager mTLS"
+        "external-redis|Redis over TLS with a client certificate, ACL user, Secret-sourced password, Ingress, ServiceMonitor, egress, cert-manager mTLS"
         "nacos|no RBAC, no token, Nacos settings, bundled Redis on PVCs with a password, mTLS Secret"
         "disabled|only ConfigMap, workloads and Services, auth off"
     )
@@ -234,6 +234,9 @@ if ((have_helm)); then
         "malformed duration|--set config.heartbeatInterval=thirty"
         "URL with credentials|--set redis.mode=external --set redis.urls[0]=redis://:pw@r:6379"
         "URL without port|--set redis.mode=external --set redis.urls[0]=redis://r"
+        "redis:// and rediss:// mixed|--set redis.mode=external --set redis.urls[0]=redis://a:1 --set redis.urls[1]=rediss://b:1|all rediss:// (TLS) or none"
+        "Redis TLS Secret with redis:// urls|--set redis.mode=external --set redis.urls[0]=redis://a:1 --set redis.tls.existingSecret=t|needs redis.mode=external with rediss://"
+        "Redis user without a password|--set redis.mode=external --set redis.urls[0]=rediss://a:1 --set redis.username=u|needs its password"
         "external Redis without urls|--set redis.mode=external"
         "password Secret with the in-memory store|--set redis.existingSecret=s"
         "nacos without address|--set discovery.mode=nacos"

@@ -167,15 +167,25 @@ def rendered_default(docs, c):
 def rendered_external_redis(docs, c):
     by = by_kind_name(docs)
     ctr = by[("StatefulSet", "presence-shard")]["spec"]["template"]["spec"]["containers"][0]
-    names = [e["name"] for e in ctr["env"]]
     env = {e["name"]: e for e in ctr["env"]}
-    c.need(env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "presence-redis", "key": "password"},
+    c.need(env["PRESENCE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "presence-redis", "key": "password"},
            "password from the existing Secret")
-    c.need(names.index("REDIS_PASSWORD") < names.index("PRESENCE_REDIS_URL"),
-           "REDIS_PASSWORD defined before the URL that expands it")
+    c.need(env.get("PRESENCE_REDIS_USERNAME", {}).get("value") == "presence", "ACL user")
     url = env["PRESENCE_REDIS_URL"]["value"]
-    c.need(url.startswith("redis://:$(REDIS_PASSWORD)@redis-cluster-0."), "URL carries $(REDIS_PASSWORD)")
-    c.need(url.count("redis://") == 3, "every seed URL")
+    c.need(url.startswith("rediss://redis-cluster-0.") and "@" not in url, "URL without credentials")
+    c.need(url.count("rediss://") == 3, "every seed URL")
+    tls_dir = "/etc/presence/redis-tls"
+    c.need(env.get("PRESENCE_REDIS_TLS_CA", {}).get("value") == f"{tls_dir}/ca.crt"
+           and env.get("PRESENCE_REDIS_TLS_CERT", {}).get("value") == f"{tls_dir}/tls.crt"
+           and env.get("PRESENCE_REDIS_TLS_KEY", {}).get("value") == f"{tls_dir}/tls.key",
+           "Redis TLS: CA and client certificate from the mounted Secret")
+    pod = by[("StatefulSet", "presence-shard")]["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["name"]: m for m in ctr.get("volumeMounts", [])}
+    c.need(vols.get("redis-tls", {}).get("secret", {}).get("secretName") == "presence-redis-tls"
+           and mounts.get("redis-tls", {}).get("mountPath") == tls_dir
+           and mounts["redis-tls"].get("readOnly") is True,
+           "Redis TLS Secret mounted read-only in the shards")
     ing = by[("Ingress", "presence-gateway")]
     ann = ing["metadata"]["annotations"]
     c.need(ann.get("nginx.ingress.kubernetes.io/proxy-read-timeout") == "3600"
@@ -216,10 +226,11 @@ def rendered_nacos(docs, c):
     c.need(r["spec"]["replicas"] == 6 and r["spec"].get("volumeClaimTemplates"), "bundled Redis: 6 nodes on PVCs")
     c.need(("Job", "presence-redis-cluster-init") in by, "cluster-init Job")
     env = {e["name"]: e for e in shard["containers"][0]["env"]}
-    c.need(env["PRESENCE_REDIS_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@presence-redis-0.presence-redis:6379,"),
-           "shards use the bundled Redis, with its password")
+    c.need(env["PRESENCE_REDIS_URL"]["value"].startswith("redis://presence-redis-0.presence-redis:6379,"),
+           "shards use the bundled Redis")
     secret = {"name": "presence-redis", "key": "redis-password"}
-    c.need(env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret, "shards: Redis password from the Secret")
+    c.need(env["PRESENCE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret,
+           "shards: Redis password from the Secret")
     redis = r["spec"]["template"]["spec"]["containers"][0]
     renv = {e["name"]: e for e in redis.get("env", [])}
     c.need(renv.get("REDISCLI_AUTH", {}).get("valueFrom", {}).get("secretKeyRef") == secret,

@@ -9,6 +9,10 @@
 #   PRESENCE_REDIS_BASE_PORT  first port (default 7100); nodes use base..base+5
 #   PRESENCE_REDIS_DIR        data dir (default <repo>/.tmp/redis-cluster); one subdir per port
 #   PRESENCE_REDIS_WAIT_SECS  bound for the health wait in `up` (default 30)
+#   PRESENCE_REDIS_TLS_DIR    optional: TLS only (no plaintext port; cluster bus and replication
+#                             over TLS, clients must show a certificate), with ca.pem, node.pem
+#                             and node.key of that dir (e.g. tests/fixtures/tls); seed URLs are
+#                             then rediss://
 #
 # Several independent clusters can run side by side with different
 # PRESENCE_REDIS_DIR / PRESENCE_REDIS_BASE_PORT (e.g. for kill/failover tests).
@@ -25,6 +29,15 @@ DATA_DIR="${PRESENCE_REDIS_DIR:-$REPO_ROOT/.tmp/redis-cluster}"
 WAIT_SECS="${PRESENCE_REDIS_WAIT_SECS:-30}"
 NODES=6
 HOST=127.0.0.1
+TLS_DIR="${PRESENCE_REDIS_TLS_DIR:-}"
+# redis-cli's TLS arguments, and the scheme of the seed URLs.
+TLS_CLI=()
+SCHEME=redis
+if [[ -n "$TLS_DIR" ]]; then
+    TLS_DIR="$(cd "$TLS_DIR" && pwd)" || lib_die "PRESENCE_REDIS_TLS_DIR: no such directory"
+    TLS_CLI=(--tls --cacert "$TLS_DIR/ca.pem" --cert "$TLS_DIR/node.pem" --key "$TLS_DIR/node.key")
+    SCHEME=rediss
+fi
 
 case "$BASE_PORT" in
     '' | *[!0-9]*) lib_die "PRESENCE_REDIS_BASE_PORT must be a number, got '$BASE_PORT'" ;;
@@ -50,7 +63,7 @@ ports() {
 
 seed_urls() {
     local p out=""
-    for p in $(ports); do out+="${out:+,}redis://$HOST:$p"; done
+    for p in $(ports); do out+="${out:+,}$SCHEME://$HOST:$p"; done
     echo "$out"
 }
 
@@ -120,7 +133,7 @@ cleanup_all() {
 rcli() {
     local port="$1"
     shift
-    timeout 5 redis-cli -h "$HOST" -p "$port" "$@" 2>/dev/null
+    timeout 5 redis-cli "${TLS_CLI[@]}" -h "$HOST" -p "$port" "$@" 2>/dev/null
 }
 
 field() { # field NAME  (from INFO / CLUSTER INFO text on stdin)
@@ -196,14 +209,20 @@ healthy() {
 # ---------------------------------------------------------------- commands
 
 start_node() {
-    local port="$1" dir="$DATA_DIR/$1" pid i
+    local port="$1" dir="$DATA_DIR/$1" pid i listen
     mkdir -p "$dir"
+    listen=(--port "$port")
+    if [[ -n "$TLS_DIR" ]]; then
+        listen=(--port 0 --tls-port "$port" --tls-cert-file "$TLS_DIR/node.pem"
+            --tls-key-file "$TLS_DIR/node.key" --tls-ca-cert-file "$TLS_DIR/ca.pem"
+            --tls-cluster yes --tls-replication yes)
+    fi
     # The daemon must not inherit any of our descriptors (our lock on fd 9, or a
     # pipe of whoever runs us, which would then never see EOF), so start it from
     # a subshell that closes everything above stderr and points 0-2 at a file.
     (
         lib_close_fds
-        exec redis-server --port "$port" --bind "$HOST" \
+        exec redis-server "${listen[@]}" --bind "$HOST" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 1000 \
             --cluster-require-full-coverage no \
             --save "" --appendonly no --repl-diskless-sync-delay 0 \
@@ -254,7 +273,7 @@ cmd_up() {
 
     local addrs=()
     for p in $(ports); do addrs+=("$HOST:$p"); done
-    if ! timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+    if ! timeout 60 redis-cli "${TLS_CLI[@]}" --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
         </dev/null >"$DATA_DIR/create.log" 2>&1; then
         cat "$DATA_DIR/create.log" >&2
         cleanup_all

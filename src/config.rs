@@ -293,10 +293,35 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Redis Cluster seed nodes, comma-separated (`redis://127.0.0.1:7000,...`). Unset: the
-    /// embedded in-memory store (state is lost on restart).
+    /// Redis Cluster seed nodes, comma-separated (`redis://127.0.0.1:7000,...`; `rediss://`
+    /// for TLS to every node, all seeds alike). Unset: the embedded in-memory store (state is
+    /// lost on restart).
     #[arg(long, env = "PRESENCE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// PEM CA certificate(s) the Redis nodes' certificates must come from (`rediss://` only).
+    /// Unset: the system's roots.
+    #[arg(long, env = "PRESENCE_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate presented to Redis (`tls-auth-clients yes`); set with `_KEY`
+    /// (`rediss://` only).
+    #[arg(long, env = "PRESENCE_REDIS_TLS_CERT")]
+    pub redis_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `PRESENCE_REDIS_TLS_CERT`.
+    #[arg(long, env = "PRESENCE_REDIS_TLS_KEY")]
+    pub redis_tls_key: Option<std::path::PathBuf>,
+
+    /// Redis ACL user (with `PRESENCE_REDIS_PASSWORD`); unset: the default user. Not with
+    /// credentials in `PRESENCE_REDIS_URL`.
+    #[arg(long, env = "PRESENCE_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Redis password, of `PRESENCE_REDIS_USERNAME` or of the default user (from a Secret,
+    /// rather than in the URL). Not with credentials in `PRESENCE_REDIS_URL`.
+    #[arg(long, env = "PRESENCE_REDIS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub redis_password: Option<Secret>,
 
     /// Longest a Redis operation may take, retries through a failover included; then 503.
     #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -492,9 +517,7 @@ impl Config {
                 let Some(path) = path else {
                     return bad(var, "PRESENCE_GRPC_TLS_CERT, PRESENCE_GRPC_TLS_KEY and PRESENCE_GRPC_TLS_CA go together");
                 };
-                if let Err(e) = std::fs::metadata(path) {
-                    return bad(var, &format!("cannot read {}: {e}", path.display()));
-                }
+                readable(var, path)?;
             }
         }
         if !self.ws_idle_timeout.is_zero() && self.ws_idle_timeout <= self.ws_ping_interval {
@@ -515,17 +538,77 @@ impl Config {
             if nodes.is_empty() || nodes.len() > 64 {
                 return bad("PRESENCE_REDIS_URL", "must list 1 to 64 nodes");
             }
-            for n in nodes {
-                let hostport = n
-                    .strip_prefix("redis://")
-                    .unwrap_or(n)
-                    .trim_end_matches('/');
-                let ok = hostport
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-                if !ok {
-                    return bad("PRESENCE_REDIS_URL", "each node must be redis://host:port");
+            let mut credentials = false;
+            for n in &nodes {
+                let (_, rest) = crate::store::redis::split_scheme(n);
+                let rest = rest.trim_end_matches('/');
+                let hostport = match rest.rsplit_once('@') {
+                    Some((_, addr)) => {
+                        credentials = true;
+                        addr
+                    }
+                    None => rest,
+                };
+                if !valid_hostport(hostport) {
+                    return bad(
+                        "PRESENCE_REDIS_URL",
+                        "each node must be redis://[user:password@]host:port or rediss://...",
+                    );
                 }
+            }
+            let tls = nodes
+                .iter()
+                .filter(|n| crate::store::redis::split_scheme(n).0)
+                .count();
+            if tls != 0 && tls != nodes.len() {
+                return bad(
+                    "PRESENCE_REDIS_URL",
+                    "all nodes must be rediss:// (TLS) or none of them",
+                );
+            }
+            if tls == 0 {
+                for (var, path) in [
+                    ("PRESENCE_REDIS_TLS_CA", &self.redis_tls_ca),
+                    ("PRESENCE_REDIS_TLS_CERT", &self.redis_tls_cert),
+                    ("PRESENCE_REDIS_TLS_KEY", &self.redis_tls_key),
+                ] {
+                    if path.is_some() {
+                        return bad(var, "needs rediss:// nodes in PRESENCE_REDIS_URL");
+                    }
+                }
+            }
+            if credentials && (self.redis_username.is_some() || self.redis_password.is_some()) {
+                return bad(
+                    "PRESENCE_REDIS_PASSWORD",
+                    "credentials go in PRESENCE_REDIS_URL or in PRESENCE_REDIS_USERNAME and \
+                     PRESENCE_REDIS_PASSWORD, not both",
+                );
+            }
+        }
+        if self.redis_username.is_some() && self.redis_password.is_none() {
+            return bad(
+                "PRESENCE_REDIS_PASSWORD",
+                "PRESENCE_REDIS_USERNAME needs a password",
+            );
+        }
+        if self.redis_tls_cert.is_some() != self.redis_tls_key.is_some() {
+            let var = if self.redis_tls_cert.is_some() {
+                "PRESENCE_REDIS_TLS_KEY"
+            } else {
+                "PRESENCE_REDIS_TLS_CERT"
+            };
+            return bad(
+                var,
+                "PRESENCE_REDIS_TLS_CERT and PRESENCE_REDIS_TLS_KEY go together",
+            );
+        }
+        for (var, path) in [
+            ("PRESENCE_REDIS_TLS_CA", &self.redis_tls_ca),
+            ("PRESENCE_REDIS_TLS_CERT", &self.redis_tls_cert),
+            ("PRESENCE_REDIS_TLS_KEY", &self.redis_tls_key),
+        ] {
+            if let Some(path) = path {
+                readable(var, path)?;
             }
         }
         if self.redis_timeout < Duration::from_millis(10)
@@ -692,6 +775,13 @@ impl Config {
             live_ttl: self.heartbeat_timeout + self.redis_refresh * 3 / 2 + Duration::from_secs(5),
             retention: self.retention,
             min_replicas: self.redis_min_replicas,
+            tls: crate::store::RedisTlsFiles {
+                ca: self.redis_tls_ca.clone(),
+                cert: self.redis_tls_cert.clone(),
+                key: self.redis_tls_key.clone(),
+            },
+            username: self.redis_username.clone(),
+            password: self.redis_password.as_ref().map(|p| p.0.clone()),
         })
     }
 
@@ -749,6 +839,16 @@ impl Config {
         }
         Ok(styles)
     }
+}
+
+/// `Err` naming `variable` when the file at `path` cannot be read.
+fn readable(variable: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| ConfigError {
+            variable: variable.into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })
 }
 
 fn valid_hostport(s: &str) -> bool {
@@ -911,6 +1011,78 @@ mod tests {
             "http://idp:8080/jwks.json"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn redis_tls_and_credentials_are_checked() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
+        let cert = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/node.pem");
+        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/node.key");
+        let tls = "rediss://a:1,rediss://b:2";
+        assert!(
+            load(&["--redis-url", tls]).is_ok(),
+            "system roots by default"
+        );
+        let c = load(&[
+            "--redis-url",
+            tls,
+            "--redis-tls-ca",
+            ca,
+            "--redis-tls-cert",
+            cert,
+            "--redis-tls-key",
+            key,
+        ])
+        .unwrap();
+        assert_eq!(c.redis().unwrap().tls.ca.as_deref(), Some(ca.as_ref()));
+        for (args, var) in [
+            (
+                &["--redis-url", "rediss://a:1,redis://b:2"][..],
+                "PRESENCE_REDIS_URL",
+            ),
+            (&["--redis-url", "rediss://a:1,b:2"], "PRESENCE_REDIS_URL"),
+            (&["--redis-url", "rediss://a"], "PRESENCE_REDIS_URL"),
+            (
+                &["--redis-url", "redis://a:1", "--redis-tls-ca", ca],
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (
+                &["--redis-url", tls, "--redis-tls-cert", cert],
+                "PRESENCE_REDIS_TLS_KEY",
+            ),
+            (
+                &["--redis-url", tls, "--redis-tls-key", key],
+                "PRESENCE_REDIS_TLS_CERT",
+            ),
+            (
+                &["--redis-url", tls, "--redis-tls-ca", "/nonexistent/ca.pem"],
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (&["--redis-username", "presence"], "PRESENCE_REDIS_PASSWORD"),
+            (
+                &["--redis-url", "rediss://u:p@a:1", "--redis-password", "p"],
+                "PRESENCE_REDIS_PASSWORD",
+            ),
+        ] {
+            assert_eq!(load(args).unwrap_err().variable, var, "{args:?}");
+        }
+        let c = load(&["--redis-url", "rediss://presence:s3cret@a:1"]).unwrap();
+        assert!(c.redis().unwrap().password.is_none());
+        let c = load(&[
+            "--redis-url",
+            "redis://a:1",
+            "--redis-username",
+            "presence",
+            "--redis-password",
+            "s3cret-from-a-secret",
+        ])
+        .unwrap();
+        let opts = c.redis().unwrap();
+        assert_eq!(opts.username.as_deref(), Some("presence"));
+        assert!(
+            !format!("{c:?}{opts:?}").contains("s3cret-from-a-secret"),
+            "the password is never printed"
+        );
     }
 
     #[test]

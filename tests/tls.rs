@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{uid, Cluster};
@@ -15,11 +14,7 @@ use presence_service::proto::v1::HealthRequest;
 use serde_json::json;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tls")
-        .join(name)
-}
+use common::tls_fixture as fixture;
 
 fn pem(name: &str) -> Vec<u8> {
     std::fs::read(fixture(name)).expect("a fixture")

@@ -16,7 +16,7 @@ use crate::ring::partition_of;
 
 pub mod faulty;
 pub mod redis;
-pub use self::redis::{RedisOptions, RedisStore};
+pub use self::redis::{RedisOptions, RedisStore, RedisTlsFiles};
 
 /// The persistence boundary.
 #[async_trait]

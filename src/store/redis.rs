@@ -64,10 +64,11 @@ end
 return redis.call('SMEMBERS', KEYS[1])
 "#;
 
-/// Settings of the Redis store.
-#[derive(Clone, Debug)]
+/// Settings of the Redis store (`Debug` leaves the password out).
+#[derive(Clone)]
 pub struct RedisOptions {
-    /// Seed nodes, `host:port` or `redis://host:port`.
+    /// Seed nodes, `host:port`, `redis://[user:password@]host:port` or `rediss://...` (TLS, to
+    /// every node: all seeds alike).
     pub seeds: Vec<String>,
     /// How long one operation may take, retries through a failover included.
     pub timeout: Duration,
@@ -79,6 +80,97 @@ pub struct RedisOptions {
     pub retention: Duration,
     /// Replicas a state change must reach before it is acknowledged (0 to not wait).
     pub min_replicas: u32,
+    /// PEM files of `rediss://`.
+    pub tls: RedisTlsFiles,
+    /// ACL user and password, when not in the seeds' URLs.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("seeds", &self.seeds.len())
+            .field("timeout", &self.timeout)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The PEM files of a TLS connection to the nodes (`rediss://`).
+#[derive(Clone, Debug, Default)]
+pub struct RedisTlsFiles {
+    /// The CA(s) the nodes' certificates must come from; `None`: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate and its key, for `tls-auth-clients yes`.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl RedisTlsFiles {
+    /// Reads the files (once, at start-up: every dial reuses them).
+    fn load(&self) -> Result<redis::TlsCertificates, Error> {
+        let read = |var: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                Error::BadRequest(format!("{var}: cannot read {}: {e}", path.display()))
+            })
+        };
+        let client_tls = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("PRESENCE_REDIS_TLS_CERT", cert)?,
+                client_key: read("PRESENCE_REDIS_TLS_KEY", key)?,
+            }),
+            _ => None,
+        };
+        let root_cert = match &self.ca {
+            Some(ca) => Some(read("PRESENCE_REDIS_TLS_CA", ca)?),
+            None => None,
+        };
+        if root_cert
+            .as_ref()
+            .is_some_and(|pem| !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----"))
+        {
+            return Err(Error::BadRequest(
+                "PRESENCE_REDIS_TLS_CA: no PEM certificate in the file".into(),
+            ));
+        }
+        // Parses the PEM now, so that a bad file stops the start instead of every dial.
+        let parse = |var: &str, certs: redis::TlsCertificates| {
+            redis::Client::build_with_tls("rediss://localhost:1/", certs)
+                .map(drop)
+                .map_err(|e| Error::BadRequest(format!("{var}: {e}")))
+        };
+        let certs = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        parse(
+            "PRESENCE_REDIS_TLS_CA",
+            redis::TlsCertificates {
+                client_tls: None,
+                ..certs.clone()
+            },
+        )?;
+        parse(
+            "PRESENCE_REDIS_TLS_CERT or PRESENCE_REDIS_TLS_KEY",
+            redis::TlsCertificates {
+                root_cert: None,
+                ..certs.clone()
+            },
+        )?;
+        Ok(certs)
+    }
+}
+
+/// Whether a seed is `rediss://` (TLS), and the seed without its scheme.
+pub fn split_scheme(seed: &str) -> (bool, &str) {
+    let seed = seed.trim();
+    match seed.strip_prefix("rediss://") {
+        Some(rest) => (true, rest),
+        None => (false, seed.strip_prefix("redis://").unwrap_or(seed)),
+    }
 }
 
 struct Topology {
@@ -116,8 +208,10 @@ type SharedRefresh =
 /// The Redis Cluster implementation of [`Store`].
 pub struct RedisStore {
     opts: RedisOptions,
-    /// `user:password` (or `:password`) for every node; never logged.
-    userinfo: Option<String>,
+    /// The ACL user and password for every node; never logged.
+    auth: redis::RedisConnectionInfo,
+    /// The certificates of `rediss://`; `None`: plaintext.
+    tls: Option<redis::TlsCertificates>,
     topology: RwLock<Option<Arc<Topology>>>,
     /// Connections by address, reused across topology refreshes.
     conns: Mutex<HashMap<String, Arc<NodeConn>>>,
@@ -247,17 +341,18 @@ impl RedisStore {
         opts: RedisOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, Error> {
-        // `redis://[user:password@]host:port`: the credentials of the first seed that has some
-        // are used for every node, including those learnt from CLUSTER SLOTS.
+        // `redis[s]://[user:password@]host:port`: the credentials of the first seed that has
+        // some (else PRESENCE_REDIS_USERNAME and _PASSWORD) and the scheme are used for every
+        // node, including those learnt from CLUSTER SLOTS.
         let mut userinfo = None;
+        let mut schemes = Vec::new();
         let seeds = opts
             .seeds
             .iter()
             .map(|s| {
-                let s = s
-                    .trim()
-                    .trim_start_matches("redis://")
-                    .trim_end_matches('/');
+                let (tls, s) = split_scheme(s);
+                schemes.push(tls);
+                let s = s.trim_end_matches('/');
                 match s.rsplit_once('@') {
                     Some((auth, addr)) => {
                         userinfo.get_or_insert_with(|| auth.to_owned());
@@ -271,9 +366,34 @@ impl RedisStore {
         if seeds.is_empty() {
             return Err(Error::BadRequest("PRESENCE_REDIS_URL names no node".into()));
         }
+        let tls = if schemes.iter().all(|&t| t) {
+            Some(opts.tls.load()?)
+        } else if schemes.iter().any(|&t| t) {
+            return Err(Error::BadRequest(
+                "PRESENCE_REDIS_URL mixes redis:// and rediss:// nodes".into(),
+            ));
+        } else {
+            None
+        };
+        let auth = match userinfo {
+            // Percent-decoded by the crate's own URL parser.
+            Some(userinfo) => {
+                redis::IntoConnectionInfo::into_connection_info(format!(
+                    "redis://{userinfo}@localhost/"
+                ))
+                .map_err(|_| Error::BadRequest("PRESENCE_REDIS_URL: bad credentials".into()))?
+                .redis
+            }
+            None => redis::RedisConnectionInfo {
+                username: opts.username.clone(),
+                password: opts.password.clone(),
+                ..Default::default()
+            },
+        };
         let store = Arc::new_cyclic(|me| RedisStore {
             opts: RedisOptions { seeds, ..opts },
-            userinfo,
+            auth,
+            tls,
             topology: RwLock::new(None),
             conns: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(None),
@@ -348,12 +468,28 @@ impl RedisStore {
     }
 
     async fn dial(&self, addr: &str) -> Result<MultiplexedConnection, redis::RedisError> {
-        let auth = self
-            .userinfo
-            .as_deref()
-            .map(|u| format!("{u}@"))
-            .unwrap_or_default();
-        let client = redis::Client::open(format!("redis://{auth}{addr}/"))?;
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_owned(), p.parse().ok()?)))
+            .ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "not host:port"))
+            })?;
+        let info = |addr| redis::ConnectionInfo {
+            addr,
+            redis: self.auth.clone(),
+        };
+        let client = match &self.tls {
+            Some(certs) => {
+                let addr = redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                };
+                redis::Client::build_with_tls(info(addr), certs.clone())?
+            }
+            None => redis::Client::open(info(redis::ConnectionAddr::Tcp(host, port)))?,
+        };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(self.opts.timeout)
             .set_response_timeout(self.opts.timeout);
@@ -1159,6 +1295,58 @@ mod tests {
         crate::store::suite::run(store.as_ref(), base).await;
     }
 
+    #[tokio::test]
+    async fn tls_files_are_read_and_parsed_at_start() {
+        let fixture = |f: &str| {
+            Some(
+                std::path::PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/tls"
+                ))
+                .join(f),
+            )
+        };
+        let good = RedisTlsFiles {
+            ca: fixture("ca.pem"),
+            cert: fixture("node.pem"),
+            key: fixture("node.key"),
+        };
+        assert!(good.load().is_ok());
+        for (files, var) in [
+            (
+                RedisTlsFiles {
+                    ca: fixture("node.key"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (
+                RedisTlsFiles {
+                    ca: fixture("nope.pem"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_CA",
+            ),
+            (
+                RedisTlsFiles {
+                    key: fixture("ca.pem"),
+                    ..good.clone()
+                },
+                "PRESENCE_REDIS_TLS_KEY",
+            ),
+        ] {
+            let e = files.load().err().unwrap().to_string();
+            assert!(e.contains(var), "{e}");
+        }
+        // Mixed schemes are refused before any dial.
+        let opts = test_options("rediss://127.0.0.1:1,redis://127.0.0.1:2".into());
+        let e = RedisStore::connect(opts, Arc::new(Metrics::new()))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::BadRequest(_)), "{e}");
+    }
+
     pub(crate) fn test_options(urls: String) -> RedisOptions {
         RedisOptions {
             seeds: urls.split(',').map(str::to_owned).collect(),
@@ -1167,6 +1355,9 @@ mod tests {
             live_ttl: Duration::from_secs(120),
             retention: Duration::from_secs(600),
             min_replicas: 1,
+            tls: RedisTlsFiles::default(),
+            username: None,
+            password: None,
         }
     }
 }

@@ -60,6 +60,14 @@ pub fn redis_url() -> String {
     presence_service::store::test_redis_urls().expect("test_redis_urls panics when unset")
 }
 
+/// A file of `tests/fixtures/tls` (the directory itself for `""`): the test certificates of
+/// mTLS between nodes and of the TLS-only Redis Cluster.
+pub fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
 /// A turn on the shared Redis Cluster, for one test of this binary at a time: every node fences,
 /// in the store, the partitions it owns when it starts, so two nodes that own the same
 /// partitions (two all-in-one nodes, or two clusters) must never run on it at once: the older

@@ -1,6 +1,7 @@
 //! A Redis Cluster of a test's own (3 masters, 3 replicas, through `scripts/redis-cluster.sh`
 //! on other ports and another directory than the shared one), for scenarios that change the
-//! cluster itself (resharding, partitions, killed masters): stopped on drop, even on failure.
+//! cluster itself (resharding, partitions, killed masters), or TLS-only ([`OwnRedis::start_tls`],
+//! with the certificates of `tests/fixtures/tls`): stopped on drop, even on failure.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,6 +13,8 @@ pub struct OwnRedis {
     pub port: u16,
     /// Comma-separated seed URLs of every node.
     pub urls: String,
+    /// TLS only, with `ca.pem`, `node.pem` and `node.key` of this directory.
+    tls: Option<PathBuf>,
 }
 
 /// One master of [`OwnRedis::masters`].
@@ -32,11 +35,15 @@ impl Master {
 impl OwnRedis {
     fn run(&self, action: &str) -> Result<String, String> {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-cluster.sh");
-        let out = Command::new("bash")
-            .arg(script)
+        let mut cmd = Command::new("bash");
+        cmd.arg(script)
             .arg(action)
             .env("PRESENCE_REDIS_DIR", &self.dir)
-            .env("PRESENCE_REDIS_BASE_PORT", self.port.to_string())
+            .env("PRESENCE_REDIS_BASE_PORT", self.port.to_string());
+        if let Some(tls) = &self.tls {
+            cmd.env("PRESENCE_REDIS_TLS_DIR", tls);
+        }
+        let out = cmd
             .output()
             .map_err(|e| format!("running scripts/redis-cluster.sh: {e}"))?;
         if !out.status.success() {
@@ -56,22 +63,57 @@ impl OwnRedis {
     /// Starts a fresh cluster on `port..port+5` with its data in `dir` (a stale one there is
     /// stopped first). Panics when it cannot.
     pub fn start(port: u16, dir: &str) -> OwnRedis {
+        Self::start_with(port, dir, None)
+    }
+
+    /// [`Self::start`], TLS only: no plaintext port, cluster bus and replication over TLS, and
+    /// clients must show a certificate; all with the certificates of `tests/fixtures/tls`
+    /// (`node.pem` from `ca.pem`, for 127.0.0.1). Seed URLs are `rediss://`.
+    pub fn start_tls(port: u16, dir: &str) -> OwnRedis {
+        Self::start_with(port, dir, Some(super::tls_fixture("")))
+    }
+
+    fn start_with(port: u16, dir: &str, tls: Option<PathBuf>) -> OwnRedis {
         let mut r = OwnRedis {
             dir: PathBuf::from(dir),
             port,
             urls: String::new(),
+            tls,
         };
         let _ = r.run("down");
         r.urls = r.run("up").unwrap_or_else(|e| panic!("{e}"));
-        assert!(r.urls.starts_with("redis://"), "no urls: {}", r.urls);
+        let scheme = if r.tls.is_some() {
+            "rediss://"
+        } else {
+            "redis://"
+        };
+        assert!(r.urls.starts_with(scheme), "no urls: {}", r.urls);
         r
+    }
+
+    /// The ports of every node (masters and replicas).
+    pub fn ports(&self) -> Vec<u16> {
+        self.urls
+            .split(',')
+            .filter_map(|u| u.rsplit(':').next()?.parse().ok())
+            .collect()
     }
 
     /// `redis-cli -p port args...` (5 s bound): its stdout.
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        let out = Command::new("timeout")
-            .arg("5")
-            .arg("redis-cli")
+        let mut cmd = Command::new("timeout");
+        cmd.arg("5").arg("redis-cli");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--tls");
+            for (flag, file) in [
+                ("--cacert", "ca.pem"),
+                ("--cert", "node.pem"),
+                ("--key", "node.key"),
+            ] {
+                cmd.arg(flag).arg(tls.join(file));
+            }
+        }
+        let out = cmd
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
             .output()

@@ -81,28 +81,61 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- default (include "presence.shardName" .) .Values.discovery.nacos.service -}}
 {{- end -}}
 
-{{/*
-Seed URLs of the Redis Cluster, comma-separated, with "$(REDIS_PASSWORD)" spliced in when a
-password Secret is configured (Kubernetes expands it from the env var defined before).
-*/}}
+{{/* Seed URLs of the Redis Cluster, comma-separated (the password is PRESENCE_REDIS_PASSWORD). */}}
 {{- define "presence.redisUrl" -}}
 {{- $urls := list -}}
 {{- if eq .Values.redis.mode "bundled" -}}
 {{- $name := include "presence.redisName" . -}}
 {{- range $i := until (int .Values.redis.bundled.nodes) -}}
-{{- $auth := ternary ":$(REDIS_PASSWORD)@" "" (not (empty $.Values.redis.existingSecret)) -}}
-{{- $urls = append $urls (printf "redis://%s%s-%d.%s:6379" $auth $name $i $name) -}}
+{{- $urls = append $urls (printf "redis://%s-%d.%s:6379" $name $i $name) -}}
 {{- end -}}
 {{- else if eq .Values.redis.mode "external" -}}
-{{- range .Values.redis.urls -}}
-{{- if $.Values.redis.existingSecret -}}
-{{- $urls = append $urls (. | replace "redis://" "redis://:$(REDIS_PASSWORD)@") -}}
-{{- else -}}
-{{- $urls = append $urls . -}}
-{{- end -}}
-{{- end -}}
+{{- $urls = .Values.redis.urls -}}
 {{- end -}}
 {{- join "," $urls -}}
+{{- end -}}
+
+{{/* The shards' Redis settings from Secrets and values: password, user, TLS files. */}}
+{{- define "presence.redisEnv" -}}
+{{- $r := .Values.redis -}}
+- name: PRESENCE_REDIS_URL
+  value: {{ include "presence.redisUrl" . | quote }}
+{{- if $r.existingSecret }}
+- name: PRESENCE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.existingSecret }}
+      key: {{ $r.existingSecretPasswordKey }}
+{{- end }}
+{{- if $r.username }}
+- name: PRESENCE_REDIS_USERNAME
+  value: {{ $r.username | quote }}
+{{- end }}
+{{- if $r.tls.existingSecret }}
+{{- if $r.tls.ca }}
+- name: PRESENCE_REDIS_TLS_CA
+  value: /etc/presence/redis-tls/ca.crt
+{{- end }}
+{{- if $r.tls.clientCert }}
+- name: PRESENCE_REDIS_TLS_CERT
+  value: /etc/presence/redis-tls/tls.crt
+- name: PRESENCE_REDIS_TLS_KEY
+  value: /etc/presence/redis-tls/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The Redis TLS Secret's volume and mount (redis.tls.existingSecret), for the shards. */}}
+{{- define "presence.redisTlsVolume" -}}
+- name: redis-tls
+  secret:
+    secretName: {{ .Values.redis.tls.existingSecret }}
+    defaultMode: 288 # 0440: the pods' group (fsGroup) may read
+{{- end -}}
+{{- define "presence.redisTlsMount" -}}
+- name: redis-tls
+  mountPath: /etc/presence/redis-tls
+  readOnly: true
 {{- end -}}
 
 {{/* The bundled Redis' password for redis-server and redis-cli, when redis.existingSecret is set. */}}
@@ -131,6 +164,23 @@ password Secret is configured (Kubernetes expands it from the env var defined be
 {{- end -}}
 {{- if and $v.redis.existingSecret (eq $v.redis.mode "memory") -}}
 {{- fail "redis.existingSecret is only used with redis.mode=external or bundled" -}}
+{{- end -}}
+{{- if and $v.redis.username (ne $v.redis.mode "external") -}}
+{{- fail "redis.username is only used with redis.mode=external" -}}
+{{- end -}}
+{{- if and $v.redis.username (not $v.redis.existingSecret) -}}
+{{- fail "redis.username needs its password in redis.existingSecret" -}}
+{{- end -}}
+{{- $tls := 0 -}}
+{{- range $v.redis.urls -}}{{- if hasPrefix "rediss://" . -}}{{- $tls = add1 $tls -}}{{- end -}}{{- end -}}
+{{- if and (gt (int $tls) 0) (lt (int $tls) (len $v.redis.urls)) -}}
+{{- fail "redis.urls: all rediss:// (TLS) or none" -}}
+{{- end -}}
+{{- if and $v.redis.tls.existingSecret (or (ne $v.redis.mode "external") (eq (int $tls) 0)) -}}
+{{- fail "redis.tls.existingSecret needs redis.mode=external with rediss:// urls" -}}
+{{- end -}}
+{{- if and $v.redis.tls.existingSecret (not (or $v.redis.tls.ca $v.redis.tls.clientCert)) -}}
+{{- fail "redis.tls.existingSecret: set redis.tls.ca or redis.tls.clientCert (or drop the Secret)" -}}
 {{- end -}}
 {{- if eq $v.redis.mode "bundled" -}}
 {{- $min := mul 3 (add1 (int $v.redis.bundled.replicasPerMaster)) -}}
