@@ -264,8 +264,21 @@ async fn a_batch_of_1000_costs_one_round_trip_per_node() {
 
 /// A first port from 7400 up with it and the next five, and their cluster bus ports (+ 10000),
 /// free now (other clusters may run on this machine).
+/// `PRESENCE_TEST_OWN_REDIS_BASE_PORT` names the one first port to use instead (for a machine
+/// where ports from 7400 up belong to others).
 fn free_base_port() -> u16 {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    if let Ok(b) = std::env::var("PRESENCE_TEST_OWN_REDIS_BASE_PORT") {
+        let b: u16 = b
+            .parse()
+            .expect("PRESENCE_TEST_OWN_REDIS_BASE_PORT: a port");
+        assert!(
+            (b..b + 6).all(|p| free(p) && free(p + 10_000)),
+            "PRESENCE_TEST_OWN_REDIS_BASE_PORT={b}: ports {b}..{} or their bus ports are taken",
+            b + 5
+        );
+        return b;
+    }
     (7400..7900)
         .step_by(10)
         .find(|&b| (b..b + 6).all(|p| free(p) && free(p + 10_000)))

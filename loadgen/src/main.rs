@@ -2,7 +2,7 @@
 //! memory probe behind `docs/benchmarks.md`.
 //!
 //! Subcommands:
-//! - `http`: puts users online, then drives one endpoint (heartbeat, livez or status) for a fixed
+//! - `http`: puts users online, then drives one endpoint (heartbeat, livez, status or online) for a fixed
 //!   time over keep-alive connections and reports requests/s, errors and latency percentiles.
 //! - `fill`: puts `users x devices-per-user` devices online as fast as it can; with
 //!   `--server-pid` it reports the server's resident memory before and after, per device.
@@ -144,6 +144,9 @@ enum Mode {
     Heartbeat,
     Livez,
     Status,
+    /// `POST /online` of a device already online, on another platform than its last one: a
+    /// visible change each time, which the owner writes through to its store (a durable change).
+    Online,
 }
 
 impl Mode {
@@ -152,6 +155,7 @@ impl Mode {
             Mode::Heartbeat => "heartbeat",
             Mode::Livez => "livez",
             Mode::Status => "status",
+            Mode::Online => "online",
         }
     }
 }
@@ -632,9 +636,15 @@ async fn run_closed_loop(
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let users = common.users.max(1);
+    // Online mode: each user's visits so far, so that every visit brings another platform.
+    let visits: Arc<Vec<std::sync::atomic::AtomicU8>> = Arc::new(if mode == Mode::Online {
+        (0..users).map(|_| Default::default()).collect()
+    } else {
+        Vec::new()
+    });
     let mut tasks = Vec::new();
     for w in 0..common.connections.max(1) {
-        let (target, progress) = (target.clone(), progress.clone());
+        let (target, progress, visits) = (target.clone(), progress.clone(), visits.clone());
         let conns = common.connections.max(1) as u64;
         let base = common.user_base;
         tasks.push(tokio::spawn(async move {
@@ -664,6 +674,21 @@ async fn run_closed_loop(
                         )
                     }
                     Mode::Status => (Method::GET, format!("{BASE}/status/{}", base + ui), None),
+                    Mode::Online => {
+                        // Put online on PLATFORMS[0]; visit n moves it to PLATFORMS[n % 4].
+                        let n = visits[ui as usize].fetch_add(1, Ordering::Relaxed) as usize + 1;
+                        let body = format!(
+                            r#"{{"userId":{},"deviceId":"lg-{}","platform":"{}"}}"#,
+                            base + ui,
+                            ui,
+                            PLATFORMS[n % 4]
+                        );
+                        (
+                            Method::POST,
+                            format!("{BASE}/online"),
+                            Some(Bytes::from(body)),
+                        )
+                    }
                 };
                 ui = (ui + conns) % users;
                 let t = Instant::now();
