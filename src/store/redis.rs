@@ -1006,7 +1006,7 @@ impl RedisStore {
             }
             let fail = |results: &mut [Option<_>], f: WriteFailure| {
                 for &i in &todo {
-                    results[i] = Some(Err(f.clone()));
+                    results[i] = Some(Err(f));
                 }
             };
             let (generation, mut conn) = match self.connection(addr, by, Lane::Write).await {
@@ -1645,9 +1645,10 @@ mod tests {
     }
 
     fn version(v: u64) -> UserState {
-        let mut st = UserState::default();
-        st.version = v;
-        st
+        UserState {
+            version: v,
+            ..UserState::default()
+        }
     }
 
     fn write(user: UserId, v: u64, fence: u64) -> Write {
