@@ -460,6 +460,11 @@ impl Auth {
         }
     }
 
+    /// A refusal decided elsewhere (a user token naming another viewer), counted.
+    pub fn forbid(&self) -> Error {
+        self.refuse(AuthRefusal::Forbidden)
+    }
+
     /// Counts a refusal decided elsewhere (a socket's refresh for another user).
     pub fn count_forbidden(&self) {
         self.metrics.auth.refusals.get(AuthRefusal::Forbidden).inc();

@@ -167,6 +167,15 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_MAX_SUBSCRIPTIONS", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_subscriptions: u32,
 
+    /// Whether users may set the manual status INVISIBLE (`false`: setting it is refused with
+    /// 400, and a user stored as INVISIBLE shows its real status).
+    #[arg(long, env = "PRESENCE_ALLOW_INVISIBLE", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_invisible: bool,
+
+    /// Most user ids in each privacy list of a user (`allow`, `deny`).
+    #[arg(long, env = "PRESENCE_MAX_PRIVACY_LIST", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_privacy_list: u32,
+
     /// Frames queued per WebSocket before it counts as a slow consumer and is closed.
     #[arg(long, env = "PRESENCE_WS_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub ws_queue: u32,
@@ -176,8 +185,9 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_WS_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub ws_rate: u32,
 
-    /// Status and custom-text changes per user (REST `PUT`/`DELETE /status` and the socket's
-    /// `setStatus`/`clearStatus`), as `N/PERIOD[,BURST]`; past it, 429 with `Retry-After`.
+    /// Status, custom-text and privacy changes per user (REST `PUT`/`DELETE /status`,
+    /// `PUT /privacy` and the socket's `setStatus`/`clearStatus`), as `N/PERIOD[,BURST]`; past
+    /// it, 429 with `Retry-After`.
     /// `off` disables it. Counted per gateway.
     #[arg(long, env = "PRESENCE_STATUS_RATE", default_value = "20/1m,10", value_parser = crate::limits::Rate::from_str)]
     pub status_rate: crate::limits::Rate,
@@ -758,6 +768,8 @@ impl Config {
             resume_window: self.resume_window.as_millis() as i64,
             max_devices: self.max_devices as usize,
             max_subscriptions: self.max_subscriptions as usize,
+            allow_invisible: self.allow_invisible,
+            max_privacy_list: self.max_privacy_list as usize,
         }
     }
 
@@ -796,6 +808,7 @@ impl Config {
             (Status::Offline, "离线", "circle-outline", "#9CA3AF"),
             (Status::Busy, "忙碌", "minus-circle", "#EF4444"),
             (Status::Away, "离开", "clock", "#F59E0B"),
+            (Status::Invisible, "隐身", "eye-off", "#6B7280"),
         ]
         .into_iter()
         .map(|(status, label, icon, color)| StatusStyle {
@@ -805,6 +818,10 @@ impl Config {
             color: color.into(),
         })
         .collect();
+        if !self.allow_invisible {
+            // Turned off for the organisation: not offered.
+            styles.retain(|s| s.status != Status::Invisible);
+        }
         let Some(json) = &self.status_styles else {
             return Ok(styles);
         };
@@ -813,10 +830,9 @@ impl Config {
         for (name, o) in overrides {
             let status =
                 Status::parse(&name).ok_or_else(|| err(format!("unknown status {name:?}")))?;
-            let style = styles
-                .iter_mut()
-                .find(|s| s.status == status)
-                .expect("all statuses");
+            let Some(style) = styles.iter_mut().find(|s| s.status == status) else {
+                continue; // INVISIBLE while it is turned off
+            };
             if let Some(label) = o.label {
                 if label.is_empty() || label.chars().count() > 32 {
                     return Err(err(format!("{name}.label must be 1 to 32 characters")));

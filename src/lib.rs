@@ -4,6 +4,7 @@
 //! # Layout
 //! From the bottom up (no module imports one that imports it back; `tests/layout.rs` checks):
 //! - [`error`]: the one error type, its stable codes, the HTTP envelope and `tonic::Status`.
+//! - [`privacy`]: who may see whom (visibility, allow and deny lists, last-seen precision), pure.
 //! - [`presence`]: the domain rules (aggregation, idle, manual status, timeouts), pure.
 //! - [`config`]: the one `Config`, from flags and `PRESENCE_*` variables.
 //! - [`timer`]: the timer wheel behind every deadline, and the clock.
@@ -35,6 +36,7 @@ pub mod node;
 pub mod ownership;
 pub mod peer;
 pub mod presence;
+pub mod privacy;
 pub mod proto;
 pub mod push;
 pub mod ring;

@@ -569,6 +569,12 @@ pub struct PushMetrics {
     pub ws_degraded: IntCounter,
     pub ws_catch_up_frames: IntCounter,
     pub ws_drain_offlines: Counters<DrainOffline>,
+    /// Events of users who show themselves to their contacts only, not sent because their
+    /// contacts could not be read.
+    pub unpublished: IntCounter,
+    /// Presence frames (pushed events) that showed a viewer the OFFLINE view of a user hiding
+    /// from it, or an INVISIBLE user's.
+    pub filtered: IntCounter,
 }
 
 impl PushMetrics {
@@ -633,6 +639,14 @@ impl PushMetrics {
             ws_drain_offlines: r.counters(
                 "presence_ws_drain_offlines_total",
                 "Devices a draining gateway took offline for its closed sockets, by result (ok, error, timeout).",
+            ),
+            unpublished: r.counter(
+                "presence_events_unpublished_total",
+                "Presence events a shard did not send because the user shows itself to its contacts only and its contacts could not be read.",
+            ),
+            filtered: r.counter(
+                "presence_push_privacy_filtered_total",
+                "Presence frames queued to a socket with another view than the truth (privacy settings or INVISIBLE).",
             ),
         };
         for &k in WsRefusal::ALL {

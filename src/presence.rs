@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::error::Error;
+pub use crate::privacy::{LastSeen, Privacy, Recency, Sight, Viewer, Visibility};
 
 /// Unix time in milliseconds.
 pub type Millis = i64;
@@ -21,7 +22,8 @@ pub const DEVICE_ID_MAX: usize = 128;
 /// Maximum length of a custom status text, in characters.
 pub const CUSTOM_TEXT_MAX: usize = 100;
 
-/// The four presence states of the contract.
+/// The four presence states of the contract, and INVISIBLE: a manual status that only the user
+/// itself (and a service token) sees; everyone else sees the user OFFLINE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Status {
@@ -30,11 +32,18 @@ pub enum Status {
     Offline,
     Busy,
     Away,
+    Invisible,
 }
 
 impl Status {
     /// All states, in the order `GET /statuses` lists them.
-    pub const ALL: [Status; 4] = [Status::Online, Status::Offline, Status::Busy, Status::Away];
+    pub const ALL: [Status; 5] = [
+        Status::Online,
+        Status::Offline,
+        Status::Busy,
+        Status::Away,
+        Status::Invisible,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +51,7 @@ impl Status {
             Status::Offline => "OFFLINE",
             Status::Busy => "BUSY",
             Status::Away => "AWAY",
+            Status::Invisible => "INVISIBLE",
         }
     }
 
@@ -124,6 +134,21 @@ pub fn validate_device_id(id: &str) -> Result<CompactString, Error> {
     Ok(CompactString::from(id))
 }
 
+/// Checks a privacy list (`allow` or `deny`): at most `max` positive 64-bit user ids.
+pub fn validate_privacy_list(list: &[u64], max: usize) -> Result<(), Error> {
+    if list.len() > max {
+        return Err(Error::BadRequest(format!(
+            "allow and deny may hold at most {max} userIds each"
+        )));
+    }
+    if list.iter().any(|&u| validate_user_id(u).is_err()) {
+        return Err(Error::BadRequest(
+            "allow and deny must hold positive 64-bit user ids".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a custom status text: 1 to 100 characters, no control characters.
 pub fn validate_custom_text(text: &str) -> Result<CompactString, Error> {
     let chars = text.chars().count();
@@ -153,6 +178,11 @@ pub struct Rules {
     pub max_devices: usize,
     /// At most this many subscription targets per user.
     pub max_subscriptions: usize,
+    /// Whether INVISIBLE is honoured (`PRESENCE_ALLOW_INVISIBLE`). When it is not, a user
+    /// stored as INVISIBLE shows its real status.
+    pub allow_invisible: bool,
+    /// At most this many user ids in each privacy list (`allow`, `deny`).
+    pub max_privacy_list: usize,
 }
 
 impl Default for Rules {
@@ -163,6 +193,8 @@ impl Default for Rules {
             resume_window: 300_000,
             max_devices: 16,
             max_subscriptions: 5_000,
+            allow_invisible: true,
+            max_privacy_list: 1_000,
         }
     }
 }
@@ -226,6 +258,29 @@ pub struct UserState {
     pub status: Status,
     pub settings: Option<Box<Settings>>,
     pub devices: SmallVec<[Device; 1]>,
+    /// Who may see the user, and how precisely its last-seen time shows; `None`: the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Box<Privacy>>,
+    /// The version at which the privacy settings (or, under `CONTACTS`, the contacts) last
+    /// changed: the version of the OFFLINE view of those hidden from.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub privacy_version: u64,
+    /// While INVISIBLE: the OFFLINE view others see, frozen when the user went invisible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invisible: Option<Frozen>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What others see of an INVISIBLE user: the OFFLINE view of the moment it went invisible.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Frozen {
+    /// The last-active time others see.
+    pub at: Millis,
+    /// The version others see.
+    pub version: u64,
 }
 
 /// A change of effective status.
@@ -306,7 +361,9 @@ impl UserState {
             return Status::Offline;
         };
         if let Some(manual) = self.live_settings(now).and_then(|s| s.manual) {
-            return manual;
+            if manual != Status::Invisible || rules.allow_invisible {
+                return manual;
+            }
         }
         if active.saturating_add(rules.idle_timeout) <= now {
             Status::Away
@@ -441,7 +498,57 @@ impl UserState {
             self.settings = new;
             effect.visible = true;
         }
-        self.settle(now, rules, effect)
+        let was_invisible = self.invisible.is_some();
+        let effect = self.settle(now, rules, effect);
+        self.freeze(now, was_invisible);
+        effect
+    }
+
+    /// Whether the manual status INVISIBLE is set (whether or not it is honoured).
+    fn wants_invisible(&self) -> bool {
+        self.settings
+            .as_deref()
+            .is_some_and(|s| s.manual == Some(Status::Invisible))
+    }
+
+    /// Freezes the view others see when the user has just gone INVISIBLE (at the version of that
+    /// change, with the last-active time a real disconnect at `now` would leave), and thaws it
+    /// when the user no longer is.
+    fn freeze(&mut self, now: Millis, was_invisible: bool) {
+        match (self.wants_invisible(), was_invisible) {
+            (true, false) => {
+                let at = if self.online_devices().next().is_some() {
+                    self.last_active.max(now)
+                } else {
+                    self.last_active
+                };
+                self.invisible = Some(Frozen {
+                    at,
+                    version: self.version,
+                });
+            }
+            (false, _) => self.invisible = None,
+            (true, true) => {}
+        }
+    }
+
+    /// Replaces the privacy settings. Always a visible change (at a new version): those who
+    /// lose sight are sent the OFFLINE view at that version, those who gain it the real one.
+    pub fn set_privacy(&mut self, privacy: Privacy, now: Millis, rules: &Rules) -> Effect {
+        self.privacy = (!privacy.is_default()).then(|| Box::new(privacy));
+        self.contacts_changed(now, rules)
+    }
+
+    /// The user's contacts changed under `CONTACTS` (callers check): that changes who sees it, so
+    /// it is a visible change as a settings change is.
+    pub fn contacts_changed(&mut self, now: Millis, rules: &Rules) -> Effect {
+        let effect = Effect {
+            visible: true,
+            ..Effect::default()
+        };
+        let effect = self.settle(now, rules, effect);
+        self.privacy_version = self.version;
+        effect
     }
 
     /// Clears the settings.
@@ -472,6 +579,7 @@ impl UserState {
             .retain(|d| d.is_online() || d.timed_out_at.saturating_add(rules.resume_window) > now);
         if self.settings.as_ref().is_some_and(|s| !s.live(now)) {
             self.settings = None;
+            self.invisible = None;
             effect.visible = true;
             effect.expired = true;
         }
@@ -611,6 +719,22 @@ pub struct StatusView {
     pub custom_text: Option<String>,
     pub manual_status: Option<Status>,
     pub version: u64,
+    /// `lastSeen`: absent when the last-active time shows exactly (as the contract has it);
+    /// the coarse time when the user shows it only coarsely, null when it hides it (then
+    /// `last_active_time` is null).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub last_seen: Option<Option<Recency>>,
+}
+
+/// A field that may be absent (`None`), null (`Some(None)`) or a value.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// One entry of a batch query.
@@ -622,21 +746,85 @@ pub struct BatchEntry {
     #[serde(with = "rfc3339")]
     pub last_active_time: Millis,
     pub custom_text: Option<String>,
+    /// As in [`StatusView::last_seen`].
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub last_seen: Option<Option<Recency>>,
+}
+
+impl StatusView {
+    /// The OFFLINE view of `user`: no devices, no custom text, no manual status.
+    pub fn offline(user_id: UserId, last_active: Millis, version: u64) -> StatusView {
+        StatusView {
+            user_id,
+            status: Status::Offline,
+            last_active_time: last_active,
+            devices: Vec::new(),
+            custom_text: None,
+            manual_status: None,
+            version,
+            last_seen: None,
+        }
+    }
+
+    /// The view of a user that hides from the viewer: OFFLINE, as a user that hides its
+    /// last-seen time shows it.
+    pub fn hidden(user_id: UserId, version: u64) -> StatusView {
+        StatusView {
+            last_seen: Some(None),
+            ..StatusView::offline(user_id, 0, version)
+        }
+    }
+
+    /// Shows the last-active time as precisely as `mode` allows.
+    fn with_last_seen(mut self, mode: LastSeen, now: Millis) -> StatusView {
+        match mode {
+            LastSeen::Exact => self.last_seen = None,
+            LastSeen::Coarse => {
+                self.last_seen = Some(Some(Recency::of(self.last_active_time, now)));
+                self.last_active_time = 0;
+            }
+            LastSeen::Hidden => {
+                self.last_seen = Some(None);
+                self.last_active_time = 0;
+            }
+        }
+        self
+    }
+
+    /// The short form of a batch query.
+    pub fn to_entry(&self) -> BatchEntry {
+        BatchEntry {
+            user_id: self.user_id,
+            status: self.status,
+            last_active_time: self.last_active_time,
+            custom_text: self.custom_text.clone(),
+            last_seen: self.last_seen,
+        }
+    }
 }
 
 impl UserState {
-    /// The full view at `now`. Works on a state read from a store too: whatever is due by `now`
-    /// (timeouts, expiry, idle) is applied to a copy first.
-    pub fn view(&self, user_id: UserId, now: Millis, rules: &Rules) -> StatusView {
-        let settled;
-        let st = if self.next_deadline(rules).is_some_and(|t| t <= now) {
+    /// The state with whatever is due by `now` applied (a copy, when something is).
+    fn settled(&self, now: Millis, rules: &Rules) -> std::borrow::Cow<'_, UserState> {
+        let stale_invisible = self.status == Status::Invisible && !rules.allow_invisible;
+        if stale_invisible || self.next_deadline(rules).is_some_and(|t| t <= now) {
             let mut copy = self.clone();
             copy.advance(now, rules);
-            settled = copy;
-            &settled
+            std::borrow::Cow::Owned(copy)
         } else {
-            self
-        };
+            std::borrow::Cow::Borrowed(self)
+        }
+    }
+
+    /// The full view at `now`, the truth (as the user itself sees it). Works on a state read
+    /// from a store too: whatever is due by `now` (timeouts, expiry, idle) is applied to a copy
+    /// first.
+    pub fn view(&self, user_id: UserId, now: Millis, rules: &Rules) -> StatusView {
+        let st = self.settled(now, rules);
         let settings = st.live_settings(now);
         StatusView {
             user_id,
@@ -655,19 +843,79 @@ impl UserState {
                 .map(|t| t.to_string()),
             manual_status: settings.and_then(|s| s.manual),
             version: st.version,
+            last_seen: None,
         }
     }
 
-    /// The short view of a batch query.
+    /// Whether anyone but the user sees something else than the truth: the user is INVISIBLE
+    /// or has privacy settings.
+    pub fn is_private(&self) -> bool {
+        self.privacy.is_some() || self.invisible.is_some() || self.status == Status::Invisible
+    }
+
+    /// The view of those who may see the user (`Sight::Public`), when it differs from the
+    /// truth: an INVISIBLE user's frozen OFFLINE view, the last-seen time as precise as the user
+    /// allows.
+    pub fn public_view(&self, user_id: UserId, now: Millis, rules: &Rules) -> Option<StatusView> {
+        if !self.is_private() {
+            return None;
+        }
+        let st = self.settled(now, rules);
+        let mode = st
+            .privacy
+            .as_deref()
+            .map_or(LastSeen::Exact, |p| p.last_seen);
+        // A status stored as INVISIBLE without its frozen view (never written so) still hides.
+        let frozen = st.invisible.or_else(|| {
+            (st.status == Status::Invisible).then_some(Frozen {
+                at: st.last_active,
+                version: st.version,
+            })
+        });
+        let view = match frozen.filter(|_| rules.allow_invisible) {
+            Some(f) => StatusView::offline(user_id, f.at, f.version.max(st.privacy_version)),
+            None => st.view(user_id, now, rules),
+        };
+        Some(view.with_last_seen(mode, now))
+    }
+
+    /// The view of those the user hides from (`Sight::Hidden`).
+    pub fn hidden_view(&self, user_id: UserId) -> StatusView {
+        StatusView::hidden(user_id, self.privacy_version)
+    }
+
+    /// What a viewer with `sight` sees at `now`.
+    pub fn view_as(&self, user_id: UserId, now: Millis, rules: &Rules, sight: Sight) -> StatusView {
+        match sight {
+            Sight::Truth => self.view(user_id, now, rules),
+            Sight::Public => self
+                .public_view(user_id, now, rules)
+                .unwrap_or_else(|| self.view(user_id, now, rules)),
+            Sight::Hidden => self.hidden_view(user_id),
+        }
+    }
+
+    /// The short view of a batch query, as a viewer with `sight` sees it.
+    pub fn batch_entry_as(
+        &self,
+        user_id: UserId,
+        now: Millis,
+        rules: &Rules,
+        sight: Sight,
+    ) -> BatchEntry {
+        match sight {
+            Sight::Public if self.is_private() => {
+                self.view_as(user_id, now, rules, sight).to_entry()
+            }
+            Sight::Hidden => self.hidden_view(user_id).to_entry(),
+            _ => self.batch_entry(user_id, now, rules),
+        }
+    }
+
+    /// The short view of a batch query (the truth).
     pub fn batch_entry(&self, user_id: UserId, now: Millis, rules: &Rules) -> BatchEntry {
         let settings = self.live_settings(now);
-        let status = if self.next_deadline(rules).is_some_and(|t| t <= now) {
-            let mut copy = self.clone();
-            copy.advance(now, rules);
-            copy.status
-        } else {
-            self.status
-        };
+        let status = self.settled(now, rules).status;
         BatchEntry {
             user_id,
             status,
@@ -675,6 +923,7 @@ impl UserState {
             custom_text: settings
                 .and_then(|s| s.text.as_ref())
                 .map(|t| t.to_string()),
+            last_seen: None,
         }
     }
 }
@@ -690,6 +939,8 @@ mod tests {
         resume_window: 300_000,
         max_devices: 4,
         max_subscriptions: 10,
+        allow_invisible: true,
+        max_privacy_list: 10,
     };
     const T0: Millis = 1_700_000_000_000;
 

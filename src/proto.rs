@@ -8,6 +8,7 @@ pub mod v1 {
 
 use crate::error::Error;
 use crate::presence::{self, BatchEntry, DeviceView, Platform, Seen, Settings, Status, StatusView};
+use crate::privacy::{Audience, LastSeen, Privacy, Recency, Visibility};
 
 impl From<Status> for v1::Status {
     fn from(s: Status) -> v1::Status {
@@ -16,6 +17,7 @@ impl From<Status> for v1::Status {
             Status::Offline => v1::Status::Offline,
             Status::Busy => v1::Status::Busy,
             Status::Away => v1::Status::Away,
+            Status::Invisible => v1::Status::Invisible,
         }
     }
 }
@@ -27,6 +29,7 @@ impl From<v1::Status> for Status {
             v1::Status::Offline => Status::Offline,
             v1::Status::Busy => Status::Busy,
             v1::Status::Away => Status::Away,
+            v1::Status::Invisible => Status::Invisible,
         }
     }
 }
@@ -80,7 +83,100 @@ impl From<StatusView> for v1::StatusReply {
             custom_text: v.custom_text,
             manual_status: v.manual_status.map(|s| v1::Status::from(s) as i32),
             version: v.version,
+            last_seen: recency_to(v.last_seen) as i32,
         }
+    }
+}
+
+fn recency_to(r: Option<Option<Recency>>) -> v1::Recency {
+    match r {
+        None => v1::Recency::Absent,
+        Some(None) => v1::Recency::Hidden,
+        Some(Some(Recency::Recently)) => v1::Recency::Recently,
+        Some(Some(Recency::WithinWeek)) => v1::Recency::WithinWeek,
+        Some(Some(Recency::WithinMonth)) => v1::Recency::WithinMonth,
+        Some(Some(Recency::LongAgo)) => v1::Recency::LongAgo,
+    }
+}
+
+/// A wire recency; unknown numbers are a bad request.
+fn recency_from(n: i32) -> Result<Option<Option<Recency>>, Error> {
+    match v1::Recency::try_from(n) {
+        Ok(v1::Recency::Absent) => Ok(None),
+        Ok(v1::Recency::Hidden) => Ok(Some(None)),
+        Ok(v1::Recency::Recently) => Ok(Some(Some(Recency::Recently))),
+        Ok(v1::Recency::WithinWeek) => Ok(Some(Some(Recency::WithinWeek))),
+        Ok(v1::Recency::WithinMonth) => Ok(Some(Some(Recency::WithinMonth))),
+        Ok(v1::Recency::LongAgo) => Ok(Some(Some(Recency::LongAgo))),
+        Err(_) => Err(Error::BadRequest(format!("unknown recency {n}"))),
+    }
+}
+
+impl From<&Privacy> for v1::PrivacySettings {
+    fn from(p: &Privacy) -> v1::PrivacySettings {
+        v1::PrivacySettings {
+            visibility: match p.visibility {
+                Visibility::Everyone => v1::Visibility::Everyone,
+                Visibility::Contacts => v1::Visibility::Contacts,
+                Visibility::Nobody => v1::Visibility::Nobody,
+            } as i32,
+            last_seen: match p.last_seen {
+                LastSeen::Exact => v1::LastSeenMode::Exact,
+                LastSeen::Coarse => v1::LastSeenMode::Coarse,
+                LastSeen::Hidden => v1::LastSeenMode::Hidden,
+            } as i32,
+            allow: p.allow.clone(),
+            deny: p.deny.clone(),
+        }
+    }
+}
+
+/// Privacy settings from the wire, checked again (never trust the wire): known values, and
+/// lists of at most `max` valid user ids each.
+pub fn privacy_from(p: &v1::PrivacySettings, max: usize) -> Result<Privacy, Error> {
+    let visibility = match v1::Visibility::try_from(p.visibility) {
+        Ok(v1::Visibility::Everyone) => Visibility::Everyone,
+        Ok(v1::Visibility::Contacts) => Visibility::Contacts,
+        Ok(v1::Visibility::Nobody) => Visibility::Nobody,
+        Err(_) => return Err(Error::BadRequest("unknown visibility".into())),
+    };
+    let last_seen = match v1::LastSeenMode::try_from(p.last_seen) {
+        Ok(v1::LastSeenMode::Exact) => LastSeen::Exact,
+        Ok(v1::LastSeenMode::Coarse) => LastSeen::Coarse,
+        Ok(v1::LastSeenMode::Hidden) => LastSeen::Hidden,
+        Err(_) => return Err(Error::BadRequest("unknown lastSeen".into())),
+    };
+    for list in [&p.allow, &p.deny] {
+        presence::validate_privacy_list(list, max)?;
+    }
+    Ok(Privacy::new(visibility, last_seen, &p.allow, &p.deny))
+}
+
+impl From<&Audience> for v1::Audience {
+    fn from(a: &Audience) -> v1::Audience {
+        v1::Audience {
+            privacy: Some((&a.privacy).into()),
+            contacts: a.contacts.clone(),
+            version: a.version,
+        }
+    }
+}
+
+impl TryFrom<v1::Audience> for Audience {
+    type Error = Error;
+
+    /// From a shard: its lists are trusted to be within the limits it enforces, but not to be
+    /// sorted (they are sorted again).
+    fn try_from(a: v1::Audience) -> Result<Audience, Error> {
+        let privacy = privacy_from(&a.privacy.unwrap_or_default(), usize::MAX)?;
+        let mut contacts = a.contacts;
+        contacts.sort_unstable();
+        contacts.dedup();
+        Ok(Audience {
+            privacy,
+            contacts,
+            version: a.version,
+        })
     }
 }
 
@@ -106,6 +202,7 @@ impl TryFrom<v1::StatusReply> for StatusView {
             custom_text: r.custom_text,
             manual_status: r.manual_status.map(status_from_i32).transpose()?,
             version: r.version,
+            last_seen: recency_from(r.last_seen)?,
         })
     }
 }
@@ -117,6 +214,7 @@ impl From<BatchEntry> for v1::BatchEntry {
             status: v1::Status::from(e.status) as i32,
             last_active_time: e.last_active_time,
             custom_text: e.custom_text,
+            last_seen: recency_to(e.last_seen) as i32,
         }
     }
 }
@@ -130,6 +228,7 @@ impl TryFrom<v1::BatchEntry> for BatchEntry {
             status: status_from_i32(e.status)?,
             last_active_time: e.last_active_time,
             custom_text: e.custom_text,
+            last_seen: recency_from(e.last_seen)?,
         })
     }
 }
@@ -139,7 +238,7 @@ pub fn settings_from(r: &v1::SetStatusRequest) -> Result<Settings, Error> {
     let manual = r.manual.map(status_from_i32).transpose()?;
     if manual == Some(Status::Offline) {
         return Err(Error::BadRequest(
-            "status must be one of ONLINE, BUSY, AWAY".into(),
+            "status must be one of ONLINE, BUSY, AWAY, INVISIBLE".into(),
         ));
     }
     let text = r
@@ -211,6 +310,7 @@ mod tests {
             custom_text: Some("会议中".into()),
             manual_status: Some(Status::Busy),
             version: 3,
+            last_seen: Some(Some(crate::privacy::Recency::WithinWeek)),
         };
         assert_eq!(
             StatusView::try_from(v1::StatusReply::from(v.clone())).unwrap(),

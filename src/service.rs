@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::Error;
-use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
+use crate::presence::{BatchEntry, Platform, Privacy, Settings, StatusView, UserId, Viewer};
 use crate::store::SubscriptionMode;
 
 /// The presence operations, as the API calls them. The in-process [`crate::shard::Shard`]
@@ -28,13 +28,20 @@ pub trait Presence: Send + Sync + 'static {
         unless_seen_within: Option<Duration>,
     ) -> Result<(), Error>;
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
-    async fn status(&self, user: UserId) -> Result<StatusView, Error>;
-    /// One entry per distinct user, in request order.
-    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error>;
+    /// `user`'s presence as `viewer` may see it (see [`crate::privacy`]).
+    async fn status(&self, user: UserId, viewer: Viewer) -> Result<StatusView, Error>;
+    /// One entry per distinct user, in request order, as `viewer` may see them.
+    async fn batch(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<BatchEntry>, Error>;
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error>;
     async fn clear_status(&self, user: UserId) -> Result<StatusView, Error>;
-    /// Full views of many users, one per distinct user, in request order.
-    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error>;
+    /// Full views of many users, one per distinct user, in request order, as `viewer` may see
+    /// them.
+    async fn views(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<StatusView>, Error>;
+    /// `user`'s privacy settings.
+    async fn privacy(&self, user: UserId) -> Result<Privacy, Error>;
+    /// Replaces `user`'s privacy settings; answers them as stored. Those who gain or lose sight
+    /// of the user are pushed its new view.
+    async fn set_privacy(&self, user: UserId, privacy: Privacy) -> Result<Privacy, Error>;
     /// The targets `user` subscribes to.
     async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error>;
     /// Changes `user`'s subscriptions; answers the new list.

@@ -30,9 +30,10 @@ use crate::metrics::{
 };
 use crate::ownership::Table;
 use crate::presence::{
-    BatchEntry, Effect, Millis, Platform, Rules, Seen, Settings, Status, StatusView, UserId,
-    UserState,
+    BatchEntry, Effect, Millis, Platform, Privacy, Rules, Seen, Settings, Sight, Status,
+    StatusView, UserId, UserState, Viewer, Visibility,
 };
+use crate::privacy::{self, Audience};
 use crate::push::{Event, EventSink};
 use crate::ring::{partition_of, stripe_of, PARTITIONS};
 use crate::service::Presence;
@@ -118,6 +119,89 @@ pub struct Shard {
     parting: parting::Parting,
     /// Records of users never online created within their retention (`PRESENCE_MAX_OFFLINE_RECORDS`).
     offline_records: WindowCap,
+    /// Contacts of users whose visibility is `CONTACTS`, for deciding who sees them.
+    contacts: Arc<ContactCache>,
+}
+
+/// Most user ids (over all lists) of contacts a shard keeps at once: 32 MB.
+const CONTACTS_CACHED: usize = 4_000_000;
+
+/// The contacts (subscription lists) of users whose visibility is `CONTACTS`, as last read from
+/// the store or written through this shard: bounded (arbitrary entries go when full), and
+/// dropped for users whose partition goes.
+struct ContactCache {
+    store: Arc<dyn Store>,
+    map: Mutex<Contacts>,
+}
+
+#[derive(Default)]
+struct Contacts {
+    lists: hashbrown::HashMap<UserId, Arc<[UserId]>>,
+    /// User ids over all lists.
+    ids: usize,
+}
+
+impl ContactCache {
+    fn cached(&self, user: UserId) -> Option<Arc<[UserId]>> {
+        self.map.lock().lists.get(&user).cloned()
+    }
+
+    fn put(&self, user: UserId, list: &[UserId]) {
+        let mut c = self.map.lock();
+        self.drop_locked(&mut c, user);
+        while c.ids + list.len() > CONTACTS_CACHED && !c.lists.is_empty() {
+            for (_, gone) in take_some(&mut c.lists, 64) {
+                c.ids -= gone.len();
+            }
+        }
+        c.ids += list.len();
+        c.lists.insert(user, list.into());
+    }
+
+    fn remove(&self, user: UserId) {
+        self.drop_locked(&mut self.map.lock(), user);
+    }
+
+    fn drop_locked(&self, c: &mut Contacts, user: UserId) {
+        if let Some(old) = c.lists.remove(&user) {
+            c.ids -= old.len();
+        }
+    }
+
+    /// The user's contacts, sorted: cached, or read from the store.
+    async fn get(&self, user: UserId) -> Result<Arc<[UserId]>, Error> {
+        if let Some(c) = self.cached(user) {
+            return Ok(c);
+        }
+        let list = self.store.subscriptions(user).await?;
+        self.put(user, &list);
+        Ok(list.into())
+    }
+
+    fn forget(&self, partitions: &[bool]) {
+        let mut c = self.map.lock();
+        let Contacts { lists, ids } = &mut *c;
+        lists.retain(|u, l| {
+            let keep = !partitions[partition_of(*u) as usize];
+            if !keep {
+                *ids -= l.len();
+            }
+            keep
+        });
+    }
+}
+
+/// The event with its audience's contacts filled in.
+fn with_contacts(mut ev: Event, contacts: &[UserId]) -> Event {
+    if let Some(a) = ev.audience.as_mut() {
+        Arc::make_mut(a).contacts = contacts.to_vec();
+    }
+    ev
+}
+
+/// Whether `contacts` (sorted) holds `viewer`.
+fn holds(contacts: Option<&[UserId]>, viewer: UserId) -> bool {
+    contacts.is_some_and(|c| c.binary_search(&viewer).is_ok())
 }
 
 impl Shard {
@@ -149,6 +233,10 @@ impl Shard {
         Shard {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             wheel: Mutex::new(TimerWheel::new(WHEEL_SLOTS)),
+            contacts: Arc::new(ContactCache {
+                store: store.clone(),
+                map: Mutex::default(),
+            }),
             store,
             rules,
             clock: Clock::new(),
@@ -219,19 +307,147 @@ impl Shard {
         let _ = self.sink.set(sink);
     }
 
-    /// Publishes a visible change, if anyone listens.
+    /// Publishes a visible change, if anyone listens. A user whose visibility is `CONTACTS` and
+    /// whose contacts are not cached is published once they are read (the gateways order events
+    /// by version, so a late one never undoes a newer one).
     fn publish(&self, user: UserId, state: &UserState, now: Millis) {
-        if let Some(sink) = self.sink.get() {
-            if sink.wants(user) {
-                let view = state.view(user, now, &self.rules);
-                sink.publish(Event {
-                    view,
-                    changed_at: now,
-                    subscriptions: None,
-                    snapshot: false,
-                });
-            }
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        if !sink.wants(user) {
+            return;
         }
+        let ev = self.event_of(user, state, now);
+        let needs_contacts = ev
+            .audience
+            .as_ref()
+            .is_some_and(|a| a.privacy.visibility == Visibility::Contacts);
+        if !needs_contacts {
+            sink.publish(ev);
+            return;
+        }
+        if let Some(c) = self.contacts.cached(user) {
+            sink.publish(with_contacts(ev, &c));
+            return;
+        }
+        let (sink, contacts, metrics) = (sink.clone(), self.contacts.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            match contacts.get(user).await {
+                Ok(c) => sink.publish(with_contacts(ev, &c)),
+                Err(e) => {
+                    // Not sent rather than sent to the wrong people; the next change (or a
+                    // read) shows the state.
+                    metrics.push.unpublished.inc();
+                    tracing::warn!(user, error = %e, "event not sent: contacts unreadable");
+                }
+            }
+        });
+    }
+
+    /// The event of `user`'s state at `now` (its contacts not filled in).
+    fn event_of(&self, user: UserId, state: &UserState, now: Millis) -> Event {
+        let audience = state.privacy.as_deref().map(|p| {
+            Arc::new(Audience {
+                privacy: p.clone(),
+                contacts: Vec::new(),
+                version: state.privacy_version,
+            })
+        });
+        Event {
+            public: state.public_view(user, now, &self.rules),
+            audience,
+            ..Event::new(state.view(user, now, &self.rules), now)
+        }
+    }
+
+    /// The current state of each of `users` as snapshot events (the catch-up of a gateway that
+    /// declares interest), each with its audience.
+    pub async fn snapshots(&self, users: &[UserId]) -> Result<Vec<Event>, Error> {
+        let states = self.gather(users, |st, _, _, _| st.clone()).await?;
+        let now = self.clock.now();
+        let mut out = Vec::with_capacity(states.len());
+        for (&user, st) in users.iter().zip(&states) {
+            let mut ev = self.event_of(user, st, now);
+            ev.snapshot = true;
+            if st
+                .privacy
+                .as_deref()
+                .is_some_and(|p| p.visibility == Visibility::Contacts)
+            {
+                let c = self.contacts.get(user).await?;
+                ev = with_contacts(ev, &c);
+            }
+            out.push(ev);
+        }
+        Ok(out)
+    }
+
+    /// What `viewer` sees of `user`, whose state is `st`, reading its contacts if the rules
+    /// need them.
+    async fn sight_of(&self, user: UserId, st: &UserState, viewer: Viewer) -> Result<Sight, Error> {
+        let needs = match (viewer, st.privacy.as_deref()) {
+            (Viewer::User(v), Some(p)) => v != user && p.needs_contacts(v),
+            _ => false,
+        };
+        let contacts = if needs {
+            Some(self.contacts.get(user).await?)
+        } else {
+            None
+        };
+        Ok(privacy::sight(st.privacy.as_deref(), user, viewer, |v| {
+            holds(contacts.as_deref(), v)
+        }))
+    }
+
+    /// `show` of each distinct user as `viewer` sees it, in request order.
+    async fn gather_as<T>(
+        &self,
+        users: &[UserId],
+        viewer: Viewer,
+        show: impl Fn(&UserState, UserId, Millis, &Rules, Sight) -> T,
+    ) -> Result<Vec<T>, Error> {
+        if viewer == Viewer::Truth {
+            return self
+                .gather(users, |st, u, now, r| show(st, u, now, r, Sight::Truth))
+                .await;
+        }
+        // Decided at once for all but users under `CONTACTS` whose contacts are not cached:
+        // those are decided once their contacts are read.
+        enum Shown<T> {
+            Done(T),
+            Later(UserState),
+        }
+        let shown = self
+            .gather(users, |st, u, now, r| {
+                let p = st.privacy.as_deref();
+                let Viewer::User(v) = viewer else {
+                    unreachable!("the truth is handled above")
+                };
+                let cached = match p {
+                    Some(p) if u != v && p.needs_contacts(v) => match self.contacts.cached(u) {
+                        Some(c) => Some(c),
+                        None => return Shown::Later(st.clone()),
+                    },
+                    _ => None,
+                };
+                let sight = privacy::sight(p, u, viewer, |v| holds(cached.as_deref(), v));
+                Shown::Done(show(st, u, now, r, sight))
+            })
+            .await?;
+        let mut distinct = hashbrown::HashSet::with_capacity(users.len());
+        let ids = users.iter().copied().filter(|u| distinct.insert(*u));
+        let now = self.clock.now();
+        let mut out = Vec::with_capacity(shown.len());
+        for (user, s) in ids.zip(shown) {
+            out.push(match s {
+                Shown::Done(t) => t,
+                Shown::Later(st) => {
+                    let sight = self.sight_of(user, &st, viewer).await?;
+                    show(&st, user, now, &self.rules, sight)
+                }
+            });
+        }
+        Ok(out)
     }
 
     pub fn rules(&self) -> &Rules {
@@ -621,6 +837,7 @@ impl Shard {
         let mut released = 0usize;
         let now = self.clock.now();
         self.parting.forget(&[], now);
+        self.contacts.forget(partitions);
         for stripe in self.stripes.iter() {
             let mut stripe = stripe.lock();
             stripe.retain(|user, entry| {
@@ -1093,13 +1310,15 @@ impl Presence for Shard {
         r
     }
 
-    async fn status(&self, user: UserId) -> Result<StatusView, Error> {
+    async fn status(&self, user: UserId, viewer: Viewer) -> Result<StatusView, Error> {
         let st = self.state_of(user).await?;
-        Ok(st.view(user, self.clock.now(), &self.rules))
+        let sight = self.sight_of(user, &st, viewer).await?;
+        Ok(st.view_as(user, self.clock.now(), &self.rules, sight))
     }
 
-    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
-        self.gather(users, UserState::batch_entry).await
+    async fn batch(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<BatchEntry>, Error> {
+        self.gather_as(users, viewer, UserState::batch_entry_as)
+            .await
     }
 
     async fn set_status(&self, user: UserId, settings: Settings) -> Result<StatusView, Error> {
@@ -1138,8 +1357,34 @@ impl Presence for Shard {
         .await
     }
 
-    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error> {
-        self.gather(users, UserState::view).await
+    async fn views(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<StatusView>, Error> {
+        self.gather_as(users, viewer, UserState::view_as).await
+    }
+
+    async fn privacy(&self, user: UserId) -> Result<Privacy, Error> {
+        let st = self.state_of(user).await?;
+        Ok(st.privacy.map(|p| *p).unwrap_or_default())
+    }
+
+    async fn set_privacy(&self, user: UserId, privacy: Privacy) -> Result<Privacy, Error> {
+        let max = self.rules.max_privacy_list;
+        for list in [&privacy.allow, &privacy.deny] {
+            crate::presence::validate_privacy_list(list, max)?;
+        }
+        self.table.check(user)?;
+        self.status_change(user)?;
+        if privacy.visibility == Visibility::Contacts {
+            // Read before the change, so that its event goes out with them at once.
+            self.contacts.get(user).await?;
+        }
+        let rules = self.rules;
+        self.mutate(user, true, |st, now| {
+            let st = st.expect("loaded");
+            self.new_offline_record(st, now)?;
+            let effect = st.set_privacy(privacy.clone(), now, &rules);
+            Ok((st.privacy.as_deref().cloned().unwrap_or_default(), effect))
+        })
+        .await
     }
 
     async fn subscriptions(&self, user: UserId) -> Result<Vec<UserId>, Error> {
@@ -1156,10 +1401,40 @@ impl Presence for Shard {
         if targets.len() > max {
             return Err(crate::store::too_many_subscriptions(max));
         }
+        self.table.check(user)?;
+        let before = self.contacts.cached(user);
+        self.contacts.remove(user);
         let list = self
             .store
             .update_subscriptions(user, mode, targets, max)
             .await?;
+        let shows_to_contacts = |st: &UserState| {
+            st.privacy
+                .as_deref()
+                .is_some_and(|p| p.visibility == Visibility::Contacts)
+        };
+        let contacts_rule = shows_to_contacts(&self.state_of(user).await?);
+        if contacts_rule {
+            self.contacts.put(user, &list);
+        }
+        if contacts_rule && before.as_deref() != Some(list.as_slice()) {
+            // The user's contacts changed: under `CONTACTS` so did who sees it.
+            let rules = self.rules;
+            self.mutate(user, true, |st, now| {
+                let st = st.expect("loaded");
+                let contacts = st
+                    .privacy
+                    .as_deref()
+                    .is_some_and(|p| p.visibility == Visibility::Contacts);
+                let effect = if contacts {
+                    st.contacts_changed(now, &rules)
+                } else {
+                    Effect::default()
+                };
+                Ok(((), effect))
+            })
+            .await?;
+        }
         self.metrics
             .push
             .subscription_changes
@@ -1170,14 +1445,7 @@ impl Presence for Shard {
         // Gateways holding the user's sockets listen to the new list.
         if let Some(sink) = self.sink.get() {
             if sink.wants(user) {
-                let view = UserState::default().view(user, 0, &self.rules);
-                let now = self.clock.now();
-                sink.publish(Event {
-                    view,
-                    changed_at: now,
-                    subscriptions: Some(list.clone()),
-                    snapshot: false,
-                });
+                sink.publish(Event::subscriptions(user, list.clone(), self.clock.now()));
             }
         }
         Ok(list)
@@ -1205,6 +1473,7 @@ mod tests {
             resume_window: 300_000,
             max_devices: 4,
             max_subscriptions: 10,
+            ..Rules::default()
         };
         Arc::new(Shard::new(
             MemoryStore::new(),
@@ -1249,7 +1518,7 @@ mod tests {
             s.clear_status(1).await.map(|_| ()),
             Err(Error::RateLimited(20))
         );
-        let view = s.status(1).await.unwrap();
+        let view = s.status(1, Viewer::Truth).await.unwrap();
         assert_eq!(
             view.custom_text.as_deref(),
             Some("t2"),
@@ -1269,7 +1538,10 @@ mod tests {
         s.online(1, "d", Platform::Web).await.unwrap();
         tokio::time::sleep(Duration::from_millis(59_900)).await;
         settle().await;
-        assert_eq!(s.status(1).await.unwrap().status, Status::Online);
+        assert_eq!(
+            s.status(1, Viewer::Truth).await.unwrap().status,
+            Status::Online
+        );
         assert_eq!(s.metrics.presence.timeouts.get(), 0);
         tokio::time::sleep(Duration::from_millis(250)).await;
         settle().await;
@@ -1290,10 +1562,13 @@ mod tests {
             s.heartbeat(2, "d", false).await.unwrap();
         }
         // 270 s: still ONLINE; the idle timer fires at 300 s without any request.
-        assert_eq!(s.status(2).await.unwrap().status, Status::Online);
+        assert_eq!(
+            s.status(2, Viewer::Truth).await.unwrap().status,
+            Status::Online
+        );
         tokio::time::sleep(Duration::from_millis(30_200)).await;
         settle().await;
-        let v = s.status(2).await.unwrap();
+        let v = s.status(2, Viewer::Truth).await.unwrap();
         assert_eq!(v.status, Status::Away);
         assert_eq!(
             s.metrics
@@ -1307,7 +1582,10 @@ mod tests {
             1
         );
         s.heartbeat(2, "d", true).await.unwrap();
-        assert_eq!(s.status(2).await.unwrap().status, Status::Online);
+        assert_eq!(
+            s.status(2, Viewer::Truth).await.unwrap().status,
+            Status::Online
+        );
         cancel.cancel();
     }
 
@@ -1322,7 +1600,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(EVICT_DELAY as u64 + 200)).await;
         settle().await;
         assert_eq!(s.metrics.presence.cached_users.get(), 0);
-        let v = s.status(3).await.unwrap();
+        let v = s.status(3, Viewer::Truth).await.unwrap();
         assert_eq!(v.status, Status::Offline);
         assert!(v.last_active_time > 0);
         assert_eq!(v.version, 2);

@@ -6,21 +6,21 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::http::metric_value;
+use common::token::{
+    claims, hs, now, service_claims, service_token, sign, user_token, with_bearer, ws_request, AUD,
+    ISS, SECRET,
+};
 use common::ws::ws_url;
 use common::{uid, Server, Topology, Ws};
 use jsonwebtoken::jwk::Jwk;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::client::Request;
 
 const P: &str = "/api/v1/presence";
-const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
-const AUD: &str = "presence";
-const ISS: &str = "https://idp.test";
 const CHALLENGE: &str = r#"Bearer error="invalid_token""#;
 
 const RSA1: &[u8] = include_bytes!("fixtures/auth/rsa1.der");
@@ -32,13 +32,6 @@ const ED_PUBLIC_SPKI: &[u8] = include_bytes!("fixtures/auth/ed.pub.der");
 
 fn p(path: &str) -> String {
     format!("{P}{path}")
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
 }
 
 /// Unpadded base64url.
@@ -54,26 +47,6 @@ fn b64url(bytes: &[u8]) -> String {
     out
 }
 
-/// Claims of a user token for `user` (`iss` included), valid for a minute.
-fn claims(user: u64) -> Value {
-    json!({"sub": user.to_string(), "aud": AUD, "iss": ISS, "exp": now() + 60})
-}
-
-fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
-    let mut h = Header::new(alg);
-    h.kid = kid.map(str::to_owned);
-    encode(&h, claims, key).expect("signing a test token")
-}
-
-fn hs(claims: &Value) -> String {
-    sign(
-        Algorithm::HS256,
-        None,
-        claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-}
-
 fn rs(kid: &str, claims: &Value) -> String {
     sign(
         Algorithm::RS256,
@@ -81,20 +54,6 @@ fn rs(kid: &str, claims: &Value) -> String {
         claims,
         &EncodingKey::from_rsa_der(RSA1),
     )
-}
-
-fn user_token(user: u64) -> String {
-    hs(&claims(user))
-}
-
-/// Claims of a backend's token: it may act for any user.
-fn service_claims() -> Value {
-    json!({"sub": "im-server", "aud": AUD, "iss": ISS, "exp": now() + 60,
-        "scope": "presence:read presence:service"})
-}
-
-fn service_token() -> String {
-    hs(&service_claims())
 }
 
 /// The JWKS of the test keys: `rsa1` (RS256), `ec` (ES256), `ed` (EdDSA).
@@ -202,21 +161,6 @@ fn assert_401(what: &str, code: u16, v: &Value, challenge: Option<String>) {
         Some(CHALLENGE),
         "{what}: WWW-Authenticate"
     );
-}
-
-fn ws_request(base: &str, user: u64, device: &str) -> Request {
-    let query = format!("userId={user}&deviceId={device}&platform=WEB");
-    ws_url(base, &query)
-        .into_client_request()
-        .expect("a WebSocket request")
-}
-
-fn with_bearer(mut req: Request, token: &str) -> Request {
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("a header value"),
-    );
-    req
 }
 
 /// The status of `user`, read with the service token `svc`: offline, no devices, no settings,

@@ -767,13 +767,17 @@ async fn manual_status_rejects_bad_input_and_changes_nothing(t: Topology) {
 // ---------------------------------------------------------------------------------------------
 // 7. Status styles and configuration errors
 
-async fn statuses_list_the_four_states_and_styles_are_configurable(t: Topology) {
+async fn statuses_list_the_states_and_styles_are_configurable(t: Topology) {
     let s = Server::start(t, &[]);
     let (code, v) = s.get(&p("/statuses")).await;
     assert_eq!(code, 200);
     assert_eq!(v["message"], "success");
     let list = v["data"].as_array().expect("array").clone();
-    assert_eq!(list.len(), 4);
+    assert_eq!(
+        list.len(),
+        5,
+        "the four states of the contract and INVISIBLE"
+    );
     let mut names = BTreeSet::new();
     for e in &list {
         assert_eq!(keys(e), ["color", "icon", "label", "status"], "{e}");
@@ -788,7 +792,7 @@ async fn statuses_list_the_four_states_and_styles_are_configurable(t: Topology) 
             "{color}"
         );
     }
-    let want: BTreeSet<String> = ["ONLINE", "OFFLINE", "BUSY", "AWAY"]
+    let want: BTreeSet<String> = ["ONLINE", "OFFLINE", "BUSY", "AWAY", "INVISIBLE"]
         .into_iter()
         .map(String::from)
         .collect();
@@ -809,7 +813,7 @@ async fn statuses_list_the_four_states_and_styles_are_configurable(t: Topology) 
     let (code, v) = styled.get(&p("/statuses")).await;
     assert_eq!(code, 200);
     let list2 = v["data"].as_array().unwrap();
-    assert_eq!(list2.len(), 4);
+    assert_eq!(list2.len(), 5);
     for (old, new) in list.iter().zip(list2) {
         if old["status"] == "BUSY" {
             assert_eq!(new["color"], "#FF0000");
@@ -1539,7 +1543,7 @@ per_topology! {
     async manual_status_persists_offline_applies_on_online_and_clears,
     async manual_status_expires_on_its_own,
     async manual_status_rejects_bad_input_and_changes_nothing,
-    async statuses_list_the_four_states_and_styles_are_configurable,
+    async statuses_list_the_states_and_styles_are_configurable,
     async bad_bodies_are_400_or_415_with_the_envelope_and_change_nothing,
     async bad_path_user_ids_are_400,
     async array_bodies_are_the_wrong_shape,

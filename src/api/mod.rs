@@ -22,8 +22,8 @@ use crate::config::{Config, StatusStyle};
 use crate::error::{ok, Error};
 use crate::metrics::{HttpAnswer, HttpRefusal, HttpRoute, Metrics};
 use crate::presence::{
-    parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_user_id,
-    Platform, Settings, Status, UserId,
+    parse_time, parse_user_id, validate_custom_text, validate_device_id, validate_privacy_list,
+    validate_user_id, LastSeen, Platform, Privacy, Settings, Status, UserId, Viewer, Visibility,
 };
 use crate::service::Presence;
 use crate::store::SubscriptionMode;
@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ),
     ("/api/v1/presence/statuses", &["GET"]),
     ("/api/v1/presence/subscriptions/{userId}", &["GET", "PUT"]),
+    ("/api/v1/presence/privacy/{userId}", &["GET", "PUT"]),
     ("/api/v1/presence/ws", &["GET"]),
     ("/livez", &["GET"]),
     ("/readyz", &["GET"]),
@@ -74,6 +75,10 @@ pub struct AppState {
 pub struct Limits {
     pub batch_limit: usize,
     pub max_subscriptions: usize,
+    /// Most user ids in each privacy list.
+    pub max_privacy_list: usize,
+    /// Whether the manual status INVISIBLE may be set.
+    pub allow_invisible: bool,
     pub ws_rate: u32,
     pub ws_close_grace: std::time::Duration,
     pub ws_max_per_user: usize,
@@ -95,6 +100,8 @@ impl Limits {
         Ok(Limits {
             batch_limit: c.batch_limit as usize,
             max_subscriptions: c.max_subscriptions as usize,
+            max_privacy_list: c.max_privacy_list as usize,
+            allow_invisible: c.allow_invisible,
             ws_rate: c.ws_rate,
             ws_close_grace: c.ws_close_grace,
             ws_max_per_user: c.ws_max_per_user as usize,
@@ -129,6 +136,7 @@ pub fn router(state: AppState, with_api: bool, with_metrics: bool) -> Router {
             "/subscriptions/{userId}",
             get(get_subscriptions).put(put_subscriptions),
         )
+        .route("/privacy/{userId}", get(get_privacy).put(put_privacy))
         .route("/ws", get(ws::upgrade))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
@@ -334,20 +342,54 @@ async fn heartbeat(
     Ok(ok("心跳成功", answer))
 }
 
-/// Any authenticated caller may read anyone's status.
+/// The header with which a service token names the viewer a read is made for.
+pub const VIEWER_HEADER: &str = "x-presence-viewer";
+
+/// Who looks, for a read: a user token's user; a service token's named viewer
+/// (`X-Presence-Viewer`), or else the truth. A user token naming another viewer is refused: it
+/// may not look through someone else's eyes.
+fn viewer(s: &AppState, who: &Principal, headers: &axum::http::HeaderMap) -> Result<Viewer, Error> {
+    let named = match headers.get(VIEWER_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| parse_user_id(v.trim()).ok())
+                .ok_or_else(|| {
+                    Error::BadRequest("X-Presence-Viewer must be a positive 64-bit integer".into())
+                })?,
+        ),
+    };
+    match (who.service, named, who.user) {
+        (true, Some(v), _) => Ok(Viewer::User(v)),
+        (true, None, _) => Ok(Viewer::Truth),
+        (false, Some(v), Some(u)) if v != u => Err(s.auth.forbid()),
+        (false, _, Some(u)) => Ok(Viewer::User(u)),
+        (false, _, None) => Err(s.auth.forbid()),
+    }
+}
+
+/// Any authenticated caller may read anyone's status, as the owner's privacy settings let it
+/// see it (the OFFLINE view when hidden from it: never a refusal).
 async fn status(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
-    Ok(ok("success", s.presence.status(user).await?))
+    let viewer = viewer(&s, &who, &headers)?;
+    Ok(ok("success", s.presence.status(user, viewer).await?))
 }
 
-/// Any authenticated caller may read anyone's status.
+/// Any authenticated caller may read anyone's status, as in [`status`].
 async fn batch(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Response, Error> {
+    let viewer = viewer(&s, &who, &headers)?;
     let limit = s.limits.batch_limit;
     if req.user_ids.len() > limit {
         return Err(Error::BadRequest(format!(
@@ -357,15 +399,33 @@ async fn batch(
     for &id in &req.user_ids {
         validate_user_id(id)?;
     }
-    Ok(ok("success", s.presence.batch(&req.user_ids).await?))
+    Ok(ok(
+        "success",
+        s.presence.batch(&req.user_ids, viewer).await?,
+    ))
 }
 
-/// The settings of a set-status request (REST or WebSocket), validated.
-pub(crate) fn settings_of(req: &SetStatusRequest) -> Result<Settings, Error> {
+/// The settings of a set-status request (REST or WebSocket), validated. INVISIBLE only when
+/// `allow_invisible` (`PRESENCE_ALLOW_INVISIBLE`).
+pub(crate) fn settings_of(
+    req: &SetStatusRequest,
+    allow_invisible: bool,
+) -> Result<Settings, Error> {
     let manual = match req.status.as_deref() {
         None => None,
         Some(text) => match Status::parse(text) {
             Some(st @ (Status::Online | Status::Busy | Status::Away)) => Some(st),
+            Some(Status::Invisible) if allow_invisible => Some(Status::Invisible),
+            Some(Status::Invisible) => {
+                return Err(Error::BadRequest(
+                    "status INVISIBLE is turned off on this server".into(),
+                ))
+            }
+            _ if allow_invisible => {
+                return Err(Error::BadRequest(
+                    "status must be one of ONLINE, BUSY, AWAY, INVISIBLE".into(),
+                ))
+            }
             _ => {
                 return Err(Error::BadRequest(
                     "status must be one of ONLINE, BUSY, AWAY".into(),
@@ -402,7 +462,7 @@ async fn set_status(
     ApiJson(req): ApiJson<SetStatusRequest>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
-    let settings = settings_of(&req)?;
+    let settings = settings_of(&req, s.limits.allow_invisible)?;
     s.auth.authorize(&who, user)?;
     Ok(ok("success", s.presence.set_status(user, settings).await?))
 }
@@ -445,25 +505,29 @@ struct SubscriptionsAnswer {
 async fn put_subscriptions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<SubscribeRequest>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
     let targets = targets_of(&req.targets, s.limits.max_subscriptions)?;
     s.auth.authorize(&who, user)?;
+    let viewer = viewer(&s, &who, &headers)?;
     let list = s.presence.subscribe(user, req.mode, &targets).await?;
-    subscriptions_answer(&s, user, list, req.mode != SubscriptionMode::Remove).await
+    subscriptions_answer(&s, user, list, req.mode != SubscriptionMode::Remove, viewer).await
 }
 
-/// The subscription list of `user`, with the status view of every target when `views` is set.
+/// The subscription list of `user`, with the status view of every target (as `viewer` may see
+/// it) when `views` is set.
 async fn subscriptions_answer(
     s: &AppState,
     user: UserId,
     targets: Vec<UserId>,
     views: bool,
+    viewer: Viewer,
 ) -> Result<Response, Error> {
     let statuses = if views {
-        s.presence.views(&targets).await?
+        s.presence.views(&targets, viewer).await?
     } else {
         Vec::new()
     };
@@ -481,12 +545,97 @@ async fn subscriptions_answer(
 async fn get_subscriptions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
     s.auth.authorize(&who, user)?;
+    let viewer = viewer(&s, &who, &headers)?;
     let list = s.presence.subscriptions(user).await?;
-    subscriptions_answer(&s, user, list, true).await
+    subscriptions_answer(&s, user, list, true, viewer).await
+}
+
+/// Unknown fields are refused: a misspelt field would otherwise reset a setting silently.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PrivacyRequest {
+    visibility: Option<String>,
+    allow: Option<Vec<u64>>,
+    deny: Option<Vec<u64>>,
+    last_seen: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PrivacyAnswer {
+    user_id: UserId,
+    visibility: Visibility,
+    allow: Vec<UserId>,
+    deny: Vec<UserId>,
+    last_seen: LastSeen,
+}
+
+fn privacy_answer(user: UserId, p: Privacy) -> Response {
+    ok(
+        "success",
+        PrivacyAnswer {
+            user_id: user,
+            visibility: p.visibility,
+            allow: p.allow,
+            deny: p.deny,
+            last_seen: p.last_seen,
+        },
+    )
+}
+
+/// The settings of a privacy request, validated. A field left out takes its default: a `PUT`
+/// replaces the settings whole.
+fn privacy_of(req: &PrivacyRequest, max: usize) -> Result<Privacy, Error> {
+    let visibility = match req.visibility.as_deref() {
+        None => Visibility::default(),
+        Some(v) => Visibility::parse(v).ok_or_else(|| {
+            Error::BadRequest("visibility must be one of EVERYONE, CONTACTS, NOBODY".into())
+        })?,
+    };
+    let last_seen = match req.last_seen.as_deref() {
+        None => LastSeen::default(),
+        Some(v) => LastSeen::parse(v).ok_or_else(|| {
+            Error::BadRequest("lastSeen must be one of EXACT, COARSE, HIDDEN".into())
+        })?,
+    };
+    let allow = req.allow.as_deref().unwrap_or_default();
+    let deny = req.deny.as_deref().unwrap_or_default();
+    for list in [allow, deny] {
+        validate_privacy_list(list, max)?;
+    }
+    Ok(Privacy::new(visibility, last_seen, allow, deny))
+}
+
+/// A user's privacy settings are theirs (and a service token's) to read.
+async fn get_privacy(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    raw: Result<Path<String>, PathRejection>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
+    s.auth.authorize(&who, user)?;
+    Ok(privacy_answer(user, s.presence.privacy(user).await?))
+}
+
+/// A user's privacy settings are theirs (and a service token's) to change.
+async fn put_privacy(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    raw: Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<PrivacyRequest>,
+) -> Result<Response, Error> {
+    let user = user_id_path(raw)?;
+    let privacy = privacy_of(&req, s.limits.max_privacy_list)?;
+    s.auth.authorize(&who, user)?;
+    Ok(privacy_answer(
+        user,
+        s.presence.set_privacy(user, privacy).await?,
+    ))
 }
 
 async fn clear_status(

@@ -35,7 +35,7 @@ use super::{settings_of, targets_of, AppState, SetStatusRequest};
 use crate::auth::{socket_deadline, Principal, WS_PROTOCOL};
 use crate::error::Error;
 use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
-use crate::presence::{parse_user_id, validate_device_id, Platform, UserId};
+use crate::presence::{parse_user_id, validate_device_id, Platform, UserId, Viewer};
 use crate::push::hub::{Frame, Hub};
 use crate::store::SubscriptionMode;
 
@@ -745,7 +745,7 @@ impl Socket {
                     custom_text: msg.custom_text.clone(),
                     expires_at: msg.expires_at.clone(),
                 };
-                let settings = settings_of(&req)?;
+                let settings = settings_of(&req, self.s.limits.allow_invisible)?;
                 let view = p.set_status(self.user, settings).await?;
                 Ok(reply(&msg.id, "success", json!(view)))
             }
@@ -759,7 +759,7 @@ impl Socket {
                 let list = p.subscribe(self.user, mode, &targets).await?;
                 self.hub.set_subscriptions(self.user, &list, true);
                 let statuses = if kind == "subscribe" {
-                    let views = p.views(&targets).await?;
+                    let views = p.views(&targets, Viewer::User(self.user)).await?;
                     self.hub.fresh(self.id, views.clone());
                     views
                 } else {
@@ -776,7 +776,7 @@ impl Socket {
                     )));
                 }
                 let ids: Vec<UserId> = ids.iter().map(|&u| crate::presence::validate_user_id(u)).collect::<Result<_, _>>()?;
-                Ok(reply(&msg.id, "success", json!(p.views(&ids).await?)))
+                Ok(reply(&msg.id, "success", json!(p.views(&ids, Viewer::User(self.user)).await?)))
             }
             "refresh" => {
                 // A newer token for this socket: it must be valid and for this user (or a
@@ -820,7 +820,7 @@ impl Socket {
                 // without it).
                 let targets = p.subscriptions(self.user).await?;
                 self.hub.set_subscriptions(self.user, &targets, false);
-                let views = p.views(&targets).await?;
+                let views = p.views(&targets, Viewer::User(self.user)).await?;
                 // Every view newer than the client has: the first chunk is queued now, the rest
                 // as the client reads.
                 let n = self.hub.resume(self.id, &versions, views);

@@ -15,7 +15,7 @@ use super::{inject_trace, Timed};
 use crate::error::Error;
 use crate::membership::Probe;
 use crate::metrics::Metrics;
-use crate::presence::{BatchEntry, Platform, Settings, StatusView, UserId};
+use crate::presence::{BatchEntry, Platform, Privacy, Settings, StatusView, UserId, Viewer};
 use crate::proto::{self, v1};
 use crate::ring::Ring;
 use crate::service::Presence;
@@ -190,6 +190,7 @@ impl Router {
     async fn scatter<T, F, Fut>(
         &self,
         users: &[UserId],
+        viewer: Viewer,
         method: &'static str,
         call: F,
     ) -> Result<Vec<T>, Error>
@@ -233,6 +234,7 @@ impl Router {
                             v1::BatchRequest {
                                 epoch,
                                 user_ids: ids,
+                                viewer: viewer.to_wire(),
                             },
                         )
                         .await,
@@ -335,12 +337,13 @@ impl Presence for Router {
         .map(|_| ())
     }
 
-    async fn status(&self, user: UserId) -> Result<StatusView, Error> {
+    async fn status(&self, user: UserId, viewer: Viewer) -> Result<StatusView, Error> {
         let reply = self
             .route(user, "Status", |mut c, epoch| {
                 let msg = v1::UserRequest {
                     epoch,
                     user_id: user,
+                    viewer: viewer.to_wire(),
                 };
                 async move { c.status(req(msg)).await }
             })
@@ -348,8 +351,8 @@ impl Presence for Router {
         StatusView::try_from(reply)
     }
 
-    async fn views(&self, users: &[UserId]) -> Result<Vec<StatusView>, Error> {
-        self.scatter(users, "Views", |mut c, msg| async move {
+    async fn views(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<StatusView>, Error> {
+        self.scatter(users, viewer, "Views", |mut c, msg| async move {
             c.views(req(msg)).await.map(|r| r.map(|v| v.views))
         })
         .await?
@@ -363,6 +366,7 @@ impl Presence for Router {
             let msg = v1::UserRequest {
                 epoch,
                 user_id: user,
+                viewer: 0,
             };
             async move { c.subscriptions(req(msg)).await }
         })
@@ -390,8 +394,8 @@ impl Presence for Router {
         .map(|r| r.targets)
     }
 
-    async fn batch(&self, users: &[UserId]) -> Result<Vec<BatchEntry>, Error> {
-        self.scatter(users, "Batch", |mut c, msg| async move {
+    async fn batch(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<BatchEntry>, Error> {
+        self.scatter(users, viewer, "Batch", |mut c, msg| async move {
             c.batch(req(msg)).await.map(|r| r.map(|b| b.entries))
         })
         .await?
@@ -415,11 +419,41 @@ impl Presence for Router {
                 let msg = v1::UserRequest {
                     epoch,
                     user_id: user,
+                    viewer: 0,
                 };
                 async move { c.clear_status(req(msg)).await }
             })
             .await?;
         StatusView::try_from(reply)
+    }
+
+    async fn privacy(&self, user: UserId) -> Result<Privacy, Error> {
+        let reply = self
+            .route(user, "Privacy", |mut c, epoch| {
+                let msg = v1::UserRequest {
+                    epoch,
+                    user_id: user,
+                    viewer: 0,
+                };
+                async move { c.privacy(req(msg)).await }
+            })
+            .await?;
+        proto::privacy_from(&reply.privacy.unwrap_or_default(), usize::MAX)
+    }
+
+    async fn set_privacy(&self, user: UserId, privacy: Privacy) -> Result<Privacy, Error> {
+        let wire = v1::PrivacySettings::from(&privacy);
+        let reply = self
+            .route(user, "SetPrivacy", |mut c, epoch| {
+                let msg = v1::SetPrivacyRequest {
+                    epoch,
+                    user_id: user,
+                    privacy: Some(wire.clone()),
+                };
+                async move { c.set_privacy(req(msg)).await }
+            })
+            .await?;
+        proto::privacy_from(&reply.privacy.unwrap_or_default(), usize::MAX)
     }
 
     async fn healthy(&self) -> bool {

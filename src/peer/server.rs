@@ -19,10 +19,10 @@ use super::{extract_trace, Timed};
 use crate::error::Error;
 use crate::metrics::{Direction, HandoverPoll, Metrics};
 use crate::ownership::{Action, Ownership, Table};
-use crate::presence::{validate_device_id, validate_user_id, Seen, UserId};
+use crate::presence::{validate_device_id, validate_user_id, Seen, UserId, Viewer};
 use crate::proto::{self, v1};
 use crate::push::fanout::{to_wire, Fanout, Opened, StreamItem};
-use crate::push::{Event, EventSink};
+use crate::push::EventSink;
 use crate::ring::{partition_of, Ring, PARTITIONS};
 use crate::service::Presence;
 use crate::shard::Shard;
@@ -190,18 +190,12 @@ impl Handoff {
         let partitions: std::collections::HashSet<u32> = partitions.iter().copied().collect();
         let users = self.fanout.interested_in(&partitions);
         for chunk in users.chunks(1000) {
-            let Ok(views) = shard.views(chunk).await else {
+            let Ok(snapshots) = shard.snapshots(chunk).await else {
                 tracing::warn!(users = chunk.len(), "catch-up after a handoff failed");
                 continue;
             };
-            let now = shard.now();
-            for view in views {
-                self.fanout.publish(Event {
-                    view,
-                    changed_at: now,
-                    subscriptions: None,
-                    snapshot: true,
-                });
+            for ev in snapshots {
+                self.fanout.publish(ev);
             }
         }
     }
@@ -316,6 +310,14 @@ pub struct ShardService {
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
+
+/// The viewer of a read, from the wire (0: the truth).
+fn viewer_of(n: u64) -> Result<Viewer, Error> {
+    match Viewer::from_wire(n) {
+        Viewer::User(u) => Ok(Viewer::User(validate_user_id(u)?)),
+        truth => Ok(truth),
+    }
+}
 
 impl ShardService {
     fn timed(&self, method: &'static str) -> Timed {
@@ -443,7 +445,8 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn status(&self, req: Request<v1::UserRequest>) -> Reply<v1::StatusReply> {
         self.serve("Status", req, |r| async move {
             let user = self.user(r.user_id)?;
-            Ok(self.shard.status(user).await?.into())
+            let viewer = viewer_of(r.viewer)?;
+            Ok(self.shard.status(user, viewer).await?.into())
         })
         .await
     }
@@ -451,7 +454,8 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn batch(&self, req: Request<v1::BatchRequest>) -> Reply<v1::BatchReply> {
         self.serve("Batch", req, |r| async move {
             self.users(&r.user_ids)?;
-            let entries = self.shard.batch(&r.user_ids).await?;
+            let viewer = viewer_of(r.viewer)?;
+            let entries = self.shard.batch(&r.user_ids, viewer).await?;
             Ok(v1::BatchReply {
                 entries: entries.into_iter().map(Into::into).collect(),
             })
@@ -494,7 +498,8 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn views(&self, req: Request<v1::BatchRequest>) -> Reply<v1::ViewsReply> {
         self.serve("Views", req, |r| async move {
             self.users(&r.user_ids)?;
-            let views = self.shard.views(&r.user_ids).await?;
+            let viewer = viewer_of(r.viewer)?;
+            let views = self.shard.views(&r.user_ids, viewer).await?;
             Ok(v1::ViewsReply {
                 views: views.into_iter().map(Into::into).collect(),
             })
@@ -530,6 +535,30 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             }
             let targets = self.shard.subscribe(user, mode, &r.targets).await?;
             Ok(v1::SubscriptionsReply { targets })
+        })
+        .await
+    }
+
+    async fn privacy(&self, req: Request<v1::UserRequest>) -> Reply<v1::PrivacyReply> {
+        self.serve("Privacy", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let p = self.shard.privacy(user).await?;
+            Ok(v1::PrivacyReply {
+                privacy: Some((&p).into()),
+            })
+        })
+        .await
+    }
+
+    async fn set_privacy(&self, req: Request<v1::SetPrivacyRequest>) -> Reply<v1::PrivacyReply> {
+        self.serve("SetPrivacy", req, |r| async move {
+            let user = self.user(r.user_id)?;
+            let max = self.shard.rules().max_privacy_list;
+            let privacy = proto::privacy_from(&r.privacy.unwrap_or_default(), max)?;
+            let p = self.shard.set_privacy(user, privacy).await?;
+            Ok(v1::PrivacyReply {
+                privacy: Some((&p).into()),
+            })
         })
         .await
     }
@@ -577,18 +606,11 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 if owned.is_empty() {
                     continue;
                 }
-                let Ok(views) = shard.views(&owned).await else {
+                let Ok(snapshots) = shard.snapshots(&owned).await else {
                     continue;
                 };
-                let now = shard.now();
-                for view in views {
-                    let ev = to_wire(&Event {
-                        view,
-                        changed_at: now,
-                        subscriptions: None,
-                        snapshot: true,
-                    });
-                    if tx.send(Ok(ev)).await.is_err() {
+                for ev in snapshots {
+                    if tx.send(Ok(to_wire(&ev))).await.is_err() {
                         break;
                     }
                 }

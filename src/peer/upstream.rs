@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::Clients;
 use crate::metrics::Metrics;
 use crate::presence::{StatusView, UserId};
+use crate::privacy::Audience;
 use crate::proto::v1;
 use crate::push::hub::{Hub, InterestDelta};
 use crate::push::Event;
@@ -242,9 +243,19 @@ impl Upstreams {
 /// An event from the wire; malformed ones are dropped.
 pub fn from_wire(e: v1::Event) -> Option<Event> {
     let view = StatusView::try_from(e.presence?).ok()?;
+    let public = match e.public {
+        Some(p) => Some(StatusView::try_from(p).ok()?),
+        None => None,
+    };
+    let audience = match e.audience {
+        Some(a) => Some(std::sync::Arc::new(Audience::try_from(a).ok()?)),
+        None => None,
+    };
     let subscriptions = e.subscriptions_changed.then_some(e.subscriptions);
     Some(Event {
         view,
+        public,
+        audience,
         changed_at: e.changed_at,
         subscriptions,
         snapshot: e.snapshot,

@@ -57,6 +57,8 @@ pub fn to_wire(e: &Event) -> v1::Event {
         subscriptions_changed: e.subscriptions.is_some(),
         subscriptions: e.subscriptions.clone().unwrap_or_default(),
         snapshot: e.snapshot,
+        public: e.public.clone().map(Into::into),
+        audience: e.audience.as_deref().map(Into::into),
     }
 }
 
@@ -202,10 +204,9 @@ mod tests {
                 custom_text: None,
                 manual_status: None,
                 version,
+                last_seen: None,
             },
-            changed_at: 1,
-            subscriptions: None,
-            snapshot: false,
+            ..Event::new(StatusView::offline(user, 0, 0), 1)
         }
     }
 

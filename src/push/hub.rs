@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Event, EventSink};
 use crate::metrics::Metrics;
-use crate::presence::{StatusView, UserId};
+use crate::presence::{Sight, StatusView, UserId};
 
 /// A text frame ready to write.
 pub type Frame = Utf8Bytes;
@@ -469,48 +469,71 @@ impl Hub {
             return;
         }
         let target = ev.view.user_id;
-        let version = ev.view.version;
-        let mut frame: Option<Frame> = None;
+        // One frame per kind of sight (the user's own sockets, those who may see it, those it
+        // hides from), serialized once; the sight is decided once per watching user.
+        let mut frames: [Option<(Frame, u64)>; 3] = Default::default();
         let mut st = self.state.lock();
-        let Some(watchers) = st.watchers.get(&target) else {
+        let State {
+            watchers,
+            by_user,
+            socks,
+            ..
+        } = &mut *st;
+        let Some(watchers) = watchers.get(&target) else {
             return;
         };
-        let ids: SmallVec<[u64; 8]> = watchers
-            .iter()
-            .filter_map(|u| st.by_user.get(u))
-            .flat_map(|ids| ids.iter().copied())
-            .collect();
         let mut delivered = 0u64;
-        for id in ids {
-            let Some(sock) = st.socks.get_mut(&id) else {
+        let mut filtered = 0u64;
+        for &viewer in watchers {
+            let Some(ids) = by_user.get(&viewer) else {
                 continue;
             };
-            if sock.kill.is_cancelled() {
-                continue; // already cut off as a slow consumer
-            }
-            if ev.snapshot && !sock.seen.contains_key(&target) {
-                continue; // a snapshot only catches up sockets that were sent this user before
-            }
-            let seen = sock.seen.entry(target).or_insert(0);
-            if version <= *seen {
-                continue;
-            }
-            let f = frame
-                .get_or_insert_with(|| presence_frame(&ev.view))
-                .clone();
-            match sock.tx.try_send(f) {
-                Ok(()) => {
-                    *seen = version;
-                    delivered += 1;
+            let sight = ev.sight(viewer);
+            let slot = match sight {
+                Sight::Truth => 0,
+                Sight::Public => 1,
+                Sight::Hidden => 2,
+            };
+            for id in ids {
+                let Some(sock) = socks.get_mut(id) else {
+                    continue;
+                };
+                if sock.kill.is_cancelled() {
+                    continue; // already cut off as a slow consumer
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sock.kill.cancel();
-                    self.metrics.push.slow_consumers.inc();
+                if ev.snapshot && !sock.seen.contains_key(&target) {
+                    continue; // a snapshot only catches up sockets that were sent this user before
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                let (f, version) = frames[slot]
+                    .get_or_insert_with(|| {
+                        let v = ev.view_as(sight);
+                        (presence_frame(&v), v.version)
+                    })
+                    .clone();
+                let seen = sock.seen.entry(target).or_insert(0);
+                if version <= *seen {
+                    continue;
+                }
+                match sock.tx.try_send(f) {
+                    Ok(()) => {
+                        *seen = version;
+                        delivered += 1;
+                        if slot == 2 || (slot == 1 && ev.public.is_some()) {
+                            filtered += 1;
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        sock.kill.cancel();
+                        self.metrics.push.slow_consumers.inc();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
             }
         }
         drop(st);
+        if filtered > 0 {
+            self.metrics.push.filtered.inc_by(filtered);
+        }
         if delivered > 0 {
             self.metrics.push.events_delivered.inc_by(delivered);
             let now = crate::timer::Clock::new().now();
@@ -606,16 +629,12 @@ mod tests {
             custom_text: None,
             manual_status: None,
             version,
+            last_seen: None,
         }
     }
 
     fn ev(user: UserId, version: u64) -> Event {
-        Event {
-            view: view(user, version, Status::Online),
-            changed_at: 0,
-            subscriptions: None,
-            snapshot: false,
-        }
+        Event::new(view(user, version, Status::Online), 0)
     }
 
     #[tokio::test]

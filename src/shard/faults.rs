@@ -12,7 +12,7 @@ use super::Shard;
 use crate::error::Error;
 use crate::metrics::{Metrics, StoreOp};
 use crate::ownership::Table;
-use crate::presence::{Platform, Rules, Status, UserId, UserState};
+use crate::presence::{Platform, Rules, Status, UserId, UserState, Viewer};
 use crate::push::{Event, EventSink};
 use crate::ring::partition_of;
 use crate::service::Presence;
@@ -52,6 +52,7 @@ fn rules() -> Rules {
         resume_window: 300_000,
         max_devices: 4,
         max_subscriptions: 10,
+        ..Rules::default()
     }
 }
 
@@ -136,7 +137,10 @@ async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() 
     // whole timeout passed since the last durable change), and the heartbeats are accepted.
     f.fail_save.store(false, Ordering::Relaxed);
     f.fail_load.store(false, Ordering::Relaxed);
-    assert_eq!(shard.status(9).await.unwrap().status, Status::Online);
+    assert_eq!(
+        shard.status(9, Viewer::Truth).await.unwrap().status,
+        Status::Online
+    );
     shard.heartbeat(9, "d", true).await.unwrap();
     assert!(in_memory(&shard, 9));
 }
@@ -167,7 +171,10 @@ async fn a_fenced_owner_refuses_the_write_and_lets_go_of_the_user() {
     old.online(9, "d", Platform::Web).await.unwrap();
     // A new owner takes the partition over (the old one has not seen the ring yet).
     let (new, _) = start(store.twin(), Table::owning_all()).await;
-    assert_eq!(new.status(9).await.unwrap().status, Status::Online);
+    assert_eq!(
+        new.status(9, Viewer::Truth).await.unwrap().status,
+        Status::Online
+    );
     let r = old.offline(9, "d", None).await;
     assert!(matches!(r, Err(Error::WrongOwner { .. })), "{r:?}");
     assert!(!in_memory(&old, 9));
@@ -356,7 +363,7 @@ async fn a_partition_returning_to_a_memory_shard_brings_back_nothing_old() {
     run_for(3 * 3_600_000).await;
     shard.recover(&[p]).await.unwrap();
     table.set_owned(p, true);
-    let v = shard.status(17).await.unwrap();
+    let v = shard.status(17, Viewer::Truth).await.unwrap();
     assert_eq!(v.status, Status::Offline);
     assert!(v.devices.is_empty(), "{v:?}");
 }

@@ -306,8 +306,10 @@ pub fn test_user_base() -> UserId {
 #[cfg(test)]
 pub(crate) mod suite {
     use super::*;
-    use crate::presence::{Platform, Rules, Settings, Status};
+    use crate::presence::{LastSeen, Platform, Privacy, Rules, Settings, Status, Visibility};
 
+    /// A state with devices, settings and privacy settings; an odd `version` is INVISIBLE (its
+    /// frozen view too), so that every part of the record must round-trip.
     fn state(version: u64, devices: usize) -> UserState {
         let mut st = UserState::default();
         let r = Rules::default();
@@ -315,15 +317,24 @@ pub(crate) mod suite {
             st.online(&format!("d{i}"), Platform::Android, 1_000 + i as i64, &r)
                 .unwrap();
         }
+        let manual = if version % 2 == 1 {
+            Status::Invisible
+        } else {
+            Status::Busy
+        };
         st.set_settings(
             Settings {
-                manual: Some(Status::Busy),
+                manual: Some(manual),
                 text: Some("会议中".into()),
                 expires_at: Some(9_000),
             },
             2_000,
             &r,
         );
+        let privacy = Privacy::new(Visibility::Contacts, LastSeen::Coarse, &[7, 5], &[9]);
+        st.set_privacy(privacy, 2_500, &r);
+        assert!(st.privacy.is_some() && st.privacy_version > 0);
+        assert_eq!(st.invisible.is_some(), version % 2 == 1);
         st.version = version;
         st
     }

@@ -107,7 +107,23 @@ pub async fn request_as(
     body: Option<&Value>,
     token: Option<&str>,
 ) -> (u16, Value, Option<String>) {
+    request_with(client, base, method_name, path, body, token, &[]).await
+}
+
+/// [`request_as`] with extra request headers.
+pub async fn request_with(
+    client: &reqwest::Client,
+    base: &str,
+    method_name: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value, Option<String>) {
     let mut req = client.request(method(method_name), format!("{base}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     if let Some(b) = body {
         req = req
             .header("content-type", "application/json")

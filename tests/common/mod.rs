@@ -6,6 +6,7 @@
 //! - [`server`]: what the HTTP suite talks to: a [`server::Topology`] behind one base URL.
 //! - [`http`]: THE request-and-envelope helper, Prometheus text, plain-socket requests.
 //! - [`ws`]: the WebSocket client.
+//! - [`token`]: the test JWTs (user and service) and WebSocket requests carrying one.
 //! - [`scenario`]: cluster scenarios under load, as lists of [`scenario::Step`]s.
 //!
 //! Tests that need an outside service are `#[ignore = "needs Redis Cluster: bash
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod redis_cluster;
 pub mod scenario;
 pub mod server;
+pub mod token;
 pub mod ws;
 
 use std::sync::atomic::{AtomicU64, Ordering};

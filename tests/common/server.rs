@@ -162,6 +162,28 @@ impl Server {
         http::request_as(&self.client, self.pick(), method, path, body, token).await
     }
 
+    /// [`Server::request_as`] with extra request headers; returns the status and the envelope.
+    pub async fn request_with(
+        &self,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let (code, v, _) = http::request_with(
+            &self.client,
+            self.pick(),
+            method,
+            path,
+            body,
+            token,
+            headers,
+        )
+        .await;
+        (code, v)
+    }
+
     /// `GET path`; returns the status and the whole envelope.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.request("GET", path, None).await
