@@ -146,6 +146,14 @@ impl ContactCache {
         self.map.lock().lists.get(&user).cloned()
     }
 
+    /// Whether `user` subscribes to `viewer`, if its contacts are cached.
+    fn holds(&self, user: UserId, viewer: UserId) -> Option<bool> {
+        let c = self.map.lock();
+        c.lists
+            .get(&user)
+            .map(|list| list.binary_search(&viewer).is_ok())
+    }
+
     fn put(&self, user: UserId, list: &[UserId]) {
         let mut c = self.map.lock();
         self.drop_locked(&mut c, user);
@@ -415,33 +423,30 @@ impl Shard {
         // those are decided once their contacts are read.
         enum Shown<T> {
             Done(T),
-            Later(UserState),
+            Later(UserId, UserState),
         }
         let shown = self
             .gather(users, |st, u, now, r| {
-                let p = st.privacy.as_deref();
-                let Viewer::User(v) = viewer else {
-                    unreachable!("the truth is handled above")
-                };
-                let cached = match p {
-                    Some(p) if u != v && p.needs_contacts(v) => match self.contacts.cached(u) {
-                        Some(c) => Some(c),
-                        None => return Shown::Later(st.clone()),
-                    },
-                    _ => None,
-                };
-                let sight = privacy::sight(p, u, viewer, |v| holds(cached.as_deref(), v));
-                Shown::Done(show(st, u, now, r, sight))
+                let mut uncached = false;
+                let sight = privacy::sight(st.privacy.as_deref(), u, viewer, |v| {
+                    self.contacts.holds(u, v).unwrap_or_else(|| {
+                        uncached = true;
+                        false
+                    })
+                });
+                if uncached {
+                    Shown::Later(u, st.clone())
+                } else {
+                    Shown::Done(show(st, u, now, r, sight))
+                }
             })
             .await?;
-        let mut distinct = hashbrown::HashSet::with_capacity(users.len());
-        let ids = users.iter().copied().filter(|u| distinct.insert(*u));
         let now = self.clock.now();
         let mut out = Vec::with_capacity(shown.len());
-        for (user, s) in ids.zip(shown) {
+        for s in shown {
             out.push(match s {
                 Shown::Done(t) => t,
-                Shown::Later(st) => {
+                Shown::Later(user, st) => {
                     let sight = self.sight_of(user, &st, viewer).await?;
                     show(&st, user, now, &self.rules, sight)
                 }

@@ -2,8 +2,9 @@
 //! memory probe behind `docs/benchmarks.md`.
 //!
 //! Subcommands:
-//! - `http`: puts users online, then drives one endpoint (heartbeat, livez, status or online) for a fixed
-//!   time over keep-alive connections and reports requests/s, errors and latency percentiles.
+//! - `http`: puts users online (and, with `--privacy rules`, gives each privacy rules), then
+//!   drives one endpoint (heartbeat, livez, status, online or batch) for a fixed time over
+//!   keep-alive connections and reports requests/s, errors and latency percentiles.
 //! - `fill`: puts `users x devices-per-user` devices online as fast as it can; with
 //!   `--server-pid` it reports the server's resident memory before and after, per device.
 //! - `compare`: livez, heartbeat, livez again in one process (optionally several rounds); reports
@@ -29,6 +30,7 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+mod rules;
 mod sim;
 
 const BASE: &str = "/api/v1/presence";
@@ -92,6 +94,9 @@ struct Common {
     /// PID of the server, to report its CPU time per request and its resident memory.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Users per `POST /status/batch` (`--mode batch`).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    batch_size: u64,
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +114,12 @@ struct HttpArgs {
     /// Skip putting the users online (they already are).
     #[arg(long)]
     no_online: bool,
+    /// Privacy rules on every user before measuring (see `rules.rs`).
+    #[arg(long, value_enum, default_value = "off")]
+    privacy: rules::Privacy,
+    /// Length of each user's allow and deny lists under `--privacy rules`.
+    #[arg(long, default_value_t = 20)]
+    privacy_width: u64,
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +158,9 @@ enum Mode {
     /// `POST /online` of a device already online, on another platform than its last one: a
     /// visible change each time, which the owner writes through to its store (a durable change).
     Online,
+    /// `POST /status/batch` of `--batch-size` consecutive users, read as a viewer
+    /// (`X-Presence-Viewer`) `batch-size / 2` users after the first of them.
+    Batch,
 }
 
 impl Mode {
@@ -156,6 +170,7 @@ impl Mode {
             Mode::Livez => "livez",
             Mode::Status => "status",
             Mode::Online => "online",
+            Mode::Batch => "batch",
         }
     }
 }
@@ -349,6 +364,17 @@ impl Conn {
         path: &str,
         body: Option<Bytes>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.call_as(method, path, body, None).await
+    }
+
+    /// `call`, naming `viewer` in `X-Presence-Viewer` when there is one.
+    async fn call_as(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        viewer: Option<u64>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let host = self.target.host.clone();
         let r = async {
             let sender = self.connect().await?;
@@ -359,6 +385,9 @@ impl Conn {
                 .header(header::HOST, host);
             if body.is_some() {
                 req = req.header(header::CONTENT_TYPE, "application/json");
+            }
+            if let Some(v) = viewer {
+                req = req.header("x-presence-viewer", v);
             }
             let req = req.body(Full::new(body.unwrap_or_default()))?;
             let resp = sender.send_request(req).await?;
@@ -647,6 +676,7 @@ async fn run_closed_loop(
         let (target, progress, visits) = (target.clone(), progress.clone(), visits.clone());
         let conns = common.connections.max(1) as u64;
         let base = common.user_base;
+        let batch = common.batch_size.min(users);
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::new(target);
             let mut hist = Histogram::new();
@@ -659,8 +689,19 @@ async fn run_closed_loop(
                 if now >= end {
                     break;
                 }
+                let mut viewer = None;
                 let (method, path, body) = match mode {
                     Mode::Livez => (Method::GET, "/livez".to_owned(), None),
+                    Mode::Batch => {
+                        let ids: Vec<u64> = (0..batch).map(|j| base + (ui + j) % users).collect();
+                        viewer = Some(base + (ui + batch / 2) % users);
+                        let body = json!({ "userIds": ids }).to_string();
+                        (
+                            Method::POST,
+                            format!("{BASE}/status/batch"),
+                            Some(Bytes::from(body)),
+                        )
+                    }
                     Mode::Heartbeat => {
                         let body = format!(
                             r#"{{"userId":{},"deviceId":"lg-{}","active":true}}"#,
@@ -692,7 +733,7 @@ async fn run_closed_loop(
                 };
                 ui = (ui + conns) % users;
                 let t = Instant::now();
-                let r = conn.call(method, &path, body).await;
+                let r = conn.call_as(method, &path, body, viewer).await;
                 let done = Instant::now();
                 let counted = done >= measure_from && done < end;
                 let good = matches!(r, Ok((StatusCode::OK, _)));
@@ -853,6 +894,21 @@ async fn cmd_http(format: Format, a: HttpArgs) -> anyhow::Result<()> {
     let target = Target::parse(&a.common.target)?;
     if a.mode != Mode::Livez && !a.no_online {
         put_users_online(format, &target, &a.common).await?;
+    }
+    if a.privacy == rules::Privacy::Rules {
+        let c = &a.common;
+        let took = rules::apply(
+            std::slice::from_ref(&target),
+            c.user_base,
+            c.users,
+            a.privacy_width,
+            c.connections,
+        )
+        .await?;
+        emit(
+            format,
+            &json!({ "result": "privacy", "users": c.users, "seconds": round(took.as_secs_f64(), 2) }),
+        );
     }
     let r = run_closed_loop(&target, &a.common, a.mode, a.warmup, a.duration).await;
     emit(format, &r.to_json());

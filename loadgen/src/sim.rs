@@ -7,6 +7,9 @@
 //! of its K subscribers. It reports heartbeat and frame throughput, delivery delay percentiles
 //! from the change request to the frame's arrival, delivered/expected, and false offlines (an
 //! OFFLINE frame, or an OFFLINE status at the end, for a user who never stopped heartbeating).
+//! With `--privacy rules` every user gets privacy rules first (`rules.rs`); with
+//! `--settings-changes` a last phase measures how fast a change of settings reaches the watcher
+//! it concerns.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +24,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{emit, parse_duration, read_mem, round, Conn, Format, Histogram, Target, BASE};
+use super::{emit, parse_duration, read_mem, round, rules, Conn, Format, Histogram, Target, BASE};
 
 #[derive(clap::Args, Debug)]
 pub struct SimArgs {
@@ -58,6 +61,18 @@ pub struct SimArgs {
     /// PIDs of gateway processes, for memory per socket (comma-separated).
     #[arg(long)]
     pub gateway_pids: Option<String>,
+    /// Privacy rules on every user once set up (see `rules.rs`: watchers stay allowed, so the
+    /// expected deliveries do not change).
+    #[arg(long, value_enum, default_value = "off")]
+    pub privacy: rules::Privacy,
+    /// Settings changes per second, after the status changes: a random user denies one of its
+    /// watchers (who must get its OFFLINE view), then, once that arrived, lifts the denial (the
+    /// watcher must get its real view again). 0 skips this phase.
+    #[arg(long, default_value_t = 0)]
+    pub settings_changes: u64,
+    /// How long the settings changes run.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub settings_duration: Duration,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,11 +91,16 @@ struct Stats {
     delivered: AtomicU64,
     false_offline: AtomicU64,
     closed: AtomicU64,
+    settings_delivered: AtomicU64,
 }
 
 /// Change records: the change's unique custom text → when it was requested (recorded before
 /// the request, since its event may arrive before the answer).
 type Sent = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Settings changes awaiting their frame: (user, watcher) → when the change was requested and
+/// whether the watcher must see the user OFFLINE (denied) or not (the denial lifted).
+type Pending = Arc<Mutex<HashMap<(u64, u64), (Instant, bool)>>>;
 
 pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     if a.subscriptions >= a.users {
@@ -94,6 +114,8 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let sent: Sent = Arc::new(Mutex::new(HashMap::new()));
     let hist = Arc::new(Mutex::new(Histogram::new()));
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let settings_hist = Arc::new(Mutex::new(Histogram::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
     let mem_before = pids(&a.gateway_pids)
@@ -118,6 +140,8 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
             stats: stats.clone(),
             sent: sent.clone(),
             hist: hist.clone(),
+            pending: pending.clone(),
+            settings_hist: settings_hist.clone(),
             measuring: measuring.clone(),
             stop: stop.clone(),
             interval: a.interval,
@@ -170,6 +194,19 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| read_mem(*p).map(|m| m.rss_kb).unwrap_or(0))
         .sum::<u64>();
+    let privacy_took = match a.privacy {
+        rules::Privacy::Rules => Some(
+            rules::apply(
+                &targets,
+                a.first_user,
+                a.users,
+                a.subscriptions,
+                a.connections,
+            )
+            .await?,
+        ),
+        rules::Privacy::Off => None,
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 2. Measure: the driver changes statuses; devices heartbeat; sockets count deliveries.
@@ -224,6 +261,57 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!();
 
+    // 2b. Settings changes: deny a watcher, wait for its OFFLINE view, lift the denial, wait
+    // for its real view; each wait bounded by 2 s (a miss counts as undelivered).
+    let mut settings_sent = 0u64;
+    if a.settings_changes > 0 {
+        let began = Instant::now();
+        let mut tick =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / a.settings_changes as f64));
+        let k = a.subscriptions.max(1);
+        while began.elapsed() < a.settings_duration {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let user = a.first_user + rng % a.users;
+            let watcher = rules::before(user, 1 + (rng >> 32) % k, a.first_user, a.users);
+            for deny in [true, false] {
+                tick.tick().await;
+                let body = match a.privacy {
+                    rules::Privacy::Rules => rules::settings(
+                        user,
+                        a.first_user,
+                        a.users,
+                        a.subscriptions,
+                        deny.then_some(watcher),
+                    ),
+                    rules::Privacy::Off => {
+                        json!({ "deny": if deny { vec![watcher] } else { vec![] } })
+                    }
+                };
+                pending
+                    .lock()
+                    .insert((user, watcher), (Instant::now(), deny));
+                if rules::put(&mut conns[0], user, &body).await.is_err() {
+                    pending.lock().remove(&(user, watcher));
+                    break;
+                }
+                settings_sent += 1;
+                let until = Instant::now() + Duration::from_secs(2);
+                while pending.lock().contains_key(&(user, watcher)) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                pending.lock().remove(&(user, watcher));
+            }
+            eprint!(
+                "\r[{:>4.0}s] settings changes {settings_sent} delivered {}   ",
+                began.elapsed().as_secs_f64(),
+                stats.settings_delivered.load(Ordering::Relaxed)
+            );
+        }
+        eprintln!();
+    }
+
     // 3. Final check: nobody who kept heartbeating is OFFLINE.
     let mut offline_at_end = 0u64;
     let ids: Vec<u64> = (a.first_user..a.first_user + a.users).collect();
@@ -248,6 +336,7 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
     let expected = changes * a.subscriptions * a.devices;
     let delivered = stats.delivered.load(Ordering::Relaxed);
     let h = hist.lock().clone();
+    let sh = settings_hist.lock().clone();
     let sockets = if a.transport == Transport::Ws {
         total
     } else {
@@ -277,6 +366,13 @@ pub async fn run(format: Format, a: SimArgs) -> anyhow::Result<()> {
         "false_offlines": stats.false_offline.load(Ordering::Relaxed) + offline_at_end,
         "sockets_closed_by_server": stats.closed.load(Ordering::Relaxed),
         "devices_failed_to_connect": failed.load(Ordering::Relaxed),
+        "privacy": format!("{:?}", a.privacy).to_lowercase(),
+        "privacy_setup_seconds": privacy_took.map(|t| round(t.as_secs_f64(), 2)),
+        "settings_changes": settings_sent,
+        "settings_delivered": stats.settings_delivered.load(Ordering::Relaxed),
+        "settings_delay_ms_p50": round(sh.quantile(0.50) as f64 / 1000.0, 2),
+        "settings_delay_ms_p99": round(sh.quantile(0.99) as f64 / 1000.0, 2),
+        "settings_delay_ms_max": round(sh.max as f64 / 1000.0, 2),
         "gateway_rss_bytes_per_socket": if sockets == 0 || mem_after == 0 { 0.0 } else { round((mem_after.saturating_sub(mem_before)) as f64 * 1024.0 / sockets as f64, 1) },
     });
     emit(format, &out);
@@ -298,6 +394,8 @@ struct Device {
     stats: Arc<Stats>,
     sent: Sent,
     hist: Arc<Mutex<Histogram>>,
+    pending: Pending,
+    settings_hist: Arc<Mutex<Histogram>>,
     measuring: Arc<std::sync::atomic::AtomicBool>,
     stop: tokio_util::sync::CancellationToken,
     interval: Duration,
@@ -384,7 +482,25 @@ impl Device {
         let Some(user) = v["data"]["userId"].as_u64() else {
             return;
         };
-        if v["data"]["status"] == "OFFLINE" {
+        let offline = v["data"]["status"] == "OFFLINE";
+        let settled = {
+            let mut p = self.pending.lock();
+            match p.get(&(user, self.user)) {
+                Some(&(at, deny)) if deny == offline => {
+                    p.remove(&(user, self.user));
+                    Some(at)
+                }
+                _ => None,
+            }
+        };
+        if let Some(at) = settled {
+            self.settings_hist.lock().record(at.elapsed());
+            self.stats
+                .settings_delivered
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if offline {
             self.stats.false_offline.fetch_add(1, Ordering::Relaxed);
         }
         if !self.measuring.load(Ordering::Relaxed) || user == self.user {
