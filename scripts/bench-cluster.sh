@@ -17,7 +17,11 @@
 #      PORT_BASE             default 18100           OUT         default .tmp/bench-out
 #      issue 3: HB_USERS (10000), HB_ROUNDS (3), RB_REQUESTS (300000), CMD_USERS (20000),
 #               REFRESH_RUN=0 to skip the PRESENCE_REDIS_REFRESH=20s run
-#      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s)
+#      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s), CL_CONFIGS (default
+#               "all shards1 shards3"; also "shards3-single": 3 shards, the gateway sending each
+#               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false), CL_PERF=1 (a
+#               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_SHOW_BATCH=1
+#               (print the gateway's heartbeat batch metrics)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
 #               most one process can hold under `ulimit -Hn`), PUSH_SUBS (50), PUSH_CHANGES (100),
 #               PUSH_DURATION (60s), PUSH_PARTS (aio,cluster), PUSH_CLUSTER_ENV (extra settings of
@@ -295,7 +299,7 @@ bench_cluster() {
   redis_up
   local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line
   for r in $(seq 1 "$rounds"); do
-    for cfg in all shards1 shards3; do
+    for cfg in ${CL_CONFIGS:-all shards1 shards3}; do
       redis_flush
       case "$cfg" in
         all)
@@ -304,6 +308,10 @@ bench_cluster() {
           wait_ready "$url" ;;
         shards1) start_cluster 1 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards3) start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        shards3-single)
+          start_cluster 3 1 PRESENCE_COALESCE_HEARTBEATS=false
+          url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        *) lib_die "unknown CL_CONFIGS entry: $cfg" ;;
       esac
       lead="${PROC[all]:-${PROC[gw1]:-}}"
       mapfile -t pids < <(cluster_pids)
@@ -311,9 +319,13 @@ bench_cluster() {
       "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections 64 \
         --duration 2s --warmup 0s 2>/dev/null >/dev/null
       c0="$(cpu_ticks "${pids[@]}")"
+      if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
+        (sleep 3 && perf record -F 999 -g -p "$lead" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
+      fi
       line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
         --connections 64 --duration "$dur" --server-pid "$lead" 2>/dev/null)"
       c1="$(cpu_ticks "${pids[@]}")"
+      [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat_batch_size_(sum|count)|^presence_heartbeats_sent_alone" | tr '\n' ' '
       echo "$cfg round $r: $line"
       echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(echo "$line" |
         jq -r --argjson t "$((c1 - c0))" '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')" \

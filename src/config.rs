@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
 
+    /// Whether a gateway sends heartbeats to shards in batches (one `HeartbeatBatch` call per
+    /// shard for whatever queued while earlier batches were out) rather than one call each.
+    #[arg(long, env = "PRESENCE_COALESCE_HEARTBEATS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub coalesce_heartbeats: bool,
+
     /// How long a gateway keeps retrying a call while ownership moves; then 503.
     #[arg(long, env = "PRESENCE_ROUTE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub route_timeout: Duration,

@@ -530,6 +530,10 @@ pub struct GrpcMetrics {
     pub requests: Counters<GrpcAnswer<'static>>,
     pub duration: Histograms<GrpcCall<'static>>,
     pub wrong_owner_retries: IntCounter,
+    /// Heartbeats per `HeartbeatBatch` call a gateway sends to one shard.
+    pub heartbeat_batch_size: Histogram,
+    /// Heartbeats a gateway sent alone after coalescing did not settle them.
+    pub heartbeats_alone: IntCounter,
 }
 
 impl GrpcMetrics {
@@ -547,6 +551,15 @@ impl GrpcMetrics {
             wrong_owner_retries: r.counter(
                 "presence_wrong_owner_retries_total",
                 "Gateway retries after a shard answered that it does not own the user.",
+            ),
+            heartbeat_batch_size: r.histogram(
+                "presence_heartbeat_batch_size",
+                "Heartbeats per HeartbeatBatch call from a gateway to one shard.",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            heartbeats_alone: r.counter(
+                "presence_heartbeats_sent_alone_total",
+                "Heartbeats a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed, queue full).",
             ),
         }
     }

@@ -296,8 +296,11 @@ impl Node {
                 let upstreams = Upstreams::new(name, h.clone(), clients.clone(), metrics.clone());
                 tokio::spawn(upstreams.run(ring.clone(), rx, background.clone()));
                 hub = Some(h);
-                let router =
+                let mut router =
                     Router::new(ring, clients.clone(), config.route_timeout, metrics.clone());
+                if config.coalesce_heartbeats {
+                    router = router.coalescing();
+                }
                 (Arc::new(router), None, None)
             }
         };

@@ -5,6 +5,8 @@
 //! that nobody who heartbeats ever reads OFFLINE, and that those who stop do go OFFLINE in time.
 //!
 //! The whole REST suite through the gateways is `tests/http.rs` (its `cluster::*` tests).
+//! The one test here that needs no Redis (heartbeat batches) runs its shards in-process, each on
+//! its own memory store.
 
 mod common;
 
@@ -14,6 +16,7 @@ use common::scenario::Deadline::{AfterKill, AfterLastHeartbeat};
 use common::scenario::Step::*;
 use common::scenario::{ms, Scenario, Step, TIMEOUT};
 use common::{uid, Cluster, Proc};
+use serde_json::json;
 
 /// Handoffs a shard gained.
 const GAINED: &str = "presence_handoffs_total{direction=\"gained\"}";
@@ -287,4 +290,54 @@ async fn sigterm_hands_off_before_exit_without_a_false_offline() {
     assert!(gained > 0.0, "nobody took over the partitions");
     assert_eq!(o.online, users.len() as f64, "users online on the shards");
     o.assert_went_offline(0, &users, "SIGTERM");
+}
+
+/// Heartbeats through a gateway reach the shards in batches (far fewer calls than heartbeats
+/// when they come at once) and keep their answers: 200 for a device online, the routed path's
+/// 404 and message for one that is not, and none of them is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
+    let c = common::blocking(|| Cluster::in_process(3, 1).start());
+    let online = users(300);
+    for &u in &online {
+        let body = json!({ "userId": u, "deviceId": "d", "platform": "WEB" });
+        let (code, v) = c.post(0, "/api/v1/presence/online", body).await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let stranger = uid();
+    let rounds = 5;
+    for _ in 0..rounds {
+        let beats = online.iter().map(|&u| {
+            let body = json!({ "userId": u, "deviceId": "d", "active": true });
+            c.post(0, "/api/v1/presence/heartbeat", body)
+        });
+        for (code, v) in futures::future::join_all(beats).await {
+            assert_eq!(code, 200, "{v}");
+        }
+        let body = json!({ "userId": stranger, "deviceId": "x", "active": true });
+        let (code, v) = c.post(0, "/api/v1/presence/heartbeat", body).await;
+        assert_eq!(code, 404, "{v}");
+        assert_eq!(v["code"], 404, "{v}");
+        assert_eq!(v["message"], "device not online", "{v}");
+    }
+    let g = Proc::Gateway(0);
+    let sent = c.metric(g, "presence_heartbeat_batch_size_sum").await;
+    let calls = c.metric(g, "presence_heartbeat_batch_size_count").await;
+    let alone = c.metric(g, "presence_heartbeats_sent_alone_total").await;
+    let expected = (rounds * (online.len() + 1)) as f64;
+    assert_eq!(sent, expected, "every heartbeat went in a batch, once");
+    assert_eq!(alone, 0.0, "none was sent again alone");
+    assert!(
+        calls <= expected / 2.0,
+        "{calls} batch calls for {expected} heartbeats: not coalesced"
+    );
+    let ok = c
+        .shard_sum("presence_heartbeats_total{result=\"ok\"}")
+        .await;
+    let not_online = c
+        .shard_sum("presence_heartbeats_total{result=\"not_online\"}")
+        .await;
+    assert_eq!(ok, (rounds * online.len()) as f64, "shards took each once");
+    assert_eq!(not_online, rounds as f64, "the stranger's, once each");
+    println!("{expected} heartbeats in {calls} batch calls");
 }

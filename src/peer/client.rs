@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use super::coalesce::{Answer, Coalescer};
 use super::{inject_trace, Timed};
 use crate::error::Error;
 use crate::membership::Probe;
@@ -106,6 +107,8 @@ pub struct Router {
     clients: Arc<Clients>,
     deadline: Duration,
     metrics: Arc<Metrics>,
+    /// Heartbeats go in batches first (`PRESENCE_COALESCE_HEARTBEATS`).
+    coalescer: Option<Coalescer>,
 }
 
 fn retriable(e: &Error) -> bool {
@@ -124,7 +127,19 @@ impl Router {
             clients,
             deadline,
             metrics,
+            coalescer: None,
         }
+    }
+
+    /// Sends heartbeats in per-shard batches (see `coalesce`).
+    pub fn coalescing(mut self) -> Router {
+        self.coalescer = Some(Coalescer::new(
+            self.ring.clone(),
+            self.clients.clone(),
+            self.metrics.clone(),
+            self.deadline,
+        ));
+        self
     }
 
     /// Waits after a retriable failure: for the ring to change, at most `backoff`.
@@ -323,6 +338,13 @@ impl Presence for Router {
     }
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
+        if let Some(c) = &self.coalescer {
+            match c.heartbeat(user, device, active).await {
+                Answer::Accepted => return Ok(()),
+                Answer::NotOnline => return Err(Error::DeviceNotOnline),
+                Answer::Alone => {}
+            }
+        }
         let device = device.to_owned();
         self.route(user, "Heartbeat", |mut c, epoch| {
             let msg = v1::HeartbeatRequest {

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::metrics::{GrpcAnswer, GrpcCall, Metrics};
 
 pub mod client;
+pub mod coalesce;
 pub mod server;
 pub mod tls;
 pub mod upstream;

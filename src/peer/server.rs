@@ -400,19 +400,20 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                     "at most {MAX_BATCH} heartbeats per call"
                 )));
             }
-            let mut codes = Vec::with_capacity(r.heartbeats.len());
-            for h in r.heartbeats {
+            // At once: one heartbeat that waits for the store holds up none of the others.
+            let beats = r.heartbeats.into_iter().map(|h| async move {
                 let res = async {
                     let user = self.user(h.user_id)?;
                     let device = validate_device_id(&h.device_id)?;
                     self.shard.heartbeat(user, &device, h.active).await
                 }
                 .await;
-                codes.push(match res {
+                match res {
                     Ok(()) => 0,
                     Err(e) => e.status().as_u16() as u32,
-                });
-            }
+                }
+            });
+            let codes = futures::future::join_all(beats).await;
             Ok(v1::HeartbeatBatchReply { codes })
         })
         .await

@@ -1,0 +1,234 @@
+//! Heartbeat coalescing on a gateway: heartbeats that queue while earlier batches are in
+//! flight go to each shard as one `HeartbeatBatch` call, and each answer goes back to its
+//! request.
+//!
+//! The batching adapts to load: each shard has a lane, whose task takes whatever has queued and
+//! sends it as one call, with at most `IN_FLIGHT` calls out at once. A lone heartbeat waits for
+//! nothing; under load, a batch holds what arrived while the previous call was out.
+//! Coalescing never changes an answer: a heartbeat the shard accepted is done, one of a device
+//! that is not online gets that answer, and any other (refused by the shard, or whose batch
+//! failed) is handed back to the caller, who sends it alone on the routed path with its
+//! retries, deadline and exact error.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+use super::client::Clients;
+use super::{inject_trace, Timed};
+use crate::metrics::Metrics;
+use crate::presence::UserId;
+use crate::proto::v1;
+use crate::ring::Ring;
+
+/// Most heartbeats in one call.
+const MAX_BATCH: usize = 512;
+/// Calls out at once to one shard.
+const IN_FLIGHT: usize = 1;
+/// Heartbeats waiting for one shard; beyond this, callers take the routed path.
+const QUEUE: usize = 8192;
+
+struct Beat {
+    user: UserId,
+    device: String,
+    active: bool,
+    done: oneshot::Sender<Answer>,
+}
+
+/// How a heartbeat sent in a batch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Its owner took it.
+    Accepted,
+    /// Its owner answered that the device is not online: final, as on the routed path.
+    NotOnline,
+    /// Anything else (no owner, another refusal, a failed call, a full lane): the caller sends
+    /// it alone on the routed path.
+    Alone,
+}
+
+impl Answer {
+    /// The answer of a batch's per-heartbeat code (0, or the HTTP status of the error).
+    fn of_code(code: u32) -> Answer {
+        match code {
+            0 => Answer::Accepted,
+            404 => Answer::NotOnline,
+            _ => Answer::Alone,
+        }
+    }
+}
+
+/// The gateway's end: one lane (a queue and its sender task) per shard address.
+pub struct Coalescer {
+    ring: watch::Receiver<Arc<Ring>>,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
+    /// The route deadline (`PRESENCE_ROUTE_TIMEOUT`).
+    deadline: Duration,
+    lanes: Mutex<HashMap<String, mpsc::Sender<Beat>>>,
+}
+
+impl Coalescer {
+    pub fn new(
+        ring: watch::Receiver<Arc<Ring>>,
+        clients: Arc<Clients>,
+        metrics: Arc<Metrics>,
+        deadline: Duration,
+    ) -> Coalescer {
+        Coalescer {
+            ring,
+            clients,
+            metrics,
+            deadline,
+            lanes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends the heartbeat in a batch to its owner.
+    pub async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Answer {
+        let (done, answer) = oneshot::channel();
+        let beat = Beat {
+            user,
+            device: device.to_owned(),
+            active,
+            done,
+        };
+        let sent = {
+            let ring = self.ring.borrow();
+            match ring.owner_of(user) {
+                Some(owner) => self.enqueue(owner, beat),
+                None => false,
+            }
+        };
+        let answer = match sent {
+            true => answer.await.unwrap_or(Answer::Alone),
+            false => Answer::Alone,
+        };
+        if answer == Answer::Alone {
+            self.metrics.grpc.heartbeats_alone.inc();
+        }
+        answer
+    }
+
+    /// Queues `beat` on the lane of `owner`, which starts on first use; false when it is full.
+    fn enqueue(&self, owner: &str, beat: Beat) -> bool {
+        let mut lanes = self.lanes.lock();
+        if let Some(tx) = lanes.get(owner).filter(|tx| !tx.is_closed()) {
+            return tx.try_send(beat).is_ok();
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let lane = Lane {
+            owner: owner.to_owned(),
+            timeout: self.deadline / 4,
+            ring: self.ring.clone(),
+            clients: self.clients.clone(),
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(lane.run(rx));
+        let queued = tx.try_send(beat).is_ok();
+        lanes.insert(owner.to_owned(), tx);
+        queued
+    }
+}
+
+/// The sender task of one shard: takes whatever queued, sends it as one call.
+struct Lane {
+    owner: String,
+    timeout: Duration,
+    ring: watch::Receiver<Arc<Ring>>,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
+}
+
+impl Lane {
+    async fn run(self, mut rx: mpsc::Receiver<Beat>) {
+        let calls = Arc::new(Semaphore::new(IN_FLIGHT));
+        let this = Arc::new(self);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.recv().await {
+            let Ok(permit) = calls.clone().acquire_owned().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(b) => batch.push(b),
+                    Err(_) => break,
+                }
+            }
+            let beats = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            let this = this.clone();
+            tokio::spawn(async move {
+                this.send(beats).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One `HeartbeatBatch` call; answers every beat.
+    async fn send(&self, beats: Vec<Beat>) {
+        self.metrics
+            .grpc
+            .heartbeat_batch_size
+            .observe(beats.len() as f64);
+        let epoch = self.ring.borrow().epoch();
+        let (dones, heartbeats): (Vec<_>, Vec<_>) = beats
+            .into_iter()
+            .map(|b| {
+                let h = v1::HeartbeatRequest {
+                    epoch,
+                    user_id: b.user,
+                    device_id: b.device,
+                    active: b.active,
+                };
+                (b.done, h)
+            })
+            .unzip();
+        let codes = match self.clients.get(&self.owner) {
+            Ok(mut c) => {
+                let mut req = tonic::Request::new(v1::HeartbeatBatchRequest { epoch, heartbeats });
+                inject_trace(&mut req);
+                let t = Timed::new(self.metrics.clone(), "client", "HeartbeatBatch");
+                // A stalled shard holds its lane for a quarter of the route deadline at most:
+                // its heartbeats then take the routed path, which has the whole deadline.
+                let answer = tokio::time::timeout(self.timeout, c.heartbeat_batch(req))
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("batch timed out")));
+                t.finish(answer)
+                    .ok()
+                    .map(|r| r.codes)
+                    .filter(|codes| codes.len() == dones.len())
+            }
+            Err(_) => None,
+        };
+        match codes {
+            Some(codes) => {
+                for (done, code) in dones.into_iter().zip(codes) {
+                    let _ = done.send(Answer::of_code(code));
+                }
+            }
+            None => {
+                for done in dones {
+                    let _ = done.send(Answer::Alone);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_acceptance_and_not_online_are_final() {
+        assert_eq!(Answer::of_code(0), Answer::Accepted);
+        assert_eq!(Answer::of_code(404), Answer::NotOnline);
+        for code in [400, 429, 500, 503] {
+            assert_eq!(Answer::of_code(code), Answer::Alone, "{code}");
+        }
+    }
+}
