@@ -151,12 +151,20 @@ pub async fn upgrade(
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
+    let deadline = socket_deadline(&who, s.auth.ws_grace);
+    let sock = Socket {
+        s,
+        hub: hub.clone(),
+        id: 0,
+        user,
+        device,
+        platform,
+        last_heartbeat: Instant::now(),
+        deadline,
+        end: None,
+    };
     // Tracked, so that a shutdown waits for the socket's close and offline.
-    hub.sessions().clone().spawn(async move {
-        if let Some(socket) = open(on_upgrade, max_frame).await {
-            run(s, hub, who, user, device, platform, socket).await;
-        }
-    });
+    hub.sessions().spawn(run(sock, on_upgrade, max_frame));
     Ok(switching(&headers))
 }
 
@@ -311,33 +319,24 @@ struct Socket {
     end: Option<(u16, &'static str)>,
 }
 
-async fn run(
-    s: AppState,
-    hub: Arc<Hub>,
-    who: Principal,
-    user: UserId,
-    device: String,
-    platform: Platform,
-    socket: Ws,
-) {
-    let reg = hub.register(user, &device);
+/// One socket, from the upgrade to the offline after its close. This future lives as long as
+/// the socket, so it keeps little: every step but the wait for the next message (the upgrade,
+/// the welcome, handling a message, the close) is boxed, and its memory freed once done.
+async fn run(mut sock: Socket, on_upgrade: OnUpgrade, max_frame: usize) {
+    // Each boxed step is boxed in a statement of its own: a future awaited where it is built
+    // keeps its slot in this one even once moved to the heap.
+    let opening = Box::pin(open(on_upgrade, max_frame));
+    let Some(socket) = opening.await else {
+        return;
+    };
+    let reg = sock.hub.register(sock.user, &sock.device);
+    sock.id = reg.id;
     let out = reg.out;
     let closing = reg.closing;
-    let mut sock = Socket {
-        s: s.clone(),
-        hub: hub.clone(),
-        id: reg.id,
-        user,
-        device,
-        platform,
-        last_heartbeat: Instant::now(),
-        deadline: socket_deadline(&who, s.auth.ws_grace),
-        end: None,
-    };
     let (mut sink, mut stream) = socket.split();
-    // The welcome goes first, before any event. Boxed, like every step that is not the wait
-    // for the next message: the socket's task keeps only what that wait needs.
-    let done = Box::pin(welcome(&sock, &out, &mut sink)).await;
+    // The welcome goes first, before any event.
+    let welcoming = Box::pin(welcome(&sock, &out, &mut sink));
+    let done = welcoming.await;
 
     // Writer: events and replies, until the socket closes, the hub cuts it off or the node
     // shuts down.
@@ -345,14 +344,14 @@ async fn run(
         sink,
         out.clone(),
         closing.clone(),
-        hub.clone(),
+        sock.hub.clone(),
         sock.id,
-        s.limits.ws_ping_interval,
+        sock.s.limits.ws_ping_interval,
     ));
 
-    let m = &s.metrics;
-    let mut bucket = Bucket::new(s.limits.ws_rate);
-    let idle = s.limits.ws_idle_timeout;
+    let m = sock.s.metrics.clone();
+    let mut bucket = Bucket::new(sock.s.limits.ws_rate);
+    let idle = sock.s.limits.ws_idle_timeout;
     let idle_at = || (!idle.is_zero()).then(|| tokio::time::Instant::now() + idle);
     let mut idle_deadline = idle_at();
     while let Some(msg) = tokio::select! {
@@ -372,13 +371,14 @@ async fn run(
         },
         _ = out.ended() => None,
         _ = closing.cancelled() => None,
-        _ = until(sock.deadline) => {
-            out.end_with(CLOSE_TOKEN_EXPIRED, "token expired");
-            None
-        }
-        _ = until(idle_deadline) => {
-            m.push.ws_refusals.get(WsRefusal::IdleTimeout).inc();
-            out.end_with(CLOSE_IDLE, "idle timeout");
+        // One timer for both deadlines: the token's and the idle timeout's.
+        _ = until(earliest(sock.deadline, idle_deadline)) => {
+            if sock.deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                out.end_with(CLOSE_TOKEN_EXPIRED, "token expired");
+            } else {
+                m.push.ws_refusals.get(WsRefusal::IdleTimeout).inc();
+                out.end_with(CLOSE_IDLE, "idle timeout");
+            }
             None
         }
     } {
@@ -396,13 +396,17 @@ async fn run(
             break;
         }
         let frame = match msg {
-            Message::Text(t) => Some(Box::pin(sock.handle(t.as_str())).await),
+            Message::Text(t) => {
+                let handling = Box::pin(sock.handle(t.as_str()));
+                Some(handling.await)
+            }
             Message::Binary(_) => Some(error_frame(
                 &None,
                 &Error::BadRequest("binary messages are not supported".into()),
             )),
             Message::Ping(_) | Message::Pong(_) => {
-                Box::pin(sock.touch(false)).await;
+                let touching = Box::pin(sock.touch(false));
+                touching.await;
                 None
             }
             Message::Close(_) => break,
@@ -422,7 +426,19 @@ async fn run(
             }
         }
     }
-    Box::pin(finish(s, hub, sock, out, writer, stream, done)).await;
+    let finishing = Box::pin(finish(sock, out, writer, stream, done));
+    finishing.await;
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Reads the subscription list, sends the welcome, and starts the retries of the list when it
@@ -546,8 +562,6 @@ async fn write(
 /// After the reader's loop: leaves the hub, waits for the writer's close frame, reads on
 /// briefly, and takes the device offline after the close grace (at once when draining).
 async fn finish(
-    s: AppState,
-    hub: Arc<Hub>,
     sock: Socket,
     out: Arc<Outbox>,
     writer: tokio::task::JoinHandle<()>,
@@ -565,7 +579,7 @@ async fn finish(
     out.finish();
     // The socket leaves the hub at once; the writer may still be getting a close frame out to
     // a client that reads slowly.
-    let generation = hub.unregister(sock.id, &sock.device);
+    let generation = sock.hub.unregister(sock.id, &sock.device);
     let _ = writer.await;
     // Read on briefly, so the client gets our close frame before the connection goes (closing
     // with unread input would reset it and lose the frame).
@@ -576,8 +590,7 @@ async fn finish(
             }
         }
     });
-    let device = sock.device.clone();
-    drop(sock);
+    let Socket { s, hub, device, .. } = sock;
     if hub.is_closing() {
         // The node is going away: the device goes offline now, not after the close grace.
         let offline = offline_on_drain(&s, &hub, user, &device, generation, stopped);
