@@ -6,10 +6,12 @@
 #   scripts/bench-sockets.sh BIN [BIN...]     # each BIN a presence-service binary
 #
 # An idle socket: connected, its device online, no subscriptions, a heartbeat every 30 s over
-# the socket and nothing else. For each round, shape and binary (in that nesting), it starts the
+# the socket and nothing else (but `sim --changes 0` still changes one random user's status a
+# second, which reaches that user's own socket: ~35 frames in all). For each round, shape and binary (in that nesting), it starts the
 # server(s), opens the sockets from two `presence-loadgen sim` processes side by side (each
 # holds half of them: RLIMIT_NOFILE is 20,000 per process here), and reads the gateways' VmRSS
-# before the sockets open, once every socket got its welcome, and at the end (after
+# before the sockets open (after a warm-up of 500 sockets that open and close), once every
+# socket got its welcome, and at the end (after
 # IDLE_DURATION, so that every socket has sent a heartbeat and got its reply). Shapes:
 #   aio      one process in role `all` on the embedded store: AIO_SOCKETS sockets (default
 #            the most one process holds under `ulimit -Hn`, 19,900 at a limit of 20,000); its
@@ -22,6 +24,8 @@
 #      SHAPES   default aio,cluster        ROUNDS   default 1
 #      SOCKETS  default 20000              AIO_SOCKETS   default min(SOCKETS, ulimit -Hn - 100)
 #      IDLE_DURATION  default 35s          PORT_BASE  default 18400 (uses +10, +21, +31, +41, +42)
+#      SUBS     subscriptions per user (default 0: idle sockets); with K > 0 each user subscribes
+#               to the next K users of its half (as in `bench-cluster.sh push`)
 #      OUT      default .tmp/bench-sockets (server logs, loadgen output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +44,7 @@ SHAPES="${SHAPES:-aio,cluster}"
 ROUNDS="${ROUNDS:-1}"
 SOCKETS="${SOCKETS:-20000}"
 IDLE_DURATION="${IDLE_DURATION:-35s}"
+SUBS="${SUBS:-0}"
 PORT_BASE="${PORT_BASE:-18400}"
 OUT="${OUT:-$PWD/.tmp/bench-sockets}"
 mkdir -p "$OUT"
@@ -112,15 +117,21 @@ run() {
       lib_wait_until 30 test "$(metric "$u" presence_event_streams)" = 1 || lib_die "$label: no event stream on $u"
     done
   fi
-  sleep 1
   local before after end half=$((sockets / 2)) targets
   targets="$(IFS=,; echo "${urls[*]}")"
+  # Warm-up: 500 sockets open and close first (other users), so that what every process
+  # allocates once (gRPC streams, per-thread arenas, buffers) is not counted per socket.
+  "$LOADGEN" --format json sim --transport ws --target "$targets" --users 500 --devices 1 \
+    --subscriptions 0 --interval 30s --duration 1s --changes 0 --first-user 6000000000 \
+    >"$OUT/$label.warmup.json" 2>"$OUT/$label.warmup.err" || lib_die "$label: warm-up failed"
+  # past the close grace (5 s), so that their devices have gone offline
+  sleep 7
   before="$(rss_kb "${gp[@]}")"
   rm -f "$OUT/$label".sim[01].{json,err}
   SIMS=()
   for i in 0 1; do
     "$LOADGEN" --format json sim --transport ws --target "$targets" --users "$half" --devices 1 \
-      --subscriptions 0 --interval 30s --duration "$IDLE_DURATION" --changes 0 \
+      --subscriptions "$SUBS" --interval 30s --duration "$IDLE_DURATION" --changes 0 \
       --first-user $((7000000000 + i * 1000000)) \
       >"$OUT/$label.sim$i.json" 2>"$OUT/$label.sim$i.err" &
     SIMS+=($!)
@@ -139,9 +150,9 @@ run() {
   SIMS=()
   end="$(rss_kb "${gp[@]}")"
   ((fail == 0)) || lib_die "$label: a sim failed (see $OUT/$label.sim*.err)"
-  jq -s -c --arg label "$label" --arg bin "$bin" --arg shape "$shape" --argjson before "$before" \
+  jq -s -c --arg run "$label" --arg bin "$bin" --arg shape "$shape" --argjson before "$before" \
     --argjson after "$after" --argjson endkb "$end" --argjson ws "$ws" '{
-      label: $label, bin: $bin, shape: $shape,
+      run: $run, bin: $bin, shape: $shape,
       sockets: (map(.devices) | add), sockets_open_after_setup: $ws,
       failed_to_connect: (map(.devices_failed_to_connect) | add),
       closed_by_server: (map(.sockets_closed_by_server) | add),
@@ -156,7 +167,7 @@ run() {
 }
 
 echo "# machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); load: $(cut -d' ' -f1-3 /proc/loadavg); nofile: $NOFILE"
-echo "# run: $(date -u +%Y-%m-%dT%H:%M:%SZ); loadgen: $LOADGEN"
+echo "# run: $(date -u +%Y-%m-%dT%H:%M:%SZ); loadgen: $LOADGEN; subscriptions per user: $SUBS"
 : >"$OUT/results.jsonl"
 IFS=, read -r -a shapes <<<"$SHAPES"
 for r in $(seq 1 "$ROUNDS"); do
@@ -169,5 +180,5 @@ done
 echo
 echo "| round | shape | binary | sockets | RSS before → after set-up → end (MiB) | bytes per socket (after set-up, end) |"
 echo "| --- | --- | --- | ---: | --- | ---: |"
-jq -r '"| \(.label | split("-")[0]) | \(.shape) | \(.bin) | \(.sockets) | \(.rss_kb_before / 1024 * 10 | round / 10) → \(.rss_kb_after_setup / 1024 * 10 | round / 10) → \(.rss_kb_end / 1024 * 10 | round / 10) | \(.bytes_per_socket), \(.bytes_per_socket_end) |"' \
+jq -r '"| \(.run | split("-")[0]) | \(.shape) | \(.bin | split("/") | last) | \(.sockets) | \(.rss_kb_before / 1024 * 10 | round / 10) → \(.rss_kb_after_setup / 1024 * 10 | round / 10) → \(.rss_kb_end / 1024 * 10 | round / 10) | \(.bytes_per_socket), \(.bytes_per_socket_end) |"' \
   "$OUT/results.jsonl"
