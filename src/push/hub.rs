@@ -1131,6 +1131,48 @@ mod tests {
         hub.wait().await;
     }
 
+    /// Issue 13: an outbox bounds both queues, writes events first, holds no buffer once
+    /// empty, and ends the socket with the strongest reason.
+    #[test]
+    fn an_outbox_bounds_its_queues_frees_them_and_ranks_its_endings() {
+        let f = |s: &'static str| Frame::from_static(s);
+        let out = Outbox::new(2, 1);
+        assert!(matches!(out.next(), Next::Empty));
+        out.push_event(f("e1")).unwrap();
+        out.push_reply(f("r1")).unwrap();
+        out.push_event(f("e2")).unwrap();
+        assert_eq!(out.push_event(f("e3")), Err(Refused::Full));
+        assert_eq!(out.push_reply(f("r2")), Err(Refused::Full));
+        assert_eq!(out.free(), 0);
+        let mut order = Vec::new();
+        while let Some((frame, _)) = out.pop() {
+            order.push(frame.as_str().to_owned());
+        }
+        assert_eq!(order, ["e1", "e2", "r1"]);
+        {
+            let st = out.state.lock();
+            assert_eq!((st.events.capacity(), st.replies.capacity()), (0, 0));
+        }
+        assert_eq!(out.free(), 2);
+        out.push_reply(f("r3")).unwrap();
+        out.finish();
+        assert!(
+            matches!(out.next(), Next::Frame(..)),
+            "what is queued still goes"
+        );
+        assert!(matches!(out.next(), Next::Done));
+        assert_eq!(out.ending(), None);
+        out.end_with(4408, "idle timeout");
+        assert_eq!(out.ending(), Some((4408, "idle timeout")));
+        out.flooded();
+        assert_eq!(out.ending(), Some((1008, "rate limit exceeded")));
+        out.kill();
+        assert_eq!(out.ending(), Some((1008, "slow consumer")));
+        out.close();
+        assert_eq!(out.push_event(f("late")), Err(Refused::Closed));
+        assert_eq!(out.push_reply(f("late")), Err(Refused::Closed));
+    }
+
     #[test]
     fn close_grace_sees_reconnects() {
         let hub = Hub::new(Arc::new(Metrics::new()), 2);
