@@ -37,7 +37,8 @@ pub struct SimArgs {
     /// Devices per user.
     #[arg(long, default_value_t = 1)]
     pub devices: u64,
-    /// Targets each user subscribes to (the next K users).
+    /// Targets each user subscribes to (the next K users; 0: none, and a socket then sends
+    /// nothing but its heartbeats: an idle socket).
     #[arg(long, default_value_t = 10)]
     pub subscriptions: u64,
     /// How devices heartbeat: ws (one socket each) or rest.
@@ -418,18 +419,24 @@ impl Device {
             .await
             .context("websocket connect")?;
         let (mut tx, mut rx) = ws.split();
-        if let Some(targets) = &self.subscribe {
-            let m = json!({ "type": "subscribe", "id": "s", "targets": targets }).to_string();
-            tx.send(Message::Text(m.into())).await?;
-            // Wait for the reply so that measuring starts with everyone subscribed.
-            loop {
-                let Some(msg) = rx.next().await else {
-                    bail!("closed before the subscribe reply")
-                };
-                if let Message::Text(t) = msg? {
-                    if t.as_str().contains("\"type\":\"reply\"") {
-                        break;
-                    }
+        // With `--subscriptions 0` a socket sends nothing until its first heartbeat (an idle
+        // socket); it counts as set up once its welcome arrived.
+        let (wait_for, what) = match self.subscribe.as_ref().filter(|t| !t.is_empty()) {
+            Some(targets) => {
+                let m = json!({ "type": "subscribe", "id": "s", "targets": targets }).to_string();
+                tx.send(Message::Text(m.into())).await?;
+                // Wait for the reply so that measuring starts with everyone subscribed.
+                ("\"type\":\"reply\"", "the subscribe reply")
+            }
+            None => ("\"type\":\"welcome\"", "the welcome"),
+        };
+        loop {
+            let Some(msg) = rx.next().await else {
+                bail!("closed before {what}")
+            };
+            if let Message::Text(t) = msg? {
+                if t.as_str().contains(wait_for) {
+                    break;
                 }
             }
         }

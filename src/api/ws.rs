@@ -16,19 +16,29 @@
 //! invalid refresh closes it with 4401.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Extension, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WireFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{settings_of, targets_of, AppState, SetStatusRequest};
@@ -36,14 +46,26 @@ use crate::auth::{socket_deadline, Principal, WS_PROTOCOL};
 use crate::error::Error;
 use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId, Viewer};
-use crate::push::hub::{Frame, Hub};
+use crate::push::hub::{Frame, Hub, Next, Outbox};
 use crate::store::SubscriptionMode;
+
+/// A WebSocket over an upgraded HTTP/1.1 connection.
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type WsSink = SplitSink<Ws, Message>;
 
 /// A client message larger than this gets an `error` reply (the socket stays up); frames and
 /// messages over `PRESENCE_WS_MAX_FRAME` close it (1009) before they are buffered.
 const MAX_MESSAGE: usize = 64 * 1024;
 /// Most bytes buffered for writing to one socket (a welcome with thousands of subscriptions).
 const MAX_WRITE: usize = 1024 * 1024;
+/// tungstenite's read buffer: allocated with the socket and kept for its lifetime, and the most
+/// read from the connection at once. Client messages are small (a heartbeat is ~40 bytes); a
+/// larger one grows the buffer as it arrives, up to `PRESENCE_WS_MAX_FRAME`.
+const READ_BUFFER: usize = 512;
+/// Longest frame payload written: a longer message goes out in fragments of this size. The
+/// write buffer keeps the capacity of the largest frame it ever held, for the socket's
+/// lifetime, so this bounds it (a subscribe reply with 50 status views is ~9 KB).
+const MAX_OUT_FRAME: usize = 1024;
 /// Close code for a socket past the per-user cap (`PRESENCE_WS_MAX_PER_USER`).
 const CLOSE_TOO_MANY_SOCKETS: u16 = 4409;
 /// Close code for a socket from which nothing arrived within `PRESENCE_WS_IDLE_TIMEOUT`.
@@ -54,10 +76,6 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_INVALID_DATA: u16 = 1007;
 /// Any other violation of RFC 6455 by the client.
 const CLOSE_PROTOCOL: u16 = 1002;
-/// Replies queued for a client that does not read.
-const REPLY_QUEUE: usize = 64;
-/// Close code for a client that floods or does not read (policy violation).
-const CLOSE_POLICY: u16 = 1008;
 /// Close code when the node shuts down (Going Away).
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code when the socket's token expired (past `exp` plus the grace) without a refresh.
@@ -79,6 +97,10 @@ pub async fn upgrade(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    // Before `ws`, which takes it out of the request: axum's extractor checks the request, and
+    // the socket is built here (see `accept`).
+    on_upgrade: Option<Extension<OnUpgrade>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
     let Query(q) = query.map_err(|_| Error::BadRequest("malformed query string".into()))?;
@@ -90,6 +112,13 @@ pub async fn upgrade(
     // The token's user only (or a service token): 403 before anything happens.
     s.auth.authorize(&who, user)?;
     let ws = ws.map_err(|e| Error::BadRequest(format!("expected a WebSocket upgrade: {e}")))?;
+    // Checked; the socket is ours to build.
+    drop(ws);
+    let Some(Extension(on_upgrade)) = on_upgrade else {
+        return Err(Error::BadRequest(
+            "expected a WebSocket upgrade: the connection cannot be upgraded".into(),
+        ));
+    };
     let hub = s
         .hub
         .clone()
@@ -108,36 +137,101 @@ pub async fn upgrade(
             .ws_refusals
             .get(WsRefusal::TooManySockets)
             .inc();
-        return Ok(ws
-            .protocols([WS_PROTOCOL])
-            .max_message_size(max_frame)
-            .max_frame_size(max_frame)
-            .on_upgrade(|mut socket| async move {
+        tokio::spawn(async move {
+            if let Some(mut socket) = open(on_upgrade, max_frame).await {
                 let close = Message::Close(Some(CloseFrame {
-                    code: CLOSE_TOO_MANY_SOCKETS,
+                    code: CloseCode::from(CLOSE_TOO_MANY_SOCKETS),
                     reason: Utf8Bytes::from_static("too many sockets for this user"),
                 }));
                 let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(close)).await;
-            }));
+            }
+        });
+        return Ok(switching(&headers));
     }
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
     s.presence.online(user, &device, platform).await?;
-    Ok(ws
-        // A browser sends its token as a subprotocol next to `presence.v1`: answer that one.
-        .protocols([WS_PROTOCOL])
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        // Small buffers: presence frames are a few hundred bytes, and a gateway holds tens of
-        // thousands of sockets (the defaults are 128 KiB each way).
-        .read_buffer_size(4 * 1024)
+    let deadline = socket_deadline(&who, s.auth.ws_grace);
+    let sock = Socket {
+        s,
+        hub: hub.clone(),
+        id: 0,
+        user,
+        device,
+        platform,
+        last_heartbeat: Instant::now(),
+        deadline,
+        end: None,
+    };
+    // Tracked, so that a shutdown waits for the socket's close and offline.
+    hub.sessions().spawn(run(sock, on_upgrade, max_frame));
+    Ok(switching(&headers))
+}
+
+/// The `101 Switching Protocols` answer to an upgrade request that axum's extractor checked. A
+/// browser sends its token as a subprotocol next to `presence.v1`: the answer names that one.
+fn switching(headers: &HeaderMap) -> Response {
+    let accept = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|p| p.trim_ascii() == WS_PROTOCOL.as_bytes());
+    if offered {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(WS_PROTOCOL),
+        );
+    }
+    resp
+}
+
+/// The socket, once the connection is handed over (`None` if it never is).
+///
+/// Small buffers: presence frames are a few hundred bytes, and a gateway holds tens of
+/// thousands of sockets (tungstenite's defaults are 128 KiB each way).
+async fn open(on_upgrade: OnUpgrade, max_frame: usize) -> Option<Ws> {
+    let upgraded = on_upgrade.await.ok()?;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE)
-        .on_upgrade(move |socket| {
-            // Tracked, so that a shutdown waits for the socket's close and offline.
-            let sessions = hub.sessions().clone();
-            sessions.track_future(run(s, hub, who, user, device, platform, socket))
-        }))
+        .max_write_buffer_size(MAX_WRITE);
+    Some(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
+}
+
+/// Writes one text message: one frame, or fragments of [`MAX_OUT_FRAME`] when longer (so that
+/// the socket's write buffer never grows past one fragment).
+async fn send_text(sink: &mut WsSink, text: Utf8Bytes) -> Result<(), WsError> {
+    if text.len() <= MAX_OUT_FRAME {
+        return sink.send(Message::Text(text)).await;
+    }
+    let bytes = Bytes::from(text);
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = (at + MAX_OUT_FRAME).min(bytes.len());
+        let opcode = if at == 0 { Data::Text } else { Data::Continue };
+        let frame = WireFrame::message(
+            bytes.slice(at..end),
+            OpCode::Data(opcode),
+            end == bytes.len(),
+        );
+        sink.feed(Message::Frame(frame)).await?;
+        at = end;
+    }
+    sink.flush().await
 }
 
 /// A token bucket: `rate` per second, bursts of twice that.
@@ -225,186 +319,66 @@ struct Socket {
     end: Option<(u16, &'static str)>,
 }
 
-async fn run(
-    s: AppState,
-    hub: Arc<Hub>,
-    who: Principal,
-    user: UserId,
-    device: String,
-    platform: Platform,
-    socket: WebSocket,
-) {
-    let reg = hub.register(user, &device);
-    let mut sock = Socket {
-        s: s.clone(),
-        hub: hub.clone(),
-        id: reg.id,
-        user,
-        device,
-        platform,
-        last_heartbeat: Instant::now(),
-        deadline: socket_deadline(&who, s.auth.ws_grace),
-        end: None,
+/// One socket, from the upgrade to the offline after its close. This future lives as long as
+/// the socket, so it keeps little: every step but the wait for the next message (the upgrade,
+/// the welcome, handling a message, the close) is boxed, and its memory freed once done.
+async fn run(mut sock: Socket, on_upgrade: OnUpgrade, max_frame: usize) {
+    // Each boxed step is boxed in a statement of its own: a future awaited where it is built
+    // keeps its slot in this one even once moved to the heap.
+    let opening = Box::pin(open(on_upgrade, max_frame));
+    let Some(socket) = opening.await else {
+        return;
     };
-    let m = s.metrics.clone();
-    // The subscription list: from the store; failing that, the list this hub keeps for another
-    // socket of the user; failing that, the welcome says it is missing and it is retried.
-    let subscriptions = match s.presence.subscriptions(user).await {
-        Ok(list) => {
-            hub.set_subscriptions(user, &list, false);
-            Some(list)
-        }
-        Err(e) => {
-            tracing::warn!(user, reason = e.reason(), error = %e, "reading subscriptions for a socket failed");
-            hub.subscriptions_of(user)
-        }
-    };
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
-    // Ends the socket's helper tasks (the subscription reload).
-    let done = CancellationToken::new();
-    let mut welcome = json!({
-        "type": "welcome",
-        "data": {
-            "userId": user,
-            "deviceId": sock.device,
-            "subscriptions": subscriptions,
-            "nextHeartbeatInterval": s.limits.heartbeat_interval_ms,
-        }
-    });
-    if subscriptions.is_none() {
-        welcome["data"]["degraded"] = json!(["subscriptions"]);
-        m.push.ws_degraded.inc();
-        tokio::spawn(reload_subscriptions(
-            s.clone(),
-            hub.clone(),
-            user,
-            sock.id,
-            reply_tx.clone(),
-            done.clone(),
-        ));
-    }
-
+    let reg = sock.hub.register(sock.user, &sock.device);
+    sock.id = reg.id;
+    let out = reg.out;
+    let closing = reg.closing;
     let (mut sink, mut stream) = socket.split();
     // The welcome goes first, before any event.
-    let _ = sink
-        .send(Message::Text(Utf8Bytes::from(welcome.to_string())))
-        .await;
+    let welcoming = Box::pin(welcome(&sock, &out, &mut sink));
+    let done = welcoming.await;
 
     // Writer: events and replies, until the socket closes, the hub cuts it off or the node
     // shuts down.
-    let kill = reg.kill.clone();
-    let closing = reg.closing.clone();
-    let stop = CancellationToken::new();
-    let stop_writer = stop.clone();
-    // Ended by its token: expired, or refused on refresh. The code is set before the cancel.
-    let auth_end = CancellationToken::new();
-    let auth_end_writer = auth_end.clone();
-    let auth_close = Arc::new(parking_lot::Mutex::new((
-        CLOSE_TOKEN_EXPIRED,
-        "token expired",
-    )));
-    let auth_close_writer = auth_close.clone();
-    let mut events = reg.rx;
-    let ping_every = s.limits.ws_ping_interval;
-    let mut ping = (!ping_every.is_zero()).then(|| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    let catching_up = reg.catching_up.clone();
-    let (writer_hub, id) = (hub.clone(), sock.id);
-    let writer = tokio::spawn(async move {
-        // Why the server ends the socket, if it does: the close frame to send.
-        let ending = || {
-            if kill.is_cancelled() {
-                Some((CLOSE_POLICY, "slow consumer"))
-            } else if stop_writer.is_cancelled() {
-                Some((CLOSE_POLICY, "rate limit exceeded"))
-            } else if auth_end_writer.is_cancelled() {
-                Some(*auth_close_writer.lock())
-            } else if closing.is_cancelled() {
-                Some((CLOSE_GOING_AWAY, "server shutting down"))
-            } else {
-                None
-            }
-        };
-        loop {
-            // Biased: an ending wins over anything still queued, so its close frame is sent.
-            let msg = tokio::select! {
-                biased;
-                _ = kill.cancelled() => break,
-                _ = stop_writer.cancelled() => break,
-                _ = auth_end_writer.cancelled() => break,
-                _ = closing.cancelled() => break,
-                f = events.recv() => match f {
-                    Some(f) => {
-                        if catching_up.load(Ordering::Acquire) {
-                            // Room in the queue: the next chunk of a resume's catch-up.
-                            writer_hub.top_up(id);
-                        }
-                        Message::Text(f)
-                    }
-                    None => break,
-                },
-                f = reply_rx.recv() => match f { Some(f) => Message::Text(f), None => break },
-                _ = tick(&mut ping) => Message::Ping(Default::default()),
-            };
-            let sent = tokio::select! {
-                biased;
-                _ = kill.cancelled() => false,
-                _ = stop_writer.cancelled() => false,
-                _ = auth_end_writer.cancelled() => false,
-                _ = closing.cancelled() => false,
-                r = sink.send(msg) => r.is_ok(),
-            };
-            if !sent {
-                break;
-            }
-        }
-        if let Some((code, reason)) = ending() {
-            // A write never outlives an ending: a client that does not read would otherwise
-            // hold the socket open forever once its TCP buffers are full.
-            let close = Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            }));
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close)).await;
-        }
-    });
+    let writer = tokio::spawn(write(
+        sink,
+        out.clone(),
+        closing.clone(),
+        sock.hub.clone(),
+        sock.id,
+        sock.s.limits.ws_ping_interval,
+    ));
 
-    let mut bucket = Bucket::new(s.limits.ws_rate);
-    let idle = s.limits.ws_idle_timeout;
+    let m = sock.s.metrics.clone();
+    let mut bucket = Bucket::new(sock.s.limits.ws_rate);
+    let idle = sock.s.limits.ws_idle_timeout;
     let idle_at = || (!idle.is_zero()).then(|| tokio::time::Instant::now() + idle);
     let mut idle_deadline = idle_at();
-    // Ends the socket with a close frame of the server's choosing.
-    let end_with = |code: u16, reason: &'static str| {
-        *auth_close.lock() = (code, reason);
-        auth_end.cancel();
-    };
     while let Some(msg) = tokio::select! {
         next = stream.next() => match next {
             Some(Ok(msg)) => Some(msg),
             Some(Err(e)) => {
-                if is_too_big(&e) {
-                    m.push.ws_refusals.get(WsRefusal::FrameTooLarge).inc();
-                    end_with(CLOSE_TOO_BIG, "frame too large");
-                } else if let Some((code, reason)) = protocol_close(&e) {
+                if let Some((code, reason)) = close_for(&e) {
+                    if code == CLOSE_TOO_BIG {
+                        m.push.ws_refusals.get(WsRefusal::FrameTooLarge).inc();
+                    }
                     // RFC 6455 7.1.7: fail the connection with a Close frame, not a bare drop.
-                    end_with(code, reason);
+                    out.end_with(code, reason);
                 }
                 None
             }
             None => None,
         },
-        _ = reg.kill.cancelled() => None,
-        _ = reg.closing.cancelled() => None,
-        _ = until(sock.deadline) => {
-            end_with(CLOSE_TOKEN_EXPIRED, "token expired");
-            None
-        }
-        _ = until(idle_deadline) => {
-            m.push.ws_refusals.get(WsRefusal::IdleTimeout).inc();
-            end_with(CLOSE_IDLE, "idle timeout");
+        _ = out.ended() => None,
+        _ = closing.cancelled() => None,
+        // One timer for both deadlines: the token's and the idle timeout's.
+        _ = until(earliest(sock.deadline, idle_deadline)) => {
+            if sock.deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                out.end_with(CLOSE_TOKEN_EXPIRED, "token expired");
+            } else {
+                m.push.ws_refusals.get(WsRefusal::IdleTimeout).inc();
+                out.end_with(CLOSE_IDLE, "idle timeout");
+            }
             None
         }
     } {
@@ -418,43 +392,194 @@ async fn run(
                     result: "rate_limited",
                 })
                 .inc();
-            stop.cancel();
+            out.flooded();
             break;
         }
         let frame = match msg {
-            Message::Text(t) => Some(sock.handle(t.as_str()).await),
+            Message::Text(t) => {
+                let handling = Box::pin(sock.handle(t.as_str()));
+                Some(handling.await)
+            }
             Message::Binary(_) => Some(error_frame(
                 &None,
                 &Error::BadRequest("binary messages are not supported".into()),
             )),
             Message::Ping(_) | Message::Pong(_) => {
-                sock.touch(false).await;
+                let touching = Box::pin(sock.touch(false));
+                touching.await;
                 None
             }
             Message::Close(_) => break,
+            // Never read: tungstenite assembles frames into messages.
+            Message::Frame(_) => None,
         };
-        if let Some(end) = sock.end {
-            *auth_close.lock() = end;
-            auth_end.cancel();
+        if let Some((code, reason)) = sock.end {
+            out.end_with(code, reason);
             break;
         }
         if let Some(f) = frame {
-            if reply_tx.try_send(f).is_err() {
+            if out.push_reply(f).is_err() {
                 // The client sends but does not read its replies.
                 m.push.slow_consumers.inc();
-                reg.kill.cancel();
+                out.kill();
                 break;
             }
         }
     }
+    let finishing = Box::pin(finish(sock, out, writer, stream, done));
+    finishing.await;
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Reads the subscription list, sends the welcome, and starts the retries of the list when it
+/// could not be read (their stop is returned).
+async fn welcome(sock: &Socket, out: &Arc<Outbox>, sink: &mut WsSink) -> Option<CancellationToken> {
+    let (s, hub, user) = (&sock.s, &sock.hub, sock.user);
+    // The subscription list: from the store; failing that, the list this hub keeps for another
+    // socket of the user; failing that, the welcome says it is missing and it is retried.
+    let subscriptions = match s.presence.subscriptions(user).await {
+        Ok(list) => {
+            hub.set_subscriptions(user, &list, false);
+            Some(list)
+        }
+        Err(e) => {
+            tracing::warn!(user, reason = e.reason(), error = %e, "reading subscriptions for a socket failed");
+            hub.subscriptions_of(user)
+        }
+    };
+    // Ends the socket's helper task (the subscription reload).
+    let mut done = None;
+    let mut welcome = json!({
+        "type": "welcome",
+        "data": {
+            "userId": user,
+            "deviceId": sock.device,
+            "subscriptions": subscriptions,
+            "nextHeartbeatInterval": s.limits.heartbeat_interval_ms,
+        }
+    });
+    if subscriptions.is_none() {
+        welcome["data"]["degraded"] = json!(["subscriptions"]);
+        s.metrics.push.ws_degraded.inc();
+        let token = CancellationToken::new();
+        tokio::spawn(reload_subscriptions(
+            s.clone(),
+            hub.clone(),
+            user,
+            sock.id,
+            out.clone(),
+            token.clone(),
+        ));
+        done = Some(token);
+    }
+    let _ = send_text(sink, Utf8Bytes::from(welcome.to_string())).await;
+    done
+}
+
+/// The socket's writer: events and replies, a ping every `ping_every`, until the reader is
+/// done, the server ends the socket (then with its close frame) or a write fails.
+async fn write(
+    mut sink: WsSink,
+    out: Arc<Outbox>,
+    closing: CancellationToken,
+    hub: Arc<Hub>,
+    id: u64,
+    ping_every: Duration,
+) {
+    let next_ping = || (!ping_every.is_zero()).then(|| tokio::time::Instant::now() + ping_every);
+    let mut ping_at = next_ping();
+    loop {
+        // An ending wins over anything still queued, so its close frame is sent.
+        let msg = loop {
+            if out.ending().is_some() || closing.is_cancelled() {
+                break None;
+            }
+            match out.next() {
+                Next::Frame(f, catching_up) => {
+                    if catching_up {
+                        // Room in the queue: the next chunk of a resume's catch-up.
+                        hub.top_up(id);
+                    }
+                    break Some(Message::Text(f));
+                }
+                // The reader is done and nothing is left.
+                Next::Done => break None,
+                Next::Empty => {}
+            }
+            tokio::select! {
+                biased;
+                _ = closing.cancelled() => {}
+                _ = out.writable() => {}
+                _ = until(ping_at) => {
+                    ping_at = next_ping();
+                    break Some(Message::Ping(Bytes::new()));
+                }
+            }
+        };
+        let Some(msg) = msg else { break };
+        // A write never outlives an ending: a client that does not read would otherwise hold
+        // the socket open forever once its TCP buffers are full.
+        let sent = tokio::select! {
+            biased;
+            _ = out.ended_for_writer() => false,
+            _ = closing.cancelled() => false,
+            r = async {
+                match msg {
+                    Message::Text(t) => send_text(&mut sink, t).await,
+                    other => sink.send(other).await,
+                }
+            } => r.is_ok(),
+        };
+        if !sent {
+            break;
+        }
+    }
+    let ending = out.ending().or_else(|| {
+        closing
+            .is_cancelled()
+            .then_some((CLOSE_GOING_AWAY, "server shutting down"))
+    });
+    out.close();
+    if let Some((code, reason)) = ending {
+        let close = Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close)).await;
+    }
+}
+
+/// After the reader's loop: leaves the hub, waits for the writer's close frame, reads on
+/// briefly, and takes the device offline after the close grace (at once when draining).
+async fn finish(
+    sock: Socket,
+    out: Arc<Outbox>,
+    writer: tokio::task::JoinHandle<()>,
+    mut stream: SplitStream<Ws>,
+    done: Option<CancellationToken>,
+) {
+    let user = sock.user;
     // From here on the socket hears nothing from its client: a heartbeat seen later for this
     // device came through another socket.
     let stopped = tokio::time::Instant::now();
-    done.cancel();
-    drop(reply_tx);
+    if let Some(done) = done {
+        done.cancel();
+    }
+    // The writer sends what is queued, then stops.
+    out.finish();
     // The socket leaves the hub at once; the writer may still be getting a close frame out to
     // a client that reads slowly.
-    let generation = hub.unregister(sock.id, &sock.device);
+    let generation = sock.hub.unregister(sock.id, &sock.device);
     let _ = writer.await;
     // Read on briefly, so the client gets our close frame before the connection goes (closing
     // with unread input would reset it and lose the frame).
@@ -465,7 +590,7 @@ async fn run(
             }
         }
     });
-    let device = sock.device.clone();
+    let Socket { s, hub, device, .. } = sock;
     if hub.is_closing() {
         // The node is going away: the device goes offline now, not after the close grace.
         let offline = offline_on_drain(&s, &hub, user, &device, generation, stopped);
@@ -473,6 +598,7 @@ async fn run(
         return;
     }
     let _ = read_on.await;
+    drop(stream);
     // Offline after the grace, unless the device came back meanwhile; at once if the node starts
     // shutting down meanwhile.
     let grace = s.limits.ws_close_grace;
@@ -497,38 +623,17 @@ async fn run(
     });
 }
 
-/// Whether a read failed on a frame or message over the size limit.
-fn is_too_big(e: &axum::Error) -> bool {
-    // tungstenite's capacity error ("Space limit exceeded: Message too long: ..."), by its text:
-    // axum does not expose the type.
-    let text = e.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long")
-}
-
-/// The Close frame for a client that broke the protocol (tungstenite's errors, by their text as
-/// in [`is_too_big`]): 1007 for a text message that is not UTF-8, 1002 for any other protocol
-/// violation (unmasked or reserved-bit frames, unknown opcodes, bad fragments or control
-/// frames). `None` for I/O errors and a TCP reset: the connection is gone, no one to tell.
-fn protocol_close(e: &axum::Error) -> Option<(u16, &'static str)> {
-    let text = e.to_string();
-    if text.contains("UTF-8 encoding error") {
-        Some((CLOSE_INVALID_DATA, "invalid UTF-8"))
-    } else if text.contains("WebSocket protocol error")
-        && !text.contains("reset without closing handshake")
-    {
-        Some((CLOSE_PROTOCOL, "protocol error"))
-    } else {
-        None
-    }
-}
-
-/// The next tick of `ping`; never without one.
-async fn tick(ping: &mut Option<tokio::time::Interval>) {
-    match ping {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
+/// The Close frame for a read that failed (`None` for I/O errors and a TCP reset: the
+/// connection is gone, no one to tell): 1009 for a frame or message over the size limit, 1007
+/// for a text message that is not UTF-8, 1002 for any other protocol violation (unmasked or
+/// reserved-bit frames, unknown opcodes, bad fragments or control frames).
+fn close_for(e: &WsError) -> Option<(u16, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((CLOSE_TOO_BIG, "frame too large")),
+        WsError::Utf8(_) => Some((CLOSE_INVALID_DATA, "invalid UTF-8")),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((CLOSE_PROTOCOL, "protocol error")),
+        _ => None,
     }
 }
 
@@ -592,7 +697,7 @@ async fn reload_subscriptions(
     hub: Arc<Hub>,
     user: UserId,
     id: u64,
-    tx: mpsc::Sender<Frame>,
+    out: Arc<Outbox>,
     done: CancellationToken,
 ) {
     let mut delay = RELOAD_FIRST;
@@ -629,9 +734,8 @@ async fn reload_subscriptions(
             }
         };
         let frame = json!({ "type": "subscriptions", "data": { "subscriptions": list } });
-        tokio::select! {
-            _ = done.cancelled() => {}
-            _ = tx.send(Utf8Bytes::from(frame.to_string())) => {}
+        if !done.is_cancelled() {
+            out.push_reply_unbounded(Utf8Bytes::from(frame.to_string()));
         }
         return;
     }

@@ -1,8 +1,9 @@
 //! The gateway's sockets and the fan-out of events to them.
 //!
-//! Each socket has a bounded queue; an event is serialized once and its bytes shared by every
-//! socket it goes to. A socket whose queue is full is a slow consumer: it is closed, never
-//! buffered for. Each socket remembers the last version it was sent of each target, so it never
+//! Each socket has a bounded queue (its [`Outbox`]); an event is serialized once and its bytes
+//! shared by every socket it goes to. A socket whose queue is full is a slow consumer: it is
+//! closed, never buffered for. An idle socket's queue holds no buffer: it allocates while
+//! frames wait and frees once they are written. Each socket remembers the last version it was sent of each target, so it never
 //! receives an older state after a newer one; it remembers only targets its user subscribes to
 //! (and the user itself), so that memory is bounded by `PRESENCE_MAX_SUBSCRIPTIONS`.
 //!
@@ -14,15 +15,15 @@
 //! the sockets then make ([`Hub::shutdown`], [`Hub::drain_permit`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use compact_str::CompactString;
 use parking_lot::Mutex;
 use smallvec::SmallVec;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,26 +44,314 @@ pub struct InterestDelta {
 /// What a socket gets when it registers.
 pub struct Registration {
     pub id: u64,
-    pub rx: mpsc::Receiver<Frame>,
-    /// Fires when the hub drops the socket (slow consumer).
-    pub kill: CancellationToken,
+    /// The socket's queue: events from the hub, the socket's own replies, and why the server
+    /// ends the socket.
+    pub out: Arc<Outbox>,
     /// Fires when the node shuts down: the socket is closed with 1001 (Going Away).
     pub closing: CancellationToken,
+}
+
+/// Why a push into an [`Outbox`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full: the socket does not read (a slow consumer).
+    Full,
+    /// The socket's writer is gone.
+    Closed,
+}
+
+/// One socket's outgoing frames: the hub's events (at most `PRESENCE_WS_QUEUE`) and the
+/// socket's replies (at most `replies`), written by the socket's writer, events first. It
+/// also carries why the server ends the socket (slow consumer, flood, or a reason the socket
+/// chose), and wakes the socket's reader and writer when that happens.
+///
+/// One allocation per socket, and no buffer while nothing waits: a queue is freed as soon as
+/// it is empty, so an idle socket does not keep the capacity of its largest burst.
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    /// Wakes the writer: a frame was queued, or the socket ends.
+    to_writer: Notify,
+    /// Wakes the reader: the socket ends.
+    to_reader: Notify,
+    events_cap: u32,
+    replies_cap: u32,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    events: VecDeque<Frame>,
+    replies: VecDeque<Frame>,
+    /// Cut off as a slow consumer (by the hub, or by the reader when replies pile up).
+    killed: bool,
+    /// The client sent more than `PRESENCE_WS_RATE` messages a second.
+    flooded: bool,
+    /// Another reason the socket chose to end (token expired or refused, idle, a frame too
+    /// large, a protocol error): the close code and reason.
+    end: Option<(u16, &'static str)>,
     /// True while a resume's backlog waits for room in the queue: the writer then calls
-    /// [`Hub::top_up`] after each frame it takes.
-    pub catching_up: Arc<AtomicBool>,
+    /// [`Hub::top_up`] after each event it takes.
+    catching_up: bool,
+    /// The writer is gone: frames are refused.
+    closed: bool,
+    /// The reader is done: the writer stops once the queues are empty.
+    finished: bool,
+}
+
+/// What the writer takes from an [`Outbox`].
+#[derive(Debug)]
+pub enum Next {
+    /// A frame, and whether it was an event taken while a catch-up waits for room (the writer
+    /// then calls [`Hub::top_up`]).
+    Frame(Frame, bool),
+    /// Nothing queued for now.
+    Empty,
+    /// Nothing queued, and the reader is done.
+    Done,
+}
+
+/// Close code when the server ends a socket for a policy violation (slow consumer, flood).
+const CLOSE_POLICY: u16 = 1008;
+
+impl Outbox {
+    /// An outbox for `events` queued events and `replies` queued replies at most.
+    pub fn new(events: usize, replies: usize) -> Outbox {
+        Outbox {
+            state: Mutex::default(),
+            to_writer: Notify::new(),
+            to_reader: Notify::new(),
+            events_cap: events.clamp(1, u32::MAX as usize) as u32,
+            replies_cap: replies.clamp(1, u32::MAX as usize) as u32,
+        }
+    }
+
+    /// Queues an event frame.
+    pub fn push_event(&self, f: Frame) -> Result<(), Refused> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Err(Refused::Closed);
+        }
+        if st.events.len() >= self.events_cap as usize {
+            return Err(Refused::Full);
+        }
+        st.events.push_back(f);
+        drop(st);
+        self.to_writer.notify_one();
+        Ok(())
+    }
+
+    /// Queues a reply; `Err` when the client does not read its replies (or the writer is gone).
+    pub fn push_reply(&self, f: Frame) -> Result<(), Refused> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Err(Refused::Closed);
+        }
+        if st.replies.len() >= self.replies_cap as usize {
+            return Err(Refused::Full);
+        }
+        st.replies.push_back(f);
+        drop(st);
+        self.to_writer.notify_one();
+        Ok(())
+    }
+
+    /// Queues a frame past the reply bound (one a socket sends once, e.g. `subscriptions`).
+    pub fn push_reply_unbounded(&self, f: Frame) {
+        let mut st = self.state.lock();
+        if !st.closed {
+            st.replies.push_back(f);
+            drop(st);
+            self.to_writer.notify_one();
+        }
+    }
+
+    /// Room left for events.
+    pub fn free(&self) -> usize {
+        (self.events_cap as usize).saturating_sub(self.state.lock().events.len())
+    }
+
+    /// The next frame to write (events first). Frees a queue's buffer once it is empty.
+    pub fn next(&self) -> Next {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let (f, event) = match st.events.pop_front() {
+            Some(f) => (f, true),
+            None => match st.replies.pop_front() {
+                Some(f) => (f, false),
+                None if st.finished => return Next::Done,
+                None => return Next::Empty,
+            },
+        };
+        for q in [&mut st.replies, &mut st.events] {
+            if q.is_empty() && q.capacity() > 0 {
+                *q = VecDeque::new();
+            }
+        }
+        Next::Frame(f, event && st.catching_up)
+    }
+
+    /// The next frame, if any (see [`Outbox::next`]).
+    pub fn pop(&self) -> Option<(Frame, bool)> {
+        match self.next() {
+            Next::Frame(f, catching_up) => Some((f, catching_up)),
+            Next::Empty | Next::Done => None,
+        }
+    }
+
+    /// The reader is done: the writer sends what is queued, then stops.
+    pub fn finish(&self) {
+        self.state.lock().finished = true;
+        self.to_writer.notify_one();
+    }
+
+    /// Cuts the socket off as a slow consumer.
+    pub fn kill(&self) {
+        self.state.lock().killed = true;
+        self.wake_both();
+    }
+
+    /// Whether the socket was cut off as a slow consumer.
+    pub fn is_killed(&self) -> bool {
+        self.state.lock().killed
+    }
+
+    /// Ends the socket: its client floods.
+    pub fn flooded(&self) {
+        self.state.lock().flooded = true;
+        self.wake_both();
+    }
+
+    /// Ends the socket with `code` and `reason` (a slow consumer or a flood still wins; of the
+    /// socket's own reasons, the last one set is sent).
+    pub fn end_with(&self, code: u16, reason: &'static str) {
+        self.state.lock().end = Some((code, reason));
+        self.wake_both();
+    }
+
+    /// Why the server ends the socket, if it does: the close frame to send. A slow consumer
+    /// first, then a flood, then the socket's own reason.
+    pub fn ending(&self) -> Option<(u16, &'static str)> {
+        let st = self.state.lock();
+        if st.killed {
+            Some((CLOSE_POLICY, "slow consumer"))
+        } else if st.flooded {
+            Some((CLOSE_POLICY, "rate limit exceeded"))
+        } else {
+            st.end
+        }
+    }
+
+    /// The writer is gone: drops what is queued and refuses anything more.
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        st.events = VecDeque::new();
+        st.replies = VecDeque::new();
+    }
+
+    /// Resolves once something is queued or the socket ends (may resolve spuriously; the
+    /// writer is its only caller).
+    pub async fn writable(&self) {
+        self.to_writer.notified().await;
+    }
+
+    /// Resolves once the server ends the socket (the reader is its only caller).
+    pub async fn ended(&self) {
+        while self.ending().is_none() {
+            self.to_reader.notified().await;
+        }
+    }
+
+    /// Resolves once the server ends the socket (for the writer, while it writes).
+    pub async fn ended_for_writer(&self) {
+        while self.ending().is_none() {
+            self.to_writer.notified().await;
+        }
+    }
+
+    fn wake_both(&self) {
+        self.to_writer.notify_one();
+        self.to_reader.notify_one();
+    }
+
+    fn set_catching_up(&self, on: bool) {
+        self.state.lock().catching_up = on;
+    }
+
+    #[cfg(test)]
+    fn catching_up(&self) -> bool {
+        self.state.lock().catching_up
+    }
+}
+
+/// The users a target's watchers are; most targets have one (a user with a socket watches
+/// itself), so one needs no allocation of its own.
+#[derive(Debug)]
+enum Watchers {
+    One(UserId),
+    Many(HashSet<UserId>),
+}
+
+impl Watchers {
+    fn contains(&self, u: UserId) -> bool {
+        match self {
+            Watchers::One(x) => *x == u,
+            Watchers::Many(s) => s.contains(&u),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Watchers::One(_) => 1,
+            Watchers::Many(s) => s.len(),
+        }
+    }
+
+    fn insert(&mut self, u: UserId) {
+        match self {
+            Watchers::One(x) if *x == u => {}
+            Watchers::One(x) => *self = Watchers::Many(HashSet::from([*x, u])),
+            Watchers::Many(s) => {
+                s.insert(u);
+            }
+        }
+    }
+
+    /// Removes `u`; true when no watcher is left.
+    fn remove(&mut self, u: UserId) -> bool {
+        match self {
+            Watchers::One(x) => *x == u,
+            Watchers::Many(s) => {
+                s.remove(&u);
+                match s.len() {
+                    0 => true,
+                    1 => {
+                        let last = *s.iter().next().expect("one left");
+                        *self = Watchers::One(last);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = UserId> + '_ {
+        let (one, many) = match self {
+            Watchers::One(x) => (Some(*x), None),
+            Watchers::Many(s) => (None, Some(s.iter().copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
 }
 
 struct Sock {
     user: UserId,
-    tx: mpsc::Sender<Frame>,
+    out: Arc<Outbox>,
     /// target → last version sent. Only the user itself and targets it subscribes to: an entry
     /// is dropped when its target is unsubscribed.
     seen: HashMap<UserId, u64>,
-    kill: CancellationToken,
     /// A resume's catch-up not queued yet (at most one view per subscribed target).
     backlog: VecDeque<StatusView>,
-    catching_up: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -73,9 +362,10 @@ struct State {
     /// Subscriptions of users with a socket here.
     subs: HashMap<UserId, HashSet<UserId>>,
     /// target → local subscribers: the keys are this gateway's interest.
-    watchers: HashMap<UserId, HashSet<UserId>>,
-    /// (user, device) → (open sockets, generation), for the close grace.
-    devices: HashMap<(UserId, String), (u32, u64)>,
+    watchers: HashMap<UserId, Watchers>,
+    /// (user, device) → (open sockets, generation), for the close grace. Device ids up to 24
+    /// bytes are stored inline.
+    devices: HashMap<(UserId, CompactString), (u32, u64)>,
 }
 
 /// The sockets of one gateway.
@@ -84,6 +374,8 @@ pub struct Hub {
     interest: Mutex<Option<mpsc::UnboundedSender<InterestDelta>>>,
     metrics: Arc<Metrics>,
     queue: usize,
+    /// Replies a socket may have queued (a client that sends but does not read).
+    replies: usize,
     /// Cancelled when the node shuts down.
     closing: CancellationToken,
     /// The sockets' tasks (and their close-grace offlines), which a shutdown waits for.
@@ -114,11 +406,11 @@ fn wanted(subs: &HashMap<UserId, HashSet<UserId>>, user: UserId, target: UserId)
 fn top_up(sock: &mut Sock, subs: &HashMap<UserId, HashSet<UserId>>, reserve: usize) -> usize {
     let mut queued = 0;
     while !sock.backlog.is_empty() {
-        if sock.kill.is_cancelled() {
+        if sock.out.is_killed() {
             sock.backlog.clear();
             break;
         }
-        if sock.tx.capacity() <= reserve {
+        if sock.out.free() <= reserve {
             break;
         }
         let Some(v) = sock.backlog.pop_front() else {
@@ -131,23 +423,25 @@ fn top_up(sock: &mut Sock, subs: &HashMap<UserId, HashSet<UserId>>, reserve: usi
         if v.version <= *seen {
             continue; // a newer state went out meanwhile
         }
-        match sock.tx.try_send(presence_frame(&v)) {
+        match sock.out.push_event(presence_frame(&v)) {
             Ok(()) => {
                 *seen = v.version;
                 queued += 1;
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 sock.backlog.push_front(v);
                 break;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(Refused::Closed) => {
                 sock.backlog.clear();
                 break;
             }
         }
     }
-    sock.catching_up
-        .store(!sock.backlog.is_empty(), Ordering::Release);
+    if sock.backlog.is_empty() && sock.backlog.capacity() > 0 {
+        sock.backlog = VecDeque::new();
+    }
+    sock.out.set_catching_up(!sock.backlog.is_empty());
     queued
 }
 
@@ -155,6 +449,9 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>, queue: usize) -> Arc<Hub> {
         Hub::with_drain_concurrency(metrics, queue, DEFAULT_DRAIN_CONCURRENCY)
     }
+
+    /// Replies a socket may have queued before its client counts as not reading them.
+    pub const REPLY_QUEUE: usize = 64;
 
     /// A hub whose shutdown makes at most `drain_concurrency` `offline` calls at once.
     pub fn with_drain_concurrency(
@@ -167,6 +464,7 @@ impl Hub {
             interest: Mutex::new(None),
             metrics,
             queue: queue.max(1),
+            replies: Hub::REPLY_QUEUE,
             closing: CancellationToken::new(),
             sessions: TaskTracker::new(),
             drain_deadline: Mutex::new(None),
@@ -255,9 +553,7 @@ impl Hub {
 
     /// A new socket of `user` on `device`.
     pub fn register(&self, user: UserId, device: &str) -> Registration {
-        let (tx, rx) = mpsc::channel(self.queue);
-        let kill = CancellationToken::new();
-        let catching_up = Arc::new(AtomicBool::new(false));
+        let out = Arc::new(Outbox::new(self.queue, self.replies));
         let mut st = self.state.lock();
         st.next_id += 1;
         let id = st.next_id;
@@ -265,23 +561,23 @@ impl Hub {
             id,
             Sock {
                 user,
-                tx,
+                out: out.clone(),
                 seen: HashMap::new(),
-                kill: kill.clone(),
                 backlog: VecDeque::new(),
-                catching_up: catching_up.clone(),
             },
         );
         st.by_user.entry(user).or_default().push(id);
         let mut delta = InterestDelta::default();
-        let w = st.watchers.entry(user).or_default();
-        if w.is_empty() {
-            delta.add.push(user);
+        match st.watchers.entry(user) {
+            std::collections::hash_map::Entry::Occupied(mut w) => w.get_mut().insert(user),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Watchers::One(user));
+                delta.add.push(user);
+            }
         }
-        w.insert(user);
         let d = st
             .devices
-            .entry((user, device.to_owned()))
+            .entry((user, CompactString::from(device)))
             .or_insert((0, 0));
         d.0 += 1;
         d.1 += 1;
@@ -290,10 +586,8 @@ impl Hub {
         self.notify(delta);
         Registration {
             id,
-            rx,
-            kill,
+            out,
             closing: self.closing.clone(),
-            catching_up,
         }
     }
 
@@ -309,7 +603,7 @@ impl Hub {
             ids.retain(|i| *i != id);
             last = ids.is_empty();
         }
-        let key = (user, device.to_owned());
+        let key = (user, CompactString::from(device));
         let generation = match st.devices.get_mut(&key) {
             Some(d) => {
                 d.0 = d.0.saturating_sub(1);
@@ -337,7 +631,7 @@ impl Hub {
     /// without a reconnect). Forgets the device when so.
     pub fn gone_since(&self, user: UserId, device: &str, generation: u64) -> bool {
         let mut st = self.state.lock();
-        let key = (user, device.to_owned());
+        let key = (user, CompactString::from(device));
         match st.devices.get(&key) {
             Some((0, g)) if *g == generation => {
                 st.devices.remove(&key);
@@ -447,7 +741,7 @@ impl Hub {
     }
 
     /// Queues more of the socket's resume backlog, now that its queue has room (the writer calls
-    /// this after taking a frame while [`Registration::catching_up`] is set). Half the queue
+    /// this after taking an event while a catch-up waits: [`Outbox::pop`] says so). Half the queue
     /// stays free for live events.
     pub fn top_up(&self, id: u64) -> usize {
         let mut st = self.state.lock();
@@ -484,7 +778,7 @@ impl Hub {
         };
         let mut delivered = 0u64;
         let mut filtered = 0u64;
-        for &viewer in watchers {
+        for viewer in watchers.iter() {
             let Some(ids) = by_user.get(&viewer) else {
                 continue;
             };
@@ -498,7 +792,7 @@ impl Hub {
                 let Some(sock) = socks.get_mut(id) else {
                     continue;
                 };
-                if sock.kill.is_cancelled() {
+                if sock.out.is_killed() {
                     continue; // already cut off as a slow consumer
                 }
                 if ev.snapshot && !sock.seen.contains_key(&target) {
@@ -514,7 +808,7 @@ impl Hub {
                 if version <= *seen {
                     continue;
                 }
-                match sock.tx.try_send(f) {
+                match sock.out.push_event(f) {
                     Ok(()) => {
                         *seen = version;
                         delivered += 1;
@@ -522,11 +816,11 @@ impl Hub {
                             filtered += 1;
                         }
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        sock.kill.cancel();
+                    Err(Refused::Full) => {
+                        sock.out.kill();
                         self.metrics.push.slow_consumers.inc();
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(Refused::Closed) => {}
                 }
             }
         }
@@ -558,11 +852,13 @@ fn set_subscriptions_locked(
     let next: HashSet<UserId> = targets.iter().copied().collect();
     let old = st.subs.insert(user, next.clone()).unwrap_or_default();
     for &t in next.difference(&old) {
-        let w = st.watchers.entry(t).or_default();
-        if w.is_empty() {
-            delta.add.push(t);
+        match st.watchers.entry(t) {
+            std::collections::hash_map::Entry::Occupied(mut w) => w.get_mut().insert(user),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Watchers::One(user));
+                delta.add.push(t);
+            }
         }
-        w.insert(user);
         if catch_up {
             for id in &ids {
                 if let Some(sock) = st.socks.get_mut(id) {
@@ -595,8 +891,7 @@ fn set_subscriptions_locked(
 
 fn unwatch(st: &mut State, target: UserId, user: UserId, delta: &mut InterestDelta) {
     if let Some(w) = st.watchers.get_mut(&target) {
-        w.remove(&user);
-        if w.is_empty() {
+        if w.contains(user) && w.remove(user) {
             st.watchers.remove(&target);
             delta.remove.push(target);
         }
@@ -642,8 +937,8 @@ mod tests {
         let hub = Hub::new(Arc::new(Metrics::new()), 8);
         let (tx, mut interest) = mpsc::unbounded_channel();
         hub.set_interest_sink(tx);
-        let mut a1 = hub.register(1, "phone");
-        let mut a2 = hub.register(1, "laptop");
+        let a1 = hub.register(1, "phone");
+        let a2 = hub.register(1, "laptop");
         assert_eq!(
             interest.recv().await.unwrap().add,
             vec![1],
@@ -656,10 +951,10 @@ mod tests {
         hub.deliver(&ev(10, 2));
         hub.deliver(&ev(10, 1)); // older: dropped
         hub.deliver(&ev(12, 5)); // nobody subscribes
-        for r in [&mut a1.rx, &mut a2.rx] {
-            let f = r.try_recv().unwrap();
+        for r in [&a1, &a2] {
+            let f = next(r).unwrap();
             assert!(f.as_str().contains("\"version\":2"), "{}", f.as_str());
-            assert!(r.try_recv().is_err());
+            assert!(next(r).is_none());
         }
         // A resume records what the client has, then sends only what is newer.
         let n = hub.resume(
@@ -668,9 +963,9 @@ mod tests {
             vec![view(11, 4, Status::Busy), view(10, 3, Status::Away)],
         );
         assert_eq!(n, 1);
-        let f = a1.rx.try_recv().unwrap();
+        let f = next(&a1).unwrap();
         assert!(f.as_str().contains("\"version\":3"), "{}", f.as_str());
-        assert!(a1.rx.try_recv().is_err());
+        assert!(next(&a1).is_none());
         // The last socket of the user leaves: interest goes.
         hub.unregister(a1.id, "phone");
         hub.unregister(a2.id, "laptop");
@@ -688,39 +983,45 @@ mod tests {
         for v in 1..=5 {
             hub.deliver(&ev(10, v));
         }
-        assert!(a.kill.is_cancelled());
+        assert!(a.out.is_killed());
+        assert_eq!(a.out.ending(), Some((1008, "slow consumer")));
         assert_eq!(hub.metrics.push.slow_consumers.get(), 1);
     }
 
     #[tokio::test]
     async fn snapshots_only_catch_up_sockets_that_want_them() {
         let hub = Hub::new(Arc::new(Metrics::new()), 8);
-        let mut a = hub.register(1, "d");
+        let a = hub.register(1, "d");
         hub.set_subscriptions(1, &[10], false); // loaded at connect
         let snap = |u, v| Event {
             snapshot: true,
             ..ev(u, v)
         };
         hub.deliver(&snap(10, 3)); // a fresh socket waits for its own resume
-        assert!(a.rx.try_recv().is_err());
+        assert!(next(&a).is_none());
         // Another device subscribes to 11: this socket wants 11's current state.
         hub.set_subscriptions(1, &[10, 11], true);
         hub.deliver(&snap(11, 2));
-        assert!(a.rx.try_recv().unwrap().as_str().contains("\"version\":2"));
+        assert!(next(&a).unwrap().as_str().contains("\"version\":2"));
         hub.deliver(&ev(10, 4)); // changes always go through
-        assert!(a.rx.try_recv().unwrap().as_str().contains("\"version\":4"));
+        assert!(next(&a).unwrap().as_str().contains("\"version\":4"));
     }
 
     /// What the writer of a socket does: takes a frame, and tops the catch-up up after it.
     fn drain(hub: &Hub, reg: &mut Registration) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(f) = reg.rx.try_recv() {
-            if reg.catching_up.load(Ordering::Acquire) {
+        while let Some((f, catching_up)) = reg.out.pop() {
+            if catching_up {
                 hub.top_up(reg.id);
             }
             out.push(f.as_str().to_owned());
         }
         out
+    }
+
+    /// The next frame queued for the socket.
+    fn next(reg: &Registration) -> Option<Frame> {
+        reg.out.pop().map(|(f, _)| f)
     }
 
     fn seen_len(hub: &Hub, id: u64) -> usize {
@@ -743,12 +1044,12 @@ mod tests {
         // The client has 100..105 at version 2 already.
         let have: Vec<(UserId, u64)> = (100..105).map(|t| (t, 2)).collect();
         assert_eq!(hub.resume(a.id, &have, views), 15);
-        assert!(a.catching_up.load(Ordering::Acquire));
+        assert!(a.out.catching_up());
         // A live event while catching up: room for it, and the catch-up skips the older state.
         hub.deliver(&ev(110, 3));
-        assert!(!a.kill.is_cancelled(), "cut off by its own resume");
+        assert!(!a.out.is_killed(), "cut off by its own resume");
         let frames = drain(&hub, &mut a);
-        assert!(!a.catching_up.load(Ordering::Acquire));
+        assert!(!a.out.catching_up());
         let mut got: Vec<(u64, u64)> = frames
             .iter()
             .map(|f| {
@@ -828,6 +1129,48 @@ mod tests {
         );
         drop(p);
         hub.wait().await;
+    }
+
+    /// Issue 13: an outbox bounds both queues, writes events first, holds no buffer once
+    /// empty, and ends the socket with the strongest reason.
+    #[test]
+    fn an_outbox_bounds_its_queues_frees_them_and_ranks_its_endings() {
+        let f = |s: &'static str| Frame::from_static(s);
+        let out = Outbox::new(2, 1);
+        assert!(matches!(out.next(), Next::Empty));
+        out.push_event(f("e1")).unwrap();
+        out.push_reply(f("r1")).unwrap();
+        out.push_event(f("e2")).unwrap();
+        assert_eq!(out.push_event(f("e3")), Err(Refused::Full));
+        assert_eq!(out.push_reply(f("r2")), Err(Refused::Full));
+        assert_eq!(out.free(), 0);
+        let mut order = Vec::new();
+        while let Some((frame, _)) = out.pop() {
+            order.push(frame.as_str().to_owned());
+        }
+        assert_eq!(order, ["e1", "e2", "r1"]);
+        {
+            let st = out.state.lock();
+            assert_eq!((st.events.capacity(), st.replies.capacity()), (0, 0));
+        }
+        assert_eq!(out.free(), 2);
+        out.push_reply(f("r3")).unwrap();
+        out.finish();
+        assert!(
+            matches!(out.next(), Next::Frame(..)),
+            "what is queued still goes"
+        );
+        assert!(matches!(out.next(), Next::Done));
+        assert_eq!(out.ending(), None);
+        out.end_with(4408, "idle timeout");
+        assert_eq!(out.ending(), Some((4408, "idle timeout")));
+        out.flooded();
+        assert_eq!(out.ending(), Some((1008, "rate limit exceeded")));
+        out.kill();
+        assert_eq!(out.ending(), Some((1008, "slow consumer")));
+        out.close();
+        assert_eq!(out.push_event(f("late")), Err(Refused::Closed));
+        assert_eq!(out.push_reply(f("late")), Err(Refused::Closed));
     }
 
     #[test]
