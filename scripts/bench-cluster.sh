@@ -325,7 +325,7 @@ bench_cluster() {
       line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
         --connections 64 --duration "$dur" --server-pid "$lead" 2>/dev/null)"
       c1="$(cpu_ticks "${pids[@]}")"
-      [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat_batch_size_(sum|count)|^presence_heartbeats_sent_alone" | tr '\n' ' '
+      [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat(s_batched|_batches)_total|^presence_heartbeats_sent_alone" | tr '\n' ' '
       echo "$cfg round $r: $line"
       echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(echo "$line" |
         jq -r --argjson t "$((c1 - c0))" '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')" \

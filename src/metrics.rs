@@ -530,8 +530,9 @@ pub struct GrpcMetrics {
     pub requests: Counters<GrpcAnswer<'static>>,
     pub duration: Histograms<GrpcCall<'static>>,
     pub wrong_owner_retries: IntCounter,
-    /// Heartbeats per `HeartbeatBatch` call a gateway sends to one shard.
-    pub heartbeat_batch_size: Histogram,
+    /// `HeartbeatBatch` calls a gateway sent, and the heartbeats they carried.
+    pub heartbeat_batches: IntCounter,
+    pub heartbeats_batched: IntCounter,
     /// Heartbeats a gateway sent alone after coalescing did not settle them.
     pub heartbeats_alone: IntCounter,
 }
@@ -552,10 +553,13 @@ impl GrpcMetrics {
                 "presence_wrong_owner_retries_total",
                 "Gateway retries after a shard answered that it does not own the user.",
             ),
-            heartbeat_batch_size: r.histogram(
-                "presence_heartbeat_batch_size",
-                "Heartbeats per HeartbeatBatch call from a gateway to one shard.",
-                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            heartbeat_batches: r.counter(
+                "presence_heartbeat_batches_total",
+                "HeartbeatBatch calls from a gateway to the shards.",
+            ),
+            heartbeats_batched: r.counter(
+                "presence_heartbeats_batched_total",
+                "Heartbeats a gateway sent to the shards in HeartbeatBatch calls (divided by presence_heartbeat_batches_total: the mean batch).",
             ),
             heartbeats_alone: r.counter(
                 "presence_heartbeats_sent_alone_total",

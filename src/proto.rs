@@ -131,9 +131,9 @@ impl From<&Privacy> for v1::PrivacySettings {
     }
 }
 
-/// Privacy settings from the wire, checked again (never trust the wire): known values, and
-/// lists of at most `max` valid user ids each.
-pub fn privacy_from(p: &v1::PrivacySettings, max: usize) -> Result<Privacy, Error> {
+/// Privacy settings from the wire: known values only (never trust the wire). The lists' limits
+/// are checked where a change lands, by the owning shard.
+pub fn privacy_from(p: &v1::PrivacySettings) -> Result<Privacy, Error> {
     let visibility = match v1::Visibility::try_from(p.visibility) {
         Ok(v1::Visibility::Everyone) => Visibility::Everyone,
         Ok(v1::Visibility::Contacts) => Visibility::Contacts,
@@ -146,9 +146,7 @@ pub fn privacy_from(p: &v1::PrivacySettings, max: usize) -> Result<Privacy, Erro
         Ok(v1::LastSeenMode::Hidden) => LastSeen::Hidden,
         Err(_) => return Err(Error::BadRequest("unknown lastSeen".into())),
     };
-    for list in [&p.allow, &p.deny] {
-        presence::validate_privacy_list(list, max)?;
-    }
+    // The lists' limits are the owning shard's to check (`Shard::set_privacy`), once.
     Ok(Privacy::new(visibility, last_seen, &p.allow, &p.deny))
 }
 
@@ -168,7 +166,7 @@ impl TryFrom<v1::Audience> for Audience {
     /// From a shard: its lists are trusted to be within the limits it enforces, but not to be
     /// sorted (they are sorted again).
     fn try_from(a: v1::Audience) -> Result<Audience, Error> {
-        let privacy = privacy_from(&a.privacy.unwrap_or_default(), usize::MAX)?;
+        let privacy = privacy_from(&a.privacy.unwrap_or_default())?;
         let mut contacts = a.contacts;
         contacts.sort_unstable();
         contacts.dedup();

@@ -321,8 +321,8 @@ async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
         assert_eq!(v["message"], "device not online", "{v}");
     }
     let g = Proc::Gateway(0);
-    let sent = c.metric(g, "presence_heartbeat_batch_size_sum").await;
-    let calls = c.metric(g, "presence_heartbeat_batch_size_count").await;
+    let sent = c.metric(g, "presence_heartbeats_batched_total").await;
+    let calls = c.metric(g, "presence_heartbeat_batches_total").await;
     let alone = c.metric(g, "presence_heartbeats_sent_alone_total").await;
     let expected = (rounds * (online.len() + 1)) as f64;
     assert_eq!(sent, expected, "every heartbeat went in a batch, once");

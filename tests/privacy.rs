@@ -276,36 +276,22 @@ async fn observers_see_what_each_visibility_and_list_lets_them(t: Topology) {
         assert_sees(&v, sees, &format!("allow/deny precedence, viewer {o}"));
     }
     // A user token cannot look through someone else's eyes, and reads no one's settings.
-    let (code, v) = w
-        .call_as(
-            &user_token(stranger),
-            Some(contact),
-            "GET",
-            &format!("/status/{u}"),
-            None,
-        )
-        .await;
-    assert_eq!(code, 403, "{v}");
-    let (code, v) = w
-        .call_as(
-            &user_token(stranger),
-            None,
-            "GET",
-            &format!("/privacy/{u}"),
-            None,
-        )
-        .await;
-    assert_eq!(code, 403, "{v}");
-    let (code, v) = w
-        .call_as(
-            &user_token(stranger),
+    let refused = [
+        (Some(contact), "GET", format!("/status/{u}"), None),
+        (None, "GET", format!("/privacy/{u}"), None),
+        (
             None,
             "PUT",
-            &format!("/privacy/{u}"),
+            format!("/privacy/{u}"),
             Some(json!({"visibility": "EVERYONE"})),
-        )
-        .await;
-    assert_eq!(code, 403, "{v}");
+        ),
+    ];
+    for (viewer, method, path, body) in refused {
+        let (code, v) = w
+            .call_as(&user_token(stranger), viewer, method, &path, body)
+            .await;
+        assert_eq!(code, 403, "{method} {path} as {viewer:?}: {v}");
+    }
     let read = w.ok(&w.svc, "GET", &format!("/privacy/{u}"), None).await;
     assert_eq!(
         read, answer,

@@ -460,7 +460,7 @@ impl Presence for Router {
                 async move { c.privacy(req(msg)).await }
             })
             .await?;
-        proto::privacy_from(&reply.privacy.unwrap_or_default(), usize::MAX)
+        proto::privacy_from(&reply.privacy.unwrap_or_default())
     }
 
     async fn set_privacy(&self, user: UserId, privacy: Privacy) -> Result<Privacy, Error> {
@@ -475,7 +475,7 @@ impl Presence for Router {
                 async move { c.set_privacy(req(msg)).await }
             })
             .await?;
-        proto::privacy_from(&reply.privacy.unwrap_or_default(), usize::MAX)
+        proto::privacy_from(&reply.privacy.unwrap_or_default())
     }
 
     async fn healthy(&self) -> bool {

@@ -170,10 +170,11 @@ impl Lane {
 
     /// One `HeartbeatBatch` call; answers every beat.
     async fn send(&self, beats: Vec<Beat>) {
+        self.metrics.grpc.heartbeat_batches.inc();
         self.metrics
             .grpc
-            .heartbeat_batch_size
-            .observe(beats.len() as f64);
+            .heartbeats_batched
+            .inc_by(beats.len() as u64);
         let epoch = self.ring.borrow().epoch();
         let (dones, heartbeats): (Vec<_>, Vec<_>) = beats
             .into_iter()

@@ -554,8 +554,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
     async fn set_privacy(&self, req: Request<v1::SetPrivacyRequest>) -> Reply<v1::PrivacyReply> {
         self.serve("SetPrivacy", req, |r| async move {
             let user = self.user(r.user_id)?;
-            let max = self.shard.rules().max_privacy_list;
-            let privacy = proto::privacy_from(&r.privacy.unwrap_or_default(), max)?;
+            let privacy = proto::privacy_from(&r.privacy.unwrap_or_default())?;
             let p = self.shard.set_privacy(user, privacy).await?;
             Ok(v1::PrivacyReply {
                 privacy: Some((&p).into()),

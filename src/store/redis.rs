@@ -762,7 +762,60 @@ impl RedisStore {
         results: &mut [Option<Value>],
         deadline: Instant,
     ) -> Result<(), Error> {
-        let mut pending: Vec<usize> = (0..cmds.len()).collect();
+        self.metrics
+            .store
+            .redis_round_trips
+            .get(StoreOp { op })
+            .inc_by(0);
+        let slots: Vec<u16> = cmds.iter().map(|c| c.0).collect();
+        self.by_node_until(&slots, results, deadline, |addr, idxs| {
+            let mut pipe = redis::pipe();
+            for &i in idxs {
+                pipe.add_command(cmds[i].1.clone());
+            }
+            let n = idxs.len();
+            async move {
+                let r = self
+                    .call(&addr, deadline, async |c: &mut MultiplexedConnection| {
+                        pipe.query_async::<Vec<Value>>(c).await
+                    })
+                    .await;
+                self.metrics
+                    .store
+                    .redis_round_trips
+                    .get(StoreOp { op })
+                    .inc();
+                match r {
+                    Ok(values) => values.into_iter().map(Ok).collect(),
+                    Err(e) => {
+                        let mut out = Vec::with_capacity(n);
+                        self.node_failed(&addr, op, &e, &mut |f| {
+                            out.extend((0..n).map(|_| Err(f)))
+                        });
+                        out
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs items by the node that serves each one's slot: `run` gets a node's address and the
+    /// indices of its items, and answers one outcome per index. Items that failed retriably
+    /// go again after a topology refresh, with backoff, until `deadline`; a fatal failure ends
+    /// the whole run.
+    async fn by_node_until<F, Fut>(
+        &self,
+        slots: &[u16],
+        results: &mut [Option<Value>],
+        deadline: Instant,
+        run: F,
+    ) -> Result<(), Error>
+    where
+        F: Fn(String, &[usize]) -> Fut,
+        Fut: std::future::Future<Output = Vec<Result<Value, WriteFailure>>>,
+    {
+        let mut pending: Vec<usize> = (0..slots.len()).collect();
         let mut backoff = Duration::from_millis(50);
         loop {
             let topo = match self.topology() {
@@ -775,57 +828,29 @@ impl RedisStore {
             let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
             for &i in &pending {
                 groups
-                    .entry(topo.slots[cmds[i].0 as usize])
+                    .entry(topo.slots[slots[i] as usize])
                     .or_default()
                     .push(i);
             }
             let runs = groups.into_iter().map(|(node, idxs)| {
-                let addr = topo.nodes[node as usize].clone();
-                let mut pipe = redis::pipe();
-                for &i in &idxs {
-                    pipe.add_command(cmds[i].1.clone());
-                }
-                async move {
-                    let r = self
-                        .call(&addr, deadline, async |c: &mut MultiplexedConnection| {
-                            pipe.query_async::<Vec<Value>>(c).await
-                        })
-                        .await;
-                    (addr, idxs, r)
-                }
+                let fut = run(topo.nodes[node as usize].clone(), &idxs);
+                async move { (idxs, fut.await) }
             });
-            self.metrics
-                .store
-                .redis_round_trips
-                .get(StoreOp { op })
-                .inc_by(0);
             let mut failed = Vec::new();
             let mut fatal = None;
-            for (addr, idxs, r) in join_all(runs).await {
-                self.metrics
-                    .store
-                    .redis_round_trips
-                    .get(StoreOp { op })
-                    .inc();
-                match r {
-                    Ok(values) => {
-                        for (i, v) in idxs.into_iter().zip(values) {
-                            results[i] = Some(v);
+            for (idxs, answers) in join_all(runs).await {
+                if answers.len() != idxs.len() {
+                    // A node's answer of the wrong length (or none at all): try again.
+                    failed.extend(idxs);
+                    continue;
+                }
+                for (i, a) in idxs.into_iter().zip(answers) {
+                    match a {
+                        Ok(v) => results[i] = Some(v),
+                        Err(WriteFailure::Retriable) => failed.push(i),
+                        Err(WriteFailure::Fatal) => {
+                            fatal = Some(store_err("redis cluster refused the operation"))
                         }
-                    }
-                    Err(e) if e.retriable() => {
-                        tracing::debug!(node = %addr, error = %e, "redis node failed, will retry");
-                        self.metrics
-                            .store
-                            .redis_errors
-                            .get(RedisError::Retriable)
-                            .inc();
-                        failed.extend(idxs);
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %addr, error = %e, op, "redis refused an operation");
-                        self.metrics.store.redis_errors.get(RedisError::Fatal).inc();
-                        fatal = Some(store_err("redis cluster refused the operation"));
                     }
                 }
             }
@@ -1057,12 +1082,14 @@ impl RedisStore {
                     if e.drops_connection() {
                         self.forget(addr, generation);
                     }
-                    self.group_failed(addr, &e, &mut |f| fail(&mut results, f));
+                    self.node_failed(addr, "save", &e, &mut |f| fail(&mut results, f));
                     break;
                 }
                 Err(_) => {
                     self.forget(addr, generation);
-                    self.group_failed(addr, &NodeError::Timeout, &mut |f| fail(&mut results, f));
+                    self.node_failed(addr, "save", &NodeError::Timeout, &mut |f| {
+                        fail(&mut results, f)
+                    });
                     break;
                 }
             };
@@ -1083,7 +1110,7 @@ impl RedisStore {
                             None
                         } else {
                             let mut failure = None;
-                            self.group_failed(addr, &NodeError::Redis(e), &mut |f| {
+                            self.node_failed(addr, "save", &NodeError::Redis(e), &mut |f| {
                                 failure = Some(f)
                             });
                             failure.map(Err)
@@ -1117,11 +1144,17 @@ impl RedisStore {
         }
     }
 
-    /// Counts and logs a failure of a group (or of one of its writes) and says what it means
-    /// for the writes.
-    fn group_failed(&self, addr: &str, e: &NodeError, out: &mut dyn FnMut(WriteFailure)) {
+    /// Counts and logs a failure of a node's call (or of one of its writes) and says what it
+    /// means for the items.
+    fn node_failed(
+        &self,
+        addr: &str,
+        op: &'static str,
+        e: &NodeError,
+        out: &mut dyn FnMut(WriteFailure),
+    ) {
         if e.retriable() {
-            tracing::debug!(node = %addr, error = %e, "redis node failed a save, will retry");
+            tracing::debug!(node = %addr, error = %e, op, "redis node failed, will retry");
             self.metrics
                 .store
                 .redis_errors
@@ -1129,7 +1162,7 @@ impl RedisStore {
                 .inc();
             out(WriteFailure::Retriable);
         } else {
-            tracing::warn!(node = %addr, error = %e, op = "save", "redis refused an operation");
+            tracing::warn!(node = %addr, error = %e, op, "redis refused an operation");
             self.metrics.store.redis_errors.get(RedisError::Fatal).inc();
             out(WriteFailure::Fatal);
         }
@@ -1143,66 +1176,18 @@ impl RedisStore {
         results: &mut [Option<Value>],
         deadline: Instant,
     ) -> Result<(), Error> {
-        let mut pending: Vec<usize> = (0..writes.len()).collect();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let topo = match self.topology() {
-                Some(t) => t,
-                None => {
-                    self.refresh_topology(deadline).await?;
-                    continue;
-                }
-            };
-            let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
-            for &i in &pending {
-                groups
-                    .entry(topo.slots[writes[i].slot as usize])
-                    .or_default()
-                    .push(i);
-            }
-            let runs = groups.into_iter().map(|(node, idxs)| {
-                let addr = &topo.nodes[node as usize];
-                let rx = self.submit(
-                    addr,
-                    idxs.iter().map(|&i| writes[i].clone()).collect(),
-                    deadline,
-                );
-                async move { (idxs, rx.await) }
-            });
-            let mut failed = Vec::new();
-            let mut fatal = None;
-            for (idxs, r) in join_all(runs).await {
-                let Ok(answers) = r else {
-                    // The group task ended without an answer (it panicked): try again.
-                    failed.extend(idxs);
-                    continue;
-                };
-                for (i, a) in idxs.into_iter().zip(answers) {
-                    match a {
-                        Ok(v) => results[i] = Some(v),
-                        Err(WriteFailure::Retriable) => failed.push(i),
-                        Err(WriteFailure::Fatal) => {
-                            fatal = Some(store_err("redis cluster refused the operation"))
-                        }
-                    }
-                }
-            }
-            if let Some(e) = fatal {
-                return Err(e);
-            }
-            if failed.is_empty() {
-                return Ok(());
-            }
-            pending = failed;
-            if Instant::now() + backoff >= deadline {
-                return Err(timed_out());
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(400));
-            if let Err(e) = self.refresh_topology(deadline).await {
-                tracing::debug!(error = %e, "topology refresh failed");
-            }
-        }
+        let slots: Vec<u16> = writes.iter().map(|w| w.slot).collect();
+        self.by_node_until(&slots, results, deadline, |addr, idxs| {
+            let rx = self.submit(
+                &addr,
+                idxs.iter().map(|&i| writes[i].clone()).collect(),
+                deadline,
+            );
+            // A group task that ended without an answer (it panicked) answers nothing: the
+            // driver tries those writes again.
+            async move { rx.await.unwrap_or_default() }
+        })
+        .await
     }
 
     fn user_slot(&self, user: UserId) -> u16 {
