@@ -10,6 +10,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+# The iptables scenario cuts a Redis master off with iptables: install it where it is missing.
+# Under CI=true a failed install fails the run (the scenario would fail anyway); elsewhere the
+# scenario says how to install it and skips.
+if ! lib_apt_ensure iptables -- iptables; then
+    [[ "${CI:-}" == true ]] && lib_die "iptables is needed by the chaos suite and could not be installed"
+    lib_log "iptables missing: the iptables scenario will be skipped"
+fi
 export PRESENCE_TEST_REDIS_DIR="${PRESENCE_TEST_REDIS_DIR:-$PWD/.tmp/chaos-redis}"
 export PRESENCE_TEST_REDIS_BASE_PORT="${PRESENCE_TEST_REDIS_BASE_PORT:-7200}"
 cluster() {
