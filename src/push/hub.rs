@@ -126,29 +126,31 @@ impl Outbox {
 
     /// Queues an event frame.
     pub fn push_event(&self, f: Frame) -> Result<(), Refused> {
-        let mut st = self.state.lock();
-        if st.closed {
-            return Err(Refused::Closed);
-        }
-        if st.events.len() >= self.events_cap as usize {
-            return Err(Refused::Full);
-        }
-        st.events.push_back(f);
-        drop(st);
-        self.to_writer.notify_one();
-        Ok(())
+        self.push_bounded(f, self.events_cap, |q| &mut q.events)
     }
 
     /// Queues a reply; `Err` when the client does not read its replies (or the writer is gone).
     pub fn push_reply(&self, f: Frame) -> Result<(), Refused> {
+        self.push_bounded(f, self.replies_cap, |q| &mut q.replies)
+    }
+
+    /// Queues `f` on the queue `pick` chooses, unless the outbox is closed or that queue holds
+    /// `cap` frames already; wakes the writer.
+    fn push_bounded(
+        &self,
+        f: Frame,
+        cap: u32,
+        pick: impl FnOnce(&mut OutboxState) -> &mut VecDeque<Frame>,
+    ) -> Result<(), Refused> {
         let mut st = self.state.lock();
         if st.closed {
             return Err(Refused::Closed);
         }
-        if st.replies.len() >= self.replies_cap as usize {
+        let q = pick(&mut st);
+        if q.len() >= cap as usize {
             return Err(Refused::Full);
         }
-        st.replies.push_back(f);
+        q.push_back(f);
         drop(st);
         self.to_writer.notify_one();
         Ok(())
