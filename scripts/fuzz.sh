@@ -60,17 +60,8 @@ missing() {
 }
 
 section "tools"
-want="schemathesis==$SCHEMATHESIS_VERSION websockets==$WEBSOCKETS_VERSION"
-if [[ ! -x "$VENV/bin/schemathesis" || "$(cat "$VENV/.wanted" 2>/dev/null)" != "$want" ]]; then
-    command -v python3 >/dev/null 2>&1 || missing "python3 not found"
-    lib_log "installing $want into $VENV"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" || missing "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    # shellcheck disable=SC2086
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check $want >&2 ||
-        missing "pip install $want failed"
-    echo "$want" >"$VENV/.wanted"
-fi
+lib_py_venv "$VENV" "schemathesis==$SCHEMATHESIS_VERSION" "websockets==$WEBSOCKETS_VERSION" ||
+    missing "could not install schemathesis and websockets into $VENV"
 PY="$VENV/bin/python"
 echo "  $("$VENV/bin/schemathesis" --version 2>&1 | head -n 1), websockets $("$PY" -c 'import websockets; print(websockets.__version__)')"
 

@@ -112,6 +112,21 @@ lib_apt_ensure() {
     done
 }
 
+# lib_py_venv VENV PKG==VERSION...: a Python venv at VENV holding exactly those pinned packages
+# (recreated when the list changes). Returns 1 (with a message) when python3, venv or pip fails.
+lib_py_venv() {
+    local venv="$1"
+    shift
+    local want="$*"
+    [[ -x "$venv/bin/python" && "$(cat "$venv/.wanted" 2>/dev/null)" == "$want" ]] && return 0
+    command -v python3 >/dev/null 2>&1 || { lib_log "python3 not found"; return 1; }
+    lib_log "installing $want into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || { lib_log "python3 -m venv failed (Debian: apt-get install python3-venv)"; return 1; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$@" >&2 || { lib_log "pip install $want failed"; return 1; }
+    echo "$want" >"$venv/.wanted"
+}
+
 # ------------------------------------------------------------------------------------ processes
 
 lib_spawn() {

@@ -263,7 +263,17 @@ def send_raw_text(ws, data):
     frame = Frame(Opcode.TEXT, data)
     # The protocol object would validate UTF-8 on send; write the serialized frame ourselves.
     raw = frame.serialize(mask=True, extensions=[])
-    ws.transport.write(raw)
+    # Bypassing the library also bypasses its check that the socket is still open: once the
+    # server has closed it (for an earlier fatal frame), the transport refuses writes. Report
+    # that as the library would, a ConnectionClosed, so the close is counted, not a crash.
+    from websockets.protocol import State
+    closed = ConnectionClosed(None, None)  # the close frames are read from ws.protocol later
+    if ws.protocol.state is not State.OPEN or ws.transport.is_closing():
+        raise closed
+    try:
+        ws.transport.write(raw)
+    except RuntimeError as e:  # write() after write_eof(): closed between the check and here
+        raise closed from e
 
 
 def raw_handshake(host, port, token, user, device):
