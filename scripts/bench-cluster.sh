@@ -17,9 +17,10 @@
 #      PORT_BASE             default 18100           OUT         default .tmp/bench-out
 #      issue 3: HB_USERS (10000), HB_ROUNDS (3), RB_REQUESTS (300000), CMD_USERS (20000),
 #               REFRESH_RUN=0 to skip the PRESENCE_REDIS_REFRESH=20s run
-#      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s), CL_CONFIGS (default
+#      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s), CL_CONNECTIONS (64), CL_CONFIGS (default
 #               "all shards1 shards3"; also "shards3-single": 3 shards, the gateway sending each
-#               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false), CL_PERF=1 (a
+#               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false; "shards3-nowindow": batches
+#               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s), CL_PERF=1 (a
 #               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
@@ -27,7 +28,7 @@
 #               PUSH_DURATION (60s), PUSH_PARTS (aio,cluster), PUSH_CLUSTER_ENV (extra settings of
 #               the cluster's processes, e.g. "PRESENCE_REDIS_MIN_REPLICAS=0")
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$PWD"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
@@ -49,6 +50,7 @@ NOFILE="$(ulimit -n)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   cargo build --release --workspace --bins
 fi
+[[ -x "$SERVER" && -x "$LOADGEN" ]] || lib_die "no binaries in $BIN_DIR (cargo build --workspace --bins)"
 
 declare -A PROC=()   # name -> pid of every service process we started
 REDIS_STARTED=
@@ -311,19 +313,22 @@ bench_cluster() {
         shards3-single)
           start_cluster 3 1 PRESENCE_COALESCE_HEARTBEATS=false
           url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        shards3-nowindow)
+          start_cluster 3 1 PRESENCE_COALESCE_WINDOW=0s
+          url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         *) lib_die "unknown CL_CONFIGS entry: $cfg" ;;
       esac
       lead="${PROC[all]:-${PROC[gw1]:-}}"
       mapfile -t pids < <(cluster_pids)
       # users online first (not measured), then the measured heartbeat run
-      "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections 64 \
+      "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections "${CL_CONNECTIONS:-64}" \
         --duration 2s --warmup 0s 2>/dev/null >/dev/null
       c0="$(cpu_ticks "${pids[@]}")"
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
         (sleep 3 && perf record -F 999 -g -p "$lead" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
       line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
-        --connections 64 --duration "$dur" --server-pid "$lead" 2>/dev/null)"
+        --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null)"
       c1="$(cpu_ticks "${pids[@]}")"
       [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat(s_batched|_batches)_total|^presence_heartbeats_sent_alone" | tr '\n' ' '
       echo "$cfg round $r: $line"
@@ -429,11 +434,14 @@ bench_push() {
   fi
 }
 
-header
-case "$WHAT" in
-  redis) bench_redis ;;
-  cluster) bench_cluster ;;
-  push) bench_push ;;
-  all) bench_redis; bench_cluster; bench_push ;;
-  *) lib_die "usage: $0 redis|cluster|push|all" ;;
-esac
+# Sourced (by scripts/scale.sh) for its helpers only: start_cluster, push_run, metric, rss_kb...
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  header
+  case "$WHAT" in
+    redis) bench_redis ;;
+    cluster) bench_cluster ;;
+    push) bench_push ;;
+    all) bench_redis; bench_cluster; bench_push ;;
+    *) lib_die "usage: $0 redis|cluster|push|all" ;;
+  esac
+fi

@@ -4,6 +4,11 @@ use presence_service::config::{Config, EXIT_USAGE};
 use presence_service::node::{self, Node};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: per-thread heaps. Under glibc's malloc the gateway spent a quarter of its time in
+/// the allocator and in waits on its arena locks (see docs/benchmarks.md, issue 13).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load();

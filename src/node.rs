@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, AppState, Limits};
+use crate::api::{self, AppInner, AppState, Limits};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError, DiscoveryKind, Role};
 use crate::membership::{self, Discovery, Members, StaticDiscovery};
@@ -299,12 +299,12 @@ impl Node {
                 let mut router =
                     Router::new(ring, clients.clone(), config.route_timeout, metrics.clone());
                 if config.coalesce_heartbeats {
-                    router = router.coalescing();
+                    router = router.coalescing(config.coalesce_window);
                 }
                 (Arc::new(router), None, None)
             }
         };
-        let state = AppState {
+        let state = AppState::new(AppInner {
             presence,
             hub,
             metrics,
@@ -312,7 +312,7 @@ impl Node {
             ready_needs_store: config.role == Role::All,
             limits: Arc::new(limits),
             auth,
-        };
+        });
         let listener = TcpListener::bind(config.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");
         let metrics_listener = match config.metrics_listen {

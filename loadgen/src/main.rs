@@ -10,6 +10,8 @@
 //! - `compare`: livez, heartbeat, livez again in one process (optionally several rounds); reports
 //!   `heartbeat_rps / mean(livez_rps before and after)`, the figure of issue 2, and the server's
 //!   CPU time per request of each (with `--server-pid`), which does not depend on the client.
+//! - `sim`: a population of WebSocket or REST devices with subscriptions; push delay.
+//! - `expire`: ~100k devices whose timeouts fall within a second; lateness of each OFFLINE.
 //! - `rss`: the resident memory of a process.
 //!
 //! Traffic only ever goes to a loopback address: any other target is refused.
@@ -30,6 +32,7 @@ use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+mod expire;
 mod rules;
 mod sim;
 
@@ -70,6 +73,8 @@ enum Cmd {
     /// REST, K subscriptions each, status changes at a fixed rate; delivery delay,
     /// delivered/expected and false offlines.
     Sim(sim::SimArgs),
+    /// Devices whose heartbeat timeouts fall within about a second: how late each OFFLINE reaches a watcher.
+    Expire(expire::ExpireArgs),
     /// Print the resident memory of a process (from /proc/<pid>/status).
     Rss {
         #[arg(long)]
@@ -1073,6 +1078,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Fill(a) => cmd_fill(format, a).await,
             Cmd::Compare(a) => cmd_compare(format, a).await,
             Cmd::Sim(a) => sim::run(format, a).await,
+            Cmd::Expire(a) => expire::run(format, a).await,
             Cmd::Rss { .. } => unreachable!("handled above"),
         }
     })

@@ -53,9 +53,26 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/metrics", &["GET"]),
 ];
 
-/// What the handlers need.
+/// What the handlers need: one `Arc`, because axum clones the state for every middleware and
+/// handler of every request (an `Arc` per field made that a dozen atomic operations).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppInner>);
+
+impl AppState {
+    pub fn new(inner: AppInner) -> AppState {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+pub struct AppInner {
     pub presence: Arc<dyn Presence>,
     /// The sockets of this node (gateway and all-in-one roles).
     pub hub: Option<Arc<crate::push::hub::Hub>>,

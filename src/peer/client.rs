@@ -131,13 +131,15 @@ impl Router {
         }
     }
 
-    /// Sends heartbeats in per-shard batches (see `coalesce`).
-    pub fn coalescing(mut self) -> Router {
+    /// Sends heartbeats in per-shard batches (see `coalesce`), each lane waiting up to `window`
+    /// for a batch to fill.
+    pub fn coalescing(mut self, window: std::time::Duration) -> Router {
         self.coalescer = Some(Coalescer::new(
             self.ring.clone(),
             self.clients.clone(),
             self.metrics.clone(),
             self.deadline,
+            window,
         ));
         self
     }

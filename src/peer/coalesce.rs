@@ -30,6 +30,8 @@ const MAX_BATCH: usize = 512;
 const IN_FLIGHT: usize = 1;
 /// Heartbeats waiting for one shard; beyond this, callers take the routed path.
 const QUEUE: usize = 8192;
+/// A batch this full goes without waiting out the window.
+const FILL: usize = 64;
 
 struct Beat {
     user: UserId,
@@ -68,6 +70,8 @@ pub struct Coalescer {
     metrics: Arc<Metrics>,
     /// The route deadline (`PRESENCE_ROUTE_TIMEOUT`).
     deadline: Duration,
+    /// How long a batch waits to fill (`PRESENCE_COALESCE_WINDOW`).
+    window: Duration,
     lanes: Mutex<HashMap<String, mpsc::Sender<Beat>>>,
 }
 
@@ -77,12 +81,14 @@ impl Coalescer {
         clients: Arc<Clients>,
         metrics: Arc<Metrics>,
         deadline: Duration,
+        window: Duration,
     ) -> Coalescer {
         Coalescer {
             ring,
             clients,
             metrics,
             deadline,
+            window,
             lanes: Mutex::new(HashMap::new()),
         }
     }
@@ -123,6 +129,7 @@ impl Coalescer {
         let lane = Lane {
             owner: owner.to_owned(),
             timeout: self.deadline / 4,
+            window: self.window,
             ring: self.ring.clone(),
             clients: self.clients.clone(),
             metrics: self.metrics.clone(),
@@ -138,6 +145,7 @@ impl Coalescer {
 struct Lane {
     owner: String,
     timeout: Duration,
+    window: Duration,
     ring: watch::Receiver<Arc<Ring>>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
@@ -149,10 +157,20 @@ impl Lane {
         let this = Arc::new(self);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.recv().await {
+            batch.push(first);
+            // Wait out the window for the batch to fill, unless it fills first.
+            if !this.window.is_zero() {
+                let until = tokio::time::Instant::now() + this.window;
+                while batch.len() < FILL {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(b)) => batch.push(b),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
             let Ok(permit) = calls.clone().acquire_owned().await else {
                 return;
             };
-            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(b) => batch.push(b),
