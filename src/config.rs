@@ -307,7 +307,7 @@ pub struct Config {
     pub http_idle_timeout: Duration,
 
     /// Resolution of the timer wheel; a timeout fires at most one tick late.
-    #[arg(long, env = "PRESENCE_TIMER_TICK", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PRESENCE_TIMER_TICK", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub timer_tick: Duration,
 
     /// How long SIGTERM waits for requests in flight before exiting.

@@ -41,7 +41,7 @@ use crate::store::{Saved, Store, SubscriptionMode, Write};
 use crate::timer::{Clock, Tick, TimerWheel};
 
 const STRIPES: usize = 256;
-const WHEEL_SLOTS: usize = 4096;
+const WHEEL_SLOTS: usize = 8192;
 /// A user with nothing left to time leaves memory this long after its last change.
 const EVICT_DELAY: Millis = 5_000;
 /// Furthest ahead a settings expiry may be.
@@ -484,7 +484,7 @@ impl Shard {
             .next_deadline(&self.rules)
             .unwrap_or(now + EVICT_DELAY);
         let tick = self.tick_at(deadline);
-        if entry.armed == 0 || tick < entry.armed as u64 {
+        if entry.armed == 0 || tick < entry.armed {
             entry.armed = self.wheel.lock().insert(user, tick);
         }
     }

@@ -10,7 +10,7 @@
 use crate::presence::Millis;
 
 /// A tick number, counted from the wheel's creation.
-pub type Tick = u32;
+pub type Tick = u64;
 
 pub struct TimerWheel {
     slots: Box<[Vec<u64>]>,

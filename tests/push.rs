@@ -36,7 +36,7 @@ const OFFLINE: &str = "/api/v1/presence/offline";
 const INTERVAL: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// The timer wheel's resolution (`PRESENCE_TIMER_TICK`, default).
-const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(10);
 /// The bound on the delay from a change to its delivery.
 const PUSH_BOUND: Duration = Duration::from_secs(1);
 
