@@ -20,7 +20,9 @@
 #      issue 4: CL_USERS (10000), CL_ROUNDS (3), CL_DURATION (10s), CL_CONNECTIONS (64), CL_CONFIGS (default
 #               "all shards1 shards3"; also "shards3-single": 3 shards, the gateway sending each
 #               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false; "shards3-nowindow": batches
-#               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s), CL_PERF=1 (a
+#               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s; "all-1w" and "shards3-1w": each
+#               process with PRESENCE_WORKER_THREADS=1, so that the cluster's 4 processes do not
+#               run 8 workers on 2 cores), CL_PERF=1 (a
 #               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
@@ -308,6 +310,11 @@ bench_cluster() {
           start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS"
           url="http://127.0.0.1:$((PORT_BASE + 10))"
           wait_ready "$url" ;;
+        all-1w)
+          start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS" PRESENCE_WORKER_THREADS=1
+          url="http://127.0.0.1:$((PORT_BASE + 10))"
+          wait_ready "$url" ;;
+        shards3-1w) start_cluster 3 1 PRESENCE_WORKER_THREADS=1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards1) start_cluster 1 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards3) start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards3-single)

@@ -81,6 +81,12 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_ROLE", value_enum, default_value = "all")]
     pub role: Role,
 
+    /// Runtime worker threads; 0: one per CPU the process may use (a container's CPU limit
+    /// counts). Processes that share a machine (a gateway and shards on one box) each take
+    /// their share.
+    #[arg(long, env = "PRESENCE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// Address of a shard's gRPC service.
     #[arg(long, env = "PRESENCE_GRPC_LISTEN", default_value = "0.0.0.0:9004")]
     pub grpc_listen: SocketAddr,
@@ -107,9 +113,9 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_COALESCE_HEARTBEATS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub coalesce_heartbeats: bool,
 
-    /// How long a gateway's batch for one shard waits to fill (to 64 heartbeats) before it is
-    /// sent; 0 sends whatever queued while the previous batch was out. Adds at most this much
-    /// to a heartbeat's latency, and saves CPU per heartbeat on every node.
+    /// The most a gateway's batch for one shard waits to fill: it goes once the runtime has
+    /// read the requests that arrived with it (a few scheduler passes that add nothing), or
+    /// holds 64, or this is out; 0 sends whatever queued while the previous batch was out.
     #[arg(long, env = "PRESENCE_COALESCE_WINDOW", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub coalesce_window: Duration,
 
@@ -505,6 +511,12 @@ impl Config {
             })
         };
         let ms = |d: Duration| d.as_millis();
+        if self.worker_threads > 1024 {
+            return bad(
+                "PRESENCE_WORKER_THREADS",
+                "must be at most 1024 (0: one per CPU)",
+            );
+        }
         if ms(self.heartbeat_interval) == 0 {
             return bad("PRESENCE_HEARTBEAT_INTERVAL", "must be at least 1ms");
         }

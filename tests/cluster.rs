@@ -341,3 +341,55 @@ async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
     assert_eq!(not_online, rounds as f64, "the stranger's, once each");
     println!("{expected} heartbeats in {calls} batch calls");
 }
+
+/// Issue 13: a batch goes once the gateway has read the requests that came with it, not when
+/// its window is out: with a 30 s window, a lone heartbeat is answered at once, and heartbeats
+/// that come together still share calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_goes_when_nothing_more_is_ready_not_when_the_window_is_out() {
+    let c = common::blocking(|| {
+        Cluster::in_process(3, 1)
+            .vars(&[("PRESENCE_COALESCE_WINDOW", "30s")])
+            .start()
+    });
+    let online = users(200);
+    for &u in &online {
+        let body = json!({ "userId": u, "deviceId": "d", "platform": "WEB" });
+        let (code, v) = c.post(0, "/api/v1/presence/online", body).await;
+        assert_eq!(code, 200, "{v}");
+    }
+    for &u in online.iter().take(5) {
+        let started = std::time::Instant::now();
+        let body = json!({ "userId": u, "deviceId": "d", "active": true });
+        let (code, v) = c.post(0, "/api/v1/presence/heartbeat", body).await;
+        assert_eq!(code, 200, "{v}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "a lone heartbeat took {took:?}: its batch waited for the window"
+        );
+    }
+    let g = Proc::Gateway(0);
+    let calls_before = c.metric(g, "presence_heartbeat_batches_total").await;
+    let beats = online.iter().map(|&u| {
+        let body = json!({ "userId": u, "deviceId": "d", "active": true });
+        c.post(0, "/api/v1/presence/heartbeat", body)
+    });
+    for (code, v) in futures::future::join_all(beats).await {
+        assert_eq!(code, 200, "{v}");
+    }
+    let calls = c.metric(g, "presence_heartbeat_batches_total").await - calls_before;
+    assert_eq!(
+        c.metric(g, "presence_heartbeats_sent_alone_total").await,
+        0.0
+    );
+    assert!(
+        calls <= online.len() as f64 / 2.0,
+        "{calls} batch calls for {} heartbeats that came together",
+        online.len()
+    );
+    println!(
+        "{} concurrent heartbeats in {calls} batch calls",
+        online.len()
+    );
+}

@@ -131,8 +131,8 @@ impl Router {
         }
     }
 
-    /// Sends heartbeats in per-shard batches (see `coalesce`), each lane waiting up to `window`
-    /// for a batch to fill.
+    /// Sends heartbeats in per-shard batches (see `coalesce`), each lane letting a batch fill
+    /// for at most `window`.
     pub fn coalescing(mut self, window: std::time::Duration) -> Router {
         self.coalescer = Some(Coalescer::new(
             self.ring.clone(),

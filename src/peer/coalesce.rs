@@ -3,8 +3,10 @@
 //! request.
 //!
 //! The batching adapts to load: each shard has a lane, whose task takes whatever has queued and
-//! sends it as one call, with at most `IN_FLIGHT` calls out at once. A lone heartbeat waits for
-//! nothing; under load, a batch holds what arrived while the previous call was out.
+//! sends it as one call, with at most `IN_FLIGHT` calls out at once. A batch goes once a few
+//! scheduler passes added nothing to it (or it holds `FILL`, or the window is out): under load
+//! it holds the requests that arrived together and what arrived while the previous call was
+//! out; a lone heartbeat waits only for those passes.
 //! Coalescing never changes an answer: a heartbeat the shard accepted is done, one of a device
 //! that is not online gets that answer, and any other (refused by the shard, or whose batch
 //! failed) is handed back to the caller, who sends it alone on the routed path with its
@@ -32,6 +34,8 @@ const IN_FLIGHT: usize = 1;
 const QUEUE: usize = 8192;
 /// A batch this full goes without waiting out the window.
 const FILL: usize = 64;
+/// Scheduler passes in a row that add nothing to a batch before it goes.
+const QUIET_PASSES: u32 = 2;
 
 struct Beat {
     user: UserId,
@@ -158,16 +162,7 @@ impl Lane {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.recv().await {
             batch.push(first);
-            // Wait out the window for the batch to fill, unless it fills first.
-            if !this.window.is_zero() {
-                let until = tokio::time::Instant::now() + this.window;
-                while batch.len() < FILL {
-                    match tokio::time::timeout_at(until, rx.recv()).await {
-                        Ok(Some(b)) => batch.push(b),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            }
+            this.fill(&mut rx, &mut batch).await;
             let Ok(permit) = calls.clone().acquire_owned().await else {
                 return;
             };
@@ -183,6 +178,30 @@ impl Lane {
                 this.send(beats).await;
                 drop(permit);
             });
+        }
+    }
+
+    /// Lets the batch fill before it goes: the lane yields to the runtime, which reads the
+    /// requests that have arrived (each queues its heartbeat), and takes what they queued; it
+    /// goes once [`QUIET_PASSES`] passes in a row added nothing, once it holds [`FILL`], or when
+    /// the window is out. No timer: under load a batch gathers the requests that arrived
+    /// together, and a lone heartbeat waits only for a few scheduler passes.
+    async fn fill(&self, rx: &mut mpsc::Receiver<Beat>, batch: &mut Vec<Beat>) {
+        if self.window.is_zero() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.window;
+        let mut quiet = 0;
+        while quiet < QUIET_PASSES && batch.len() < FILL && tokio::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+            let before = batch.len();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(b) => batch.push(b),
+                    Err(_) => break,
+                }
+            }
+            quiet = if batch.len() == before { quiet + 1 } else { 0 };
         }
     }
 
