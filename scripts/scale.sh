@@ -70,7 +70,33 @@ rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.err "$OUT/samples.tsv"
 # shellcheck source=scripts/bench-cluster.sh
 source scripts/bench-cluster.sh
 
-secs() { local d="$1"; case "$d" in *ms) echo "0";; *s) echo "${d%s}";; *m) echo $((${d%m} * 60));; *) echo "$d";; esac; }
+# secs DURATION: a humantime duration (300s, 5m, 1m30s, 1500ms, 1h; a bare number is seconds) in
+# whole seconds, rounded down.
+secs() {
+  local d="$1" ms=0 n
+  [[ "$d" =~ ^[0-9]+$ ]] && d="${d}s"
+  while [[ "$d" =~ ^([0-9]+)(ms|s|m|h)(.*)$ ]]; do
+    n="${BASH_REMATCH[1]}"
+    case "${BASH_REMATCH[2]}" in
+      ms) ms=$((ms + n)) ;;
+      s) ms=$((ms + n * 1000)) ;;
+      m) ms=$((ms + n * 60000)) ;;
+      h) ms=$((ms + n * 3600000)) ;;
+    esac
+    d="${BASH_REMATCH[3]}"
+  done
+  [[ -z "$d" && "$1" =~ ^[0-9] ]] || lib_die "not a duration: '$1' (e.g. 300s, 5m, 1m30s)"
+  echo $((ms / 1000))
+}
+
+# handoff_gained count|sum: the survivors' (shards 1 and 3)
+# presence_handoff_duration_seconds_{count,sum}{direction="gained"}, summed.
+handoff_gained() {
+  local i
+  for i in 1 3; do curl -fsS "$(shard_url "$i")/metrics"; done |
+    awk -v n="presence_handoff_duration_seconds_$1{direction=\"gained\"}" -v f="$([[ $1 == sum ]] && echo %.6f || echo %.0f)" \
+      '$1 == n { s += $2 } END { printf f "\n", s }'
+}
 TIMEOUT_S="$(secs "$TIMEOUT")"
 TICK_ENV=()
 [[ -n "${SCALE_TIMER_TICK:-}" ]] && TICK_ENV=("PRESENCE_TIMER_TICK=$SCALE_TIMER_TICK")
@@ -201,11 +227,8 @@ dead_devices="$(metric "$(shard_url 2)" presence_online_devices)"
 dead_parts="$(metric "$(shard_url 2)" presence_owned_partitions)"
 fig dead_shard_devices "$dead_devices"
 fig dead_shard_partitions "$dead_parts"
-hcount0=0 hsum0=0
-for i in 1 3; do
-  hcount0=$((hcount0 + $(metric "$(shard_url "$i")" 'presence_handoff_duration_seconds_count{direction="gained"}')))
-done
-hsum0="$(for i in 1 3; do curl -fsS "$(shard_url "$i")/metrics" | awk '$1 == "presence_handoff_duration_seconds_sum{direction=\"gained\"}" { print $2 }'; done | awk '{ s += $1 } END { print s + 0 }')"
+hcount0="$(handoff_gained count)"
+hsum0="$(handoff_gained sum)"
 kill -9 "${PROC[shard2]}"
 t_kill="$(now)"
 unset "PROC[shard2]"
@@ -216,10 +239,10 @@ until (($(metric "$(shard_url 1)" presence_owned_partitions) + $(metric "$(shard
 done
 fig owned_all_after_kill_s "$(since "$t_kill")"
 # The load of the gained partitions is done when the handoff histogram has counted it.
-until (($(for i in 1 3; do metric "$(shard_url "$i")" 'presence_handoff_duration_seconds_count{direction="gained"}'; done | awk '{ s += $1 } END { print s }') > hcount0)); do
+until (($(handoff_gained count) > hcount0)); do
   sleep 0.1
 done
-hsum1="$(for i in 1 3; do curl -fsS "$(shard_url "$i")/metrics" | awk '$1 == "presence_handoff_duration_seconds_sum{direction=\"gained\"}" { print $2 }'; done | awk '{ s += $1 } END { print s + 0 }')"
+hsum1="$(handoff_gained sum)"
 fig handoff_load_s "$(awk -v a="$hsum0" -v b="$hsum1" 'BEGIN { printf "%.2f", b - a }')"
 fig handoff_done_after_kill_s "$(since "$t_kill")"
 sleep 1

@@ -32,26 +32,26 @@ impl TimerWheel {
 
     /// The last tick processed.
     pub fn current(&self) -> Tick {
-        self.current as Tick
+        self.current
     }
 
     /// The furthest tick an entry can be placed at now.
     pub fn horizon(&self) -> Tick {
-        (self.current + self.mask + 1) as Tick
+        self.current + self.mask + 1
     }
 
     /// Arms `key` for `tick`, clamped to the next tick and to the horizon. Returns the tick used.
     pub fn insert(&mut self, key: u64, tick: u64) -> Tick {
         let t = tick.clamp(self.current + 1, self.current + self.mask + 1);
         self.slots[(t & self.mask) as usize].push(key);
-        t as Tick
+        t
     }
 
     /// Drains every slot up to and including `to`, appending `(key, tick)` pairs to `out`.
     pub fn advance(&mut self, to: u64, out: &mut Vec<(u64, Tick)>) {
         while self.current < to {
             self.current += 1;
-            let tick = self.current as Tick;
+            let tick = self.current;
             let slot = &mut self.slots[(self.current & self.mask) as usize];
             out.extend(slot.drain(..).map(|k| (k, tick)));
         }

@@ -13,7 +13,8 @@
 //!
 //! Lateness = arrival − deadline. It reports its percentiles, how wide the deadlines spread, how
 //! many never arrived within `--grace` after the last deadline (`missed`), and how many arrived
-//! before their deadline (`early`: a device declared gone before its timeout is a bug).
+//! before their deadline (`early`, which includes any OFFLINE seen before the burst: a device
+//! declared gone before its timeout is a bug).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -118,7 +119,6 @@ pub async fn run(format: Format, a: ExpireArgs) -> anyhow::Result<()> {
 
     // 2. Watchers.
     let arrivals: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-    let early_frames = Arc::new(AtomicU64::new(0));
     let watchers = n.div_ceil(a.per_watcher);
     let stop = tokio_util::sync::CancellationToken::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Result<()>>();
@@ -153,11 +153,6 @@ pub async fn run(format: Format, a: ExpireArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("expire: {watchers} watchers subscribed to all {n} targets");
-    let frames_before_burst = arrivals
-        .iter()
-        .filter(|x| x.load(Ordering::Relaxed) != 0)
-        .count() as u64;
-    early_frames.fetch_add(frames_before_burst, Ordering::Relaxed);
 
     // 3. The burst: one heartbeat per target, to its owner.
     let ring = Ring::new(shards.iter().cloned());
@@ -289,7 +284,6 @@ pub async fn run(format: Format, a: ExpireArgs) -> anyhow::Result<()> {
             "offline_frames": n - missed,
             "missed": missed,
             "early": early,
-            "frames_before_burst": early_frames.load(Ordering::Relaxed),
             "lateness_ms_p50": ms(late.quantile(0.5)),
             "lateness_ms_p90": ms(late.quantile(0.9)),
             "lateness_ms_p99": ms(late.quantile(0.99)),
