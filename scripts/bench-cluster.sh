@@ -23,7 +23,8 @@
 #               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s; "all-1w" and "shards3-1w": each
 #               process with PRESENCE_WORKER_THREADS=1, so that the cluster's 4 processes do not
 #               run 8 workers on 2 cores), CL_PERF=1 (a
-#               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_SHOW_BATCH=1
+#               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
+#               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
 #               most one process can hold under `ulimit -Hn`), PUSH_SUBS (50), PUSH_CHANGES (100),
@@ -301,7 +302,7 @@ cluster_pids() { local n; for n in "${!PROC[@]}"; do echo "${PROC[$n]}"; done; }
 bench_cluster() {
   echo "## issue 4: all-in-one vs gateway -> shards, on the Redis Cluster"
   redis_up
-  local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line
+  local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line n
   for r in $(seq 1 "$rounds"); do
     for cfg in ${CL_CONFIGS:-all shards1 shards3}; do
       redis_flush
@@ -331,12 +332,20 @@ bench_cluster() {
       "$LOADGEN" --format json http --mode heartbeat --target "$url" --users "$users" --connections "${CL_CONNECTIONS:-64}" \
         --duration 2s --warmup 0s 2>/dev/null >/dev/null
       c0="$(cpu_ticks "${pids[@]}")"
+      local -A each0=()
+      for n in "${!PROC[@]}"; do each0[$n]="$(cpu_ticks "${PROC[$n]}")"; done
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
         (sleep 3 && perf record -F 999 -g -p "$lead" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
       line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
         --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null)"
       c1="$(cpu_ticks "${pids[@]}")"
+      if [[ -n "${CL_PER_PROCESS:-}" ]]; then # each process's CPU per heartbeat of the run
+        for n in $(printf '%s\n' "${!PROC[@]}" | sort); do
+          echo "$cfg round $r: $n cpu_us_per_heartbeat=$(echo "$line" | jq -r --argjson t "$(($(cpu_ticks "${PROC[$n]}") - each0[$n]))" \
+            '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')"
+        done
+      fi
       [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat(s_batched|_batches)_total|^presence_heartbeats_sent_alone" | tr '\n' ' '
       echo "$cfg round $r: $line"
       echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(echo "$line" |
