@@ -1181,8 +1181,9 @@ impl Shard {
         }
         if !misses.is_empty() {
             let ids: Vec<UserId> = misses.iter().map(|&i| users[i]).collect();
-            for (&i, st) in misses.iter().zip(self.load(&ids).await?) {
-                let st = self.as_reloaded(users[i], st.unwrap_or_default(), now);
+            let evicted = self.evicted_of(&ids);
+            for ((&i, st), was_evicted) in misses.iter().zip(self.load(&ids).await?).zip(evicted) {
+                let st = self.as_read(users[i], st, was_evicted, now);
                 out[i] = Some(show(&st, users[i], now, &self.rules));
             }
         }
@@ -1197,23 +1198,38 @@ impl Shard {
         if let Some(e) = self.stripe(user).lock().get(&user) {
             return Ok(e.state.clone());
         }
-        let st = self
-            .load(&[user])
-            .await?
-            .pop()
-            .flatten()
-            .unwrap_or_default();
-        Ok(self.as_reloaded(user, st, self.clock.now()))
+        let was_evicted = self.is_evicted(user);
+        let st = self.load(&[user]).await?.pop().flatten();
+        Ok(self.as_read(user, st, was_evicted, self.clock.now()))
     }
 
     fn is_evicted(&self, user: UserId) -> bool {
         self.backlog.lock().evicted.contains(&user)
     }
 
-    /// A stored state as a read shows it: an evicted user's devices count as seen now (their
-    /// heartbeats were not written through), as they will once the writer reinstalls it.
-    fn as_reloaded(&self, user: UserId, mut st: UserState, now: Millis) -> UserState {
-        if self.is_evicted(user) {
+    /// Which of `users` are evicted (out of memory after a failed write), in order.
+    fn evicted_of(&self, users: &[UserId]) -> Vec<bool> {
+        let backlog = self.backlog.lock();
+        users.iter().map(|u| backlog.evicted.contains(u)).collect()
+    }
+
+    /// A state a read just loaded from the store, as the read shows it. If a request put the
+    /// user back in memory meanwhile (a heartbeat's reload), memory is the truth. Otherwise an
+    /// evicted user's devices count as seen now (their heartbeats were not written through), as
+    /// they will once the writer reinstalls it. `was_evicted`: whether it was evicted when the
+    /// load began (a reload that finished meanwhile clears the mark).
+    fn as_read(
+        &self,
+        user: UserId,
+        loaded: Option<UserState>,
+        was_evicted: bool,
+        now: Millis,
+    ) -> UserState {
+        if let Some(e) = self.stripe(user).lock().get(&user) {
+            return e.state.clone();
+        }
+        let mut st = loaded.unwrap_or_default();
+        if was_evicted || self.is_evicted(user) {
             st.reloaded(now);
         }
         st

@@ -109,7 +109,7 @@ impl Coalescer {
         let sent = {
             let ring = self.ring.borrow();
             match ring.owner_of(user) {
-                Some(owner) => self.enqueue(owner, beat),
+                Some(owner) => self.enqueue(&ring, owner, beat),
                 None => false,
             }
         };
@@ -124,11 +124,15 @@ impl Coalescer {
     }
 
     /// Queues `beat` on the lane of `owner`, which starts on first use; false when it is full.
-    fn enqueue(&self, owner: &str, beat: Beat) -> bool {
+    /// Starting a lane drops those of shards no longer in `ring` (their tasks end once their
+    /// queues are drained), so the lanes never outnumber the shards by more than those that
+    /// left since the last start.
+    fn enqueue(&self, ring: &Ring, owner: &str, beat: Beat) -> bool {
         let mut lanes = self.lanes.lock();
         if let Some(tx) = lanes.get(owner).filter(|tx| !tx.is_closed()) {
             return tx.try_send(beat).is_ok();
         }
+        lanes.retain(|addr, _| ring.members().iter().any(|m| m == addr));
         let (tx, rx) = mpsc::channel(QUEUE);
         let lane = Lane {
             owner: owner.to_owned(),
@@ -260,6 +264,39 @@ impl Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lane per shard that heartbeats went to; a shard that left the ring loses its lane when
+    /// the next one starts. (No shard listens: every batch fails and its heartbeats come back
+    /// `Alone`, which the routed path would then send.)
+    #[tokio::test]
+    async fn lanes_of_shards_that_left_the_ring_are_dropped() {
+        let ring = |members: &[&str]| Arc::new(Ring::new(members.iter().map(|m| m.to_string())));
+        let (tx, rx) = watch::channel(ring(&["127.0.0.1:1", "127.0.0.1:2"]));
+        let c = Coalescer::new(
+            rx,
+            Clients::new(Duration::from_millis(50), Duration::from_millis(50)),
+            Arc::new(Metrics::new()),
+            Duration::from_millis(200),
+            Duration::from_millis(1),
+        );
+        let lanes = |c: &Coalescer| {
+            let mut l: Vec<String> = c.lanes.lock().keys().cloned().collect();
+            l.sort();
+            l
+        };
+        // One heartbeat to each shard: two lanes.
+        let owner_of = |u: UserId| tx.borrow().owner_of(u).unwrap().to_owned();
+        let u1 = (1..).find(|&u| owner_of(u) == "127.0.0.1:1").unwrap();
+        let u2 = (1..).find(|&u| owner_of(u) == "127.0.0.1:2").unwrap();
+        assert_eq!(c.heartbeat(u1, "d", true).await, Answer::Alone);
+        assert_eq!(c.heartbeat(u2, "d", true).await, Answer::Alone);
+        assert_eq!(lanes(&c), ["127.0.0.1:1", "127.0.0.1:2"]);
+        // Shard 1 leaves and shard 3 joins: the first heartbeat to shard 3 drops shard 1's lane.
+        tx.send(ring(&["127.0.0.1:2", "127.0.0.1:3"])).unwrap();
+        let u3 = (1..).find(|&u| owner_of(u) == "127.0.0.1:3").unwrap();
+        assert_eq!(c.heartbeat(u3, "d", true).await, Answer::Alone);
+        assert_eq!(lanes(&c), ["127.0.0.1:2", "127.0.0.1:3"]);
+    }
 
     #[test]
     fn only_acceptance_and_not_online_are_final() {

@@ -145,6 +145,58 @@ async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() 
     assert!(in_memory(&shard, 9));
 }
 
+/// Chaos `redis_master_sigstop_4s` found this: a read and a heartbeat of an evicted user both
+/// wait for the stalled store; the heartbeat's reload puts the user back (and clears its
+/// eviction mark) first, then the read's load returns the stored record, whose devices were
+/// last seen at the last durable change, a whole timeout ago. The read must not show that
+/// record as OFFLINE: memory is the truth once the user is back in it.
+#[tokio::test(start_paused = true)]
+async fn a_read_that_loads_while_a_heartbeat_reloads_does_not_show_a_stale_offline() {
+    let store = FaultyStore::new(true);
+    let f = store.faults();
+    let (shard, _events) = start(store.clone(), Table::owning_all()).await;
+    shard.online(13, "d", Platform::Web).await.unwrap();
+    run_for(TIMEOUT_MS as u64 / 2).await;
+    shard.heartbeat(13, "d", true).await.unwrap();
+    // A status change fails: the user leaves memory, and the store cannot give it back for
+    // more than a timeout (its heartbeats fail meanwhile, as in the test above).
+    f.fail_save.store(true, Ordering::Relaxed);
+    f.fail_load.store(true, Ordering::Relaxed);
+    let settings = crate::presence::Settings {
+        manual: Some(Status::Busy),
+        ..Default::default()
+    };
+    assert!(shard.set_status(13, settings).await.is_err());
+    assert!(!in_memory(&shard, 13));
+    run_for(TIMEOUT_MS as u64).await;
+    f.fail_save.store(false, Ordering::Relaxed);
+    f.fail_load.store(false, Ordering::Relaxed);
+    // The store stalls; a heartbeat (a reload) and then reads wait for it.
+    f.load_gate.send_replace(false);
+    let beat = tokio::spawn({
+        let shard = shard.clone();
+        async move { shard.heartbeat(13, "d", true).await }
+    });
+    run_for(10).await;
+    let read = tokio::spawn({
+        let shard = shard.clone();
+        async move { shard.status(13, Viewer::Truth).await }
+    });
+    let batch = tokio::spawn({
+        let shard = shard.clone();
+        async move { shard.batch(&[13], Viewer::Truth).await }
+    });
+    run_for(10).await;
+    f.load_gate.send_replace(true);
+    beat.await.unwrap().unwrap();
+    assert!(in_memory(&shard, 13));
+    let view = read.await.unwrap().unwrap();
+    assert_eq!(view.status, Status::Online, "{view:?}");
+    let entries = batch.await.unwrap().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].status, Status::Online, "{:?}", entries[0]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_request_is_finished_by_the_writer() {
     let store = FaultyStore::new(true);
