@@ -96,6 +96,10 @@ metric() { # URL NAME: sum of the samples of a metric (all label sets)
   curl -fsS "$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%.0f\n", s }'
 }
 
+us_per_heartbeat() { # LINE TICKS: CPU clock ticks spent over the run of a loadgen JSON LINE, in µs per request
+  echo "$1" | jq -r --argjson t "$2" '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100'
+}
+
 cpu_ticks() { # PID...: utime + stime of the processes, in clock ticks
   local t=0 p f fields
   for p in "$@"; do
@@ -307,12 +311,10 @@ bench_cluster() {
     for cfg in ${CL_CONFIGS:-all shards1 shards3}; do
       redis_flush
       case "$cfg" in
-        all)
-          start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS"
-          url="http://127.0.0.1:$((PORT_BASE + 10))"
-          wait_ready "$url" ;;
-        all-1w)
-          start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS" PRESENCE_WORKER_THREADS=1
+        all | all-1w)
+          local -a workers=()
+          [[ "$cfg" == all-1w ]] && workers=(PRESENCE_WORKER_THREADS=1)
+          start all PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 10))" PRESENCE_REDIS_URL="$SEEDS" "${workers[@]}"
           url="http://127.0.0.1:$((PORT_BASE + 10))"
           wait_ready "$url" ;;
         shards3-1w) start_cluster 3 1 PRESENCE_WORKER_THREADS=1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
@@ -333,7 +335,9 @@ bench_cluster() {
         --duration 2s --warmup 0s 2>/dev/null >/dev/null
       c0="$(cpu_ticks "${pids[@]}")"
       local -A each0=()
-      for n in "${!PROC[@]}"; do each0[$n]="$(cpu_ticks "${PROC[$n]}")"; done
+      if [[ -n "${CL_PER_PROCESS:-}" ]]; then
+        for n in "${!PROC[@]}"; do each0[$n]="$(cpu_ticks "${PROC[$n]}")"; done
+      fi
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
         (sleep 3 && perf record -F 999 -g -p "$lead" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
@@ -342,14 +346,12 @@ bench_cluster() {
       c1="$(cpu_ticks "${pids[@]}")"
       if [[ -n "${CL_PER_PROCESS:-}" ]]; then # each process's CPU per heartbeat of the run
         for n in $(printf '%s\n' "${!PROC[@]}" | sort); do
-          echo "$cfg round $r: $n cpu_us_per_heartbeat=$(echo "$line" | jq -r --argjson t "$(($(cpu_ticks "${PROC[$n]}") - each0[$n]))" \
-            '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')"
+          echo "$cfg round $r: $n cpu_us_per_heartbeat=$(us_per_heartbeat "$line" "$(($(cpu_ticks "${PROC[$n]}") - each0[$n]))")"
         done
       fi
       [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat(s_batched|_batches)_total|^presence_heartbeats_sent_alone" | tr '\n' ' '
       echo "$cfg round $r: $line"
-      echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(echo "$line" |
-        jq -r --argjson t "$((c1 - c0))" '(($t / 100) / (.requests + .errors) * 1e6 * 100 | round) / 100')" \
+      echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(us_per_heartbeat "$line" "$((c1 - c0))")" \
         "wrong_owner_retries=$(metric "$url" presence_wrong_owner_retries_total)"
       stop_all
     done

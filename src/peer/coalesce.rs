@@ -159,6 +159,16 @@ struct Lane {
     metrics: Arc<Metrics>,
 }
 
+/// Moves what has queued into `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &mut mpsc::Receiver<Beat>, batch: &mut Vec<Beat>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(b) => batch.push(b),
+            Err(_) => break,
+        }
+    }
+}
+
 impl Lane {
     async fn run(self, mut rx: mpsc::Receiver<Beat>) {
         let calls = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -170,12 +180,7 @@ impl Lane {
             let Ok(permit) = calls.clone().acquire_owned().await else {
                 return;
             };
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(b) => batch.push(b),
-                    Err(_) => break,
-                }
-            }
+            drain(&mut rx, &mut batch);
             let beats = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
             let this = this.clone();
             tokio::spawn(async move {
@@ -199,12 +204,7 @@ impl Lane {
         while quiet < QUIET_PASSES && batch.len() < FILL && tokio::time::Instant::now() < until {
             tokio::task::yield_now().await;
             let before = batch.len();
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(b) => batch.push(b),
-                    Err(_) => break,
-                }
-            }
+            drain(rx, batch);
             quiet = if batch.len() == before { quiet + 1 } else { 0 };
         }
     }

@@ -111,24 +111,31 @@ async fn a_failed_write_changes_nothing_and_its_retry_applies_it() {
     assert_eq!(stored(&store, 7).await.unwrap().devices.len(), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() {
-    let store = FaultyStore::new(true);
+/// Puts `user`'s device "d" online and heartbeats it; then a status change fails, so the user
+/// leaves memory, and the store can neither save nor load for a whole timeout (saves and loads
+/// are left failing).
+async fn evict_for_a_timeout(shard: &Shard, store: &FaultyStore, user: UserId) {
     let f = store.faults();
-    let (shard, _events) = start(store.clone(), Table::owning_all()).await;
-    shard.online(9, "d", Platform::Web).await.unwrap();
+    shard.online(user, "d", Platform::Web).await.unwrap();
     run_for(TIMEOUT_MS as u64 / 2).await;
-    shard.heartbeat(9, "d", true).await.unwrap();
-    // A status change fails: the user leaves memory, and the store cannot give it back yet.
+    shard.heartbeat(user, "d", true).await.unwrap();
     f.fail_save.store(true, Ordering::Relaxed);
     f.fail_load.store(true, Ordering::Relaxed);
     let settings = crate::presence::Settings {
         manual: Some(Status::Busy),
         ..Default::default()
     };
-    assert!(shard.set_status(9, settings).await.is_err());
-    assert!(!in_memory(&shard, 9));
+    assert!(shard.set_status(user, settings).await.is_err());
+    assert!(!in_memory(shard, user));
     run_for(TIMEOUT_MS as u64).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_evicted_by_a_failed_write_keeps_heartbeating_and_reads_online() {
+    let store = FaultyStore::new(true);
+    let f = store.faults();
+    let (shard, _events) = start(store.clone(), Table::owning_all()).await;
+    evict_for_a_timeout(&shard, &store, 9).await;
     // Its heartbeats are not "device not online" (the client would go offline and back): they
     // fail like the store does, and the client retries.
     let r = shard.heartbeat(9, "d", true).await;
@@ -155,20 +162,7 @@ async fn a_read_that_loads_while_a_heartbeat_reloads_does_not_show_a_stale_offli
     let store = FaultyStore::new(true);
     let f = store.faults();
     let (shard, _events) = start(store.clone(), Table::owning_all()).await;
-    shard.online(13, "d", Platform::Web).await.unwrap();
-    run_for(TIMEOUT_MS as u64 / 2).await;
-    shard.heartbeat(13, "d", true).await.unwrap();
-    // A status change fails: the user leaves memory, and the store cannot give it back for
-    // more than a timeout (its heartbeats fail meanwhile, as in the test above).
-    f.fail_save.store(true, Ordering::Relaxed);
-    f.fail_load.store(true, Ordering::Relaxed);
-    let settings = crate::presence::Settings {
-        manual: Some(Status::Busy),
-        ..Default::default()
-    };
-    assert!(shard.set_status(13, settings).await.is_err());
-    assert!(!in_memory(&shard, 13));
-    run_for(TIMEOUT_MS as u64).await;
+    evict_for_a_timeout(&shard, &store, 13).await;
     f.fail_save.store(false, Ordering::Relaxed);
     f.fail_load.store(false, Ordering::Relaxed);
     // The store stalls; a heartbeat (a reload) and then reads wait for it.
