@@ -22,8 +22,8 @@
 #               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false; "shards3-nowindow": batches
 #               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s; "all-1w" and "shards3-1w": each
 #               process with PRESENCE_WORKER_THREADS=1, so that the cluster's 4 processes do not
-#               run 8 workers on 2 cores), CL_PERF=1 (a
-#               `perf record` of the gateway, or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
+#               run 8 workers on 2 cores), CL_PERF=1 or CL_PERF=<process name, e.g. shard1> (a
+#               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
@@ -339,7 +339,7 @@ bench_cluster() {
         for n in "${!PROC[@]}"; do each0[$n]="$(cpu_ticks "${PROC[$n]}")"; done
       fi
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
-        (sleep 3 && perf record -F 999 -g -p "$lead" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
+        (sleep 3 && perf record -F 999 -g -p "${PROC[${CL_PERF:-}]:-$lead}" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
       line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
         --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null)"

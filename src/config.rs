@@ -108,8 +108,9 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
 
-    /// Whether a gateway sends heartbeats to shards in batches (one `HeartbeatBatch` call per
-    /// shard for whatever queued while earlier batches were out) rather than one call each.
+    /// Whether a gateway sends heartbeats to shards in batches (one batch per shard, on a
+    /// `HeartbeatStream` kept open to it, for whatever queued while earlier batches were out)
+    /// rather than one call each.
     #[arg(long, env = "PRESENCE_COALESCE_HEARTBEATS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub coalesce_heartbeats: bool,
 

@@ -530,9 +530,11 @@ pub struct GrpcMetrics {
     pub requests: Counters<GrpcAnswer<'static>>,
     pub duration: Histograms<GrpcCall<'static>>,
     pub wrong_owner_retries: IntCounter,
-    /// `HeartbeatBatch` calls a gateway sent, and the heartbeats they carried.
+    /// Heartbeat batches a gateway sent, and the heartbeats they carried.
     pub heartbeat_batches: IntCounter,
     pub heartbeats_batched: IntCounter,
+    /// `HeartbeatStream`s a gateway opened.
+    pub heartbeat_streams_opened: IntCounter,
     /// Heartbeats a gateway sent alone after coalescing did not settle them.
     pub heartbeats_alone: IntCounter,
 }
@@ -555,11 +557,15 @@ impl GrpcMetrics {
             ),
             heartbeat_batches: r.counter(
                 "presence_heartbeat_batches_total",
-                "HeartbeatBatch calls from a gateway to the shards.",
+                "Heartbeat batches from a gateway to the shards (each one message on a HeartbeatStream, or a HeartbeatBatch call).",
+            ),
+            heartbeat_streams_opened: r.counter(
+                "presence_heartbeat_streams_opened_total",
+                "HeartbeatStreams a gateway opened to the shards: one per shard, and another after each failed or timed-out batch.",
             ),
             heartbeats_batched: r.counter(
                 "presence_heartbeats_batched_total",
-                "Heartbeats a gateway sent to the shards in HeartbeatBatch calls (divided by presence_heartbeat_batches_total: the mean batch).",
+                "Heartbeats a gateway sent to the shards in batches (divided by presence_heartbeat_batches_total: the mean batch).",
             ),
             heartbeats_alone: r.counter(
                 "presence_heartbeats_sent_alone_total",

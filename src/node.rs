@@ -409,6 +409,7 @@ impl Node {
                 own: own.table().clone(),
                 metrics: metrics.clone(),
                 fanout,
+                stop: grpc_stop.clone(),
             };
             let stop = grpc_stop.clone();
             // No Nagle: events and replies are small and must not wait for more bytes.

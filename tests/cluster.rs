@@ -103,7 +103,8 @@ async fn kill_9_of_a_shard_under_load_makes_no_false_offline_and_times_out_the_s
 
 /// (c) A shard killed and restarted gets its users back without a flap: they heartbeat all
 /// along and none ever reads OFFLINE; afterwards the restarted shard owns partitions and holds
-/// exactly the users the ring gives it, and nobody is counted twice.
+/// exactly the users the ring gives it, and nobody is counted twice. The gateways' heartbeat
+/// streams to it are opened again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
 async fn a_restarted_shard_gets_its_users_back_without_a_flap() {
@@ -126,6 +127,13 @@ async fn a_restarted_shard_gets_its_users_back_without_a_flap() {
     let (left, back) = (took[3], took[5] + took[6]);
     let o = s.end().await;
     let c = &s.cluster;
+    // Each gateway's stream to the killed shard broke; a batch after the restart opened another.
+    let mut streams = 0.0;
+    for k in c.running_gateways() {
+        streams += c
+            .metric(Proc::Gateway(k), "presence_heartbeat_streams_opened_total")
+            .await;
+    }
     let owned = c
         .metric(Proc::Shard(victim), "presence_owned_partitions")
         .await;
@@ -142,6 +150,11 @@ async fn a_restarted_shard_gets_its_users_back_without_a_flap() {
     );
     s.clean_up().await;
     o.assert_no_false_offline_and_every_heartbeat_landed("restart");
+    let first = (c.running_gateways().len() * c.running_shards().len()) as f64;
+    assert!(
+        streams > first,
+        "{streams} heartbeat streams opened: none again after the restart (first {first})"
+    );
     assert!(owned > 0.0, "the restarted shard owns no partition");
     assert!(cached > 0.0, "the restarted shard holds no user");
     assert_eq!(
@@ -293,8 +306,9 @@ async fn sigterm_hands_off_before_exit_without_a_false_offline() {
 }
 
 /// Heartbeats through a gateway reach the shards in batches (far fewer calls than heartbeats
-/// when they come at once) and keep their answers: 200 for a device online, the routed path's
-/// 404 and message for one that is not, and none of them is sent twice.
+/// when they come at once), on one stream per shard that stays open, and keep their answers:
+/// 200 for a device online, the routed path's 404 and message for one that is not, and none of
+/// them is sent twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
     let c = common::blocking(|| Cluster::in_process(3, 1).start());
@@ -330,6 +344,11 @@ async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
     assert!(
         calls <= expected / 2.0,
         "{calls} batch calls for {expected} heartbeats: not coalesced"
+    );
+    let streams = c.metric(g, "presence_heartbeat_streams_opened_total").await;
+    assert_eq!(
+        streams, 3.0,
+        "one heartbeat stream per shard, kept open across the {calls} batches"
     );
     let ok = c
         .shard_sum("presence_heartbeats_total{result=\"ok\"}")

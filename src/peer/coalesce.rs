@@ -1,9 +1,9 @@
 //! Heartbeat coalescing on a gateway: heartbeats that queue while earlier batches are in
-//! flight go to each shard as one `HeartbeatBatch` call, and each answer goes back to its
-//! request.
+//! flight go to each shard as one batch, on a `HeartbeatStream` kept open per shard, and each
+//! answer goes back to its request.
 //!
 //! The batching adapts to load: each shard has a lane, whose task takes whatever has queued and
-//! sends it as one call, with at most `IN_FLIGHT` calls out at once. A batch goes once a few
+//! sends it as one batch, with at most `IN_FLIGHT` batches out at once. A batch goes once a few
 //! scheduler passes added nothing to it (or it holds `FILL`, or the window is out): under load
 //! it holds the requests that arrived together and what arrived while the previous call was
 //! out; a lone heartbeat waits only for those passes.
@@ -13,6 +13,7 @@
 //! retries, deadline and exact error.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,6 +142,8 @@ impl Coalescer {
             ring: self.ring.clone(),
             clients: self.clients.clone(),
             metrics: self.metrics.clone(),
+            pipe: tokio::sync::Mutex::new(None),
+            unary: AtomicBool::new(false),
         };
         tokio::spawn(lane.run(rx));
         let queued = tx.try_send(beat).is_ok();
@@ -149,7 +152,7 @@ impl Coalescer {
     }
 }
 
-/// The sender task of one shard: takes whatever queued, sends it as one call.
+/// The sender task of one shard: takes whatever queued, sends it as one batch.
 struct Lane {
     owner: String,
     timeout: Duration,
@@ -157,6 +160,17 @@ struct Lane {
     ring: watch::Receiver<Arc<Ring>>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
+    /// The lane's open `HeartbeatStream`, if any. One batch is out at a time ([`IN_FLIGHT`]),
+    /// so the lock is never contended; it also keeps a batch's request and answer together.
+    pipe: tokio::sync::Mutex<Option<Pipe>>,
+    /// The shard does not serve `HeartbeatStream`: unary `HeartbeatBatch` calls instead.
+    unary: AtomicBool,
+}
+
+/// A `HeartbeatStream`: batches go in on `tx`, and each one's answer comes back on `replies`.
+struct Pipe {
+    tx: mpsc::Sender<v1::HeartbeatBatchRequest>,
+    replies: tonic::Streaming<v1::HeartbeatBatchReply>,
 }
 
 /// Moves what has queued into `batch`, up to [`MAX_BATCH`].
@@ -209,7 +223,7 @@ impl Lane {
         }
     }
 
-    /// One `HeartbeatBatch` call; answers every beat.
+    /// Sends one batch; answers every beat.
     async fn send(&self, beats: Vec<Beat>) {
         self.metrics.grpc.heartbeat_batches.inc();
         self.metrics
@@ -229,23 +243,17 @@ impl Lane {
                 (b.done, h)
             })
             .unzip();
-        let codes = match self.clients.get(&self.owner) {
-            Ok(mut c) => {
-                let mut req = tonic::Request::new(v1::HeartbeatBatchRequest { epoch, heartbeats });
-                inject_trace(&mut req);
-                let t = Timed::new(self.metrics.clone(), "client", "HeartbeatBatch");
-                // A stalled shard holds its lane for a quarter of the route deadline at most:
-                // its heartbeats then take the routed path, which has the whole deadline.
-                let answer = tokio::time::timeout(self.timeout, c.heartbeat_batch(req))
-                    .await
-                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("batch timed out")));
-                t.finish(answer)
-                    .ok()
-                    .map(|r| r.codes)
-                    .filter(|codes| codes.len() == dones.len())
-            }
-            Err(_) => None,
+        let t = Timed::new(self.metrics.clone(), "client", "HeartbeatBatch");
+        let req = v1::HeartbeatBatchRequest { epoch, heartbeats };
+        let answer = match self.unary.load(Ordering::Relaxed) {
+            false => self.streamed(req).await,
+            true => self.unary(req).await,
         };
+        let codes = t
+            .finish(answer.map(tonic::Response::new))
+            .ok()
+            .map(|r| r.codes)
+            .filter(|codes| codes.len() == dones.len());
         match codes {
             Some(codes) => {
                 for (done, code) in dones.into_iter().zip(codes) {
@@ -258,6 +266,77 @@ impl Lane {
                 }
             }
         }
+    }
+
+    /// The batch on the lane's stream, which it opens first if there is none. A stalled shard
+    /// holds its lane for a quarter of the route deadline at most: its heartbeats then take the
+    /// routed path, which has the whole deadline. Any failure drops the stream (the next batch
+    /// opens another), so that a late answer is never taken for the next batch's. A shard that
+    /// does not serve the stream (an older version, during a rolling upgrade) gets unary calls
+    /// from then on.
+    async fn streamed(
+        &self,
+        req: v1::HeartbeatBatchRequest,
+    ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
+        let until = tokio::time::Instant::now() + self.timeout;
+        let timed_out = || tonic::Status::deadline_exceeded("batch timed out");
+        let mut pipe = self.pipe.lock().await;
+        if pipe.is_none() {
+            match tokio::time::timeout_at(until, self.open()).await {
+                Ok(Ok(p)) => *pipe = Some(p),
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                    self.unary.store(true, Ordering::Relaxed);
+                    drop(pipe);
+                    return self.unary(req).await;
+                }
+                Ok(Err(s)) => return Err(s),
+                Err(_) => return Err(timed_out()),
+            }
+        }
+        let Some(p) = pipe.as_mut() else {
+            return Err(timed_out());
+        };
+        let answer = tokio::time::timeout_at(until, async {
+            p.tx.send(req)
+                .await
+                .map_err(|_| tonic::Status::unavailable("heartbeat stream closed"))?;
+            p.replies
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::unavailable("heartbeat stream ended"))
+        })
+        .await
+        .unwrap_or_else(|_| Err(timed_out()));
+        if answer.is_err() {
+            *pipe = None;
+        }
+        answer
+    }
+
+    /// Opens a `HeartbeatStream` to the lane's shard.
+    async fn open(&self) -> Result<Pipe, tonic::Status> {
+        let mut c = self.clients.get(&self.owner)?;
+        self.metrics.grpc.heartbeat_streams_opened.inc();
+        let (tx, rx) = mpsc::channel(1);
+        let replies = c
+            .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Pipe { tx, replies })
+    }
+
+    /// The batch as one `HeartbeatBatch` call, with the same deadline as on the stream.
+    async fn unary(
+        &self,
+        req: v1::HeartbeatBatchRequest,
+    ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
+        let mut c = self.clients.get(&self.owner)?;
+        let mut req = tonic::Request::new(req);
+        inject_trace(&mut req);
+        tokio::time::timeout(self.timeout, c.heartbeat_batch(req))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("batch timed out")))
+            .map(tonic::Response::into_inner)
     }
 }
 
@@ -296,6 +375,88 @@ mod tests {
         let u3 = (1..).find(|&u| owner_of(u) == "127.0.0.1:3").unwrap();
         assert_eq!(c.heartbeat(u3, "d", true).await, Answer::Alone);
         assert_eq!(lanes(&c), ["127.0.0.1:2", "127.0.0.1:3"]);
+    }
+
+    /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling
+    /// upgrade) answers `Unimplemented` to it: its lane then sends unary `HeartbeatBatch` calls,
+    /// whose answers are the shard's, and does not try the stream again.
+    #[tokio::test]
+    async fn a_shard_without_the_stream_gets_unary_batches() {
+        use crate::ownership::Table;
+        use crate::peer::ShardService;
+        use crate::presence::{Platform, Rules};
+        use crate::proto::v1::presence_shard_server::PresenceShardServer;
+        use crate::push::fanout::Fanout;
+        use crate::service::Presence;
+        use crate::shard::Shard;
+        use crate::store::faulty::FaultyStore;
+        use tonic::server::NamedService;
+
+        let metrics = Arc::new(Metrics::new());
+        let shard = Arc::new(Shard::new(
+            FaultyStore::new(true),
+            Rules::default(),
+            Duration::from_secs(30),
+            metrics.clone(),
+            Table::owning_all(),
+        ));
+        shard.online(7, "d", Platform::Web).await.unwrap();
+        let service = ShardService {
+            shard,
+            own: Table::owning_all(),
+            metrics: metrics.clone(),
+            fanout: Fanout::new(metrics.clone(), 64),
+            stop: tokio_util::sync::CancellationToken::new(),
+        };
+        // The shard's service, but the stream refused as a server without it refuses it.
+        let stream = format!(
+            "/{}/HeartbeatStream",
+            <PresenceShardServer<ShardService> as NamedService>::NAME
+        );
+        let older = tonic::service::Routes::new(PresenceShardServer::new(service))
+            .into_axum_router()
+            .route(
+                &stream,
+                axum::routing::post(|| async {
+                    tonic::Status::unimplemented("an older shard").into_http::<axum::body::Body>()
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(older.into())
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let (_tx, ring) = watch::channel(Arc::new(Ring::new([addr])));
+        let gateway = Arc::new(Metrics::new());
+        let c = Coalescer::new(
+            ring,
+            Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
+            gateway.clone(),
+            Duration::from_secs(4),
+            Duration::from_millis(1),
+        );
+        assert_eq!(c.heartbeat(7, "d", true).await, Answer::Accepted);
+        assert_eq!(c.heartbeat(8, "d", true).await, Answer::NotOnline);
+        assert_eq!(c.heartbeat(7, "d", false).await, Answer::Accepted);
+        assert_eq!(gateway.grpc.heartbeats_alone.get(), 0, "none sent alone");
+        assert_eq!(gateway.grpc.heartbeat_batches.get(), 3);
+        assert_eq!(
+            gateway.grpc.heartbeat_streams_opened.get(),
+            1,
+            "the stream was tried once"
+        );
+        let unary = metrics
+            .grpc
+            .requests
+            .get(crate::metrics::GrpcAnswer {
+                side: "server",
+                method: "HeartbeatBatch",
+                code: "ok",
+            })
+            .get();
+        assert_eq!(unary, 3, "the shard served each batch as a unary call");
     }
 
     #[test]

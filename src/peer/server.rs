@@ -307,6 +307,9 @@ pub struct ShardService {
     pub own: Arc<Table>,
     pub metrics: Arc<Metrics>,
     pub fanout: Arc<Fanout>,
+    /// Cancelled when the gRPC server shuts down: open heartbeat streams end, so that the
+    /// server's graceful shutdown does not wait on them.
+    pub stop: CancellationToken,
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
@@ -319,15 +322,48 @@ fn viewer_of(n: u64) -> Result<Viewer, Error> {
     }
 }
 
+/// A valid user id that this shard owns.
+fn owned(own: &Table, user: u64) -> Result<UserId, Error> {
+    let user = validate_user_id(user)?;
+    own.check(user)?;
+    Ok(user)
+}
+
+/// Heartbeats of users this shard owns, all at once (one that waits for the store holds up
+/// none of the others): a code per heartbeat, 0 or the HTTP status of its error.
+async fn beat_batch(
+    shard: &Shard,
+    own: &Table,
+    r: v1::HeartbeatBatchRequest,
+) -> Result<v1::HeartbeatBatchReply, Error> {
+    if r.heartbeats.len() > MAX_BATCH {
+        return Err(Error::BadRequest(format!(
+            "at most {MAX_BATCH} heartbeats per call"
+        )));
+    }
+    let beats = r.heartbeats.into_iter().map(|h| async move {
+        let res = async {
+            let user = owned(own, h.user_id)?;
+            let device = validate_device_id(&h.device_id)?;
+            shard.heartbeat(user, &device, h.active).await
+        }
+        .await;
+        match res {
+            Ok(()) => 0,
+            Err(e) => e.status().as_u16() as u32,
+        }
+    });
+    let codes = futures::future::join_all(beats).await;
+    Ok(v1::HeartbeatBatchReply { codes })
+}
+
 impl ShardService {
     fn timed(&self, method: &'static str) -> Timed {
         Timed::new(self.metrics.clone(), "server", method)
     }
 
     fn user(&self, user: u64) -> Result<UserId, Error> {
-        let user = validate_user_id(user)?;
-        self.own.check(user)?;
-        Ok(user)
+        owned(&self.own, user)
     }
 
     /// One call: counted and timed, run in a span that continues the caller's trace.
@@ -394,29 +430,57 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         &self,
         req: Request<v1::HeartbeatBatchRequest>,
     ) -> Reply<v1::HeartbeatBatchReply> {
-        self.serve("HeartbeatBatch", req, |r| async move {
-            if r.heartbeats.len() > MAX_BATCH {
-                return Err(Error::BadRequest(format!(
-                    "at most {MAX_BATCH} heartbeats per call"
-                )));
-            }
-            // At once: one heartbeat that waits for the store holds up none of the others.
-            let beats = r.heartbeats.into_iter().map(|h| async move {
-                let res = async {
-                    let user = self.user(h.user_id)?;
-                    let device = validate_device_id(&h.device_id)?;
-                    self.shard.heartbeat(user, &device, h.active).await
-                }
-                .await;
-                match res {
-                    Ok(()) => 0,
-                    Err(e) => e.status().as_u16() as u32,
-                }
-            });
-            let codes = futures::future::join_all(beats).await;
-            Ok(v1::HeartbeatBatchReply { codes })
+        self.serve("HeartbeatBatch", req, |r| {
+            beat_batch(&self.shard, &self.own, r)
         })
         .await
+    }
+
+    type HeartbeatStreamStream =
+        Pin<Box<dyn futures::Stream<Item = Result<v1::HeartbeatBatchReply, tonic::Status>> + Send>>;
+
+    /// Batches on one stream, answered one at a time and in order. It ends when the gateway
+    /// closes it, on the first bad batch (with that error), or when this shard shuts down.
+    async fn heartbeat_stream(
+        &self,
+        req: Request<tonic::Streaming<v1::HeartbeatBatchRequest>>,
+    ) -> Reply<Self::HeartbeatStreamStream> {
+        struct Open {
+            inbound: tonic::Streaming<v1::HeartbeatBatchRequest>,
+            shard: Arc<Shard>,
+            own: Arc<Table>,
+            metrics: Arc<Metrics>,
+            stop: CancellationToken,
+            failed: bool,
+        }
+        let open = Open {
+            inbound: req.into_inner(),
+            shard: self.shard.clone(),
+            own: self.own.clone(),
+            metrics: self.metrics.clone(),
+            stop: self.stop.clone(),
+            failed: false,
+        };
+        let replies = futures::stream::unfold(open, |mut o| async move {
+            if o.failed {
+                return None;
+            }
+            let msg = tokio::select! {
+                _ = o.stop.cancelled() => return None,
+                m = o.inbound.message() => m,
+            };
+            let r = match msg {
+                Ok(Some(r)) => r,
+                _ => return None,
+            };
+            let t = Timed::new(o.metrics.clone(), "server", "HeartbeatBatch");
+            let reply = t
+                .done(beat_batch(&o.shard, &o.own, r).await)
+                .map(Response::into_inner);
+            o.failed = reply.is_err();
+            Some((reply, o))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     /// A shard that gained partitions from this one asks which it has let go.
