@@ -7,7 +7,9 @@
 //!   `live_ttl` after its last write or refresh while the user has devices, `retention` after
 //!   the last change otherwise.
 //! - `presence:{p}:live`: sorted set of the partition's users that have devices, scored by the
-//!   time of their last write. A restarted or new owner reloads its timers from it.
+//!   time of the write that added them (`ZADD NX`: a write of a user already in it changes
+//!   nothing there, so nothing is replicated for it). A restarted or new owner reloads its
+//!   timers from it; nothing reads the scores.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,7 +42,7 @@ local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if cur >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 's', ARGV[2])
 if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) else redis.call('PERSIST', KEYS[1]) end
-if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5]) else redis.call('ZREM', KEYS[2], ARGV[5]) end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[2], 'NX', ARGV[6], ARGV[5]) else redis.call('ZREM', KEYS[2], ARGV[5]) end
 return 1
 "#;
 
