@@ -128,12 +128,9 @@ async fn a_restarted_shard_gets_its_users_back_without_a_flap() {
     let o = s.end().await;
     let c = &s.cluster;
     // Each gateway's stream to the killed shard broke; a batch after the restart opened another.
-    let mut streams = 0.0;
-    for k in c.running_gateways() {
-        streams += c
-            .metric(Proc::Gateway(k), "presence_heartbeat_streams_opened_total")
-            .await;
-    }
+    let streams = c
+        .gateway_sum("presence_heartbeat_streams_opened_total")
+        .await;
     let owned = c
         .metric(Proc::Shard(victim), "presence_owned_partitions")
         .await;

@@ -247,7 +247,10 @@ impl Lane {
         let req = v1::HeartbeatBatchRequest { epoch, heartbeats };
         let answer = match self.unary.load(Ordering::Relaxed) {
             false => self.streamed(req).await,
-            true => self.unary(req).await,
+            true => {
+                self.unary(req, tokio::time::Instant::now() + self.timeout)
+                    .await
+            }
         };
         let codes = t
             .finish(answer.map(tonic::Response::new))
@@ -270,31 +273,27 @@ impl Lane {
 
     /// The batch on the lane's stream, which it opens first if there is none. A stalled shard
     /// holds its lane for a quarter of the route deadline at most: its heartbeats then take the
-    /// routed path, which has the whole deadline. Any failure drops the stream (the next batch
-    /// opens another), so that a late answer is never taken for the next batch's. A shard that
-    /// does not serve the stream (an older version, during a rolling upgrade) gets unary calls
-    /// from then on.
+    /// routed path, which has the whole deadline. The stream goes back to the lane only after an
+    /// answer: any failure drops it (the next batch opens another), so that a late answer is
+    /// never taken for the next batch's. A shard that does not serve the stream (an older
+    /// version, during a rolling upgrade) gets unary calls from then on.
     async fn streamed(
         &self,
         req: v1::HeartbeatBatchRequest,
     ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
         let until = tokio::time::Instant::now() + self.timeout;
-        let timed_out = || tonic::Status::deadline_exceeded("batch timed out");
         let mut pipe = self.pipe.lock().await;
-        if pipe.is_none() {
-            match tokio::time::timeout_at(until, self.open()).await {
-                Ok(Ok(p)) => *pipe = Some(p),
+        let mut p = match pipe.take() {
+            Some(p) => p,
+            None => match tokio::time::timeout_at(until, self.open()).await {
+                Ok(Ok(p)) => p,
                 Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                     self.unary.store(true, Ordering::Relaxed);
-                    drop(pipe);
-                    return self.unary(req).await;
+                    return self.unary(req, until).await;
                 }
                 Ok(Err(s)) => return Err(s),
                 Err(_) => return Err(timed_out()),
-            }
-        }
-        let Some(p) = pipe.as_mut() else {
-            return Err(timed_out());
+            },
         };
         let answer = tokio::time::timeout_at(until, async {
             p.tx.send(req)
@@ -306,11 +305,9 @@ impl Lane {
                 .ok_or_else(|| tonic::Status::unavailable("heartbeat stream ended"))
         })
         .await
-        .unwrap_or_else(|_| Err(timed_out()));
-        if answer.is_err() {
-            *pipe = None;
-        }
-        answer
+        .unwrap_or_else(|_| Err(timed_out()))?;
+        *pipe = Some(p);
+        Ok(answer)
     }
 
     /// Opens a `HeartbeatStream` to the lane's shard.
@@ -325,19 +322,25 @@ impl Lane {
         Ok(Pipe { tx, replies })
     }
 
-    /// The batch as one `HeartbeatBatch` call, with the same deadline as on the stream.
+    /// The batch as one `HeartbeatBatch` call, answered by `until`.
     async fn unary(
         &self,
         req: v1::HeartbeatBatchRequest,
+        until: tokio::time::Instant,
     ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
         let mut c = self.clients.get(&self.owner)?;
         let mut req = tonic::Request::new(req);
         inject_trace(&mut req);
-        tokio::time::timeout(self.timeout, c.heartbeat_batch(req))
+        tokio::time::timeout_at(until, c.heartbeat_batch(req))
             .await
-            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("batch timed out")))
+            .unwrap_or_else(|_| Err(timed_out()))
             .map(tonic::Response::into_inner)
     }
+}
+
+/// The answer of a batch that took longer than its lane's timeout.
+fn timed_out() -> tonic::Status {
+    tonic::Status::deadline_exceeded("batch timed out")
 }
 
 #[cfg(test)]

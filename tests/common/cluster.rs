@@ -495,9 +495,21 @@ impl Cluster {
 
     /// The sum of `series` over the running shards.
     pub async fn shard_sum(&self, series: &str) -> f64 {
+        let shards = self.running_shards().into_iter().map(Proc::Shard);
+        self.sum(shards, series).await
+    }
+
+    /// The sum of `series` over the running gateways.
+    pub async fn gateway_sum(&self, series: &str) -> f64 {
+        let gateways = self.running_gateways().into_iter().map(Proc::Gateway);
+        self.sum(gateways, series).await
+    }
+
+    /// The sum of `series` over `procs`.
+    async fn sum(&self, procs: impl Iterator<Item = Proc>, series: &str) -> f64 {
         let mut sum = 0.0;
-        for i in self.running_shards() {
-            sum += self.metric(Proc::Shard(i), series).await;
+        for p in procs {
+            sum += self.metric(p, series).await;
         }
         sum
     }
