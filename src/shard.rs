@@ -56,7 +56,9 @@ struct Entry {
     state: UserState,
     /// The tick this user is armed for on the wheel; 0 when not armed.
     armed: Tick,
-    /// Seconds (since the clock's base) of the last write or refresh of this user's record.
+    /// Seconds (since the clock's base) of the last refresh of this user's record's TTL (or its
+    /// load). A change of a user who stays live does not extend the TTL (the store's save
+    /// sets it only when the user goes live or offline, or the record is new): the refresh does.
     synced: u32,
 }
 
@@ -680,9 +682,6 @@ impl Shard {
         };
         self.account(&effect);
         self.arm(user, entry, now);
-        if effect.visible {
-            entry.synced = self.secs(now);
-        }
         (result, effect.visible.then(|| entry.state.clone()))
     }
 
@@ -783,7 +782,6 @@ impl Shard {
                 let effect = entry.state.advance(now, &self.rules);
                 self.account(&effect);
                 if effect.visible {
-                    entry.synced = self.secs(now);
                     if self.store.write_through() {
                         saves.push((user, entry.state.clone()));
                     } else {

@@ -31,6 +31,8 @@ const SLOTS: usize = 16384;
 
 /// Writes a group of users' states (all on this node), each unless its partition was fenced by
 /// a newer owner (-1) or a newer version is stored (0), keeping the live index in step (1).
+/// The TTL is set when the record is new, the user goes live, or the user is not live: a
+/// change of a user who stays live leaves it to the shard's refresh (one command less).
 /// One call per group: one script run and one `MULTI`/`EXEC` to the replicas, not one each.
 /// ARGV, per write: user key, live key, fence key, version, state, ttl ms (0 = none), live
 /// (1/0), userId, score, fencing token (0 = none). KEYS: the first write's three keys: they
@@ -47,8 +49,11 @@ local function save(i)
   local cur = tonumber(redis.call('HGET', user, 'v') or '0')
   if cur >= tonumber(ARGV[i + 3]) then return 0 end
   redis.call('HSET', user, 'v', ARGV[i + 3], 's', ARGV[i + 4])
-  if ARGV[i + 5] ~= '0' then redis.call('PEXPIRE', user, ARGV[i + 5]) else redis.call('PERSIST', user) end
-  if ARGV[i + 6] == '1' then redis.call('ZADD', live, 'NX', ARGV[i + 8], ARGV[i + 7]) else redis.call('ZREM', live, ARGV[i + 7]) end
+  local went = 1
+  if ARGV[i + 6] == '1' then went = redis.call('ZADD', live, 'NX', ARGV[i + 8], ARGV[i + 7]) else redis.call('ZREM', live, ARGV[i + 7]) end
+  if went == 1 or cur == 0 then
+    if ARGV[i + 5] ~= '0' then redis.call('PEXPIRE', user, ARGV[i + 5]) else redis.call('PERSIST', user) end
+  end
   return 1
 end
 local out = {}
@@ -262,7 +267,7 @@ struct WriteQueue {
 
 /// The writes of one save call that go to one node.
 struct SaveJob {
-    writes: Vec<SaveArgs>,
+    writes: Vec<Arc<SaveArgs>>,
     deadline: Instant,
     reply: tokio::sync::oneshot::Sender<Vec<Result<Value, WriteFailure>>>,
 }
@@ -358,26 +363,27 @@ pub fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// The hash tag of partition `p` (what goes between the braces).
+/// The hash tag of partition `p` (what goes between the braces; the key functions write it
+/// inline, the same way).
 fn tag(p: u32) -> String {
     p.to_string()
 }
 
 pub fn user_key(user: UserId) -> String {
-    format!("presence:{{{}}}:u:{user}", tag(partition_of(user)))
+    format!("presence:{{{}}}:u:{user}", partition_of(user))
 }
 
 pub fn subscriptions_key(user: UserId) -> String {
-    format!("presence:{{{}}}:sub:{user}", tag(partition_of(user)))
+    format!("presence:{{{}}}:sub:{user}", partition_of(user))
 }
 
 pub fn live_key(partition: u32) -> String {
-    format!("presence:{{{}}}:live", tag(partition))
+    format!("presence:{{{partition}}}:live")
 }
 
 /// The fencing token of a partition's owner: incremented by every new owner.
 pub fn fence_key(partition: u32) -> String {
-    format!("presence:{{{}}}:fence", tag(partition))
+    format!("presence:{{{partition}}}:fence")
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -852,12 +858,14 @@ impl RedisStore {
                     continue;
                 }
             };
-            let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+            // By node; a cluster has few masters, so a list beats a map (most calls: one node).
+            let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
             for &i in &pending {
-                groups
-                    .entry(topo.slots[slots[i] as usize])
-                    .or_default()
-                    .push(i);
+                let node = topo.slots[slots[i] as usize];
+                match groups.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, idxs)) => idxs.push(i),
+                    None => groups.push((node, vec![i])),
+                }
             }
             let runs = groups.into_iter().map(|(node, idxs)| {
                 let fut = run(topo.nodes[node as usize].clone(), &idxs);
@@ -966,7 +974,7 @@ impl RedisStore {
     fn submit(
         &self,
         addr: &str,
-        writes: Vec<SaveArgs>,
+        writes: Vec<Arc<SaveArgs>>,
         deadline: Instant,
     ) -> tokio::sync::oneshot::Receiver<Vec<Result<Value, WriteFailure>>> {
         let node = self.node(addr);
@@ -1047,7 +1055,10 @@ impl RedisStore {
         };
         let wait = self.wait_ms();
         let by = deadline + Duration::from_millis(wait.map_or(0, |ms| ms + 50));
-        let writes: Vec<&SaveArgs> = jobs.iter().flat_map(|j| &j.writes).collect();
+        let writes: Vec<&SaveArgs> = jobs
+            .iter()
+            .flat_map(|j| j.writes.iter().map(|w| &**w))
+            .collect();
         let mut results: Vec<Option<Result<Value, WriteFailure>>> = vec![None; writes.len()];
         for eval in [false, true] {
             let todo: Vec<usize> = (0..writes.len())
@@ -1208,7 +1219,7 @@ impl RedisStore {
     /// failed retriably go again after a topology refresh, with backoff, until `deadline`.
     async fn save_until(
         &self,
-        writes: &[SaveArgs],
+        writes: &[Arc<SaveArgs>],
         results: &mut [Option<Value>],
         deadline: Instant,
     ) -> Result<(), Error> {
@@ -1339,7 +1350,7 @@ impl Store for RedisStore {
             .unwrap_or(0);
         let writes = batch
             .iter()
-            .map(|w| self.save_args(w, now))
+            .map(|w| self.save_args(w, now).map(Arc::new))
             .collect::<Result<Vec<_>, Error>>()?;
         let deadline = Instant::now() + self.opts.timeout;
         // A group answers by its deadline plus its WAIT's time; so does the save.
@@ -1850,7 +1861,7 @@ mod tests {
         let elsewhere = (base..).find(|&u| node_of(u) != node_of(base)).unwrap();
         let addr = topo.nodes[node_of(base) as usize].clone();
         let args = [here[0], elsewhere, here[1]]
-            .map(|u| store.save_args(&write(u, 1, 0), 0).unwrap())
+            .map(|u| Arc::new(store.save_args(&write(u, 1, 0), 0).unwrap()))
             .to_vec();
         let deadline = Instant::now() + Duration::from_secs(2);
         let answers = store.submit(&addr, args, deadline).await.unwrap();
