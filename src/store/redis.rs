@@ -38,7 +38,8 @@ const SLOTS: usize = 16384;
 /// (1/0), userId, score, fencing token (0 = none). KEYS: the first write's three keys: they
 /// route the call (Redis Cluster wants declared keys in one slot; the flag lets the script
 /// reach the other writes' slots on this node). A write that fails answers its own error;
-/// one whose slot is not on this node (moved, migrating) answers `TRYAGAIN`.
+/// one whose slot is not on this node (moved, migrating), or that finds the cluster down,
+/// answers `TRYAGAIN` (retried after a topology refresh).
 const SAVE: &str = r#"#!lua flags=allow-cross-slot-keys
 local function save(i)
   local user, live, fence = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -61,7 +62,9 @@ for i = 1, #ARGV, 10 do
   local ok, r = pcall(save, i)
   if not ok then
     local msg = type(r) == 'table' and r.err or tostring(r)
-    if string.find(msg, 'non local key', 1, true) then msg = 'TRYAGAIN ' .. msg end
+    if string.find(msg, 'non local key', 1, true) or string.find(msg, 'cluster is down', 1, true) then
+      msg = 'TRYAGAIN ' .. msg
+    end
     r = {err = msg}
   end
   out[#out + 1] = r
