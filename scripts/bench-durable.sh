@@ -8,6 +8,8 @@
 #        Redis Cluster; the first three nodes' masters are flushed before each Redis run),
 #        PORT (default 18310), USERS (10000), CONNECTIONS (64), DURATION (10s), ROUNDS (2),
 #        MIN_REPLICAS (1).
+# Prints per run: rps, errors, p99 ms, the server's CPU per request, and the Redis masters' and
+# replicas' CPU per request (read from /proc; they must run on this machine).
 # Only ever talks to 127.0.0.1; stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,17 @@ trap stop_server EXIT
 
 first_port="$(echo "$SEEDS" | cut -d, -f1 | sed 's#.*:##')"
 mapfile -t MASTERS < <(redis-cli -p "$first_port" cluster nodes | awk '/master/ && !/fail/ { split($2, a, "[:@]"); print a[2] }')
+mapfile -t REPLICAS < <(redis-cli -p "$first_port" cluster nodes | awk '/slave/ && !/fail/ { split($2, a, "[:@]"); print a[2] }')
+
+# ticks PORT...: user + system CPU ticks of the local redis-server processes on those ports.
+ticks() {
+  local port pid sum=0
+  for port in "$@"; do
+    pid="$(redis-cli -p "$port" info server | awk -F: '/^process_id:/ { print $2 }' | tr -d '\r')"
+    sum=$((sum + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+  done
+  echo "$sum"
+}
 
 # run LABEL BIN [VAR=VALUE...]: a fresh server, USERS put online, then DURATION of online posts.
 run() {
@@ -45,17 +58,22 @@ run() {
   lib_spawn "${LOG:-/dev/null}" env PRESENCE_LISTEN="127.0.0.1:${PORT}" RUST_LOG=warn "$@" "$bin"
   PID=$LIB_PID
   lib_wait_http "${TARGET}/livez" 10 || lib_die "server did not start"
-  local rps
+  local rps m0 r0
+  m0="$(ticks "${MASTERS[@]}")"
+  r0="$(ticks "${REPLICAS[@]}")"
   rps="$("$LOADGEN" --format json http --mode online --target "$TARGET" --users "$USERS" \
     --connections "$CONNECTIONS" --duration "$DURATION" --server-pid "$PID" 2>/dev/null |
     tail -n 1 | tee -a "${OUT:-/dev/null}" |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); print(round(r["rps"]), r["errors"], r["latency_ms"]["p99"], r["server_cpu_us_per_req"])')"
-  echo "$label $rps"
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print(round(r["rps"]), r["errors"], r["latency_ms"]["p99"], r["server_cpu_us_per_req"], r["requests"])')"
+  # The Redis masters' and replicas' CPU per request over the run (includes the USERS put
+  # online first; ~0 on the memory store).
+  python3 -c "import sys; a=sys.argv[1].split(); n=int(a[4]); t=1e6/int(sys.argv[2]); print('$label', *a[:4], round(int(sys.argv[3])*t/n, 2), round(int(sys.argv[4])*t/n, 2))" \
+    "$rps" "$(getconf CLK_TCK)" "$(($(ticks "${MASTERS[@]}") - m0))" "$(($(ticks "${REPLICAS[@]}") - r0))"
   stop_server
 }
 
 echo "# machine: $(nproc) cores; load: $(cat /proc/loadavg); redis masters: ${MASTERS[*]}"
-echo "# columns: label rps errors p99_ms server_cpu_us_per_request"
+echo "# columns: label rps errors p99_ms server_cpu_us_per_request masters_cpu_us_per_request replicas_cpu_us_per_request"
 for round in $(seq 1 "$ROUNDS"); do
   for bin in "$@"; do
     mem="$(run "round$round memory $bin" "$bin")"
