@@ -256,6 +256,9 @@ impl NodeConn {
     }
 }
 
+/// Most turns a node's group task yields before it takes the queue, while saves keep coming.
+const GATHER_TURNS: usize = 4;
+
 /// Most writes one group carries (a single larger save goes alone).
 const MAX_GROUP: usize = 256;
 
@@ -1017,6 +1020,17 @@ impl RedisStore {
         }
         let _running = Running(&node);
         loop {
+            // Requests ready to run on this worker may have saves for this node: let them queue
+            // first, so that the group carries them (a few turns, while the queue grows).
+            let mut queued = node.queue.lock().jobs.len();
+            for _ in 0..GATHER_TURNS {
+                tokio::task::yield_now().await;
+                let now = node.queue.lock().jobs.len();
+                if now == queued {
+                    break;
+                }
+                queued = now;
+            }
             let jobs = {
                 let mut q = node.queue.lock();
                 let mut jobs = Vec::new();
