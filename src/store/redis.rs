@@ -1766,6 +1766,40 @@ mod tests {
         assert_eq!(node.seen("SCRIPT"), 1, "still loaded");
     }
 
+    /// Saves of requests that are ready together on a worker share one group even when the
+    /// first of them starts the node's group task: the task lets them queue before it takes
+    /// the queue. Without that, tokio runs a task spawned by a worker next (its LIFO slot), and
+    /// the first group carried the first save alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn saves_ready_together_share_the_first_group() {
+        let node = FakeNode::start().await;
+        let metrics = Arc::new(Metrics::new());
+        let store = RedisStore::connect(test_options(node.addr.clone()), metrics.clone())
+            .await
+            .unwrap();
+        let spawner = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let saves: Vec<_> = (1..=50u64)
+                    .map(|u| {
+                        let store = store.clone();
+                        tokio::spawn(async move { store.save(&[write(u, 1, 0)]).await })
+                    })
+                    .collect();
+                join_all(saves).await
+            })
+        };
+        for r in spawner.await.unwrap() {
+            assert_eq!(r.unwrap().unwrap(), vec![Saved::Written]);
+        }
+        assert_eq!(node.seen("WRITES"), 50);
+        assert_eq!(
+            save_trips(&metrics),
+            1,
+            "one group for 50 saves ready together"
+        );
+    }
+
     /// A node that lost its scripts (restart, `SCRIPT FLUSH`) answers NOSCRIPT: those writes
     /// did not run, so they go again as `EVAL` in the same group's time, and are answered.
     #[tokio::test]
