@@ -369,27 +369,27 @@ pub fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// The hash tag of partition `p` (what goes between the braces; the key functions write it
-/// inline, the same way).
-fn tag(p: u32) -> String {
-    p.to_string()
+/// The hash tag of partition `p` (what goes between the braces); written into keys without an
+/// allocation of its own.
+fn tag(p: u32) -> impl std::fmt::Display {
+    p
 }
 
 pub fn user_key(user: UserId) -> String {
-    format!("presence:{{{}}}:u:{user}", partition_of(user))
+    format!("presence:{{{}}}:u:{user}", tag(partition_of(user)))
 }
 
 pub fn subscriptions_key(user: UserId) -> String {
-    format!("presence:{{{}}}:sub:{user}", partition_of(user))
+    format!("presence:{{{}}}:sub:{user}", tag(partition_of(user)))
 }
 
 pub fn live_key(partition: u32) -> String {
-    format!("presence:{{{partition}}}:live")
+    format!("presence:{{{}}}:live", tag(partition))
 }
 
 /// The fencing token of a partition's owner: incremented by every new owner.
 pub fn fence_key(partition: u32) -> String {
-    format!("presence:{{{partition}}}:fence")
+    format!("presence:{{{}}}:fence", tag(partition))
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -529,7 +529,7 @@ impl RedisStore {
             refreshed_at: Mutex::new(None),
             me: me.clone(),
             partition_slots: (0..PARTITIONS)
-                .map(|p| crc16(tag(p).as_bytes()) % SLOTS as u16)
+                .map(|p| crc16(tag(p).to_string().as_bytes()) % SLOTS as u16)
                 .collect(),
             metrics,
         });
@@ -1833,14 +1833,10 @@ mod tests {
         assert_eq!(node.seen("SCRIPT"), 2);
     }
 
-    /// Issue 13, on a real cluster: one group of writes to one node that mixes written, stale
-    /// and fenced writes (and a save of two writes) answers each right, in one round trip.
-    #[tokio::test]
-    #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
-    async fn one_group_answers_written_stale_and_fenced_each() {
-        let Some(urls) = crate::store::test_redis_urls() else {
-            return;
-        };
+    /// A store on the test cluster, its metrics, and `n` fresh users whose records all live on
+    /// one master.
+    async fn on_one_node(n: usize) -> (Arc<RedisStore>, Arc<Metrics>, Vec<UserId>) {
+        let urls = crate::store::test_redis_urls().expect("test_redis_urls panics when unset");
         let metrics = Arc::new(Metrics::new());
         let store = RedisStore::connect(test_options(urls), metrics.clone())
             .await
@@ -1848,10 +1844,19 @@ mod tests {
         let topo = store.topology().unwrap();
         let node_of = |u: UserId| topo.slots[store.user_slot(u) as usize];
         let base = crate::store::test_user_base();
-        let users: Vec<UserId> = (base..)
+        let users = (base..)
             .filter(|&u| node_of(u) == node_of(base))
-            .take(40)
+            .take(n)
             .collect();
+        (store, metrics, users)
+    }
+
+    /// Issue 13, on a real cluster: one group of writes to one node that mixes written, stale
+    /// and fenced writes (and a save of two writes) answers each right, in one round trip.
+    #[tokio::test]
+    #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
+    async fn one_group_answers_written_stale_and_fenced_each() {
+        let (store, metrics, users) = on_one_node(40).await;
         let (stale, fenced, owned) = (users[0], users[1], users[2]);
         assert_eq!(
             store.save(&[write(stale, 5, 0)]).await.unwrap(),
@@ -1895,22 +1900,13 @@ mod tests {
     #[tokio::test]
     #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
     async fn a_write_sent_to_the_wrong_node_fails_alone_in_its_group() {
-        let Some(urls) = crate::store::test_redis_urls() else {
-            return;
-        };
-        let metrics = Arc::new(Metrics::new());
-        let store = RedisStore::connect(test_options(urls), metrics.clone())
-            .await
-            .unwrap();
+        let (store, _, here) = on_one_node(2).await;
         let topo = store.topology().unwrap();
         let node_of = |u: UserId| topo.slots[store.user_slot(u) as usize];
-        let base = crate::store::test_user_base();
-        let here: Vec<UserId> = (base..)
-            .filter(|&u| node_of(u) == node_of(base))
-            .take(2)
-            .collect();
-        let elsewhere = (base..).find(|&u| node_of(u) != node_of(base)).unwrap();
-        let addr = topo.nodes[node_of(base) as usize].clone();
+        let elsewhere = (here[0]..)
+            .find(|&u| node_of(u) != node_of(here[0]))
+            .unwrap();
+        let addr = topo.nodes[node_of(here[0]) as usize].clone();
         let args = [here[0], elsewhere, here[1]]
             .map(|u| Arc::new(store.save_args(&write(u, 1, 0), 0).unwrap()))
             .to_vec();
