@@ -33,32 +33,46 @@ const SLOTS: usize = 16384;
 /// a newer owner (-1) or a newer version is stored (0), keeping the live index in step (1).
 /// The TTL is set when the record is new, the user goes live, or the user is not live: a
 /// change of a user who stays live leaves it to the shard's refresh (one command less).
+/// The record's `l` is its version when that write left the user live (so in the live index):
+/// a write that finds `l` equal to `v` skips the `ZADD NX`, which could change nothing (one
+/// command less for a user who stays live). A record whose last write did not set `l` (written
+/// by an older version of this script during a rolling upgrade) gets the `ZADD NX` as before.
 /// One call per group: one script run and one `MULTI`/`EXEC` to the replicas, not one each.
-/// ARGV, per write: user key, live key, fence key, version, state, ttl ms (0 = none), live
-/// (1/0), userId, score, fencing token (0 = none). KEYS: the first write's three keys: they
-/// route the call (Redis Cluster wants declared keys in one slot; the flag lets the script
-/// reach the other writes' slots on this node). A write that fails answers its own error;
-/// one whose slot is not on this node (moved, migrating), or that finds the cluster down,
-/// answers `TRYAGAIN` (retried after a topology refresh).
+/// ARGV: the group's score (the time), the TTL ms of a live user's record and of another's
+/// (0 = none); then, per write: user key, live key, fence key, version, state, live (1/0),
+/// userId, fencing token (0 = none). KEYS: the first write's three keys: they route the call
+/// (Redis Cluster wants declared keys in one slot; the flag lets the script reach the other
+/// writes' slots on this node). A write that fails answers its own error; one whose slot is
+/// not on this node (moved, migrating), or that finds the cluster down, answers `TRYAGAIN`
+/// (retried after a topology refresh).
 const SAVE: &str = r#"#!lua flags=allow-cross-slot-keys
+local score, live_ttl, other_ttl = ARGV[1], ARGV[2], ARGV[3]
 local function save(i)
-  local user, live, fence = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if ARGV[i + 9] ~= '0' then
-    local f = tonumber(redis.call('GET', fence) or '0')
-    if f > tonumber(ARGV[i + 9]) then return -1 end
+  local user, live, v = ARGV[i], ARGV[i + 1], ARGV[i + 3]
+  if ARGV[i + 7] ~= '0' then
+    local f = tonumber(redis.call('GET', ARGV[i + 2]) or '0')
+    if f > tonumber(ARGV[i + 7]) then return -1 end
   end
-  local cur = tonumber(redis.call('HGET', user, 'v') or '0')
-  if cur >= tonumber(ARGV[i + 3]) then return 0 end
-  redis.call('HSET', user, 'v', ARGV[i + 3], 's', ARGV[i + 4])
+  local got = redis.call('HMGET', user, 'v', 'l')
+  local cur = tonumber(got[1] or '0')
+  if cur >= tonumber(v) then return 0 end
+  local ttl = other_ttl
   local went = 1
-  if ARGV[i + 6] == '1' then went = redis.call('ZADD', live, 'NX', ARGV[i + 8], ARGV[i + 7]) else redis.call('ZREM', live, ARGV[i + 7]) end
+  if ARGV[i + 5] == '1' then
+    ttl = live_ttl
+    if cur ~= 0 and got[2] == got[1] then went = 0 else went = redis.call('ZADD', live, 'NX', score, ARGV[i + 6]) end
+    redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', v)
+  else
+    redis.call('ZREM', live, ARGV[i + 6])
+    redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', '0')
+  end
   if went == 1 or cur == 0 then
-    if ARGV[i + 5] ~= '0' then redis.call('PEXPIRE', user, ARGV[i + 5]) else redis.call('PERSIST', user) end
+    if ttl ~= '0' then redis.call('PEXPIRE', user, ttl) else redis.call('PERSIST', user) end
   end
   return 1
 end
 local out = {}
-for i = 1, #ARGV, 10 do
+for i = 4, #ARGV, 8 do
   local ok, r = pcall(save, i)
   if not ok then
     local msg = type(r) == 'table' and r.err or tostring(r)
@@ -285,32 +299,42 @@ struct SaveArgs {
     keys: [String; 3],
     version: u64,
     json: Vec<u8>,
-    ttl_ms: u64,
     live: bool,
     user: UserId,
-    now: i64,
     fence: u64,
 }
 
 impl SaveArgs {
-    /// Its ten arguments of the save script, in the script's order.
+    /// Its eight arguments of the save script, in the script's order.
     fn push(&self, c: &mut Cmd) {
         c.arg(&self.keys[..])
             .arg(self.version)
             .arg(&self.json[..])
-            .arg(self.ttl_ms)
             .arg(if self.live { "1" } else { "0" })
             .arg(self.user)
-            .arg(self.now)
             .arg(self.fence);
     }
 }
 
+/// The arguments a save script's writes share: the score of users it adds to a live index (the
+/// time, ms since the epoch) and the TTLs of live and other users' records (ms, 0 = none).
+#[derive(Clone, Copy, Debug)]
+struct GroupArgs {
+    score: i64,
+    live_ttl_ms: u64,
+    other_ttl_ms: u64,
+}
+
 /// One call of the save script for `writes` (at least one): `EVALSHA` (`script` is the hash)
 /// or `EVAL` (`script` is the source).
-fn save_cmd(name: &str, script: &str, writes: &[&SaveArgs]) -> Cmd {
+fn save_cmd(name: &str, script: &str, group: GroupArgs, writes: &[&SaveArgs]) -> Cmd {
     let mut c = redis::cmd(name);
-    c.arg(script).arg(3).arg(&writes[0].keys[..]);
+    c.arg(script)
+        .arg(3)
+        .arg(&writes[0].keys[..])
+        .arg(group.score)
+        .arg(group.live_ttl_ms)
+        .arg(group.other_ttl_ms);
     for w in writes {
         w.push(&mut c);
     }
@@ -1077,6 +1101,7 @@ impl RedisStore {
             .flat_map(|j| j.writes.iter().map(|w| &**w))
             .collect();
         let mut results: Vec<Option<Result<Value, WriteFailure>>> = vec![None; writes.len()];
+        let shared = self.group_args();
         for eval in [false, true] {
             let todo: Vec<usize> = (0..writes.len())
                 .filter(|&i| results[i].is_none())
@@ -1109,9 +1134,9 @@ impl RedisStore {
             }
             let group: Vec<&SaveArgs> = todo.iter().map(|&i| writes[i]).collect();
             pipe.add_command(if eval {
-                save_cmd("EVAL", SAVE, &group)
+                save_cmd("EVAL", SAVE, shared, &group)
             } else {
-                save_cmd("EVALSHA", &SAVE_SHA, &group)
+                save_cmd("EVALSHA", &SAVE_SHA, shared, &group)
             });
             if let Some(ms) = wait {
                 pipe.add_command(
@@ -1258,14 +1283,22 @@ impl RedisStore {
         self.partition_slots[partition_of(user) as usize]
     }
 
-    /// The save script's arguments for one write (`now`: the live index's score, ms).
-    fn save_args(&self, w: &Write, now: i64) -> Result<SaveArgs, Error> {
+    /// The save script's arguments a group's writes share (the score is now).
+    fn group_args(&self) -> GroupArgs {
+        let score = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        GroupArgs {
+            score,
+            live_ttl_ms: self.opts.live_ttl.as_millis() as u64,
+            other_ttl_ms: self.opts.retention.as_millis() as u64,
+        }
+    }
+
+    /// The save script's arguments for one write.
+    fn save_args(&self, w: &Write) -> Result<SaveArgs, Error> {
         let live = !w.state.devices.is_empty();
-        let ttl = if live {
-            self.opts.live_ttl
-        } else {
-            self.opts.retention
-        };
         let json = serde_json::to_vec(&w.state).map_err(|e| Error::Internal(e.to_string()))?;
         let p = partition_of(w.user);
         Ok(SaveArgs {
@@ -1273,10 +1306,8 @@ impl RedisStore {
             keys: [user_key(w.user), live_key(p), fence_key(p)],
             version: w.state.version,
             json,
-            ttl_ms: ttl.as_millis() as u64,
             live,
             user: w.user,
-            now,
             fence: w.fence,
         })
     }
@@ -1361,13 +1392,9 @@ impl Store for RedisStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         let writes = batch
             .iter()
-            .map(|w| self.save_args(w, now).map(Arc::new))
+            .map(|w| self.save_args(w).map(Arc::new))
             .collect::<Result<Vec<_>, Error>>()?;
         let deadline = Instant::now() + self.opts.timeout;
         // A group answers by its deadline plus its WAIT's time; so does the save.
@@ -1666,9 +1693,9 @@ mod tests {
                                     "-NOSCRIPT No matching script. Please use EVAL.\r\n".into()
                                 }
                                 (_, Some(c)) if c == "EVALSHA" || c == "EVAL" => {
-                                    // One answer per write: ten arguments each after the keys.
+                                    // One answer per write: three shared arguments after the keys, then eight each.
                                     let keys: usize = args[2].parse().unwrap_or(0);
-                                    let n = args.len().saturating_sub(3 + keys) / 10;
+                                    let n = args.len().saturating_sub(6 + keys) / 8;
                                     *seen.lock().entry("WRITES".into()).or_default() += n as u64;
                                     format!("*{n}\r\n{}", ":1\r\n".repeat(n))
                                 }
@@ -1895,6 +1922,81 @@ mod tests {
         assert_eq!(versions, vec![Some(5), None, Some(1), Some(1)]);
     }
 
+    /// Issue 13: the live index follows a user who comes, stays, leaves and comes back, and a
+    /// user who stays live costs no `ZADD` (the record's `l` says it is in the index already).
+    /// A record last written by an older script (no `l` for its version) gets the `ZADD`.
+    #[tokio::test]
+    #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
+    async fn the_live_index_follows_each_change_with_no_zadd_for_a_user_who_stays_live() {
+        let (store, _, users) = on_one_node(1).await;
+        let u = users[0];
+        let p = partition_of(u);
+        let rules = crate::presence::Rules::default();
+        let save = |v: u64, live: bool| {
+            let mut state = version(v);
+            if live {
+                state
+                    .online("d", crate::presence::Platform::Ios, 1_000, &rules)
+                    .unwrap();
+                state.version = v;
+            }
+            let store = store.clone();
+            async move {
+                store
+                    .save(&[Write {
+                        user: u,
+                        state,
+                        fence: 0,
+                    }])
+                    .await
+                    .unwrap()
+            }
+        };
+        let run = |cmd: Cmd| {
+            let store = store.clone();
+            async move {
+                store
+                    .exec("test", vec![(store.user_slot(u), cmd)])
+                    .await
+                    .unwrap()
+            }
+        };
+        let indexed = || async { store.live_users(&[p]).await.unwrap().contains(&u) };
+        let mut steps = Vec::new();
+        for (v, live) in [(1, true), (2, true), (3, false), (4, true)] {
+            assert_eq!(save(v, live).await, vec![Saved::Written]);
+            steps.push((v, live, indexed().await));
+        }
+        assert_eq!(
+            steps,
+            [
+                (1, true, true),
+                (2, true, true),
+                (3, false, false),
+                (4, true, true)
+            ]
+        );
+        // Stays live with `l` = `v`: no ZADD (a member taken out behind the store's back stays
+        // out, which shows the command was not sent; nothing but the script changes the index).
+        run(redis::cmd("ZREM").arg(live_key(p)).arg(u).clone()).await;
+        save(5, true).await;
+        assert!(!indexed().await, "a user who stays live got a ZADD");
+        // An older script's write (version, state, no `l`) that took the user out: the next
+        // live write puts it back.
+        run(redis::cmd("HSET").arg(user_key(u)).arg("v").arg(6).clone()).await;
+        save(7, true).await;
+        assert!(
+            indexed().await,
+            "after an older writer, the user is not in the live index"
+        );
+        assert_eq!(
+            store.load(&[u]).await.unwrap()[0]
+                .as_ref()
+                .map(|s| s.version),
+            Some(7)
+        );
+    }
+
     /// A group's script runs on one node: a write in it whose slot is elsewhere (the topology
     /// moved under the group) fails alone and may be retried; the others are written.
     #[tokio::test]
@@ -1908,7 +2010,7 @@ mod tests {
             .unwrap();
         let addr = topo.nodes[node_of(here[0]) as usize].clone();
         let args = [here[0], elsewhere, here[1]]
-            .map(|u| Arc::new(store.save_args(&write(u, 1, 0), 0).unwrap()))
+            .map(|u| Arc::new(store.save_args(&write(u, 1, 0)).unwrap()))
             .to_vec();
         let deadline = Instant::now() + Duration::from_secs(2);
         let answers = store.submit(&addr, args, deadline).await.unwrap();
