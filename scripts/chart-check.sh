@@ -22,8 +22,9 @@
 #   9. every metric named by the dashboard, the alerts and the HPA is in a live /metrics scrape
 #      of the service (roles all, gateway and shard on loopback; shards on a local Redis
 #      Cluster from scripts/redis-cluster.sh; histograms count via _bucket/_sum/_count)
-#  10. the chart's README.md is up to date with values.yaml (every value documented), and the
-#      chart-testing layout (ct.yaml, ci/*-values.yaml)
+#  10. the chart's README.md is up to date with values.yaml (every value documented), the
+#      chart-testing layout (ct.yaml, ci/*-values.yaml), and every PRESENCE_* setting of
+#      src/config.rs is set by the chart or named as left to extraEnv (chart_checks.py settings)
 # The Python parts are subcommands of scripts/chart_checks.py; process, port and readiness
 # helpers come from scripts/lib.sh.
 # Exits non-zero if any check fails. A tool that cannot be installed fails the run under
@@ -429,11 +430,13 @@ fi
 cleanup
 
 # ------------------------------------------------------------------------------------------
-section "10. chart README and chart-testing layout"
+section "10. chart README, chart-testing layout, settings"
 if ((have_py)); then
     run_check_v "$CHART/README.md documents every value of values.yaml, up to date" \
         "${PYCHECK[@]}" readme --check
     run_check_v "ct.yaml and $CHART/ci/*-values.yaml (chart-testing layout)" "${PYCHECK[@]}" ct-layout
+    run_check_v "every PRESENCE_* setting of src/config.rs is set by the chart (or left to extraEnv on purpose)" \
+        "${PYCHECK[@]}" settings
 else
     skip "chart README and ct layout"
 fi

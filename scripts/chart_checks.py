@@ -352,6 +352,37 @@ def cmd_metric_names(a):
 # ----------------------------------------------------------------------- chart-testing layout
 
 
+# Settings of src/config.rs the chart leaves to extraEnv, and why.
+UNSET_BY_CHART = {
+    "PRESENCE_SHARDS": "static discovery; the chart discovers shards through Kubernetes or Nacos",
+    "PRESENCE_METRICS_LISTEN": "/metrics stays on the API port, which the Ingress does not route "
+                               "(only ingress.hosts[].paths) and the ServiceMonitor scrapes",
+}
+
+
+def cmd_settings(a):
+    """Every PRESENCE_* setting of src/config.rs is set by the chart's templates, or is one it
+    leaves to extraEnv on purpose (UNSET_BY_CHART): a new setting cannot be forgotten."""
+    c = Checker()
+    with open(os.path.join(REPO, "src", "config.rs"), encoding="utf-8") as f:
+        settings = set(re.findall(r'env = "(PRESENCE_[A-Z0-9_]+)"', f.read()))
+    used = set()
+    tdir = os.path.join(a.chart, "templates")
+    for name in os.listdir(tdir):
+        with open(os.path.join(tdir, name), encoding="utf-8") as f:
+            used |= set(re.findall(r"\b(PRESENCE_[A-Z0-9_]+)\b", f.read()))
+    c.need(len(settings) > 50, f"read only {len(settings)} settings from src/config.rs")
+    for name in sorted(settings - used - set(UNSET_BY_CHART)):
+        c.need(False, f"{name} (src/config.rs) is set nowhere in {os.path.relpath(tdir, REPO)}: "
+                "add a value for it, or list it in UNSET_BY_CHART with the reason")
+    for name in sorted(set(UNSET_BY_CHART) - settings):
+        c.need(False, f"UNSET_BY_CHART names {name}, which src/config.rs no longer has")
+    if not c.errors:
+        print(f"{len(settings)} settings: {len(settings & used)} set by the chart, "
+              f"{len(set(UNSET_BY_CHART) & settings)} left to extraEnv ({', '.join(sorted(UNSET_BY_CHART))})")
+    return c.finish()
+
+
 def cmd_ct_layout(a):
     """ct.yaml names the chart's directory, and ci/ holds only *-values.yaml files."""
     c = Checker()
@@ -685,6 +716,8 @@ def main(argv=None):
     s.add_argument("scrapes", nargs="+", help="/metrics scrapes of the running service")
     s = add("ct-layout", cmd_ct_layout, "ct.yaml and the ci/*-values.yaml layout of chart-testing")
     s.add_argument("--ct-yaml", default=os.path.join(REPO, "ct.yaml"))
+    s.add_argument("--chart", default=CHART)
+    s = add("settings", cmd_settings, "every PRESENCE_* setting of src/config.rs is set by the chart")
     s.add_argument("--chart", default=CHART)
     s = add("readme", cmd_readme, "generate (--write) or check (--check) the chart's README.md")
     mode = s.add_mutually_exclusive_group(required=True)

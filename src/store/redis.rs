@@ -3,13 +3,13 @@
 //!
 //! Keys (the `{p}` hash tag is the user's partition, so a user's record and its partition's live
 //! index share a slot and change together in one script):
-//! - `presence:{p}:u:<userId>`: hash `v` (version), `s` (the state as JSON). Expires
-//!   `live_ttl` after its last write or refresh while the user has devices, `retention` after
-//!   the last change otherwise.
+//! - `presence:{p}:u:<userId>`: hash `v` (version), `l` (the version of the last write that
+//!   left the user live, else 0: with `l` = `v` the user is in the live index), `s` (the state
+//!   as JSON). Expires `live_ttl` after its last write or refresh while the user has devices,
+//!   `retention` after the last change otherwise.
 //! - `presence:{p}:live`: sorted set of the partition's users that have devices, scored by the
-//!   time of the write that added them (`ZADD NX`: a write of a user already in it changes
-//!   nothing there, so nothing is replicated for it). A restarted or new owner reloads its
-//!   timers from it; nothing reads the scores.
+//!   time of the write that added them (`ZADD NX`, skipped when the record says the user is in
+//!   it already). A restarted or new owner reloads its timers from it; nothing reads the scores.
 
 use std::collections::HashMap;
 use std::sync::Arc;
