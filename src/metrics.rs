@@ -384,6 +384,9 @@ pub struct StoreMetrics {
     pub duration: Histograms<StoreOp<'static>>,
     pub redis_round_trips: Counters<StoreOp<'static>>,
     pub redis_commands: Counters<StoreOp<'static>>,
+    /// Writes sent in save script calls (one call per write group): divided by
+    /// `redis_commands{op="save"}`, the writes per group.
+    pub redis_group_writes: IntCounter,
     pub redis_errors: Counters<RedisError>,
     pub redis_topology_refreshes: IntCounter,
     /// Writes the store refused, by reason (`stale`: a newer version is stored; `fenced`: a
@@ -422,6 +425,10 @@ impl StoreMetrics {
             redis_commands: r.counters(
                 "presence_redis_commands_total",
                 "Redis commands sent, by operation.",
+            ),
+            redis_group_writes: r.counter(
+                "presence_redis_group_writes_total",
+                "Writes sent in save script calls (one per write group); over presence_redis_commands_total{op=\"save\"}, the writes per group.",
             ),
             redis_errors: r.counters(
                 "presence_redis_errors_total",

@@ -1149,6 +1149,10 @@ impl RedisStore {
             let op = StoreOp { op: "save" };
             self.metrics.store.redis_round_trips.get(op).inc();
             self.metrics.store.redis_commands.get(op).inc();
+            self.metrics
+                .store
+                .redis_group_writes
+                .inc_by(group.len() as u64);
             let sent = conn.send_packed_commands(&pipe, 0, pipe.len());
             let values = match tokio::time::timeout_at(by.into(), sent).await {
                 Ok(Ok(values)) => values,
@@ -1786,6 +1790,8 @@ mod tests {
                 .get(),
             trips
         );
+        // What the node got is what the metric says the groups carried.
+        assert_eq!(metrics.store.redis_group_writes.get(), node.seen("WRITES"));
 
         // One save of several writes is one job: its answers come back in its order.
         let batch: Vec<Write> = (1..=5).map(|u| write(1000 + u, 1, 0)).collect();
