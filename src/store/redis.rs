@@ -1754,17 +1754,23 @@ mod tests {
         m.store.redis_round_trips.get(StoreOp { op: "save" }).get()
     }
 
+    /// A fake node, a store on it and the store's metrics.
+    async fn on_fake_node() -> (FakeNode, Arc<RedisStore>, Arc<Metrics>) {
+        let node = FakeNode::start().await;
+        let metrics = Arc::new(Metrics::new());
+        let store = RedisStore::connect(test_options(node.addr.clone()), metrics.clone())
+            .await
+            .unwrap();
+        (node, store, metrics)
+    }
+
     /// Issue 13: saves that arrive together go to their node as one group: one script call and
     /// one `WAIT`, not a round trip, a script and a `WAIT` each. The group is capped (`MAX_GROUP`); the script
     /// is loaded once per connection; each save gets its own answer. Before: 600 saves, 600
     /// round trips and 600 `WAIT`s.
     #[tokio::test]
     async fn concurrent_saves_to_one_node_share_a_group_and_its_wait() {
-        let node = FakeNode::start().await;
-        let metrics = Arc::new(Metrics::new());
-        let store = RedisStore::connect(test_options(node.addr.clone()), metrics.clone())
-            .await
-            .unwrap();
+        let (node, store, metrics) = on_fake_node().await;
         let n = 600u64;
         let saves = (1..=n).map(|u| {
             let store = store.clone();
@@ -1805,11 +1811,7 @@ mod tests {
     /// the first group carried the first save alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn saves_ready_together_share_the_first_group() {
-        let node = FakeNode::start().await;
-        let metrics = Arc::new(Metrics::new());
-        let store = RedisStore::connect(test_options(node.addr.clone()), metrics.clone())
-            .await
-            .unwrap();
+        let (node, store, metrics) = on_fake_node().await;
         let spawner = {
             let store = store.clone();
             tokio::spawn(async move {
@@ -1837,11 +1839,7 @@ mod tests {
     /// did not run, so they go again as `EVAL` in the same group's time, and are answered.
     #[tokio::test]
     async fn a_node_without_the_script_gets_eval() {
-        let node = FakeNode::start().await;
-        let metrics = Arc::new(Metrics::new());
-        let store = RedisStore::connect(test_options(node.addr.clone()), metrics.clone())
-            .await
-            .unwrap();
+        let (node, store, metrics) = on_fake_node().await;
         node.set(NO_SCRIPTS);
         let saves = (1..=20u64).map(|u| {
             let store = store.clone();
