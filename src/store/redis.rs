@@ -48,7 +48,7 @@ const SLOTS: usize = 16384;
 const SAVE: &str = r#"#!lua flags=allow-cross-slot-keys
 local score, live_ttl, other_ttl = ARGV[1], ARGV[2], ARGV[3]
 local function save(i)
-  local user, live, v = ARGV[i], ARGV[i + 1], ARGV[i + 3]
+  local user, index, v = ARGV[i], ARGV[i + 1], ARGV[i + 3]
   if ARGV[i + 7] ~= '0' then
     local f = tonumber(redis.call('GET', ARGV[i + 2]) or '0')
     if f > tonumber(ARGV[i + 7]) then return -1 end
@@ -56,16 +56,14 @@ local function save(i)
   local got = redis.call('HMGET', user, 'v', 'l')
   local cur = tonumber(got[1] or '0')
   if cur >= tonumber(v) then return 0 end
-  local ttl = other_ttl
-  local went = 1
+  local ttl, l, went = other_ttl, '0', 1
   if ARGV[i + 5] == '1' then
-    ttl = live_ttl
-    if cur ~= 0 and got[2] == got[1] then went = 0 else went = redis.call('ZADD', live, 'NX', score, ARGV[i + 6]) end
-    redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', v)
+    ttl, l = live_ttl, v
+    if cur ~= 0 and got[2] == got[1] then went = 0 else went = redis.call('ZADD', index, 'NX', score, ARGV[i + 6]) end
   else
-    redis.call('ZREM', live, ARGV[i + 6])
-    redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', '0')
+    redis.call('ZREM', index, ARGV[i + 6])
   end
+  redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', l)
   if went == 1 or cur == 0 then
     if ttl ~= '0' then redis.call('PEXPIRE', user, ttl) else redis.call('PERSIST', user) end
   end
