@@ -39,38 +39,45 @@ const SLOTS: usize = 16384;
 /// by an older version of this script during a rolling upgrade) gets the `ZADD NX` as before.
 /// One call per group: one script run and one `MULTI`/`EXEC` to the replicas, not one each.
 /// ARGV: the group's score (the time), the TTL ms of a live user's record and of another's
-/// (0 = none); then, per write: user key, live key, fence key, version, state, live (1/0),
-/// userId, fencing token (0 = none). KEYS: the first write's three keys: they route the call
-/// (Redis Cluster wants declared keys in one slot; the flag lets the script reach the other
-/// writes' slots on this node). A write that fails answers its own error; one whose slot is
-/// not on this node (moved, migrating), or that finds the cluster down, answers `TRYAGAIN`
-/// (retried after a topology refresh).
+/// (0 = none); then, per write: user key, fence key, version, state, live (1/0), fencing token
+/// (0 = none). The live index key and the userId (its member) are needed only when a user goes
+/// live or offline, so the script derives them from the keys then (`presence:{p}:fence` →
+/// `presence:{p}:live`; `presence:{p}:u:<userId>` → `<userId>`) instead of every write carrying
+/// them. KEYS: the first write's user key: it routes the call (Redis Cluster wants declared keys
+/// in one slot; the flag lets the script reach the other writes' slots on this node). A write
+/// that fails answers its own error; one whose slot is not on this node (moved, migrating), or
+/// that finds the cluster down, answers `TRYAGAIN` (retried after a topology refresh).
 const SAVE: &str = r#"#!lua flags=allow-cross-slot-keys
 local score, live_ttl, other_ttl = ARGV[1], ARGV[2], ARGV[3]
 local function save(i)
-  local user, index, v = ARGV[i], ARGV[i + 1], ARGV[i + 3]
-  if ARGV[i + 7] ~= '0' then
-    local f = tonumber(redis.call('GET', ARGV[i + 2]) or '0')
-    if f > tonumber(ARGV[i + 7]) then return -1 end
+  local user, fence, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if ARGV[i + 5] ~= '0' then
+    local f = tonumber(redis.call('GET', fence) or '0')
+    if f > tonumber(ARGV[i + 5]) then return -1 end
   end
   local got = redis.call('HMGET', user, 'v', 'l')
   local cur = tonumber(got[1] or '0')
   if cur >= tonumber(v) then return 0 end
   local ttl, l, went = other_ttl, '0', 1
-  if ARGV[i + 5] == '1' then
+  if ARGV[i + 4] == '1' then
     ttl, l = live_ttl, v
-    if cur ~= 0 and got[2] == got[1] then went = 0 else went = redis.call('ZADD', index, 'NX', score, ARGV[i + 6]) end
+    if cur ~= 0 and got[2] == got[1] then
+      went = 0
+    else
+      local index = string.sub(fence, 1, -6) .. 'live'
+      went = redis.call('ZADD', index, 'NX', score, string.sub(user, #fence - 2))
+    end
   else
-    redis.call('ZREM', index, ARGV[i + 6])
+    redis.call('ZREM', string.sub(fence, 1, -6) .. 'live', string.sub(user, #fence - 2))
   end
-  redis.call('HSET', user, 'v', v, 's', ARGV[i + 4], 'l', l)
+  redis.call('HSET', user, 'v', v, 's', ARGV[i + 3], 'l', l)
   if went == 1 or cur == 0 then
     if ttl ~= '0' then redis.call('PEXPIRE', user, ttl) else redis.call('PERSIST', user) end
   end
   return 1
 end
 local out = {}
-for i = 4, #ARGV, 8 do
+for i = 4, #ARGV, 6 do
   local ok, r = pcall(save, i)
   if not ok then
     local msg = type(r) == 'table' and r.err or tostring(r)
@@ -290,11 +297,12 @@ struct SaveJob {
     reply: tokio::sync::oneshot::Sender<Vec<Result<Value, WriteFailure>>>,
 }
 
-/// The keys and arguments of one save script.
+/// One write of the save script: its user and partition (the keys are written into the
+/// command, not kept per write), version, state and fencing token.
 #[derive(Clone, Debug)]
 struct SaveArgs {
     slot: u16,
-    keys: [String; 3],
+    partition: u32,
     version: u64,
     json: Vec<u8>,
     live: bool,
@@ -303,13 +311,16 @@ struct SaveArgs {
 }
 
 impl SaveArgs {
-    /// Its eight arguments of the save script, in the script's order.
-    fn push(&self, c: &mut Cmd) {
-        c.arg(&self.keys[..])
+    /// Its six arguments of the save script, in the script's order (`key` is scratch space for
+    /// the keys).
+    fn push(&self, c: &mut Cmd, key: &mut Vec<u8>) {
+        put_user_key(key, self.partition, self.user);
+        c.arg(&key[..]);
+        put_fence_key(key, self.partition);
+        c.arg(&key[..])
             .arg(self.version)
             .arg(&self.json[..])
             .arg(if self.live { "1" } else { "0" })
-            .arg(self.user)
             .arg(self.fence);
     }
 }
@@ -326,15 +337,20 @@ struct GroupArgs {
 /// One call of the save script for `writes` (at least one): `EVALSHA` (`script` is the hash)
 /// or `EVAL` (`script` is the source).
 fn save_cmd(name: &str, script: &str, group: GroupArgs, writes: &[&SaveArgs]) -> Cmd {
-    let mut c = redis::cmd(name);
-    c.arg(script)
-        .arg(3)
-        .arg(&writes[0].keys[..])
+    // Six arguments a write, ~40 bytes of keys and numbers besides its state.
+    let data: usize = writes.iter().map(|w| w.json.len() + 64).sum();
+    let mut c = Cmd::with_capacity(6 + 6 * writes.len(), 96 + data);
+    let mut key = Vec::with_capacity(48);
+    put_user_key(&mut key, writes[0].partition, writes[0].user);
+    c.arg(name)
+        .arg(script)
+        .arg(1)
+        .arg(&key[..])
         .arg(group.score)
         .arg(group.live_ttl_ms)
         .arg(group.other_ttl_ms);
     for w in writes {
-        w.push(&mut c);
+        w.push(&mut c, &mut key);
     }
     c
 }
@@ -398,7 +414,16 @@ fn tag(p: u32) -> impl std::fmt::Display {
 }
 
 pub fn user_key(user: UserId) -> String {
-    format!("presence:{{{}}}:u:{user}", tag(partition_of(user)))
+    let mut key = Vec::with_capacity(32);
+    put_user_key(&mut key, partition_of(user), user);
+    String::from_utf8(key).unwrap_or_default()
+}
+
+/// [`user_key`] into `buf` (cleared first), given the user's partition.
+fn put_user_key(buf: &mut Vec<u8>, partition: u32, user: UserId) {
+    use std::io::Write as _;
+    buf.clear();
+    let _ = write!(buf, "presence:{{{}}}:u:{user}", tag(partition));
 }
 
 pub fn subscriptions_key(user: UserId) -> String {
@@ -411,7 +436,16 @@ pub fn live_key(partition: u32) -> String {
 
 /// The fencing token of a partition's owner: incremented by every new owner.
 pub fn fence_key(partition: u32) -> String {
-    format!("presence:{{{}}}:fence", tag(partition))
+    let mut key = Vec::with_capacity(24);
+    put_fence_key(&mut key, partition);
+    String::from_utf8(key).unwrap_or_default()
+}
+
+/// [`fence_key`] into `buf` (cleared first).
+fn put_fence_key(buf: &mut Vec<u8>, partition: u32) {
+    use std::io::Write as _;
+    buf.clear();
+    let _ = write!(buf, "presence:{{{}}}:fence", tag(partition));
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -562,11 +596,11 @@ impl RedisStore {
     }
 
     fn node(&self, addr: &str) -> Arc<NodeConn> {
-        self.conns
-            .lock()
-            .entry(addr.to_owned())
-            .or_default()
-            .clone()
+        let mut conns = self.conns.lock();
+        match conns.get(addr) {
+            Some(n) => n.clone(),
+            None => conns.entry(addr.to_owned()).or_default().clone(),
+        }
     }
 
     /// The connection to `addr`, dialled if there is none, by `deadline` and within the store's
@@ -886,28 +920,15 @@ impl RedisStore {
                     continue;
                 }
             };
-            // By node; a cluster has few masters, so a list beats a map (most calls: one node).
-            let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-            for &i in &pending {
-                let node = topo.slots[slots[i] as usize];
-                match groups.iter_mut().find(|(n, _)| *n == node) {
-                    Some((_, idxs)) => idxs.push(i),
-                    None => groups.push((node, vec![i])),
-                }
-            }
-            let runs = groups.into_iter().map(|(node, idxs)| {
-                let fut = run(topo.nodes[node as usize].clone(), &idxs);
-                async move { (idxs, fut.await) }
-            });
             let mut failed = Vec::new();
             let mut fatal = None;
-            for (idxs, answers) in join_all(runs).await {
+            let mut absorb = |idxs: &[usize], answers: Vec<Result<Value, WriteFailure>>| {
                 if answers.len() != idxs.len() {
                     // A node's answer of the wrong length (or none at all): try again.
-                    failed.extend(idxs);
-                    continue;
+                    failed.extend_from_slice(idxs);
+                    return;
                 }
-                for (i, a) in idxs.into_iter().zip(answers) {
+                for (&i, a) in idxs.iter().zip(answers) {
                     match a {
                         Ok(v) => results[i] = Some(v),
                         Err(WriteFailure::Retriable) => failed.push(i),
@@ -915,6 +936,29 @@ impl RedisStore {
                             fatal = Some(store_err("redis cluster refused the operation"))
                         }
                     }
+                }
+            };
+            if let [i] = pending[..] {
+                // One item (most saves): no grouping, no join.
+                let node = topo.slots[slots[i] as usize];
+                let answers = run(topo.nodes[node as usize].clone(), &[i]).await;
+                absorb(&[i], answers);
+            } else {
+                // By node; a cluster has few masters, so a list beats a map.
+                let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+                for &i in &pending {
+                    let node = topo.slots[slots[i] as usize];
+                    match groups.iter_mut().find(|(n, _)| *n == node) {
+                        Some((_, idxs)) => idxs.push(i),
+                        None => groups.push((node, vec![i])),
+                    }
+                }
+                let runs = groups.into_iter().map(|(node, idxs)| {
+                    let fut = run(topo.nodes[node as usize].clone(), &idxs);
+                    async move { (idxs, fut.await) }
+                });
+                for (idxs, answers) in join_all(runs).await {
+                    absorb(&idxs, answers);
                 }
             }
             if let Some(e) = fatal {
@@ -1305,7 +1349,7 @@ impl RedisStore {
         let p = partition_of(w.user);
         Ok(SaveArgs {
             slot: self.partition_slots[p as usize],
-            keys: [user_key(w.user), live_key(p), fence_key(p)],
+            partition: p,
             version: w.state.version,
             json,
             live,
@@ -1695,9 +1739,9 @@ mod tests {
                                     "-NOSCRIPT No matching script. Please use EVAL.\r\n".into()
                                 }
                                 (_, Some(c)) if c == "EVALSHA" || c == "EVAL" => {
-                                    // One answer per write: three shared arguments after the keys, then eight each.
+                                    // One answer per write: three shared arguments after the keys, then six each.
                                     let keys: usize = args[2].parse().unwrap_or(0);
-                                    let n = args.len().saturating_sub(6 + keys) / 8;
+                                    let n = args.len().saturating_sub(6 + keys) / 6;
                                     *seen.lock().entry("WRITES".into()).or_default() += n as u64;
                                     format!("*{n}\r\n{}", ":1\r\n".repeat(n))
                                 }
@@ -1922,6 +1966,23 @@ mod tests {
             .map(|s| s.as_ref().map(|s| s.version))
             .collect();
         assert_eq!(versions, vec![Some(5), None, Some(1), Some(1)]);
+    }
+
+    /// The save script gets a user's record key and fence key only; it derives the live index
+    /// key (`string.sub(fence, 1, -6) .. 'live'`) and the member (`string.sub(user, #fence - 2)`,
+    /// 1-based) from them, so the key layout and the script must agree.
+    #[test]
+    fn the_live_key_and_member_the_save_script_derives_are_the_stores() {
+        for user in [0, 1, 42, 1 << 40, u64::MAX] {
+            let p = partition_of(user);
+            let fence = fence_key(p);
+            assert!(fence.ends_with("fence"), "{fence}");
+            assert_eq!(format!("{}live", &fence[..fence.len() - 5]), live_key(p));
+            assert_eq!(&user_key(user)[fence.len() - 3..], user.to_string());
+            let mut buf = b"old".to_vec();
+            put_user_key(&mut buf, p, user);
+            assert_eq!(buf, user_key(user).into_bytes());
+        }
     }
 
     /// Issue 13: the live index follows a user who comes, stays, leaves and comes back, and a
