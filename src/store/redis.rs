@@ -337,9 +337,10 @@ struct GroupArgs {
 /// One call of the save script for `writes` (at least one): `EVALSHA` (`script` is the hash)
 /// or `EVAL` (`script` is the source).
 fn save_cmd(name: &str, script: &str, group: GroupArgs, writes: &[&SaveArgs]) -> Cmd {
-    // Six arguments a write, ~40 bytes of keys and numbers besides its state.
+    // The name, the script, one key and three shared arguments; six a write, ~40 bytes of keys
+    // and numbers besides its state.
     let data: usize = writes.iter().map(|w| w.json.len() + 64).sum();
-    let mut c = Cmd::with_capacity(6 + 6 * writes.len(), 96 + data);
+    let mut c = Cmd::with_capacity(7 + 6 * writes.len(), 96 + data);
     let mut key = Vec::with_capacity(48);
     put_user_key(&mut key, writes[0].partition, writes[0].user);
     c.arg(name)
