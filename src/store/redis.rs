@@ -49,6 +49,9 @@ const SLOTS: usize = 16384;
 /// that finds the cluster down, answers `TRYAGAIN` (retried after a topology refresh).
 const SAVE: &str = r#"#!lua flags=allow-cross-slot-keys
 local score, live_ttl, other_ttl = ARGV[1], ARGV[2], ARGV[3]
+local function index_and_member(user, fence)
+  return string.sub(fence, 1, -6) .. 'live', string.sub(user, #fence - 2)
+end
 local function save(i)
   local user, fence, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if ARGV[i + 5] ~= '0' then
@@ -64,11 +67,12 @@ local function save(i)
     if cur ~= 0 and got[2] == got[1] then
       went = 0
     else
-      local index = string.sub(fence, 1, -6) .. 'live'
-      went = redis.call('ZADD', index, 'NX', score, string.sub(user, #fence - 2))
+      local index, member = index_and_member(user, fence)
+      went = redis.call('ZADD', index, 'NX', score, member)
     end
   else
-    redis.call('ZREM', string.sub(fence, 1, -6) .. 'live', string.sub(user, #fence - 2))
+    local index, member = index_and_member(user, fence)
+    redis.call('ZREM', index, member)
   end
   redis.call('HSET', user, 'v', v, 's', ARGV[i + 3], 'l', l)
   if went == 1 or cur == 0 then
@@ -313,11 +317,11 @@ struct SaveArgs {
 impl SaveArgs {
     /// Its six arguments of the save script, in the script's order (`key` is scratch space for
     /// the keys).
-    fn push(&self, c: &mut Cmd, key: &mut Vec<u8>) {
+    fn push(&self, c: &mut Cmd, key: &mut String) {
         put_user_key(key, self.partition, self.user);
-        c.arg(&key[..]);
+        c.arg(key.as_str());
         put_fence_key(key, self.partition);
-        c.arg(&key[..])
+        c.arg(key.as_str())
             .arg(self.version)
             .arg(&self.json[..])
             .arg(if self.live { "1" } else { "0" })
@@ -341,12 +345,12 @@ fn save_cmd(name: &str, script: &str, group: GroupArgs, writes: &[&SaveArgs]) ->
     // and numbers besides its state.
     let data: usize = writes.iter().map(|w| w.json.len() + 64).sum();
     let mut c = Cmd::with_capacity(7 + 6 * writes.len(), 96 + data);
-    let mut key = Vec::with_capacity(48);
+    let mut key = String::with_capacity(48);
     put_user_key(&mut key, writes[0].partition, writes[0].user);
     c.arg(name)
         .arg(script)
         .arg(1)
-        .arg(&key[..])
+        .arg(key.as_str())
         .arg(group.score)
         .arg(group.live_ttl_ms)
         .arg(group.other_ttl_ms);
@@ -415,14 +419,14 @@ fn tag(p: u32) -> impl std::fmt::Display {
 }
 
 pub fn user_key(user: UserId) -> String {
-    let mut key = Vec::with_capacity(32);
+    let mut key = String::with_capacity(32);
     put_user_key(&mut key, partition_of(user), user);
-    String::from_utf8(key).unwrap_or_default()
+    key
 }
 
 /// [`user_key`] into `buf` (cleared first), given the user's partition.
-fn put_user_key(buf: &mut Vec<u8>, partition: u32, user: UserId) {
-    use std::io::Write as _;
+fn put_user_key(buf: &mut String, partition: u32, user: UserId) {
+    use std::fmt::Write as _;
     buf.clear();
     let _ = write!(buf, "presence:{{{}}}:u:{user}", tag(partition));
 }
@@ -437,14 +441,14 @@ pub fn live_key(partition: u32) -> String {
 
 /// The fencing token of a partition's owner: incremented by every new owner.
 pub fn fence_key(partition: u32) -> String {
-    let mut key = Vec::with_capacity(24);
+    let mut key = String::with_capacity(24);
     put_fence_key(&mut key, partition);
-    String::from_utf8(key).unwrap_or_default()
+    key
 }
 
 /// [`fence_key`] into `buf` (cleared first).
-fn put_fence_key(buf: &mut Vec<u8>, partition: u32) {
-    use std::io::Write as _;
+fn put_fence_key(buf: &mut String, partition: u32) {
+    use std::fmt::Write as _;
     buf.clear();
     let _ = write!(buf, "presence:{{{}}}:fence", tag(partition));
 }
@@ -1969,9 +1973,10 @@ mod tests {
         assert_eq!(versions, vec![Some(5), None, Some(1), Some(1)]);
     }
 
-    /// The save script gets a user's record key and fence key only; it derives the live index
-    /// key (`string.sub(fence, 1, -6) .. 'live'`) and the member (`string.sub(user, #fence - 2)`,
-    /// 1-based) from them, so the key layout and the script must agree.
+    /// The save script gets a user's record key and fence key only; its `index_and_member`
+    /// derives the live index key (`string.sub(fence, 1, -6) .. 'live'`) and the member
+    /// (`string.sub(user, #fence - 2)`, 1-based) from them, so the key layout and the script
+    /// must agree.
     #[test]
     fn the_live_key_and_member_the_save_script_derives_are_the_stores() {
         for user in [0, 1, 42, 1 << 40, u64::MAX] {
@@ -1980,9 +1985,9 @@ mod tests {
             assert!(fence.ends_with("fence"), "{fence}");
             assert_eq!(format!("{}live", &fence[..fence.len() - 5]), live_key(p));
             assert_eq!(&user_key(user)[fence.len() - 3..], user.to_string());
-            let mut buf = b"old".to_vec();
+            let mut buf = String::from("old");
             put_user_key(&mut buf, p, user);
-            assert_eq!(buf, user_key(user).into_bytes());
+            assert_eq!(buf, user_key(user));
         }
     }
 
