@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Request, State};
+use axum::extract::{Extension, FromRequest, MatchedPath, Path, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -135,30 +135,45 @@ impl Limits {
     }
 }
 
+/// What a node serves over HTTP: the [`router`] behind the outermost layers (the request's
+/// trace span, then [`CloseUnread`]), applied once around the whole router rather than to each
+/// route, so a request clones and boxes no layer of them.
+pub type App = tower_http::trace::Trace<
+    CloseUnread<Router>,
+    tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
+    tower_http::trace::DefaultMakeSpan,
+>;
+
 /// The HTTP surface of a node: the presence API (unless `with_api` is false, as on a shard,
 /// which serves gRPC instead), health, and metrics unless `with_metrics` is false (they are
 /// served on `PRESENCE_METRICS_LISTEN` by [`metrics_router`] instead).
-pub fn router(state: AppState, with_api: bool, with_metrics: bool) -> Router {
-    let api = Router::new()
-        .route("/online", post(online))
-        .route("/offline", post(offline))
-        .route("/heartbeat", post(heartbeat))
-        .route("/status/batch", post(batch))
-        .route(
-            "/status/{userId}",
-            get(status).put(set_status).delete(clear_status),
-        )
-        .route("/statuses", get(statuses))
-        .route(
-            "/subscriptions/{userId}",
-            get(get_subscriptions).put(put_subscriptions),
-        )
-        .route("/privacy/{userId}", get(get_privacy).put(put_privacy))
-        .route("/ws", get(ws::upgrade))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(middleware::from_fn_with_state(state.clone(), shed))
-        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
+///
+/// Each API route has one middleware, [`api_request`], and the routes are registered at their
+/// full paths (no `nest`): axum wraps every route in a boxed service per layer and clones the
+/// whole chain at each level per request, so each layer more cost several allocations a request
+/// (about fifty with the eight levels this router had).
+pub fn router(state: AppState, with_api: bool, with_metrics: bool) -> App {
+    let mut root = Router::new();
+    if with_api {
+        let at = |path: &str| format!("{BASE}{path}");
+        root = root
+            .route(&at("/online"), post(online))
+            .route(&at("/offline"), post(offline))
+            .route(&at("/heartbeat"), post(heartbeat))
+            .route(&at("/status/batch"), post(batch))
+            .route(
+                &at("/status/{userId}"),
+                get(status).put(set_status).delete(clear_status),
+            )
+            .route(&at("/statuses"), get(statuses))
+            .route(
+                &at("/subscriptions/{userId}"),
+                get(get_subscriptions).put(put_subscriptions),
+            )
+            .route(&at("/privacy/{userId}"), get(get_privacy).put(put_privacy))
+            .route(&at("/ws"), get(ws::upgrade))
+            .route_layer(middleware::from_fn_with_state(state.clone(), api_request));
+    }
     let mut ops = Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz));
@@ -166,21 +181,19 @@ pub fn router(state: AppState, with_api: bool, with_metrics: bool) -> Router {
         ops = ops.route("/metrics", get(metrics));
     }
     let ops = ops.route_layer(middleware::from_fn_with_state(state.clone(), track));
-    let root = if with_api {
-        Router::new().nest(BASE, api)
-    } else {
-        Router::new()
-    };
-    root.merge(ops)
+    let router = root
+        .merge(ops)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(close_unread))
+        .with_state(state);
+    tower::ServiceBuilder::new()
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
                 tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
             ),
         )
-        .with_state(state)
+        .layer(tower::layer::layer_fn(CloseUnread))
+        .service(router)
 }
 
 /// The listener of `PRESENCE_METRICS_LISTEN`: `/metrics`, `/livez` and `/readyz` only.
@@ -204,14 +217,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
         if !is_json(req.headers()) {
             return Err(Error::UnsupportedMediaType);
         }
-        let limit = state.limits.max_body_bytes;
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                Error::PayloadTooLarge(limit)
-            } else {
-                Error::BadRequest(format!("could not read request body: {e}"))
-            }
-        })?;
+        // Already read in full by `api_request` (this takes it back at once), within the limit.
+        let bytes = read_body(req.into_body(), state.limits.max_body_bytes).await?;
         if bytes.trim_ascii_start().first() == Some(&b'[') {
             return Err(Error::BadRequest(
                 "invalid request body: expected a JSON object".into(),
@@ -735,74 +742,34 @@ fn record(m: &Metrics, route: &str, method: &Method, code: &str, started: Option
     }
 }
 
-/// Authenticates every request of the presence API (401 without a valid token when
-/// `PRESENCE_AUTH=jwt`) and hands the handlers its [`Principal`]; each handler then decides
-/// what that caller may do (the self-only rule, [`Auth::authorize`]). The WebSocket route also
-/// takes the token from `Sec-WebSocket-Protocol`; no route takes it from the query string.
-async fn authenticate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
-    let websocket = req
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|p| p.as_str().ends_with("/ws"));
-    match s.auth.authenticate(req.headers(), websocket).await {
-        Ok(who) => {
-            req.extensions_mut().insert(who);
-            next.run(req).await
-        }
+/// The one middleware of every presence API route, in this order:
+/// 1. [`read_json_body`]: a JSON body is read in full (408 and 413 refuse it);
+/// 2. an in-flight slot is taken, or 503 at once when too many requests are in flight, instead
+///    of queueing: a client that sends its body slowly holds no slot, so cannot starve others;
+/// 3. [`Tracked`]: from here on the request is counted and timed by its route;
+/// 4. [`authenticate`], then the handler, which decides what the caller may do;
+/// 5. a 429 is held back, without the slot, for up to its Retry-After: a client that loops
+///    without waiting sends one request per delay on each connection, not thousands.
+///
+/// One middleware rather than one layer each: axum boxes and clones each route layer per
+/// request (see [`router`]).
+async fn api_request(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let req = match read_json_body(&s, req).await {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(permit) = s.limits.inflight.try_acquire() else {
+        s.metrics.http.refusals.get(HttpRefusal::Overloaded).inc();
+        return Error::Overloaded.into_response();
+    };
+    let tracked = Tracked::begin(&req);
+    let resp = match authenticate(&s, req).await {
+        Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
-    }
-}
-
-/// Counts and times every matched request.
-async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().clone();
-    let resp = next.run(req).await;
-    record(
-        &s.metrics,
-        &route,
-        &method,
-        resp.status().as_str(),
-        Some(started),
-    );
-    resp
-}
-
-/// Reads a JSON request body in full, within the body timeout (then 408) and the size limit
-/// (then 413), and only then takes an in-flight slot: answers 503 at once when too many requests
-/// are in flight, instead of queueing. A client that sends its body slowly holds no slot, so it
-/// cannot starve the others. A body that is not JSON is left unread: the handler refuses it (415)
-/// without reading it.
-async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let req = if has_body(req.headers()) && is_json(req.headers()) {
-        let (parts, body) = req.into_parts();
-        let limit = s.limits.max_body_bytes;
-        match tokio::time::timeout(s.limits.body_timeout, read_body(body, limit)).await {
-            Ok(Ok(bytes)) => Request::from_parts(parts, axum::body::Body::from(bytes)),
-            Ok(Err(e)) => return e.into_response(),
-            Err(_) => {
-                s.metrics.http.refusals.get(HttpRefusal::BodyTimeout).inc();
-                return Error::RequestTimeout.into_response();
-            }
-        }
-    } else {
-        req
     };
-    let resp = match s.limits.inflight.clone().try_acquire_owned() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => {
-            s.metrics.http.refusals.get(HttpRefusal::Overloaded).inc();
-            return Error::Overloaded.into_response();
-        }
-    };
+    tracked.end(&s.metrics, &resp);
+    drop(permit);
     if resp.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
-        // Held back (without an in-flight slot) for up to its Retry-After: a client that loops
-        // without waiting sends one request per delay on each connection, not thousands.
         let retry = resp
             .headers()
             .get(header::RETRY_AFTER)
@@ -811,6 +778,70 @@ async fn shed(State(s): State<AppState>, req: Request, next: Next) -> Response {
         tokio::time::sleep(retry.min(s.limits.rate_limit_delay)).await;
     }
     resp
+}
+
+/// Authenticates a request of the presence API (401 without a valid token when
+/// `PRESENCE_AUTH=jwt`) and hands the handlers its [`Principal`]; each handler then decides
+/// what that caller may do (the self-only rule, [`Auth::authorize`]). The WebSocket route also
+/// takes the token from `Sec-WebSocket-Protocol`; no route takes it from the query string.
+async fn authenticate(s: &AppState, mut req: Request) -> Result<Request, Error> {
+    let websocket = req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str().ends_with("/ws"));
+    let who = s.auth.authenticate(req.headers(), websocket).await?;
+    req.extensions_mut().insert(who);
+    Ok(req)
+}
+
+/// A request being counted and timed by its matched route.
+struct Tracked {
+    started: Instant,
+    route: Option<MatchedPath>,
+    method: Method,
+}
+
+impl Tracked {
+    fn begin(req: &Request) -> Tracked {
+        Tracked {
+            started: Instant::now(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: req.method().clone(),
+        }
+    }
+
+    fn end(self, m: &Metrics, resp: &Response) {
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let code = resp.status();
+        record(m, route, &self.method, code.as_str(), Some(self.started));
+    }
+}
+
+/// Counts and times every matched request of the operations routes.
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let tracked = Tracked::begin(&req);
+    let resp = next.run(req).await;
+    tracked.end(&s.metrics, &resp);
+    resp
+}
+
+/// The request with its JSON body read in full, within the body timeout (then 408) and the
+/// size limit (then 413). A body that is not JSON is left unread: the handler refuses it (415)
+/// without reading it.
+async fn read_json_body(s: &AppState, req: Request) -> Result<Request, Error> {
+    if !(has_body(req.headers()) && is_json(req.headers())) {
+        return Ok(req);
+    }
+    let (parts, body) = req.into_parts();
+    let limit = s.limits.max_body_bytes;
+    match tokio::time::timeout(s.limits.body_timeout, read_body(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            s.metrics.http.refusals.get(HttpRefusal::BodyTimeout).inc();
+            Err(Error::RequestTimeout)
+        }
+    }
 }
 
 /// The whole body, at most `limit` bytes.
@@ -837,13 +868,45 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, Error>
     Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
-/// An answer given without reading the request body (404, 405, 408, 413, 415) closes the
-/// connection and says so, so keep-alive clients do not reuse a connection the server is about
-/// to drop.
-async fn close_unread(req: Request, next: Next) -> Response {
-    let has_body = has_body(req.headers());
-    let mut resp = next.run(req).await;
-    if has_body && matches!(resp.status().as_u16(), 404 | 405 | 408 | 413 | 415) {
+/// The outermost layer but the trace span: an answer given without reading the request body
+/// (404, 405, 408, 413, 415) closes the connection and says so, so keep-alive clients do not
+/// reuse a connection the server is about to drop. A plain service (no boxed future): it wraps
+/// every request.
+#[derive(Clone)]
+pub struct CloseUnread<S>(S);
+
+type CloseUnreadFuture<F, E> = futures::future::Either<
+    futures::future::Map<F, fn(Result<Response, E>) -> Result<Response, E>>,
+    F,
+>;
+
+impl<S: tower::Service<Request, Response = Response>> tower::Service<Request> for CloseUnread<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = CloseUnreadFuture<S::Future, S::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use futures::FutureExt;
+        if has_body(req.headers()) {
+            let close: fn(Result<Response, S::Error>) -> Result<Response, S::Error> =
+                |r| r.map(close_if_unread);
+            futures::future::Either::Left(self.0.call(req).map(close))
+        } else {
+            futures::future::Either::Right(self.0.call(req))
+        }
+    }
+}
+
+/// `resp`, saying `Connection: close` if it answers without having read the body.
+fn close_if_unread(mut resp: Response) -> Response {
+    if matches!(resp.status().as_u16(), 404 | 405 | 408 | 413 | 415) {
         resp.headers_mut().insert(
             header::CONNECTION,
             axum::http::HeaderValue::from_static("close"),

@@ -5,7 +5,7 @@
 //! within the header timeout of its first byte (of the connection's start, for the first
 //! request), and a connection with no request in progress and no bytes moving for the idle
 //! timeout is closed. A request in progress is the handlers' business: they read the body
-//! within the body timeout (see `shed`) and every call they make has a deadline of its own.
+//! within the body timeout (see `api_request`) and every call they make has a deadline of its own.
 
 use std::convert::Infallible;
 use std::io;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::HttpBody;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -25,6 +25,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::{HttpRefusal, Metrics};
+
+/// What [`serve`] serves: the API ([`crate::api::App`]) or a plain router (the metrics
+/// listener's), answering every request (no error) with a body of type `B`.
+pub trait App<B>:
+    tower::Service<axum::extract::Request, Response = axum::http::Response<B>, Error = Infallible>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<A, B> App<B> for A where
+    A: tower::Service<
+            axum::extract::Request,
+            Response = axum::http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 
 /// The connection-level limits.
 #[derive(Clone, Copy, Debug)]
@@ -41,13 +62,19 @@ pub struct Timeouts {
 
 /// Serves `app` on `listener` until `shutdown`; then stops accepting, lets every connection
 /// finish its request in progress (idle ones close at once), and returns when all are closed.
-pub async fn serve(
+pub async fn serve<A, B>(
     listener: TcpListener,
-    app: Router,
+    app: A,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
+) where
+    A: App<B>,
+    A::Future: Send + 'static,
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let connections = TaskTracker::new();
     loop {
         let tcp = tokio::select! {
@@ -91,13 +118,19 @@ fn is_connection_error(e: &io::Error) -> bool {
 }
 
 /// Serves one connection until it ends, is closed by a limit, or shuts down.
-async fn connection(
+async fn connection<A, B>(
     tcp: TcpStream,
-    app: Router,
+    app: A,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) {
+) where
+    A: App<B>,
+    A::Future: Send + 'static,
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {
         io: tcp,
@@ -108,7 +141,7 @@ async fn connection(
         let guard = Busy::begin(busy.clone());
         let app = app.clone();
         async move {
-            let resp: Result<axum::response::Response, Infallible> =
+            let resp: Result<axum::http::Response<B>, Infallible> =
                 tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new)).await;
             drop(guard);
             resp
