@@ -580,17 +580,17 @@ impl Shard {
     /// repair) reloads it, so a retried request applies its change again.
     async fn persist(&self, user: UserId, state: UserState, now: Millis) -> Result<(), Error> {
         let version = state.version;
-        let mut unfinished = Unfinished {
+        let unfinished = Unfinished {
             shard: self,
-            write: Some((user, state.clone())),
+            write: Write {
+                user,
+                state,
+                fence: self.fence_of(user),
+            },
+            done: false,
         };
-        let write = Write {
-            user,
-            state,
-            fence: self.fence_of(user),
-        };
-        let outcome = self.save(std::slice::from_ref(&write)).await;
-        unfinished.write = None;
+        let outcome = self.save(std::slice::from_ref(&unfinished.write)).await;
+        let write = unfinished.finish();
         match outcome.map(|v| v.first().copied().unwrap_or(Saved::Stale)) {
             Ok(Saved::Written) => {
                 self.publish(user, &write.state, now);
@@ -1234,16 +1234,31 @@ impl Shard {
     }
 }
 
-/// A request's write that did not finish (the request was cancelled): the writer takes it.
+/// A request's write while it is being saved: if the request is cancelled before the save
+/// answered, the writer takes it (no copy of the state is made for that).
 struct Unfinished<'a> {
     shard: &'a Shard,
-    write: Option<(UserId, UserState)>,
+    write: Write,
+    done: bool,
+}
+
+impl Unfinished<'_> {
+    /// The save answered: the write, which the writer will not take.
+    fn finish(mut self) -> Write {
+        self.done = true;
+        Write {
+            user: self.write.user,
+            state: std::mem::take(&mut self.write.state),
+            fence: self.write.fence,
+        }
+    }
 }
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
-        if let Some((user, state)) = self.write.take() {
-            self.shard.backlog.lock().save(user, state);
+        if !self.done {
+            let state = std::mem::take(&mut self.write.state);
+            self.shard.backlog.lock().save(self.write.user, state);
             self.shard.wake.notify_one();
         }
     }
