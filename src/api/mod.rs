@@ -875,10 +875,11 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, Error>
 #[derive(Clone)]
 pub struct CloseUnread<S>(S);
 
-type CloseUnreadFuture<F, E> = futures::future::Either<
-    futures::future::Map<F, fn(Result<Response, E>) -> Result<Response, E>>,
-    F,
->;
+/// What [`CloseUnread`] does to an answer (a function pointer: nothing to box).
+type CloseIfUnread<E> = fn(Result<Response, E>) -> Result<Response, E>;
+
+type CloseUnreadFuture<F, E> =
+    futures::future::Either<futures::future::Map<F, CloseIfUnread<E>>, F>;
 
 impl<S: tower::Service<Request, Response = Response>> tower::Service<Request> for CloseUnread<S> {
     type Response = Response;
@@ -895,8 +896,7 @@ impl<S: tower::Service<Request, Response = Response>> tower::Service<Request> fo
     fn call(&mut self, req: Request) -> Self::Future {
         use futures::FutureExt;
         if has_body(req.headers()) {
-            let close: fn(Result<Response, S::Error>) -> Result<Response, S::Error> =
-                |r| r.map(close_if_unread);
+            let close: CloseIfUnread<S::Error> = |r| r.map(close_if_unread);
             futures::future::Either::Left(self.0.call(req).map(close))
         } else {
             futures::future::Either::Right(self.0.call(req))
