@@ -87,6 +87,10 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A draining node's `offline` ignores heartbeats of the device seen up to this long after its
 /// socket stopped (they are the socket's own, still in flight); later ones are a reconnect.
 const RECONNECT_MARGIN: Duration = Duration::from_millis(250);
+/// What the close grace's `offline` adds to the time since its socket stopped: the shard
+/// compares milliseconds (the device's last seen, its now, the window, each floored), which can
+/// make a reconnect 2 ms after the stop look older than it.
+const WINDOW_ROUNDING: Duration = Duration::from_millis(2);
 /// First retry of a subscription list that could not be read for a welcome; then doubling.
 const RELOAD_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between retries of the subscription list.
@@ -615,7 +619,9 @@ async fn finish(
             // Not if the device reconnected meanwhile, here or through another gateway: seen
             // since the socket stopped (whose own requests had all been answered by then), not
             // merely within the last `grace` (a reconnect right after the close is older).
-            let since_stop = stopped.elapsed();
+            // Plus the whole milliseconds the shard's clock and the window lose to truncation
+            // (last seen, now, and the window are each floored to a millisecond there).
+            let since_stop = stopped.elapsed() + WINDOW_ROUNDING;
             if let Err(e) = s.presence.offline(user, &device, Some(since_stop)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
