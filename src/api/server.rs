@@ -27,10 +27,14 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::{HttpRefusal, Metrics};
 
 /// What [`serve`] serves: the API ([`crate::api::App`]) or a plain router (the metrics
-/// listener's), answering every request (no error) with a body of type `B`.
+/// listener's), answering every request (no error) with a body of type `B` ([`AppBody`]).
 pub trait App<B>:
-    tower::Service<axum::extract::Request, Response = axum::http::Response<B>, Error = Infallible>
-    + Clone
+    tower::Service<
+        axum::extract::Request,
+        Response = axum::http::Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
     + Send
     + 'static
 {
@@ -41,9 +45,21 @@ impl<A, B> App<B> for A where
             axum::extract::Request,
             Response = axum::http::Response<B>,
             Error = Infallible,
+            Future: Send + 'static,
         > + Clone
         + Send
         + 'static
+{
+}
+
+/// The body of an [`App`]'s answers, as hyper writes it from a connection's task.
+pub trait AppBody:
+    HttpBody<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
+{
+}
+
+impl<B> AppBody for B where
+    B: HttpBody<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
 {
 }
 
@@ -70,10 +86,7 @@ pub async fn serve<A, B>(
     shutdown: CancellationToken,
 ) where
     A: App<B>,
-    A::Future: Send + 'static,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: AppBody,
 {
     let connections = TaskTracker::new();
     loop {
@@ -126,10 +139,7 @@ async fn connection<A, B>(
     shutdown: CancellationToken,
 ) where
     A: App<B>,
-    A::Future: Send + 'static,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: AppBody,
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Tracked {
