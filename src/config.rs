@@ -364,6 +364,17 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_REDIS_MIN_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=5))]
     pub redis_min_replicas: u32,
 
+    /// How user records are written to Redis: binary (compact: a one- or two-device record is
+    /// 30-60 bytes, which Redis keeps as a listpack) or json (all that builds before the binary
+    /// record write and read: set it while a rolling upgrade from one runs). Both are read.
+    #[arg(
+        long,
+        env = "PRESENCE_REDIS_RECORD_FORMAT",
+        value_enum,
+        default_value = "binary"
+    )]
+    pub redis_record_format: crate::store::record::RecordFormat,
+
     /// How long the record of a user without devices (last active time, settings) is kept;
     /// 0s keeps it forever.
     #[arg(long, env = "PRESENCE_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
@@ -811,6 +822,7 @@ impl Config {
             live_ttl: self.heartbeat_timeout + self.redis_refresh * 3 / 2 + Duration::from_secs(5),
             retention: self.retention,
             min_replicas: self.redis_min_replicas,
+            record_format: self.redis_record_format,
             tls: crate::store::RedisTlsFiles {
                 ca: self.redis_tls_ca.clone(),
                 cert: self.redis_tls_cert.clone(),

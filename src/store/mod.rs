@@ -15,6 +15,7 @@ use crate::presence::{UserId, UserState};
 use crate::ring::partition_of;
 
 pub mod faulty;
+pub mod record;
 pub mod redis;
 pub use self::redis::{RedisOptions, RedisStore, RedisTlsFiles};
 

@@ -21,6 +21,7 @@ use parking_lot::{Mutex, RwLock};
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, Value};
 
+use super::record::{self, RecordFormat};
 use super::{Saved, Store, Write};
 use crate::error::Error;
 use crate::metrics::{Metrics, RedisError, StoreOp};
@@ -131,6 +132,8 @@ pub struct RedisOptions {
     pub retention: Duration,
     /// Replicas a state change must reach before it is acknowledged (0 to not wait).
     pub min_replicas: u32,
+    /// How records are written (both formats are read).
+    pub record_format: RecordFormat,
     /// PEM files of `rediss://`.
     pub tls: RedisTlsFiles,
     /// ACL user and password, when not in the seeds' URLs.
@@ -308,7 +311,8 @@ struct SaveArgs {
     slot: u16,
     partition: u32,
     version: u64,
-    json: Vec<u8>,
+    /// The state's record ([`record`]).
+    record: Vec<u8>,
     live: bool,
     user: UserId,
     fence: u64,
@@ -323,7 +327,7 @@ impl SaveArgs {
         put_fence_key(key, self.partition);
         c.arg(key.as_str())
             .arg(self.version)
-            .arg(&self.json[..])
+            .arg(&self.record[..])
             .arg(if self.live { "1" } else { "0" })
             .arg(self.fence);
     }
@@ -343,7 +347,7 @@ struct GroupArgs {
 fn save_cmd(name: &str, script: &str, group: GroupArgs, writes: &[&SaveArgs]) -> Cmd {
     // The name, the script, one key and three shared arguments; six a write, ~40 bytes of keys
     // and numbers besides its state.
-    let data: usize = writes.iter().map(|w| w.json.len() + 64).sum();
+    let data: usize = writes.iter().map(|w| w.record.len() + 64).sum();
     let mut c = Cmd::with_capacity(7 + 6 * writes.len(), 96 + data);
     let mut key = String::with_capacity(48);
     put_user_key(&mut key, writes[0].partition, writes[0].user);
@@ -1348,19 +1352,20 @@ impl RedisStore {
     }
 
     /// The save script's arguments for one write.
-    fn save_args(&self, w: &Write) -> Result<SaveArgs, Error> {
+    fn save_args(&self, w: &Write) -> SaveArgs {
         let live = !w.state.devices.is_empty();
-        let json = serde_json::to_vec(&w.state).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut buf = Vec::with_capacity(64);
+        record::encode(&w.state, self.opts.record_format, &mut buf);
         let p = partition_of(w.user);
-        Ok(SaveArgs {
+        SaveArgs {
             slot: self.partition_slots[p as usize],
             partition: p,
             version: w.state.version,
-            json,
+            record: buf,
             live,
             user: w.user,
             fence: w.fence,
-        })
+        }
     }
 }
 
@@ -1428,9 +1433,9 @@ impl Store for RedisStore {
             .into_iter()
             .map(|v| match v {
                 Value::Nil => Ok(None),
-                Value::BulkString(b) => serde_json::from_slice(&b)
+                Value::BulkString(b) => record::decode(&b)
                     .map(Some)
-                    .map_err(|e| Error::Internal(format!("corrupt stored state: {e}"))),
+                    .map_err(|e| Error::Internal(e.to_string())),
                 other => Err(Error::Internal(format!("unexpected reply {other:?}"))),
             })
             .collect()
@@ -1445,8 +1450,8 @@ impl Store for RedisStore {
         }
         let writes = batch
             .iter()
-            .map(|w| self.save_args(w).map(Arc::new))
-            .collect::<Result<Vec<_>, Error>>()?;
+            .map(|w| Arc::new(self.save_args(w)))
+            .collect::<Vec<_>>();
         let deadline = Instant::now() + self.opts.timeout;
         // A group answers by its deadline plus its WAIT's time; so does the save.
         let by = deadline + Duration::from_millis(self.wait_ms().map_or(0, |ms| ms + 50));
@@ -2079,7 +2084,7 @@ mod tests {
             .unwrap();
         let addr = topo.nodes[node_of(here[0]) as usize].clone();
         let args = [here[0], elsewhere, here[1]]
-            .map(|u| Arc::new(store.save_args(&write(u, 1, 0)).unwrap()))
+            .map(|u| Arc::new(store.save_args(&write(u, 1, 0))))
             .to_vec();
         let deadline = Instant::now() + Duration::from_secs(2);
         let answers = store.submit(&addr, args, deadline).await.unwrap();
@@ -2237,6 +2242,7 @@ mod tests {
             live_ttl: Duration::from_secs(120),
             retention: Duration::from_secs(600),
             min_replicas: 1,
+            record_format: RecordFormat::default(),
             tls: RedisTlsFiles::default(),
             username: None,
             password: None,

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use presence_service::presence::UserState;
+use presence_service::store::record;
 use serde_json::{json, Value};
 
 use super::cluster::Cluster;
@@ -598,11 +599,12 @@ impl Views {
 /// first seed of `redis` (comma-separated URLs).
 pub fn redis_records(redis: &str, users: &[u64]) -> Vec<(u64, Option<UserState>)> {
     let port = redis_port(redis.split(',').next().unwrap_or(redis));
+    // The record is binary: the script answers it in hex, one line a user (empty: none).
     let script: String = users
         .iter()
         .map(|&u| {
             let key = presence_service::store::redis::user_key(u);
-            format!("HGET {key} s\n")
+            format!("EVAL \"{HEX_RECORD}\" 1 {key}\n")
         })
         .collect();
     let out = pipe_redis_cli(port, &script);
@@ -614,7 +616,21 @@ pub fn redis_records(redis: &str, users: &[u64]) -> Vec<(u64, Option<UserState>)
     users
         .iter()
         .zip(lines)
-        .map(|(&u, l)| (u, serde_json::from_str::<UserState>(l).ok()))
+        .map(|(&u, l)| (u, unhex(l).and_then(|b| record::decode(&b).ok())))
+        .collect()
+}
+
+/// A Lua script answering the hash field `s` of KEYS[1] in hex, or nil.
+const HEX_RECORD: &str = "local s = redis.call('HGET', KEYS[1], 's') if not s then return nil end \
+     return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))";
+
+fn unhex(l: &str) -> Option<Vec<u8>> {
+    let l = l.trim();
+    let hex = l.len() % 2 == 0 && !l.is_empty() && l.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then_some(())?;
+    (0..l.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&l[i..i + 2], 16).ok())
         .collect()
 }
 
