@@ -213,6 +213,10 @@ pub struct Device {
     /// 0 while online; when the device timed out otherwise (it may then resume).
     #[serde(default)]
     pub timed_out_at: Millis,
+    /// Which registration (`online`) of the device this is ([`crate::service::Session`]); 0 if
+    /// unknown. Kept in memory only: a new owner learns it at the device's next `online`.
+    #[serde(skip)]
+    pub session: u64,
 }
 
 /// How long ago a shard that let a user go last saw one of its devices: handed to the next owner.
@@ -452,6 +456,24 @@ impl UserState {
         self.settle(now, rules, effect)
     }
 
+    /// Records which registration of device `id` the latest `online` was (it changes nothing
+    /// visible).
+    pub fn set_session(&mut self, id: &str, session: u64) {
+        if let Some(d) = self.devices.iter_mut().find(|d| d.id == id) {
+            d.session = session;
+        }
+    }
+
+    /// Whether device `id` registered again (another `online`) since the registration
+    /// `session`; never when either is unknown (0).
+    pub fn registered_since(&self, id: &str, session: u64) -> bool {
+        session != 0
+            && self
+                .devices
+                .iter()
+                .any(|d| d.id == id && d.session != 0 && d.session != session)
+    }
+
     /// Whether the device was online and seen (online or heartbeat) within `window` of `now`.
     pub fn seen_within(&self, id: &str, window: Millis, now: Millis) -> bool {
         self.devices
@@ -659,6 +681,7 @@ impl Device {
             last_seen: now,
             last_active: now,
             timed_out_at: 0,
+            session: 0,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The presence operations as the API calls them: one trait, served in-process by a shard and
 //! remotely by the gateway's router.
 
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,23 +11,58 @@ use crate::error::Error;
 use crate::presence::{BatchEntry, Platform, Privacy, Settings, StatusView, UserId, Viewer};
 use crate::store::SubscriptionMode;
 
+/// Which registration of a device an `online` is: random for each WebSocket and each REST
+/// `online`, so that a closed socket's late `offline` can tell that the device registered again
+/// since (through any gateway). 0: unknown (a peer that sends none).
+pub type Session = u64;
+
+/// A new session: random, never 0.
+pub fn new_session() -> Session {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Each `RandomState` is randomly keyed; hashing a counter keeps two calls apart even if
+    // their keys were not.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    h.finish().max(1)
+}
+
+/// Why a closed socket's `offline` may not apply: the device registered again since the
+/// socket's session, or was seen within `seen_within` (through any gateway).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closed {
+    pub session: Session,
+    pub seen_within: Option<Duration>,
+}
+
 /// The presence operations, as the API calls them. The in-process [`crate::shard::Shard`]
 /// implements it, and so does the gateway's [`crate::peer::Router`], which calls the owning shard.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
+    /// A device comes online, as a new registration of it.
     async fn online(
         &self,
         user: UserId,
         device: &str,
         platform: Platform,
+    ) -> Result<StatusView, Error> {
+        self.online_session(user, device, platform, new_session())
+            .await
+    }
+    /// A device comes online as registration `session` (a WebSocket's).
+    async fn online_session(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+        session: Session,
     ) -> Result<StatusView, Error>;
-    /// A device goes offline; with `unless_seen_within`, not if it was seen that recently
-    /// (through any gateway): a WebSocket's close grace.
+    /// A device goes offline; for a closed WebSocket (`closed`), not if the device registered
+    /// again or was seen since (its close grace, or a drain).
     async fn offline(
         &self,
         user: UserId,
         device: &str,
-        unless_seen_within: Option<Duration>,
+        closed: Option<Closed>,
     ) -> Result<(), Error>;
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error>;
     /// `user`'s presence as `viewer` may see it (see [`crate::privacy`]).

@@ -36,7 +36,7 @@ use crate::presence::{
 use crate::privacy::{self, Audience};
 use crate::push::{Event, EventSink};
 use crate::ring::{partition_of, stripe_of, PARTITIONS};
-use crate::service::Presence;
+use crate::service::{Closed, Presence, Session};
 use crate::store::{Saved, Store, SubscriptionMode, Write};
 use crate::timer::{Clock, Tick, TimerWheel};
 
@@ -1287,16 +1287,18 @@ fn take_some_set<K: Copy + Eq + std::hash::Hash>(
 
 #[async_trait]
 impl Presence for Shard {
-    async fn online(
+    async fn online_session(
         &self,
         user: UserId,
         device: &str,
         platform: Platform,
+        session: Session,
     ) -> Result<StatusView, Error> {
         let rules = self.rules;
         self.mutate(user, true, |st, now| {
             let st = st.expect("loaded");
             let effect = st.online(device, platform, now, &rules)?;
+            st.set_session(device, session);
             Ok((st.view(user, now, &rules), effect))
         })
         .await
@@ -1306,14 +1308,18 @@ impl Presence for Shard {
         &self,
         user: UserId,
         device: &str,
-        unless_seen_within: Option<Duration>,
+        closed: Option<Closed>,
     ) -> Result<(), Error> {
         let rules = self.rules;
-        let window = unless_seen_within.map(|w| w.as_millis() as Millis);
+        let kept = |st: &UserState, now| {
+            closed.is_some_and(|c| {
+                st.registered_since(device, c.session)
+                    || c.seen_within
+                        .is_some_and(|w| st.seen_within(device, w.as_millis() as Millis, now))
+            })
+        };
         self.mutate(user, false, |st, now| match st {
-            Some(st) if window.is_some_and(|w| st.seen_within(device, w, now)) => {
-                Ok(((), Effect::default()))
-            }
+            Some(st) if kept(st, now) => Ok(((), Effect::default())),
             Some(st) => Ok(((), st.offline(device, now, &rules))),
             None => Ok(((), Effect::default())),
         })
@@ -1640,6 +1646,42 @@ mod tests {
         assert_eq!(v.version, 2);
         assert_eq!(s.heartbeat(3, "d", true).await, Err(Error::DeviceNotOnline));
         cancel.cancel();
+    }
+
+    /// A socket's late `offline` (its close grace) does not undo a reconnect that registered
+    /// the device again, however soon after the close the reconnect came (no window needed);
+    /// with its own session still current, the offline applies.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_sockets_offline_spares_a_newer_registration() {
+        let s = shard(100);
+        let closed = |session| {
+            Some(Closed {
+                session,
+                seen_within: Some(Duration::ZERO),
+            })
+        };
+        s.online_session(4, "d", Platform::Ios, 11).await.unwrap();
+        // The device reconnects (another socket, maybe through another gateway) at once.
+        s.online_session(4, "d", Platform::Ios, 12).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.offline(4, "d", closed(11)).await.unwrap();
+        assert_eq!(
+            s.status(4, Viewer::Truth).await.unwrap().status,
+            Status::Online
+        );
+        // The newer socket's own offline applies.
+        s.offline(4, "d", closed(12)).await.unwrap();
+        assert_eq!(
+            s.status(4, Viewer::Truth).await.unwrap().status,
+            Status::Offline
+        );
+        // Unknown sessions (0: from a peer that sends none) fall back to the window alone.
+        s.online_session(4, "d", Platform::Ios, 0).await.unwrap();
+        s.offline(4, "d", closed(13)).await.unwrap();
+        assert_eq!(
+            s.status(4, Viewer::Truth).await.unwrap().status,
+            Status::Offline
+        );
     }
 
     #[tokio::test(start_paused = true)]

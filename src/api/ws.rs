@@ -47,6 +47,7 @@ use crate::error::Error;
 use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
 use crate::presence::{parse_user_id, validate_device_id, Platform, UserId, Viewer};
 use crate::push::hub::{Frame, Hub, Next, Outbox};
+use crate::service::{new_session, Closed, Session};
 use crate::store::SubscriptionMode;
 
 /// A WebSocket over an upgraded HTTP/1.1 connection.
@@ -154,7 +155,10 @@ pub async fn upgrade(
     }
     // The device is online before the socket opens: a refusal (e.g. too many devices) is an
     // ordinary HTTP error.
-    s.presence.online(user, &device, platform).await?;
+    let session = new_session();
+    s.presence
+        .online_session(user, &device, platform, session)
+        .await?;
     let deadline = socket_deadline(&who, s.auth.ws_grace);
     let sock = Socket {
         s,
@@ -163,6 +167,7 @@ pub async fn upgrade(
         user,
         device,
         platform,
+        session,
         last_heartbeat: Instant::now(),
         deadline,
         end: None,
@@ -316,6 +321,9 @@ struct Socket {
     user: UserId,
     device: String,
     platform: Platform,
+    /// This socket's registration of the device: its `offline` after the close does not apply
+    /// once the device registered again (another socket, through any gateway).
+    session: Session,
     last_heartbeat: Instant,
     /// When the socket's token (plus the grace) runs out; `None`: never (no authentication).
     deadline: Option<tokio::time::Instant>,
@@ -594,10 +602,16 @@ async fn finish(
             }
         }
     });
-    let Socket { s, hub, device, .. } = sock;
+    let Socket {
+        s,
+        hub,
+        device,
+        session,
+        ..
+    } = sock;
     if hub.is_closing() {
         // The node is going away: the device goes offline now, not after the close grace.
-        let offline = offline_on_drain(&s, &hub, user, &device, generation, stopped);
+        let offline = offline_on_drain(&s, &hub, user, &device, generation, session, stopped);
         let _ = tokio::join!(read_on, offline);
         return;
     }
@@ -611,7 +625,7 @@ async fn finish(
         tokio::select! {
             _ = tokio::time::sleep(grace) => {}
             _ = drain_hub.closing().cancelled() => {
-                offline_on_drain(&s, &drain_hub, user, &device, generation, stopped).await;
+                offline_on_drain(&s, &drain_hub, user, &device, generation, session, stopped).await;
                 return;
             }
         }
@@ -621,8 +635,13 @@ async fn finish(
             // merely within the last `grace` (a reconnect right after the close is older).
             // Plus the whole milliseconds the shard's clock and the window lose to truncation
             // (last seen, now, and the window are each floored to a millisecond there).
-            let since_stop = stopped.elapsed() + WINDOW_ROUNDING;
-            if let Err(e) = s.presence.offline(user, &device, Some(since_stop)).await {
+            // The session settles a reconnect whose `online` reached the owner first, however
+            // soon after the stop it came.
+            let closed = Closed {
+                session,
+                seen_within: Some(stopped.elapsed() + WINDOW_ROUNDING),
+            };
+            if let Err(e) = s.presence.offline(user, &device, Some(closed)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
             }
         }
@@ -661,6 +680,7 @@ async fn offline_on_drain(
     user: UserId,
     device: &str,
     generation: u64,
+    session: Session,
     stopped: tokio::time::Instant,
 ) {
     if !hub.gone_since(user, device, generation) {
@@ -678,7 +698,14 @@ async fn offline_on_drain(
         .filter(|d| !d.is_zero());
     match tokio::time::timeout_at(
         deadline,
-        s.presence.offline(user, device, unless_seen_within),
+        s.presence.offline(
+            user,
+            device,
+            Some(Closed {
+                session,
+                seen_within: unless_seen_within,
+            }),
+        ),
     )
     .await
     {

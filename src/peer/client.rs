@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::presence::{BatchEntry, Platform, Privacy, Settings, StatusView, UserId, Viewer};
 use crate::proto::{self, v1};
 use crate::ring::Ring;
-use crate::service::Presence;
+use crate::service::{Closed, Presence, Session};
 use crate::store::SubscriptionMode;
 
 pub type ShardClient = v1::presence_shard_client::PresenceShardClient<Channel>;
@@ -297,11 +297,12 @@ impl Router {
 
 #[async_trait]
 impl Presence for Router {
-    async fn online(
+    async fn online_session(
         &self,
         user: UserId,
         device: &str,
         platform: Platform,
+        session: Session,
     ) -> Result<StatusView, Error> {
         let device = device.to_owned();
         let reply = self
@@ -311,6 +312,7 @@ impl Presence for Router {
                     user_id: user,
                     device_id: device.clone(),
                     platform: v1::Platform::from(platform) as i32,
+                    session,
                 };
                 async move { c.online(req(msg)).await }
             })
@@ -322,16 +324,18 @@ impl Presence for Router {
         &self,
         user: UserId,
         device: &str,
-        unless_seen_within: Option<Duration>,
+        closed: Option<Closed>,
     ) -> Result<(), Error> {
         let device = device.to_owned();
-        let within = unless_seen_within.map_or(0, |d| d.as_millis() as u64);
+        let closed = closed.unwrap_or_default();
+        let within = closed.seen_within.map_or(0, |d| d.as_millis() as u64);
         self.route(user, "Offline", |mut c, epoch| {
             let msg = v1::DeviceRequest {
                 epoch,
                 user_id: user,
                 device_id: device.clone(),
                 unless_seen_within_ms: within,
+                session: closed.session,
             };
             async move { c.offline(req(msg)).await }
         })

@@ -24,7 +24,7 @@ use crate::proto::{self, v1};
 use crate::push::fanout::{to_wire, Fanout, Opened, StreamItem};
 use crate::push::EventSink;
 use crate::ring::{partition_of, Ring, PARTITIONS};
-use crate::service::Presence;
+use crate::service::{Closed, Presence};
 use crate::shard::Shard;
 use crate::store::SubscriptionMode;
 
@@ -399,7 +399,11 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             let user = self.user(r.user_id)?;
             let device = validate_device_id(&r.device_id)?;
             let platform = proto::platform_from_i32(r.platform)?;
-            Ok(self.shard.online(user, &device, platform).await?.into())
+            let view = self
+                .shard
+                .online_session(user, &device, platform, r.session)
+                .await?;
+            Ok(view.into())
         })
         .await
     }
@@ -410,7 +414,11 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             let device = validate_device_id(&r.device_id)?;
             let within = (r.unless_seen_within_ms > 0)
                 .then(|| std::time::Duration::from_millis(r.unless_seen_within_ms));
-            self.shard.offline(user, &device, within).await?;
+            let closed = (within.is_some() || r.session != 0).then_some(Closed {
+                session: r.session,
+                seen_within: within,
+            });
+            self.shard.offline(user, &device, closed).await?;
             Ok(v1::Empty {})
         })
         .await

@@ -6,7 +6,8 @@
 //! hash table, and every save script, replica and reload does less.
 //!
 //! Layout (version 1; integers are LEB128 varints, signed ones zigzag-encoded first; "base" is
-//! the state's `last_active`, and device times are stored as their difference from it):
+//! the state's `last_active`, and device times are stored as their difference from it; a
+//! device's session is not stored):
 //!
 //! ```text
 //! 0x01                      format (a JSON record starts with `{`)
@@ -205,6 +206,7 @@ fn decode_binary(r: &mut Reader) -> Result<UserState, Corrupt> {
             last_seen,
             last_active: device_active,
             timed_out_at,
+            session: 0,
         });
     }
     let settings = if flags & HAS_SETTINGS != 0 {
@@ -390,6 +392,7 @@ mod tests {
             last_seen: at,
             last_active: at,
             timed_out_at: 0,
+            session: 0,
         }
     }
 
@@ -486,6 +489,7 @@ mod tests {
                     last_seen,
                     last_active,
                     timed_out_at,
+                    session: 0,
                 },
             );
         let settings = (
