@@ -1094,6 +1094,40 @@ async fn close_grace_hides_a_reconnect_and_then_goes_offline() {
     assert_increasing(&h, "events of A");
 }
 
+/// A socket whose device was taken offline (REST `/offline`) brings it back at its next message,
+/// as its own session: its close still takes the device offline after the grace (another
+/// session would read the close as superseded by a newer registration and leave the device
+/// ONLINE until its heartbeat timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_brought_its_device_back_still_goes_offline_after_its_close() {
+    const GRACE: Duration = Duration::from_millis(500);
+    let s = Server::start_private(
+        Topology::Memory,
+        &[
+            ("PRESENCE_WS_CLOSE_GRACE", "500ms"),
+            ("PRESENCE_HEARTBEAT_TIMEOUT", "60s"),
+        ],
+    );
+    let base = s.base.clone();
+    let a = uid();
+    let mut wa = Ws::connect(&base, a, "a1").await;
+    offline(&base, a, "a1").await;
+    assert_eq!(status(&base, a).await["status"], "OFFLINE");
+    wa.heartbeat().await;
+    assert_eq!(
+        status(&base, a).await["status"],
+        "ONLINE",
+        "back at its next message"
+    );
+    wa.close().await;
+    tokio::time::sleep(GRACE + Duration::from_millis(1500)).await;
+    let st = status(&base, a).await;
+    assert_eq!(
+        st["status"], "OFFLINE",
+        "the grace after the close has passed: {st}"
+    );
+}
+
 /// REST `/offline`: a device going offline is an event (the user stays ONLINE on its other
 /// device); the last one makes OFFLINE; offline again changes nothing and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

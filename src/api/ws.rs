@@ -791,11 +791,12 @@ impl Socket {
             .heartbeat(self.user, &self.device, active)
             .await
         {
-            // The socket is open, so the device is online: bring it back.
+            // The socket is open, so the device is online: bring it back, as this socket's
+            // session (another would make the owner read this socket's close as superseded).
             Err(Error::DeviceNotOnline) => self
                 .s
                 .presence
-                .online(self.user, &self.device, self.platform)
+                .online_session(self.user, &self.device, self.platform, self.session)
                 .await
                 .map(|_| ()),
             r => r,
