@@ -44,6 +44,9 @@ const STRIPES: usize = 256;
 const WHEEL_SLOTS: usize = 8192;
 /// A user with nothing left to time leaves memory this long after its last change.
 const EVICT_DELAY: Millis = 5_000;
+
+/// Longest the timer task sleeps when nothing is due (ms): the refresh sweep's cadence then.
+const IDLE_WAKE: Millis = 1_000;
 /// Furthest ahead a settings expiry may be.
 const MAX_EXPIRY: Millis = 366 * 86_400_000;
 /// The first and the longest wait of the writer after a failed store call.
@@ -104,9 +107,15 @@ pub struct Shard {
     metrics: Arc<Metrics>,
     /// Seconds between refreshes of a live user's record, when the store needs them.
     refresh_secs: Option<u32>,
-    /// Stripes the refresh sweep looks at per tick, and where it is.
+    /// Stripes the refresh sweep looks at per tick, and where it is: the next stripe, and the
+    /// tick it last ran at (it catches up on the ticks the timer slept through).
     sweep_per_tick: usize,
-    sweep_cursor: Mutex<usize>,
+    sweep_cursor: Mutex<(usize, u64)>,
+    /// The tick the timer task sleeps until (0 while it runs): arming an earlier one wakes it.
+    sleeping_until: AtomicU64,
+    timer_wake: tokio::sync::Notify,
+    /// Times the timer task woke (for tests: an idle shard must not tick).
+    timer_wakeups: AtomicU64,
     /// Where visible changes go (push), once set.
     sink: std::sync::OnceLock<Arc<dyn EventSink>>,
     /// Which partitions this shard serves.
@@ -254,7 +263,10 @@ impl Shard {
             metrics,
             refresh_secs,
             sweep_per_tick,
-            sweep_cursor: Mutex::new(0),
+            sweep_cursor: Mutex::new((0, 0)),
+            sleeping_until: AtomicU64::new(0),
+            timer_wake: tokio::sync::Notify::new(),
+            timer_wakeups: AtomicU64::new(0),
             sink: std::sync::OnceLock::new(),
             table,
             fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
@@ -487,8 +499,20 @@ impl Shard {
             .unwrap_or(now + EVICT_DELAY);
         let tick = self.tick_at(deadline);
         if entry.armed == 0 || tick < entry.armed {
-            entry.armed = self.wheel.lock().insert(user, tick);
+            entry.armed = self.wheel_insert(user, tick);
         }
+    }
+
+    /// Arms `user` for `tick` on the wheel, and wakes the timer task if it sleeps past it. (The
+    /// task sets `sleeping_until` under the wheel's lock, so an entry is either seen by its scan
+    /// or compared here against the tick it then sleeps until.)
+    fn wheel_insert(&self, user: UserId, tick: u64) -> Tick {
+        let mut wheel = self.wheel.lock();
+        let t = wheel.insert(user, tick);
+        if t < self.sleeping_until.load(Ordering::Relaxed) {
+            self.timer_wake.notify_one();
+        }
+        t
     }
 
     fn account(&self, e: &Effect) {
@@ -737,6 +761,11 @@ impl Shard {
     }
 
     /// Processes every timer due by now. Changes to write go to the backlog.
+    /// The last tick that has begun.
+    fn tick_now(&self) -> u64 {
+        ((self.clock.now() - self.clock.base()).max(0) / self.tick_ms) as u64
+    }
+
     fn fire(&self, fired: &mut Vec<(u64, Tick)>) {
         let now = self.clock.now();
         let to = ((now - self.clock.base()).max(0) / self.tick_ms) as u64;
@@ -761,7 +790,7 @@ impl Shard {
             if self.table.check(user).is_err() {
                 // Not served now (its partition is loading or being let go): look again in a
                 // second, change nothing.
-                entry.armed = self.wheel.lock().insert(user, self.tick_at(now + 1000));
+                entry.armed = self.wheel_insert(user, self.tick_at(now + 1000));
                 continue;
             }
             self.metrics.presence.timer_fired.inc();
@@ -809,14 +838,18 @@ impl Shard {
             return;
         };
         let now = self.secs(self.clock.now());
-        let start = {
+        let tick = self.tick_now();
+        let (start, stripes) = {
             let mut cursor = self.sweep_cursor.lock();
-            let start = *cursor;
-            *cursor = (start + self.sweep_per_tick) % STRIPES;
-            start
+            let (start, last) = *cursor;
+            // The stripes of every tick since the last sweep (the timer sleeps through idle ticks).
+            let ticks = tick.saturating_sub(last) as usize;
+            let stripes = self.sweep_per_tick.saturating_mul(ticks).min(STRIPES);
+            *cursor = ((start + stripes) % STRIPES, tick);
+            (start, stripes)
         };
         let mut due = Vec::new();
-        for i in 0..self.sweep_per_tick {
+        for i in 0..stripes {
             let stripe = self.stripes[(start + i) % STRIPES].lock();
             for (user, entry) in stripe.iter() {
                 if !entry.state.devices.is_empty() && now.saturating_sub(entry.synced) >= every {
@@ -1005,16 +1038,30 @@ impl Shard {
     /// of the node; the timer never waits for the store.
     pub async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
         let timers = async {
-            let mut interval = tokio::time::interval(Duration::from_millis(self.tick_ms as u64));
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut fired = Vec::new();
+            // At least once a second, for the refresh sweep; otherwise only at a tick that has
+            // something to fire (an idle shard does not wake every tick).
+            let most_ticks = (IDLE_WAKE / self.tick_ms).max(1) as u64;
             loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = interval.tick() => {}
-                }
+                self.timer_wakeups.fetch_add(1, Ordering::Relaxed);
                 self.fire(&mut fired);
                 self.sweep();
+                let until = {
+                    let wheel = self.wheel.lock();
+                    let cap = self.tick_now() + most_ticks;
+                    let t = wheel.next_occupied().map_or(cap, |t| t.min(cap));
+                    self.sleeping_until.store(t, Ordering::Relaxed);
+                    t
+                };
+                let at = self
+                    .clock
+                    .instant_at(self.clock.base() + until as Millis * self.tick_ms);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = self.timer_wake.notified() => {}
+                }
+                self.sleeping_until.store(0, Ordering::Relaxed);
             }
         };
         tokio::join!(timers, self.run_writer(&cancel));
@@ -1645,6 +1692,41 @@ mod tests {
         assert!(v.last_active_time > 0);
         assert_eq!(v.version, 2);
         assert_eq!(s.heartbeat(3, "d", true).await, Err(Error::DeviceNotOnline));
+        cancel.cancel();
+    }
+
+    /// The timer task wakes for what is due, not every tick: idle, once a second (the refresh
+    /// sweep's cadence); a deadline armed while it sleeps wakes it in time, and the device
+    /// times out at its tick.
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_sleeps_until_something_is_due() {
+        let s = shard(10);
+        let cancel = CancellationToken::new();
+        tokio::spawn(s.clone().run_timers(cancel.clone()));
+        settle().await;
+        let wakeups = || s.timer_wakeups.load(Ordering::Relaxed);
+        let idle_from = wakeups();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settle().await;
+        let idle = wakeups() - idle_from;
+        // 1,000 ticks of 10 ms: about ten wakes, not a thousand.
+        assert!((9..=12).contains(&idle), "{idle} wakes in 10 idle seconds");
+        // Armed while the task sleeps up to a second: the heartbeat timeout (60 s) fires within
+        // a tick of its deadline.
+        tokio::time::sleep(Duration::from_millis(345)).await;
+        s.online(5, "d", Platform::Web).await.unwrap();
+        let online_at = tokio::time::Instant::now();
+        let from = wakeups();
+        while s.status(5, Viewer::Truth).await.unwrap().status == Status::Online {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let late = online_at.elapsed();
+        assert!(
+            late >= Duration::from_millis(60_000) && late <= Duration::from_millis(60_020),
+            "offline {late:?} after online"
+        );
+        let waiting = wakeups() - from;
+        assert!(waiting <= 70, "{waiting} wakes over the 60 s wait");
         cancel.cancel();
     }
 

@@ -17,6 +17,8 @@ pub struct TimerWheel {
     mask: u64,
     /// The last tick whose slot was drained.
     current: u64,
+    /// Entries held (including stale ones).
+    len: usize,
 }
 
 impl TimerWheel {
@@ -27,6 +29,7 @@ impl TimerWheel {
             slots: (0..n).map(|_| Vec::new()).collect(),
             mask: (n - 1) as u64,
             current: 0,
+            len: 0,
         }
     }
 
@@ -44,7 +47,19 @@ impl TimerWheel {
     pub fn insert(&mut self, key: u64, tick: u64) -> Tick {
         let t = tick.clamp(self.current + 1, self.current + self.mask + 1);
         self.slots[(t & self.mask) as usize].push(key);
+        self.len += 1;
         t
+    }
+
+    /// The first tick after the current one whose slot holds an entry; `None` when the wheel is
+    /// empty. Within the horizon every slot holds the entries of exactly one tick, so this is
+    /// the earliest tick at which [`TimerWheel::advance`] would yield anything.
+    pub fn next_occupied(&self) -> Option<Tick> {
+        if self.len == 0 {
+            return None;
+        }
+        (self.current + 1..=self.horizon())
+            .find(|t| !self.slots[(t & self.mask) as usize].is_empty())
     }
 
     /// Drains every slot up to and including `to`, appending `(key, tick)` pairs to `out`.
@@ -53,13 +68,14 @@ impl TimerWheel {
             self.current += 1;
             let tick = self.current;
             let slot = &mut self.slots[(self.current & self.mask) as usize];
+            self.len -= slot.len();
             out.extend(slot.drain(..).map(|k| (k, tick)));
         }
     }
 
     /// Entries currently held (including stale ones).
     pub fn len(&self) -> usize {
-        self.slots.iter().map(Vec::len).sum()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,6 +109,11 @@ impl Clock {
 
     pub fn now(&self) -> Millis {
         self.base_unix + self.base.elapsed().as_millis() as Millis
+    }
+
+    /// The instant of wall-clock time `at` (Unix milliseconds; not before the clock started).
+    pub fn instant_at(&self, at: Millis) -> tokio::time::Instant {
+        self.base + std::time::Duration::from_millis((at - self.base_unix).max(0) as u64)
     }
 }
 
@@ -133,5 +154,27 @@ mod tests {
         assert!(out.is_empty());
         w.advance(14, &mut out);
         assert_eq!(out, vec![(7, 14)]);
+    }
+
+    #[test]
+    fn next_occupied_is_the_first_tick_that_would_fire() {
+        let mut w = TimerWheel::new(8);
+        assert_eq!(w.next_occupied(), None);
+        let mut out = Vec::new();
+        w.advance(5, &mut out);
+        w.insert(1, 11);
+        w.insert(2, 100); // parked at the horizon, 13: its slot is the current tick's
+        assert_eq!(w.next_occupied(), Some(11));
+        w.insert(3, 7);
+        assert_eq!(w.next_occupied(), Some(7));
+        w.advance(7, &mut out);
+        assert_eq!(out, vec![(3, 7)]);
+        assert_eq!(w.next_occupied(), Some(11));
+        w.advance(11, &mut out);
+        assert_eq!(w.next_occupied(), Some(13));
+        assert_eq!(w.len(), 1);
+        w.advance(13, &mut out);
+        assert_eq!(w.next_occupied(), None);
+        assert!(w.is_empty());
     }
 }
