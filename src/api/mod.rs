@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Extension, FromRequest, MatchedPath, Path, Request, State};
+use axum::extract::{Extension, FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -372,8 +372,23 @@ pub const VIEWER_HEADER: &str = "x-presence-viewer";
 /// Who looks, for a read: a user token's user; a service token's named viewer
 /// (`X-Presence-Viewer`), or else the truth. A user token naming another viewer is refused: it
 /// may not look through someone else's eyes.
-fn viewer(s: &AppState, who: &Principal, headers: &axum::http::HeaderMap) -> Result<Viewer, Error> {
-    let named = match headers.get(VIEWER_HEADER) {
+/// The `X-Presence-Viewer` header, if sent: taken alone, without copying the request's header
+/// map (what the `HeaderMap` extractor does, at a few allocations a request).
+pub struct ViewerHeader(Option<axum::http::HeaderValue>);
+
+impl FromRequestParts<AppState> for ViewerHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ViewerHeader(parts.headers.get(VIEWER_HEADER).cloned()))
+    }
+}
+
+fn viewer(s: &AppState, who: &Principal, header: &ViewerHeader) -> Result<Viewer, Error> {
+    let named = match &header.0 {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -398,7 +413,7 @@ fn viewer(s: &AppState, who: &Principal, headers: &axum::http::HeaderMap) -> Res
 async fn status(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    headers: ViewerHeader,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
@@ -410,7 +425,7 @@ async fn status(
 async fn batch(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    headers: ViewerHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Response, Error> {
     let viewer = viewer(&s, &who, &headers)?;
@@ -529,7 +544,7 @@ struct SubscriptionsAnswer {
 async fn put_subscriptions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    headers: ViewerHeader,
     raw: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<SubscribeRequest>,
 ) -> Result<Response, Error> {
@@ -569,7 +584,7 @@ async fn subscriptions_answer(
 async fn get_subscriptions(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
-    headers: axum::http::HeaderMap,
+    headers: ViewerHeader,
     raw: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Error> {
     let user = user_id_path(raw)?;
