@@ -760,15 +760,20 @@ impl Shard {
             .inc();
     }
 
-    /// Processes every timer due by now. Changes to write go to the backlog.
-    /// The last tick that has begun.
-    fn tick_now(&self) -> u64 {
-        ((self.clock.now() - self.clock.base()).max(0) / self.tick_ms) as u64
+    /// The last tick that has begun at `at` (the first tick at or after it is [`Shard::tick_at`]).
+    fn tick_of(&self, at: Millis) -> u64 {
+        ((at - self.clock.base()).max(0) / self.tick_ms) as u64
     }
 
+    /// The last tick that has begun.
+    fn tick_now(&self) -> u64 {
+        self.tick_of(self.clock.now())
+    }
+
+    /// Processes every timer due by now. Changes to write go to the backlog.
     fn fire(&self, fired: &mut Vec<(u64, Tick)>) {
         let now = self.clock.now();
-        let to = ((now - self.clock.base()).max(0) / self.tick_ms) as u64;
+        let to = self.tick_of(now);
         self.wheel.lock().advance(to, fired);
         if let Some(&(_, first)) = fired.first() {
             let scheduled = self.clock.base() + first as Millis * self.tick_ms;

@@ -369,9 +369,6 @@ async fn heartbeat(
 /// The header with which a service token names the viewer a read is made for.
 pub const VIEWER_HEADER: &str = "x-presence-viewer";
 
-/// Who looks, for a read: a user token's user; a service token's named viewer
-/// (`X-Presence-Viewer`), or else the truth. A user token naming another viewer is refused: it
-/// may not look through someone else's eyes.
 /// The `X-Presence-Viewer` header, if sent: taken alone, without copying the request's header
 /// map (what the `HeaderMap` extractor does, at a few allocations a request).
 pub struct ViewerHeader(Option<axum::http::HeaderValue>);
@@ -387,6 +384,9 @@ impl FromRequestParts<AppState> for ViewerHeader {
     }
 }
 
+/// Who looks, for a read: a user token's user; a service token's named viewer
+/// (`X-Presence-Viewer`), or else the truth. A user token naming another viewer is refused: it
+/// may not look through someone else's eyes.
 fn viewer(s: &AppState, who: &Principal, header: &ViewerHeader) -> Result<Viewer, Error> {
     let named = match &header.0 {
         None => None,

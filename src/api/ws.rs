@@ -630,13 +630,12 @@ async fn finish(
             }
         }
         if drain_hub.gone_since(user, &device, generation) {
-            // Not if the device reconnected meanwhile, here or through another gateway: seen
-            // since the socket stopped (whose own requests had all been answered by then), not
-            // merely within the last `grace` (a reconnect right after the close is older).
-            // Plus the whole milliseconds the shard's clock and the window lose to truncation
-            // (last seen, now, and the window are each floored to a millisecond there).
-            // The session settles a reconnect whose `online` reached the owner first, however
-            // soon after the stop it came.
+            // Not if the device reconnected meanwhile, here or through another gateway:
+            // - registered again under another session (an `online` that reached the owner
+            //   first, however soon after the stop it came);
+            // - or seen since the socket stopped (whose own requests had all been answered by
+            //   then), not merely within the last `grace`, plus what millisecond flooring at the
+            //   shard can take off that window (`WINDOW_ROUNDING`).
             let closed = Closed {
                 session,
                 seen_within: Some(stopped.elapsed() + WINDOW_ROUNDING),

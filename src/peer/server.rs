@@ -414,11 +414,12 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             let device = validate_device_id(&r.device_id)?;
             let within = (r.unless_seen_within_ms > 0)
                 .then(|| std::time::Duration::from_millis(r.unless_seen_within_ms));
-            let closed = (within.is_some() || r.session != 0).then_some(Closed {
+            // Zero fields (a plain offline) make a `Closed` that spares nothing, as `None` does.
+            let closed = Closed {
                 session: r.session,
                 seen_within: within,
-            });
-            self.shard.offline(user, &device, closed).await?;
+            };
+            self.shard.offline(user, &device, Some(closed)).await?;
             Ok(v1::Empty {})
         })
         .await
