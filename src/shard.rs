@@ -765,6 +765,11 @@ impl Shard {
         ((at - self.clock.base()).max(0) / self.tick_ms) as u64
     }
 
+    /// When `tick` begins: the inverse of [`Shard::tick_of`].
+    fn tick_start(&self, tick: u64) -> Millis {
+        self.clock.base() + tick as Millis * self.tick_ms
+    }
+
     /// The last tick that has begun.
     fn tick_now(&self) -> u64 {
         self.tick_of(self.clock.now())
@@ -776,7 +781,7 @@ impl Shard {
         let to = self.tick_of(now);
         self.wheel.lock().advance(to, fired);
         if let Some(&(_, first)) = fired.first() {
-            let scheduled = self.clock.base() + first as Millis * self.tick_ms;
+            let scheduled = self.tick_start(first);
             self.metrics
                 .presence
                 .timer_lag
@@ -1058,9 +1063,7 @@ impl Shard {
                     self.sleeping_until.store(t, Ordering::Relaxed);
                     t
                 };
-                let at = self
-                    .clock
-                    .instant_at(self.clock.base() + until as Millis * self.tick_ms);
+                let at = self.clock.instant_at(self.tick_start(until));
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep_until(at) => {}
