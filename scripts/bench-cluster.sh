@@ -6,7 +6,9 @@
 #   scripts/bench-cluster.sh cluster   # issue 4: all-in-one vs gateway -> 1 shard vs gateway -> 3 shards
 #   scripts/bench-cluster.sh push      # issue 5: WebSockets with 50 subscriptions each, all-in-one
 #                                      #          (embedded store) and 2 gateways + 3 shards on Redis
-#   scripts/bench-cluster.sh all       # the three, one after the other
+#   scripts/bench-cluster.sh lease     # issue 13: CPU per WebSocket heartbeat, gateway + 3 shards on
+#                                      #          Redis, for LEASE_BINS (builds, back to back)
+#   scripts/bench-cluster.sh all       # redis, cluster and push, one after the other
 #
 # It starts its own Redis Cluster (scripts/redis-cluster.sh, ports REDIS_BASE_PORT..+5) and every
 # service process on 127.0.0.1 ports PORT_BASE+10..PORT_BASE+42, and stops all of them (by PID)
@@ -26,6 +28,9 @@
 #               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics)
+#      lease:   LEASE_BINS (presence-service binaries, space-separated; default BIN_DIR's),
+#               LEASE_SOCKETS (10000), LEASE_INTERVAL (each socket's heartbeat interval, 2s),
+#               LEASE_DURATION (30s), LEASE_ROUNDS (1)
 #      issue 5: PUSH_SOCKETS (20000), PUSH_SOCKETS_AIO (the all-in-one's sockets; default the
 #               most one process can hold under `ulimit -Hn`), PUSH_SUBS (50), PUSH_CHANGES (100),
 #               PUSH_DURATION (60s), PUSH_PARTS (aio,cluster), PUSH_CLUSTER_ENV (extra settings of
@@ -452,6 +457,59 @@ bench_push() {
   fi
 }
 
+# Idle WebSockets (no subscriptions, no status changes) that send a heartbeat message every
+# LEASE_INTERVAL, through a gateway in front of 3 shards on the Redis Cluster, one sim per build:
+# the CPU of the 4 processes summed over the measured part (after set-up), per heartbeat
+# message; and the heartbeat batches the gateway sent, and heartbeats the shards took, a second.
+bench_lease() {
+  echo "## issue 13: WebSocket heartbeats through the cluster (liveness lease)"
+  redis_up
+  local bins="${LEASE_BINS:-$SERVER}" sockets="${LEASE_SOCKETS:-10000}" every="${LEASE_INTERVAL:-2s}"
+  local dur="${LEASE_DURATION:-30s}" rounds="${LEASE_ROUNDS:-1}" r bin label pid c0 c1 b0 b1 h0 h1 line i
+  local g="http://127.0.0.1:$((PORT_BASE + 41))" saved="$SERVER"
+  for r in $(seq 1 "$rounds"); do
+    for bin in $bins; do
+      SERVER="$bin"
+      label="lease-r$r-$(basename "$(dirname "$bin")")"
+      redis_flush
+      start_cluster 3 1
+      rm -f "$OUT/$label".{json,err}
+      "$LOADGEN" --format json sim --transport ws --target "$g" --users "$sockets" --devices 1 \
+        --subscriptions 0 --changes 0 --interval "$every" --duration "$dur" \
+        >"$OUT/$label.json" 2>"$OUT/$label.err" &
+      pid=$!
+      LOADGEN_PIDS+=($pid)
+      until grep -q 'set up' "$OUT/$label.err" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || { tail -c 600 "$OUT/$label.err" >&2; lib_die "$label: sim ended before set-up"; }
+        sleep 0.2
+      done
+      # shellcheck disable=SC2046 # one PID per word
+      c0="$(cpu_ticks $(cluster_pids))"
+      b0="$(metric "$g" presence_heartbeat_batches_total)"
+      h0=0
+      for i in 1 2 3; do h0=$((h0 + $(metric "http://127.0.0.1:$((PORT_BASE + 20 + i))" presence_heartbeats_total))); done
+      wait "$pid" || lib_die "$label: the sim failed (see $OUT/$label.err)"
+      # shellcheck disable=SC2046
+      c1="$(cpu_ticks $(cluster_pids))"
+      b1="$(metric "$g" presence_heartbeat_batches_total)"
+      h1=0
+      for i in 1 2 3; do h1=$((h1 + $(metric "http://127.0.0.1:$((PORT_BASE + 20 + i))" presence_heartbeats_total))); done
+      line="$(tail -n1 "$OUT/$label.json")"
+      echo "$line" | jq -c --arg lbl "$label" --arg bin "$bin" --argjson ticks $((c1 - c0)) \
+        --argjson batches $((b1 - b0)) --argjson beats $((h1 - h0)) --arg hz "$(getconf CLK_TCK)" '{
+          result: $lbl, binary: $bin, sockets: .devices, seconds: .measured_seconds,
+          ws_heartbeats_per_second: .heartbeats_per_second, heartbeat_errors, false_offlines,
+          cluster_cpu_cores: (($ticks / ($hz | tonumber)) / .measured_seconds * 1000 | round / 1000),
+          cluster_cpu_us_per_ws_heartbeat: (($ticks / ($hz | tonumber)) * 1e6 / (.heartbeats_per_second * .measured_seconds) * 100 | round / 100),
+          gateway_batches_per_second: ($batches / .measured_seconds | round),
+          shard_heartbeats_per_second: ($beats / .measured_seconds | round)
+        }'
+      stop_all
+    done
+  done
+  SERVER="$saved"
+}
+
 # Sourced (by scripts/scale.sh) for its helpers only: start_cluster, push_run, metric, rss_kb...
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   header
@@ -459,7 +517,8 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     redis) bench_redis ;;
     cluster) bench_cluster ;;
     push) bench_push ;;
+    lease) bench_lease ;;
     all) bench_redis; bench_cluster; bench_push ;;
-    *) lib_die "usage: $0 redis|cluster|push|all" ;;
+    *) lib_die "usage: $0 redis|cluster|push|lease|all" ;;
   esac
 fi

@@ -250,6 +250,12 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_WS_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
     pub ws_idle_timeout: Duration,
 
+    /// How often a node sends the liveness lease of its WebSockets: one heartbeat per socket
+    /// heard from since the last round (any message or pong), in one batch per shard, instead
+    /// of a call per message. Capped at a quarter of `PRESENCE_HEARTBEAT_TIMEOUT`.
+    #[arg(long, env = "PRESENCE_WS_LEASE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub ws_lease_interval: Duration,
+
     /// Largest WebSocket frame or message a client may send, in bytes; a larger one closes the
     /// socket with 1009 before it is buffered.
     #[arg(long, env = "PRESENCE_WS_MAX_FRAME", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
@@ -717,6 +723,11 @@ impl Config {
             if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
                 return bad(var, "must be between 10ms and 1h");
             }
+        }
+        if self.ws_lease_interval < Duration::from_millis(10)
+            || self.ws_lease_interval > Duration::from_secs(60)
+        {
+            return bad("PRESENCE_WS_LEASE_INTERVAL", "must be between 10ms and 1m");
         }
         if self.ws_close_grace > Duration::from_secs(300) {
             return bad("PRESENCE_WS_CLOSE_GRACE", "must be at most 5m");

@@ -195,6 +195,10 @@ label_enum!(
     DrainOffline("result") { Ok = "ok", Error = "error", Timeout = "timeout" }
 );
 label_enum!(
+    /// What became of one beat of a WebSocket lease round.
+    LeaseBeat("result") { Ok = "ok", Revived = "revived", Failed = "failed" }
+);
+label_enum!(
     /// How clients authenticate (`PRESENCE_AUTH`).
     AuthScheme("mode") { None = "none", Jwt = "jwt" }
 );
@@ -599,6 +603,10 @@ pub struct PushMetrics {
     pub ws_degraded: IntCounter,
     pub ws_catch_up_frames: IntCounter,
     pub ws_drain_offlines: Counters<DrainOffline>,
+    /// Beats of the WebSocket liveness lease, by result.
+    pub ws_lease_beats: Counters<LeaseBeat>,
+    /// Rounds of the WebSocket liveness lease.
+    pub ws_lease_rounds: IntCounter,
     /// Events of users who show themselves to their contacts only, not sent because their
     /// contacts could not be read.
     pub unpublished: IntCounter,
@@ -670,6 +678,14 @@ impl PushMetrics {
                 "presence_ws_drain_offlines_total",
                 "Devices a draining gateway took offline for its closed sockets, by result (ok, error, timeout).",
             ),
+            ws_lease_beats: r.counters(
+                "presence_ws_lease_beats_total",
+                "Heartbeats the WebSocket liveness lease sent for sockets heard from since their last one, by result (ok; revived: the owner no longer held the device online and it came back as the socket's session; failed: sent again by the next round while the socket is open).",
+            ),
+            ws_lease_rounds: r.counter(
+                "presence_ws_lease_rounds_total",
+                "Rounds of the WebSocket liveness lease (one per PRESENCE_WS_LEASE_INTERVAL).",
+            ),
             unpublished: r.counter(
                 "presence_events_unpublished_total",
                 "Presence events a shard did not send because the user shows itself to its contacts only and its contacts could not be read.",
@@ -684,6 +700,9 @@ impl PushMetrics {
         }
         for &k in DrainOffline::ALL {
             m.ws_drain_offlines.get(k);
+        }
+        for &k in LeaseBeat::ALL {
+            m.ws_lease_beats.get(k);
         }
         m
     }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::lease::Leases;
 use crate::api::{self, AppInner, AppState, Limits};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError, DiscoveryKind, Role};
@@ -304,6 +305,24 @@ impl Node {
                 (Arc::new(router), None, None)
             }
         };
+        let leases = Leases::new(limits.ws_lease_interval);
+        if let Some(h) = &hub {
+            // Until the hub closes its sockets (a shutdown: each takes its device offline), or
+            // the node stops.
+            let rounds = leases.clone().run(
+                presence.clone(),
+                metrics.clone(),
+                config.route_timeout,
+                h.closing().clone(),
+            );
+            let stopped = background.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = rounds => {}
+                    _ = stopped.cancelled() => {}
+                }
+            });
+        }
         let state = AppState::new(AppInner {
             presence,
             hub,
@@ -312,6 +331,7 @@ impl Node {
             ready_needs_store: config.role == Role::All,
             limits: Arc::new(limits),
             auth,
+            leases,
         });
         let listener = TcpListener::bind(config.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");

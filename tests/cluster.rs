@@ -409,3 +409,66 @@ async fn a_batch_goes_when_nothing_more_is_ready_not_when_the_window_is_out() {
         online.len()
     );
 }
+
+/// Issue 13: a WebSocket's liveness goes to its shard as a lease: the gateway sends one beat a
+/// round for each socket heard from since the previous round, batched per shard, not a call per
+/// message. 30 sockets sending 5 heartbeats each within a round reach the shards as 30-60
+/// beats, not 150; sockets that keep talking stay ONLINE past the heartbeat timeout on those
+/// beats alone; silent ones time out as a silent REST client would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_heartbeats_reach_the_shards_as_a_lease_not_a_call_per_message() {
+    let c = common::blocking(|| {
+        Cluster::in_process(3, 1)
+            .vars(&[
+                ("PRESENCE_HEARTBEAT_INTERVAL", "1s"),
+                ("PRESENCE_HEARTBEAT_TIMEOUT", "3s"),
+                ("PRESENCE_WS_LEASE_INTERVAL", "500ms"),
+            ])
+            .start()
+    });
+    let all = users(30);
+    let mut sockets = Vec::new();
+    for &u in &all {
+        sockets.push(common::ws::Ws::connect(&c.base(0), u, "d").await);
+    }
+    let g = Proc::Gateway(0);
+    let beats = || c.shard_sum("presence_heartbeats_total{result=\"ok\"}");
+    let before = beats().await;
+    for ws in &mut sockets {
+        for _ in 0..5 {
+            let r = ws
+                .request(json!({"type": "heartbeat", "active": false}))
+                .await;
+            assert_eq!(r["type"], "reply", "{r}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let took = beats().await - before;
+    assert!(
+        (30.0..=60.0).contains(&took),
+        "150 heartbeat messages of 30 sockets reached the shards as {took} heartbeats"
+    );
+    assert!(c.metric(g, "presence_ws_lease_rounds_total").await >= 2.0);
+    let leased = c
+        .metric(g, "presence_ws_lease_beats_total{result=\"ok\"}")
+        .await;
+    assert!(leased >= 30.0, "{leased} lease beats");
+
+    // Half keep talking (a message every 700 ms) for 4.5 s, past the 3 s timeout; the others
+    // are silent from here.
+    let talking = &mut sockets[..15];
+    let until = std::time::Instant::now() + Duration::from_millis(4500);
+    while std::time::Instant::now() < until {
+        for ws in talking.iter_mut() {
+            ws.send_json(&json!({"type": "heartbeat", "active": false}));
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    for (i, &u) in all.iter().enumerate() {
+        let (code, v) = c.get(0, &format!("/api/v1/presence/status/{u}")).await;
+        assert_eq!(code, 200, "{v}");
+        let want = if i < 15 { "ONLINE" } else { "OFFLINE" };
+        assert_eq!(v["data"]["status"], want, "user {i}: {v}");
+    }
+    println!("150 socket heartbeats -> {took} shard heartbeats; {leased} lease beats");
+}

@@ -28,6 +28,7 @@ use crate::presence::{
 use crate::service::Presence;
 use crate::store::SubscriptionMode;
 
+pub mod lease;
 pub mod server;
 mod ws;
 
@@ -86,6 +87,8 @@ pub struct AppInner {
     pub limits: Arc<Limits>,
     /// Who callers are (`PRESENCE_AUTH`), and the self-only rule.
     pub auth: Arc<Auth>,
+    /// The liveness lease of this node's WebSockets (its rounds run where there is a hub).
+    pub leases: Arc<lease::Leases>,
 }
 
 /// Limits and fixed answers from the configuration.
@@ -101,6 +104,10 @@ pub struct Limits {
     pub ws_max_per_user: usize,
     pub ws_ping_interval: Duration,
     pub ws_idle_timeout: Duration,
+    /// `PRESENCE_WS_LEASE_INTERVAL`, at most a quarter of the heartbeat timeout.
+    pub ws_lease_interval: Duration,
+    /// `PRESENCE_IDLE_TIMEOUT`: when a socket's activity goes to the owner at once.
+    pub idle_timeout: Duration,
     pub ws_max_frame: usize,
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive (then 408).
@@ -124,6 +131,8 @@ impl Limits {
             ws_max_per_user: c.ws_max_per_user as usize,
             ws_ping_interval: c.ws_ping_interval,
             ws_idle_timeout: c.ws_idle_timeout,
+            ws_lease_interval: c.ws_lease_interval.min(c.heartbeat_timeout / 4),
+            idle_timeout: c.idle_timeout,
             ws_max_frame: c.ws_max_frame as usize,
             max_body_bytes: c.max_body_bytes as usize,
             body_timeout: c.http_body_timeout,

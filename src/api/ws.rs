@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{settings_of, targets_of, AppState, SetStatusRequest};
+use super::{lease, settings_of, targets_of, AppState, SetStatusRequest};
 use crate::auth::{socket_deadline, Principal, WS_PROTOCOL};
 use crate::error::Error;
 use crate::metrics::{DrainOffline, WsMessage, WsRefusal};
@@ -83,6 +83,8 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 /// Close code after a `refresh` with a token that is invalid or for another user.
 const CLOSE_REFRESH_REFUSED: u16 = 4401;
+/// Longest a closing socket waits for a lease round that took its beat.
+const LEASE_RELEASE_BOUND: Duration = Duration::from_secs(5);
 /// Longest the close frame may take to write.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A draining node's `offline` ignores heartbeats of the device seen up to this long after its
@@ -168,7 +170,8 @@ pub async fn upgrade(
         device,
         platform,
         session,
-        last_heartbeat: Instant::now(),
+        // The online above was activity.
+        reported: tokio::time::Instant::now(),
         deadline,
         end: None,
     };
@@ -324,7 +327,9 @@ struct Socket {
     /// This socket's registration of the device: its `offline` after the close does not apply
     /// once the device registered again (another socket, through any gateway).
     session: Session,
-    last_heartbeat: Instant,
+    /// When this socket's user's activity was last reported to the owner: at once, or marked
+    /// for the lease's next round.
+    reported: tokio::time::Instant,
     /// When the socket's token (plus the grace) runs out; `None`: never (no authentication).
     deadline: Option<tokio::time::Instant>,
     /// Set when a message ends the socket: the close code and reason.
@@ -343,6 +348,13 @@ async fn run(mut sock: Socket, on_upgrade: OnUpgrade, max_frame: usize) {
     };
     let reg = sock.hub.register(sock.user, &sock.device);
     sock.id = reg.id;
+    sock.s.leases.hold(
+        sock.id,
+        sock.user,
+        &sock.device,
+        sock.platform,
+        sock.session,
+    );
     let out = reg.out;
     let closing = reg.closing;
     let (mut sink, mut stream) = socket.split();
@@ -417,8 +429,7 @@ async fn run(mut sock: Socket, on_upgrade: OnUpgrade, max_frame: usize) {
                 &Error::BadRequest("binary messages are not supported".into()),
             )),
             Message::Ping(_) | Message::Pong(_) => {
-                let touching = Box::pin(sock.touch(false));
-                touching.await;
+                let _ = sock.heard(false).await;
                 None
             }
             Message::Close(_) => break,
@@ -581,6 +592,8 @@ async fn finish(
     done: Option<CancellationToken>,
 ) {
     let user = sock.user;
+    // The lease ends, once a beat of it in flight has arrived.
+    sock.s.leases.release(sock.id, LEASE_RELEASE_BOUND).await;
     // From here on the socket hears nothing from its client: a heartbeat seen later for this
     // device came through another socket.
     let stopped = tokio::time::Instant::now();
@@ -774,16 +787,41 @@ async fn reload_subscriptions(
 }
 
 impl Socket {
-    /// Counts a message as a heartbeat (at most one a second unless it is a heartbeat).
-    async fn touch(&mut self, active: bool) {
-        if self.last_heartbeat.elapsed() < Duration::from_secs(1) {
-            return;
+    /// The client was heard from (any message, a pong); `active`: its user interacted. Liveness
+    /// goes with the lease's next round ([`lease`]), and so does activity, unless the user may
+    /// be idle on the owner by then ([`lease::report_now`]): that goes at once (at most once a
+    /// second), so that an AWAY user turns ONLINE without waiting for a round.
+    async fn heard(&mut self, active: bool) -> Result<(), Error> {
+        let now = tokio::time::Instant::now();
+        let limits = &self.s.limits;
+        let due = active
+            && lease::report_now(
+                now,
+                self.reported,
+                limits.idle_timeout,
+                limits.ws_lease_interval,
+            );
+        let at_once = due && now.saturating_duration_since(self.reported) >= Duration::from_secs(1);
+        // Activity held back by the once-a-second limit goes with the round, and does not count
+        // as reported: the next after the second goes at once.
+        if active && (at_once || !due) {
+            self.reported = now;
         }
-        let _ = self.heartbeat(active).await;
+        if !at_once {
+            self.s.leases.heard(self.id, active);
+            return Ok(());
+        }
+        let r = self.heartbeat().await;
+        if r.is_err() {
+            // The lease's next round tries again.
+            self.s.leases.heard(self.id, true);
+        }
+        r
     }
 
-    async fn heartbeat(&mut self, active: bool) -> Result<(), Error> {
-        self.last_heartbeat = Instant::now();
+    /// An active heartbeat, now; a device its owner no longer holds online comes back.
+    async fn heartbeat(&mut self) -> Result<(), Error> {
+        let active = true;
         match self
             .s
             .presence
@@ -868,11 +906,11 @@ impl Socket {
         let p = self.s.presence.clone();
         let max = self.s.limits.max_subscriptions;
         if kind != "heartbeat" {
-            self.touch(true).await;
+            let _ = self.heard(true).await;
         }
         match kind {
             "heartbeat" => {
-                self.heartbeat(msg.active.unwrap_or(true)).await?;
+                self.heard(msg.active.unwrap_or(true)).await?;
                 let data = json!({ "nextHeartbeatInterval": self.s.limits.heartbeat_interval_ms });
                 Ok(reply(&msg.id, "心跳成功", data))
             }
