@@ -36,8 +36,12 @@ use crate::metrics::{LeaseBeat, Metrics};
 use crate::presence::{Platform, UserId};
 use crate::service::{Presence, Session};
 
-/// Beats of one round in flight at once (a gateway's coalescer batches them per shard).
-const CONCURRENCY: usize = 1024;
+/// Beats of one round in flight at once (a gateway's coalescer batches them per shard). Large,
+/// so that the beats of a shard that does not answer (each held up to the beat deadline) do not
+/// queue the others behind them; a round's beats are small futures (~0.5 KB each).
+const CONCURRENCY: usize = 16_384;
+/// Shortest deadline of a beat.
+const MIN_BEAT_DEADLINE: Duration = Duration::from_millis(250);
 
 /// Whether activity heard at `now` goes to the owner at once rather than with the next round:
 /// when the activity last reported (`reported`) is so old that the user may be idle on the
@@ -170,7 +174,10 @@ impl Leases {
         self.held.lock().contains_key(&id)
     }
 
-    /// One round every interval until `stop`: each beat within `deadline`.
+    /// One round every interval until `stop`. Each beat has the interval (at least 250 ms, at
+    /// most `deadline`, the route deadline): one that takes longer (its shard does not answer,
+    /// ownership moves) goes again with the next round rather than hold this one, so that a
+    /// round takes about an interval at most, whichever shard fails.
     pub async fn run(
         self: Arc<Self>,
         presence: Arc<dyn Presence>,
@@ -178,6 +185,7 @@ impl Leases {
         deadline: Duration,
         stop: CancellationToken,
     ) {
+        let deadline = self.interval.max(MIN_BEAT_DEADLINE).min(deadline);
         let mut every = tokio::time::interval(self.interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;

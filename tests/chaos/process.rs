@@ -9,6 +9,8 @@ use crate::common::cluster::{Cluster, Proc};
 use crate::common::redis_cluster::{slot_of, OwnRedis};
 use crate::common::redis_url;
 use crate::common::scenario::Step;
+use crate::common::ws::Ws;
+use crate::common::{blocking, uid};
 use crate::{signal, Chaos, Paused, RingWatch, USERS};
 
 /// How long a stopped process stays stopped.
@@ -31,6 +33,7 @@ crate::scenarios! {
     redis_master_kill_9 => redis_fault(7810, true, Hit::Kill),
     redis_replica_sigstop_4s => redis_fault(7820, false, Hit::Stop),
     redis_replica_kill_9 => redis_fault(7830, false, Hit::Kill),
+    sockets_shard_kill_9 => sockets_through_a_shard_kill(),
 }
 
 /// `hit` on process `pid` under the load; after a kill, [`STALL`] passes too.
@@ -145,4 +148,151 @@ async fn redis_fault(name: &'static str, base: u16, master: bool, hit: Hit) {
         );
     }
     drop(r);
+}
+
+/// Sockets whose devices are kept alive by the WebSocket liveness lease alone (their clients
+/// send nothing but pongs to the server's pings, every 500 ms), through a gateway, while the
+/// shard that owns a third of them is killed (`kill -9`) and restarted. Guarantees: no batch
+/// poll reads any socket's user OFFLINE (the dead shard's users are unreadable until the ring
+/// moves them: errors, never OFFLINE), since their owners reload them from Redis and the
+/// lease's beats, failed while the ring still names the dead shard, go again next round; and
+/// once the sockets close, every device goes OFFLINE after the close grace (no lease beat in
+/// flight at a close brings its device back: no ghost).
+async fn sockets_through_a_shard_kill(name: &'static str) {
+    const SOCKETS: usize = 60;
+    const GRACE: Duration = Duration::from_secs(1);
+    let mut c = blocking(|| {
+        Cluster::processes(3, 1)
+            .redis(Some(&redis_url()))
+            .vars(&[
+                ("PRESENCE_HEALTH_INTERVAL", "2s"),
+                ("PRESENCE_HEARTBEAT_INTERVAL", "1s"),
+                ("PRESENCE_HEARTBEAT_TIMEOUT", "4s"),
+                ("PRESENCE_WS_PING_INTERVAL", "500ms"),
+                ("PRESENCE_WS_IDLE_TIMEOUT", "3s"),
+                ("PRESENCE_WS_CLOSE_GRACE", "1s"),
+            ])
+            .start()
+    });
+    let users: Vec<u64> = (0..SOCKETS).map(|_| uid()).collect();
+    let mut sockets = Vec::new();
+    for &u in &users {
+        sockets.push(Ws::connect(&c.base(0), u, "d").await);
+    }
+    let ring = c.ring_of(&[0, 1, 2]);
+    let dead = c.shard_addr(1);
+    let on_dead = users
+        .iter()
+        .filter(|&&u| ring.owner_of(u) == Some(dead.as_str()))
+        .count();
+
+    // Batch polls every 300 ms until told to stop: OFFLINE reads, and polls that failed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll = {
+        let (base, users, stop) = (c.base(0), users.clone(), stop.clone());
+        let client = c.client().clone();
+        tokio::spawn(async move {
+            let (mut offline, mut failed, mut polls) = (Vec::new(), 0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                polls += 1;
+                let r = client
+                    .post(format!("{base}/api/v1/presence/status/batch"))
+                    .json(&serde_json::json!({ "userIds": users }))
+                    .send()
+                    .await;
+                let body: Option<serde_json::Value> = match r {
+                    Ok(r) if r.status() == 200 => r.json().await.ok(),
+                    _ => None,
+                };
+                match body {
+                    Some(v) => {
+                        for e in v["data"].as_array().into_iter().flatten() {
+                            if e["status"] == "OFFLINE" {
+                                offline.push(e["userId"].clone());
+                            }
+                        }
+                    }
+                    None => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            (offline, failed, polls)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.kill_shard(1);
+    let killed = std::time::Instant::now();
+    let settled = c.wait_settled(Duration::from_secs(30)).await;
+    // Past a heartbeat timeout on the new owners.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    blocking(|| c.restart_shard(1));
+    c.wait_settled(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (offline, failed, polls) = poll.await.expect("the poll task");
+    let g = Proc::Gateway(0);
+    let beats = |r: &'static str| {
+        let c = &c;
+        async move {
+            c.metric(
+                g,
+                &format!("presence_ws_lease_beats_total{{result=\"{r}\"}}"),
+            )
+            .await
+        }
+    };
+    let (ok, revived, failed_beats) = (
+        beats("ok").await,
+        beats("revived").await,
+        beats("failed").await,
+    );
+    assert!(
+        offline.is_empty(),
+        "{name}: {} OFFLINE reads of sockets' users (first {:?}), {failed} of {polls} polls failed",
+        offline.len(),
+        offline.first()
+    );
+    assert!(ok > 0.0, "{name}: no lease beats");
+
+    // Every socket closes: every device OFFLINE after the grace, within a few seconds.
+    let closed = std::time::Instant::now();
+    for ws in sockets {
+        ws.close().await;
+    }
+    let mut still = users.clone();
+    while !still.is_empty() {
+        assert!(
+            closed.elapsed() < GRACE + Duration::from_secs(8),
+            "{name}: {} devices still online {:?} after their sockets closed: {still:?}",
+            still.len(),
+            closed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (code, v) = c
+            .post(
+                0,
+                "/api/v1/presence/status/batch",
+                serde_json::json!({ "userIds": still }),
+            )
+            .await;
+        if code != 200 {
+            continue;
+        }
+        let online: Vec<u64> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["status"] != "OFFLINE")
+            .filter_map(|e| e["userId"].as_u64())
+            .collect();
+        still = online;
+    }
+    println!(
+        "{name}: {SOCKETS} sockets ({on_dead} on the killed shard), settled {} ms after the kill \
+         ({} ms in all); {polls} polls, {failed} failed, 0 OFFLINE reads; lease beats ok {ok}, \
+         revived {revived}, failed {failed_beats}; all OFFLINE {} ms after the close",
+        settled.as_millis(),
+        killed.elapsed().as_millis(),
+        closed.elapsed().as_millis()
+    );
 }
