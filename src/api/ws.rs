@@ -429,7 +429,8 @@ async fn run(mut sock: Socket, on_upgrade: OnUpgrade, max_frame: usize) {
                 &Error::BadRequest("binary messages are not supported".into()),
             )),
             Message::Ping(_) | Message::Pong(_) => {
-                let _ = sock.heard(false).await;
+                let hearing = Box::pin(sock.heard(false));
+                let _ = hearing.await;
                 None
             }
             Message::Close(_) => break,
