@@ -1132,6 +1132,51 @@ async fn a_socket_that_brought_its_device_back_still_goes_offline_after_its_clos
     );
 }
 
+/// The liveness lease carries a socket's activity with its next round, but activity of a user
+/// who may be idle on the owner goes at once: with rounds 10 s apart, an AWAY user whose socket
+/// sends a message reads ONLINE within half a second, while its pongs alone (liveness, not
+/// activity) never brought it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_users_activity_goes_at_once_not_with_the_next_lease_round() {
+    let s = Server::start_private(
+        Topology::Memory,
+        &[
+            ("PRESENCE_IDLE_TIMEOUT", "2s"),
+            ("PRESENCE_WS_LEASE_INTERVAL", "10s"),
+            ("PRESENCE_WS_PING_INTERVAL", "300ms"),
+            ("PRESENCE_WS_IDLE_TIMEOUT", "5s"),
+        ],
+    );
+    let base = s.base.clone();
+    let a = uid();
+    let mut wa = Ws::connect(&base, a, "a1").await;
+    let idle = Instant::now();
+    while status(&base, a).await["status"] != "AWAY" {
+        assert!(idle.elapsed() < Duration::from_secs(5), "never AWAY");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pongs every 300 ms meanwhile: liveness only.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        status(&base, a).await["status"],
+        "AWAY",
+        "pongs are not activity"
+    );
+    let sent = Instant::now();
+    let r = wa
+        .request(json!({"type": "heartbeat", "active": true}))
+        .await;
+    assert_eq!(r["type"], "reply", "{r}");
+    while status(&base, a).await["status"] != "ONLINE" {
+        assert!(
+            sent.elapsed() < Duration::from_millis(500),
+            "activity waited for the lease's round"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("ONLINE {} ms after the message", sent.elapsed().as_millis());
+}
+
 /// REST `/offline`: a device going offline is an event (the user stays ONLINE on its other
 /// device); the last one makes OFFLINE; offline again changes nothing and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
