@@ -167,7 +167,13 @@ async fn sockets_through_a_shard_kill(name: &'static str) {
             .vars(&[
                 ("PRESENCE_HEALTH_INTERVAL", "2s"),
                 ("PRESENCE_HEARTBEAT_INTERVAL", "1s"),
-                ("PRESENCE_HEARTBEAT_TIMEOUT", "4s"),
+                // Not the suite's 4 s: when shard 1 comes back, its partitions return once
+                // every node's ring moved (2 s health checks) and the interim owner handed them
+                // over; meanwhile no heartbeat lands anywhere, ~4-5 s on a loaded machine. The
+                // history checker excuses an OFFLINE after such a gap for the REST users; this
+                // scenario keeps no record of which beats landed, so the gap must stay within
+                // the timeout.
+                ("PRESENCE_HEARTBEAT_TIMEOUT", "8s"),
                 ("PRESENCE_WS_PING_INTERVAL", "500ms"),
                 ("PRESENCE_WS_IDLE_TIMEOUT", "3s"),
                 ("PRESENCE_WS_CLOSE_GRACE", "1s"),
@@ -188,6 +194,7 @@ async fn sockets_through_a_shard_kill(name: &'static str) {
 
     // Batch polls every 300 ms until told to stop: OFFLINE reads, and polls that failed.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = std::time::Instant::now();
     let poll = {
         let (base, users, stop) = (c.base(0), users.clone(), stop.clone());
         let client = c.client().clone();
@@ -208,7 +215,7 @@ async fn sockets_through_a_shard_kill(name: &'static str) {
                     Some(v) => {
                         for e in v["data"].as_array().into_iter().flatten() {
                             if e["status"] == "OFFLINE" {
-                                offline.push(e["userId"].clone());
+                                offline.push((t0.elapsed().as_millis(), e["userId"].clone()));
                             }
                         }
                     }
@@ -222,9 +229,11 @@ async fn sockets_through_a_shard_kill(name: &'static str) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.kill_shard(1);
     let killed = std::time::Instant::now();
+    let kill_ms = t0.elapsed().as_millis();
     let settled = c.wait_settled(Duration::from_secs(30)).await;
     // Past a heartbeat timeout on the new owners.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let restart_ms = t0.elapsed().as_millis();
     blocking(|| c.restart_shard(1));
     c.wait_settled(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -246,11 +255,20 @@ async fn sockets_through_a_shard_kill(name: &'static str) {
         beats("revived").await,
         beats("failed").await,
     );
+    let mut timeouts = Vec::new();
+    for i in 0..3 {
+        timeouts.push(
+            c.metric(Proc::Shard(i), "presence_device_timeouts_total")
+                .await,
+        );
+    }
     assert!(
         offline.is_empty(),
-        "{name}: {} OFFLINE reads of sockets' users (first {:?}), {failed} of {polls} polls failed",
+        "{name}: {} OFFLINE reads of sockets' users (ms since the start, user; the kill at {kill_ms} \
+         ms, the restart at {restart_ms} ms): {:?}; {failed} of {polls} polls failed; device \
+         timeouts by shard {timeouts:?}; lease beats revived {revived}, failed {failed_beats}",
         offline.len(),
-        offline.first()
+        &offline[..offline.len().min(12)]
     );
     assert!(ok > 0.0, "{name}: no lease beats");
 
