@@ -1552,6 +1552,31 @@ impl Presence for Shard {
     }
 }
 
+/// A shard for unit tests: the memory store, every partition, `heartbeat_timeout`, timers
+/// every `tick`, at most 4 devices and 10 subscriptions a user, 5 min idle and resume windows.
+#[cfg(test)]
+pub(crate) fn test_shard(
+    heartbeat_timeout: Duration,
+    tick: Duration,
+    metrics: Arc<Metrics>,
+) -> Arc<Shard> {
+    let rules = Rules {
+        heartbeat_timeout: heartbeat_timeout.as_millis() as Millis,
+        idle_timeout: 300_000,
+        resume_window: 300_000,
+        max_devices: 4,
+        max_subscriptions: 10,
+        ..Rules::default()
+    };
+    Arc::new(Shard::new(
+        crate::store::MemoryStore::new(),
+        rules,
+        tick,
+        metrics,
+        Table::owning_all(),
+    ))
+}
+
 #[cfg(test)]
 mod faults;
 mod parting;
@@ -1559,24 +1584,13 @@ mod parting;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
 
     fn shard(tick_ms: u64) -> Arc<Shard> {
-        let rules = Rules {
-            heartbeat_timeout: 60_000,
-            idle_timeout: 300_000,
-            resume_window: 300_000,
-            max_devices: 4,
-            max_subscriptions: 10,
-            ..Rules::default()
-        };
-        Arc::new(Shard::new(
-            MemoryStore::new(),
-            rules,
+        test_shard(
+            Duration::from_secs(60),
             Duration::from_millis(tick_ms),
             Arc::new(Metrics::new()),
-            Table::owning_all(),
-        ))
+        )
     }
 
     async fn settle() {

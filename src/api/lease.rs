@@ -99,11 +99,6 @@ impl Leases {
         })
     }
 
-    /// How often a round goes.
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Socket `id` keeps `device` alive from now on, as registration `session`.
     pub fn hold(&self, id: u64, user: UserId, device: &str, platform: Platform, session: Session) {
         self.held.lock().insert(
@@ -248,31 +243,11 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ownership::Table;
-    use crate::presence::{Rules, Status, Viewer};
-    use crate::shard::Shard;
-    use crate::store::MemoryStore;
+    use crate::presence::{Status, Viewer};
+    use crate::shard::{test_shard, Shard};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
     const INTERVAL: Duration = Duration::from_secs(1);
-
-    fn shard(metrics: &Arc<Metrics>) -> Arc<Shard> {
-        let rules = Rules {
-            heartbeat_timeout: TIMEOUT.as_millis() as i64,
-            idle_timeout: 300_000,
-            resume_window: 300_000,
-            max_devices: 4,
-            max_subscriptions: 10,
-            ..Rules::default()
-        };
-        Arc::new(Shard::new(
-            MemoryStore::new(),
-            rules,
-            Duration::from_millis(100),
-            metrics.clone(),
-            Table::owning_all(),
-        ))
-    }
 
     fn beats(m: &Metrics, l: LeaseBeat) -> u64 {
         m.push.ws_lease_beats.get(l).get()
@@ -287,7 +262,7 @@ mod tests {
 
     async fn rig() -> Rig {
         let metrics = Arc::new(Metrics::new());
-        let shard = shard(&metrics);
+        let shard = test_shard(TIMEOUT, Duration::from_millis(100), metrics.clone());
         let stop = CancellationToken::new();
         tokio::spawn(shard.clone().run_timers(stop.clone()));
         let leases = Leases::new(INTERVAL);
