@@ -27,7 +27,8 @@
 #               run 8 workers on 2 cores), CL_PERF=1 or CL_PERF=<process name, e.g. shard1> (a
 #               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
-#               (print the gateway's heartbeat batch metrics)
+#               (print the gateway's heartbeat batch metrics), CL_MODE=online (measure `POST /online`
+#               of a device that changes platform each time, a durable change, instead of heartbeats)
 #      lease:   LEASE_BINS (presence-service binaries, space-separated; default BIN_DIR's),
 #               LEASE_SOCKETS (10000), LEASE_INTERVAL (each socket's heartbeat interval, 2s),
 #               LEASE_DURATION (30s), LEASE_ROUNDS (1)
@@ -346,8 +347,10 @@ bench_cluster() {
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
         (sleep 3 && perf record -F 999 -g -p "${PROC[${CL_PERF:-}]:-$lead}" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
-      line="$("$LOADGEN" --format json http --mode heartbeat --no-online --target "$url" --users "$users" \
-        --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null)"
+      local -a measured=(--mode heartbeat --no-online)
+      [[ "${CL_MODE:-heartbeat}" == online ]] && measured=(--mode online)
+      line="$("$LOADGEN" --format json http "${measured[@]}" --target "$url" --users "$users" \
+        --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null | tail -n 1)"
       c1="$(cpu_ticks "${pids[@]}")"
       if [[ -n "${CL_PER_PROCESS:-}" ]]; then # each process's CPU per heartbeat of the run
         for n in $(printf '%s\n' "${!PROC[@]}" | sort); do

@@ -114,6 +114,13 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_COALESCE_HEARTBEATS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub coalesce_heartbeats: bool,
 
+    /// Whether a gateway sends onlines to shards in batches (an `OnlineBatch` call per shard
+    /// for whatever queued while earlier batches were out, each online answered as the shard
+    /// finishes it) rather than one call each: a burst of them, like a reconnect storm, costs
+    /// the gateway and the shards a fraction of the calls.
+    #[arg(long, env = "PRESENCE_COALESCE_ONLINE", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub coalesce_online: bool,
+
     /// The most a gateway's batch for one shard waits to fill: it goes once the runtime has
     /// read the requests that arrived with it (a few scheduler passes that add nothing), or
     /// holds 64, or this is out; 0 sends whatever queued while the previous batch was out.

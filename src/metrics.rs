@@ -548,6 +548,10 @@ pub struct GrpcMetrics {
     pub heartbeat_streams_opened: IntCounter,
     /// Heartbeats a gateway sent alone after coalescing did not settle them.
     pub heartbeats_alone: IntCounter,
+    /// Online batches a gateway sent, the onlines they carried, and those sent alone after.
+    pub online_batches: IntCounter,
+    pub onlines_batched: IntCounter,
+    pub onlines_alone: IntCounter,
 }
 
 impl GrpcMetrics {
@@ -581,6 +585,18 @@ impl GrpcMetrics {
             heartbeats_alone: r.counter(
                 "presence_heartbeats_sent_alone_total",
                 "Heartbeats a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed, queue full).",
+            ),
+            online_batches: r.counter(
+                "presence_online_batches_total",
+                "Online batches from a gateway to the shards (each an OnlineBatch call).",
+            ),
+            onlines_batched: r.counter(
+                "presence_onlines_batched_total",
+                "Onlines a gateway sent to the shards in batches (divided by presence_online_batches_total: the mean batch).",
+            ),
+            onlines_alone: r.counter(
+                "presence_onlines_sent_alone_total",
+                "Onlines a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed or timed out, queue full).",
             ),
         }
     }

@@ -297,11 +297,13 @@ impl Node {
                 let upstreams = Upstreams::new(name, h.clone(), clients.clone(), metrics.clone());
                 tokio::spawn(upstreams.run(ring.clone(), rx, background.clone()));
                 hub = Some(h);
-                let mut router =
-                    Router::new(ring, clients.clone(), config.route_timeout, metrics.clone());
-                if config.coalesce_heartbeats {
-                    router = router.coalescing(config.coalesce_window);
-                }
+                let router =
+                    Router::new(ring, clients.clone(), config.route_timeout, metrics.clone())
+                        .coalescing(
+                            config.coalesce_window,
+                            config.coalesce_heartbeats,
+                            config.coalesce_online,
+                        );
                 (Arc::new(router), None, None)
             }
         };

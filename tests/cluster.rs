@@ -358,6 +358,79 @@ async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
     println!("{expected} heartbeats in {calls} batch calls");
 }
 
+/// Issue 13: a burst of onlines through a gateway (a reconnect storm) reaches the shards in
+/// `OnlineBatch` calls, far fewer than onlines, and each keeps its answer: the user's status for
+/// those the shard did, and for one it refused (a user already at its device limit) the routed
+/// path's exact error, that online sent once more alone and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_onlines_goes_in_batches_and_keeps_its_answers() {
+    let c = common::blocking(|| {
+        Cluster::in_process(3, 1)
+            .vars(&[("PRESENCE_MAX_DEVICES", "2")])
+            .start()
+    });
+    let online = |u: u64, device: &str, platform: &str| {
+        let body = json!({ "userId": u, "deviceId": device, "platform": platform });
+        c.post(0, "/api/v1/presence/online", body)
+    };
+    let full = uid();
+    for device in ["a", "b"] {
+        let (code, v) = online(full, device, "WEB").await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let g = Proc::Gateway(0);
+    let counters = || async {
+        (
+            c.metric(g, "presence_onlines_batched_total").await,
+            c.metric(g, "presence_online_batches_total").await,
+            c.metric(g, "presence_onlines_sent_alone_total").await,
+        )
+    };
+    let (sent0, calls0, alone0) = counters().await;
+    let burst = users(300);
+    let answers = futures::future::join_all(
+        burst
+            .iter()
+            .map(|&u| online(u, "d", "IOS"))
+            .chain([online(full, "c", "IOS")]),
+    )
+    .await;
+    let (refused, done) = answers.split_last().unwrap();
+    for (code, v) in done {
+        assert_eq!(*code, 200, "{v}");
+        assert_eq!(v["data"]["status"], "ONLINE", "{v}");
+        assert_eq!(v["data"]["devices"][0]["deviceId"], "d", "{v}");
+    }
+    let (code, v) = refused;
+    assert_eq!(*code, 409, "{v}");
+    assert_eq!(v["code"], 409, "{v}");
+    assert_eq!(
+        v["message"], "too many devices online for this user (limit 2)",
+        "{v}"
+    );
+    let (sent, calls, alone) = counters().await;
+    let (sent, calls, alone) = (sent - sent0, calls - calls0, alone - alone0);
+    assert_eq!(sent, 301.0, "every online went in a batch, once");
+    assert_eq!(alone, 1.0, "only the refused one went again alone");
+    assert!(
+        calls <= 150.0,
+        "{calls} batch calls for 301 onlines: not coalesced"
+    );
+    for &u in burst.iter().step_by(30) {
+        let (code, v) = c.get(0, &format!("/api/v1/presence/status/{u}")).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["data"]["status"], "ONLINE", "{v}");
+    }
+    let (code, v) = c.get(0, &format!("/api/v1/presence/status/{full}")).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["data"]["devices"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
+    println!("301 onlines in {calls} batch calls, {alone} sent alone");
+}
+
 /// Issue 13: a batch goes once the gateway has read the requests that came with it, not when
 /// its window is out: with a 30 s window, a lone heartbeat is answered at once, and heartbeats
 /// that come together still share calls.

@@ -107,8 +107,11 @@ pub struct Router {
     clients: Arc<Clients>,
     deadline: Duration,
     metrics: Arc<Metrics>,
-    /// Heartbeats go in batches first (`PRESENCE_COALESCE_HEARTBEATS`).
+    /// Heartbeats (`PRESENCE_COALESCE_HEARTBEATS`) and onlines (`PRESENCE_COALESCE_ONLINE`)
+    /// go in batches first, when on.
     coalescer: Option<Coalescer>,
+    coalesce_heartbeats: bool,
+    coalesce_onlines: bool,
 }
 
 fn retriable(e: &Error) -> bool {
@@ -128,19 +131,30 @@ impl Router {
             deadline,
             metrics,
             coalescer: None,
+            coalesce_heartbeats: false,
+            coalesce_onlines: false,
         }
     }
 
-    /// Sends heartbeats in per-shard batches (see `coalesce`), each lane letting a batch fill
-    /// for at most `window`.
-    pub fn coalescing(mut self, window: std::time::Duration) -> Router {
-        self.coalescer = Some(Coalescer::new(
-            self.ring.clone(),
-            self.clients.clone(),
-            self.metrics.clone(),
-            self.deadline,
-            window,
-        ));
+    /// Sends heartbeats and/or onlines in per-shard batches (see `coalesce`), each lane
+    /// letting a batch fill for at most `window`.
+    pub fn coalescing(
+        mut self,
+        window: std::time::Duration,
+        heartbeats: bool,
+        onlines: bool,
+    ) -> Router {
+        self.coalesce_heartbeats = heartbeats;
+        self.coalesce_onlines = onlines;
+        self.coalescer = (heartbeats || onlines).then(|| {
+            Coalescer::new(
+                self.ring.clone(),
+                self.clients.clone(),
+                self.metrics.clone(),
+                self.deadline,
+                window,
+            )
+        });
         self
     }
 
@@ -304,6 +318,11 @@ impl Presence for Router {
         platform: Platform,
         session: Session,
     ) -> Result<StatusView, Error> {
+        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce_onlines) {
+            if let Some(reply) = c.online(user, device, platform, session).await {
+                return StatusView::try_from(reply);
+            }
+        }
         let device = device.to_owned();
         let reply = self
             .route(user, "Online", |mut c, epoch| {
@@ -344,7 +363,7 @@ impl Presence for Router {
     }
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
-        if let Some(c) = &self.coalescer {
+        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce_heartbeats) {
             match c.heartbeat(user, device, active).await {
                 Answer::Accepted => return Ok(()),
                 Answer::NotOnline => return Err(Error::DeviceNotOnline),

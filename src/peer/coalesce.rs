@@ -1,37 +1,38 @@
-//! Heartbeat coalescing on a gateway: heartbeats that queue while earlier batches are in
-//! flight go to each shard as one batch, on a `HeartbeatStream` kept open per shard, and each
-//! answer goes back to its request.
+//! Coalescing on a gateway: heartbeats and onlines that queue while earlier batches are in
+//! flight go to each shard as one batch, and each answer goes back to its request. Heartbeats go
+//! on a `HeartbeatStream` kept open per shard; onlines (bursts of them: a reconnect storm) as
+//! `OnlineBatch` calls, whose results come back one by one as the shard finishes each.
 //!
-//! The batching adapts to load: each shard has a lane, whose task takes whatever has queued and
-//! sends it as one batch, with at most `IN_FLIGHT` batches out at once. A batch goes once a few
-//! scheduler passes added nothing to it (or it holds `FILL`, or the window is out): under load
+//! The batching adapts to load: each shard has a lane per kind, whose task takes whatever has
+//! queued and sends it as one batch, with a few batches out at once at most. A batch goes once a
+//! few scheduler passes added nothing to it (or it holds `FILL`, or the window is out): under load
 //! it holds the requests that arrived together and what arrived while the previous call was
-//! out; a lone heartbeat waits only for those passes.
+//! out; a lone request waits only for those passes.
 //! Coalescing never changes an answer: a heartbeat the shard accepted is done, one of a device
-//! that is not online gets that answer, and any other (refused by the shard, or whose batch
-//! failed) is handed back to the caller, who sends it alone on the routed path with its
-//! retries, deadline and exact error.
+//! that is not online gets that answer, an online the shard did answers with the user's status,
+//! and any other (refused by the shard, or whose batch failed or timed out) is handed back to
+//! the caller, who sends it alone on the routed path with its retries, deadline and exact error.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::time::Instant;
 
 use super::client::Clients;
 use super::{inject_trace, Timed};
 use crate::metrics::Metrics;
-use crate::presence::UserId;
+use crate::presence::{Platform, UserId};
 use crate::proto::v1;
 use crate::ring::Ring;
 
-/// Most heartbeats in one call.
+/// Most items in one call.
 const MAX_BATCH: usize = 512;
-/// Calls out at once to one shard.
-const IN_FLIGHT: usize = 1;
-/// Heartbeats waiting for one shard; beyond this, callers take the routed path.
+/// Items waiting for one shard, per kind; beyond this, callers take the routed path.
 const QUEUE: usize = 8192;
 /// A batch this full goes without waiting out the window.
 const FILL: usize = 64;
@@ -68,7 +69,16 @@ impl Answer {
     }
 }
 
-/// The gateway's end: one lane (a queue and its sender task) per shard address.
+struct Online {
+    msg: v1::OnlineRequest,
+    /// When it queued: one that waited longer than its lane's timeout is not sent (its caller
+    /// takes the routed path with the rest of its deadline).
+    queued: Instant,
+    /// The user's status when the shard did it; `None`: send it alone.
+    done: oneshot::Sender<Option<v1::StatusReply>>,
+}
+
+/// The gateway's end: one lane (a queue and its sender task) per shard address and kind.
 pub struct Coalescer {
     ring: watch::Receiver<Arc<Ring>>,
     clients: Arc<Clients>,
@@ -77,7 +87,8 @@ pub struct Coalescer {
     deadline: Duration,
     /// How long a batch waits to fill (`PRESENCE_COALESCE_WINDOW`).
     window: Duration,
-    lanes: Mutex<HashMap<String, mpsc::Sender<Beat>>>,
+    beats: Mutex<HashMap<String, mpsc::Sender<Beat>>>,
+    onlines: Mutex<HashMap<String, mpsc::Sender<Online>>>,
 }
 
 impl Coalescer {
@@ -94,7 +105,8 @@ impl Coalescer {
             metrics,
             deadline,
             window,
-            lanes: Mutex::new(HashMap::new()),
+            beats: Mutex::new(HashMap::new()),
+            onlines: Mutex::new(HashMap::new()),
         }
     }
 
@@ -107,14 +119,7 @@ impl Coalescer {
             active,
             done,
         };
-        let sent = {
-            let ring = self.ring.borrow();
-            match ring.owner_of(user) {
-                Some(owner) => self.enqueue(&ring, owner, beat),
-                None => false,
-            }
-        };
-        let answer = match sent {
+        let answer = match self.enqueue::<Beats>(&self.beats, user, beat) {
             true => answer.await.unwrap_or(Answer::Alone),
             false => Answer::Alone,
         };
@@ -124,14 +129,54 @@ impl Coalescer {
         answer
     }
 
-    /// Queues `beat` on the lane of `owner`, which starts on first use; false when it is full.
-    /// Starting a lane drops those of shards no longer in `ring` (their tasks end once their
-    /// queues are drained), so the lanes never outnumber the shards by more than those that
-    /// left since the last start.
-    fn enqueue(&self, ring: &Ring, owner: &str, beat: Beat) -> bool {
-        let mut lanes = self.lanes.lock();
+    /// Sends the online in a batch to its owner: the user's status once the owner did it, or
+    /// `None` when the caller is to send it alone on the routed path.
+    pub async fn online(
+        &self,
+        user: UserId,
+        device: &str,
+        platform: Platform,
+        session: u64,
+    ) -> Option<v1::StatusReply> {
+        let (done, answer) = oneshot::channel();
+        let online = Online {
+            msg: v1::OnlineRequest {
+                epoch: 0,
+                user_id: user,
+                device_id: device.to_owned(),
+                platform: v1::Platform::from(platform) as i32,
+                session,
+            },
+            queued: Instant::now(),
+            done,
+        };
+        let answer = match self.enqueue::<Onlines>(&self.onlines, user, online) {
+            true => answer.await.ok().flatten(),
+            false => None,
+        };
+        if answer.is_none() {
+            self.metrics.grpc.onlines_alone.inc();
+        }
+        answer
+    }
+
+    /// Queues `item` on the `K` lane of `user`'s owner, which starts on first use; false when
+    /// there is no owner or the lane is full. Starting a lane drops those of shards no longer in
+    /// the ring (their tasks end once their queues are drained), so the lanes never outnumber
+    /// the shards by more than those that left since the last start.
+    fn enqueue<K: Kind>(
+        &self,
+        lanes: &Mutex<HashMap<String, mpsc::Sender<K::Item>>>,
+        user: UserId,
+        item: K::Item,
+    ) -> bool {
+        let ring = self.ring.borrow();
+        let Some(owner) = ring.owner_of(user) else {
+            return false;
+        };
+        let mut lanes = lanes.lock();
         if let Some(tx) = lanes.get(owner).filter(|tx| !tx.is_closed()) {
-            return tx.try_send(beat).is_ok();
+            return tx.try_send(item).is_ok();
         }
         lanes.retain(|addr, _| ring.members().iter().any(|m| m == addr));
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -142,17 +187,23 @@ impl Coalescer {
             ring: self.ring.clone(),
             clients: self.clients.clone(),
             metrics: self.metrics.clone(),
-            pipe: tokio::sync::Mutex::new(None),
-            unary: AtomicBool::new(false),
         };
-        tokio::spawn(lane.run(rx));
-        let queued = tx.try_send(beat).is_ok();
+        tokio::spawn(lane.run(K::default(), rx));
+        let queued = tx.try_send(item).is_ok();
         lanes.insert(owner.to_owned(), tx);
         queued
     }
 }
 
-/// The sender task of one shard: takes whatever queued, sends it as one batch.
+/// What a lane batches, and how it sends one batch (answering every item).
+trait Kind: Default + Send + Sync + 'static {
+    type Item: Send + 'static;
+    /// Batches out at once to one shard.
+    const IN_FLIGHT: usize;
+    fn send(&self, lane: &Lane, items: Vec<Self::Item>) -> impl Future<Output = ()> + Send;
+}
+
+/// The sender task of one shard and kind: takes whatever queued, sends it as one batch.
 struct Lane {
     owner: String,
     timeout: Duration,
@@ -160,8 +211,66 @@ struct Lane {
     ring: watch::Receiver<Arc<Ring>>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
-    /// The lane's open `HeartbeatStream`, if any. One batch is out at a time ([`IN_FLIGHT`]),
-    /// so the lock is never contended; it also keeps a batch's request and answer together.
+}
+
+/// Moves what has queued into `batch`, up to [`MAX_BATCH`].
+fn drain<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(b) => batch.push(b),
+            Err(_) => break,
+        }
+    }
+}
+
+impl Lane {
+    async fn run<K: Kind>(self, kind: K, mut rx: mpsc::Receiver<K::Item>) {
+        let calls = Arc::new(Semaphore::new(K::IN_FLIGHT));
+        let this = Arc::new((self, kind));
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            this.0.fill(&mut rx, &mut batch).await;
+            let Ok(permit) = calls.clone().acquire_owned().await else {
+                return;
+            };
+            drain(&mut rx, &mut batch);
+            let items = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            let this = this.clone();
+            tokio::spawn(async move {
+                let (lane, kind) = &*this;
+                kind.send(lane, items).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Lets the batch fill before it goes: the lane yields to the runtime, which reads the
+    /// requests that have arrived (each queues its item), and takes what they queued; it goes
+    /// once [`QUIET_PASSES`] passes in a row added nothing, once it holds [`FILL`], or when the
+    /// window is out. No timer: under load a batch gathers the requests that arrived together,
+    /// and a lone request waits only for a few scheduler passes.
+    async fn fill<T>(&self, rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) {
+        if self.window.is_zero() {
+            return;
+        }
+        let until = Instant::now() + self.window;
+        let mut quiet = 0;
+        while quiet < QUIET_PASSES && batch.len() < FILL && Instant::now() < until {
+            tokio::task::yield_now().await;
+            let before = batch.len();
+            drain(rx, batch);
+            quiet = if batch.len() == before { quiet + 1 } else { 0 };
+        }
+    }
+}
+
+/// Heartbeats, on a `HeartbeatStream` per shard.
+#[derive(Default)]
+struct Beats {
+    /// The lane's open `HeartbeatStream`, if any. One batch is out at a time
+    /// ([`Kind::IN_FLIGHT`]), so the lock is never contended; it also keeps a batch's request
+    /// and answer together.
     pipe: tokio::sync::Mutex<Option<Pipe>>,
     /// The shard does not serve `HeartbeatStream`: unary `HeartbeatBatch` calls instead.
     unary: AtomicBool,
@@ -173,64 +282,17 @@ struct Pipe {
     replies: tonic::Streaming<v1::HeartbeatBatchReply>,
 }
 
-/// Moves what has queued into `batch`, up to [`MAX_BATCH`].
-fn drain(rx: &mut mpsc::Receiver<Beat>, batch: &mut Vec<Beat>) {
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(b) => batch.push(b),
-            Err(_) => break,
-        }
-    }
-}
+impl Kind for Beats {
+    type Item = Beat;
+    const IN_FLIGHT: usize = 1;
 
-impl Lane {
-    async fn run(self, mut rx: mpsc::Receiver<Beat>) {
-        let calls = Arc::new(Semaphore::new(IN_FLIGHT));
-        let this = Arc::new(self);
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            this.fill(&mut rx, &mut batch).await;
-            let Ok(permit) = calls.clone().acquire_owned().await else {
-                return;
-            };
-            drain(&mut rx, &mut batch);
-            let beats = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-            let this = this.clone();
-            tokio::spawn(async move {
-                this.send(beats).await;
-                drop(permit);
-            });
-        }
-    }
-
-    /// Lets the batch fill before it goes: the lane yields to the runtime, which reads the
-    /// requests that have arrived (each queues its heartbeat), and takes what they queued; it
-    /// goes once [`QUIET_PASSES`] passes in a row added nothing, once it holds [`FILL`], or when
-    /// the window is out. No timer: under load a batch gathers the requests that arrived
-    /// together, and a lone heartbeat waits only for a few scheduler passes.
-    async fn fill(&self, rx: &mut mpsc::Receiver<Beat>, batch: &mut Vec<Beat>) {
-        if self.window.is_zero() {
-            return;
-        }
-        let until = tokio::time::Instant::now() + self.window;
-        let mut quiet = 0;
-        while quiet < QUIET_PASSES && batch.len() < FILL && tokio::time::Instant::now() < until {
-            tokio::task::yield_now().await;
-            let before = batch.len();
-            drain(rx, batch);
-            quiet = if batch.len() == before { quiet + 1 } else { 0 };
-        }
-    }
-
-    /// Sends one batch; answers every beat.
-    async fn send(&self, beats: Vec<Beat>) {
-        self.metrics.grpc.heartbeat_batches.inc();
-        self.metrics
+    async fn send(&self, lane: &Lane, beats: Vec<Beat>) {
+        lane.metrics.grpc.heartbeat_batches.inc();
+        lane.metrics
             .grpc
             .heartbeats_batched
             .inc_by(beats.len() as u64);
-        let epoch = self.ring.borrow().epoch();
+        let epoch = lane.ring.borrow().epoch();
         let (dones, heartbeats): (Vec<_>, Vec<_>) = beats
             .into_iter()
             .map(|b| {
@@ -243,14 +305,11 @@ impl Lane {
                 (b.done, h)
             })
             .unzip();
-        let t = Timed::new(self.metrics.clone(), "client", "HeartbeatBatch");
+        let t = Timed::new(lane.metrics.clone(), "client", "HeartbeatBatch");
         let req = v1::HeartbeatBatchRequest { epoch, heartbeats };
         let answer = match self.unary.load(Ordering::Relaxed) {
-            false => self.streamed(req).await,
-            true => {
-                self.unary(req, tokio::time::Instant::now() + self.timeout)
-                    .await
-            }
+            false => self.streamed(lane, req).await,
+            true => self.unary(lane, req, Instant::now() + lane.timeout).await,
         };
         let codes = t
             .finish(answer.map(tonic::Response::new))
@@ -270,7 +329,9 @@ impl Lane {
             }
         }
     }
+}
 
+impl Beats {
     /// The batch on the lane's stream, which it opens first if there is none. A stalled shard
     /// holds its lane for a quarter of the route deadline at most: its heartbeats then take the
     /// routed path, which has the whole deadline. The stream goes back to the lane only after an
@@ -279,17 +340,18 @@ impl Lane {
     /// version, during a rolling upgrade) gets unary calls from then on.
     async fn streamed(
         &self,
+        lane: &Lane,
         req: v1::HeartbeatBatchRequest,
     ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
-        let until = tokio::time::Instant::now() + self.timeout;
+        let until = Instant::now() + lane.timeout;
         let mut pipe = self.pipe.lock().await;
         let mut p = match pipe.take() {
             Some(p) => p,
-            None => match tokio::time::timeout_at(until, self.open()).await {
+            None => match tokio::time::timeout_at(until, self.open(lane)).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                     self.unary.store(true, Ordering::Relaxed);
-                    return self.unary(req, until).await;
+                    return self.unary(lane, req, until).await;
                 }
                 Ok(Err(s)) => return Err(s),
                 Err(_) => return Err(timed_out()),
@@ -311,9 +373,9 @@ impl Lane {
     }
 
     /// Opens a `HeartbeatStream` to the lane's shard.
-    async fn open(&self) -> Result<Pipe, tonic::Status> {
-        let mut c = self.clients.get(&self.owner)?;
-        self.metrics.grpc.heartbeat_streams_opened.inc();
+    async fn open(&self, lane: &Lane) -> Result<Pipe, tonic::Status> {
+        let mut c = lane.clients.get(&lane.owner)?;
+        lane.metrics.grpc.heartbeat_streams_opened.inc();
         let (tx, rx) = mpsc::channel(1);
         let replies = c
             .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -325,16 +387,88 @@ impl Lane {
     /// The batch as one `HeartbeatBatch` call, answered by `until`.
     async fn unary(
         &self,
+        lane: &Lane,
         req: v1::HeartbeatBatchRequest,
-        until: tokio::time::Instant,
+        until: Instant,
     ) -> Result<v1::HeartbeatBatchReply, tonic::Status> {
-        let mut c = self.clients.get(&self.owner)?;
+        let mut c = lane.clients.get(&lane.owner)?;
         let mut req = tonic::Request::new(req);
         inject_trace(&mut req);
         tokio::time::timeout_at(until, c.heartbeat_batch(req))
             .await
             .unwrap_or_else(|_| Err(timed_out()))
             .map(tonic::Response::into_inner)
+    }
+}
+
+/// Onlines, as `OnlineBatch` calls.
+#[derive(Default)]
+struct Onlines {
+    /// The shard does not serve `OnlineBatch` (an older version, during a rolling upgrade):
+    /// every online goes alone, with no batch tried first.
+    unsupported: AtomicBool,
+}
+
+impl Kind for Onlines {
+    type Item = Online;
+    /// An online waits for its store (a durable change), so a batch is out longer than a
+    /// heartbeat's: a few at once keep a slow write from holding up the lane.
+    const IN_FLIGHT: usize = 4;
+
+    /// Sends the batch, and answers each online as its result comes back. Those with no result
+    /// within the lane's timeout (a quarter of the route deadline), or whose call failed, go
+    /// alone; so do those that queued longer than that (not sent at all), and a shard that does
+    /// not serve `OnlineBatch` (an older version) sends every online alone.
+    async fn send(&self, lane: &Lane, onlines: Vec<Online>) {
+        let now = Instant::now();
+        // A caller gone (a cancelled request) or queued too long: not sent.
+        let (onlines, late): (Vec<_>, Vec<_>) = onlines
+            .into_iter()
+            .partition(|o| !o.done.is_closed() && now.duration_since(o.queued) < lane.timeout);
+        for o in late {
+            let _ = o.done.send(None);
+        }
+        if onlines.is_empty() || self.unsupported.load(Ordering::Relaxed) {
+            return;
+        }
+        lane.metrics.grpc.online_batches.inc();
+        lane.metrics
+            .grpc
+            .onlines_batched
+            .inc_by(onlines.len() as u64);
+        let epoch = lane.ring.borrow().epoch();
+        let (mut dones, msgs): (Vec<_>, Vec<_>) = onlines
+            .into_iter()
+            .map(|o| {
+                let msg = v1::OnlineRequest { epoch, ..o.msg };
+                (Some(o.done), msg)
+            })
+            .unzip();
+        let t = Timed::new(lane.metrics.clone(), "client", "OnlineBatch");
+        let until = now + lane.timeout;
+        let answered = tokio::time::timeout_at(until, async {
+            let mut c = lane.clients.get(&lane.owner)?;
+            let mut req = tonic::Request::new(v1::OnlineBatchRequest {
+                epoch,
+                onlines: msgs,
+            });
+            inject_trace(&mut req);
+            let mut results = c.online_batch(req).await?.into_inner();
+            while let Some(r) = results.message().await? {
+                let done = dones.get_mut(r.index as usize).and_then(Option::take);
+                if let Some(done) = done {
+                    let _ = done.send((r.code == 0).then_some(r.status).flatten());
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(timed_out()));
+        if matches!(&answered, Err(s) if s.code() == tonic::Code::Unimplemented) {
+            self.unsupported.store(true, Ordering::Relaxed);
+        }
+        let _ = t.finish(answered.map(tonic::Response::new));
+        // Dropped senders answer `None`: those go alone.
     }
 }
 
@@ -362,7 +496,7 @@ mod tests {
             Duration::from_millis(1),
         );
         let lanes = |c: &Coalescer| {
-            let mut l: Vec<String> = c.lanes.lock().keys().cloned().collect();
+            let mut l: Vec<String> = c.beats.lock().keys().cloned().collect();
             l.sort();
             l
         };
@@ -380,14 +514,13 @@ mod tests {
         assert_eq!(lanes(&c), ["127.0.0.1:2", "127.0.0.1:3"]);
     }
 
-    /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling
-    /// upgrade) answers `Unimplemented` to it: its lane then sends unary `HeartbeatBatch` calls,
-    /// whose answers are the shard's, and does not try the stream again.
-    #[tokio::test]
-    async fn a_shard_without_the_stream_gets_unary_batches() {
+    /// A shard on loopback, user 7's device "d" online, whose service answers `Unimplemented`
+    /// to the methods in `older` as a server without them does; and a coalescer of a gateway
+    /// whose ring has that shard alone. Answers the shard's and the gateway's metrics too.
+    async fn older_shard(older: &[&str]) -> (Coalescer, Arc<Metrics>, Arc<Metrics>) {
         use crate::ownership::Table;
         use crate::peer::ShardService;
-        use crate::presence::{Platform, Rules};
+        use crate::presence::Rules;
         use crate::proto::v1::presence_shard_server::PresenceShardServer;
         use crate::push::fanout::Fanout;
         use crate::service::Presence;
@@ -411,27 +544,30 @@ mod tests {
             fanout: Fanout::new(metrics.clone(), 64),
             stop: tokio_util::sync::CancellationToken::new(),
         };
-        // The shard's service, but the stream refused as a server without it refuses it.
-        let stream = format!(
-            "/{}/HeartbeatStream",
-            <PresenceShardServer<ShardService> as NamedService>::NAME
-        );
-        let older = tonic::service::Routes::new(PresenceShardServer::new(service))
-            .into_axum_router()
-            .route(
-                &stream,
+        let mut router =
+            tonic::service::Routes::new(PresenceShardServer::new(service)).into_axum_router();
+        for method in older {
+            let path = format!(
+                "/{}/{method}",
+                <PresenceShardServer<ShardService> as NamedService>::NAME
+            );
+            router = router.route(
+                &path,
                 axum::routing::post(|| async {
                     tonic::Status::unimplemented("an older shard").into_http::<axum::body::Body>()
                 }),
             );
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_routes(older.into())
+                .add_routes(router.into())
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
-        let (_tx, ring) = watch::channel(Arc::new(Ring::new([addr])));
+        let (tx, ring) = watch::channel(Arc::new(Ring::new([addr])));
+        // The ring's sender lives as long as the test: a closed ring would read as no owner.
+        std::mem::forget(tx);
         let gateway = Arc::new(Metrics::new());
         let c = Coalescer::new(
             ring,
@@ -440,6 +576,15 @@ mod tests {
             Duration::from_secs(4),
             Duration::from_millis(1),
         );
+        (c, metrics, gateway)
+    }
+
+    /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling
+    /// upgrade) answers `Unimplemented` to it: its lane then sends unary `HeartbeatBatch` calls,
+    /// whose answers are the shard's, and does not try the stream again.
+    #[tokio::test]
+    async fn a_shard_without_the_stream_gets_unary_batches() {
+        let (c, metrics, gateway) = older_shard(&["HeartbeatStream"]).await;
         assert_eq!(c.heartbeat(7, "d", true).await, Answer::Accepted);
         assert_eq!(c.heartbeat(8, "d", true).await, Answer::NotOnline);
         assert_eq!(c.heartbeat(7, "d", false).await, Answer::Accepted);
@@ -460,6 +605,63 @@ mod tests {
             })
             .get();
         assert_eq!(unary, 3, "the shard served each batch as a unary call");
+    }
+
+    /// Onlines in a batch come back with the user's status as the shard has it; one the shard
+    /// refuses (a bad device id) is handed back to go alone, with the exact error of the routed
+    /// path. Concurrent onlines share calls.
+    #[tokio::test]
+    async fn onlines_in_a_batch_get_their_status_and_a_refused_one_goes_alone() {
+        let (c, _, gateway) = older_shard(&[]).await;
+        let status = c
+            .online(7, "e", Platform::Ios, 1)
+            .await
+            .expect("done in a batch");
+        assert_eq!(status.status, v1::Status::Online as i32);
+        let mut devices: Vec<_> = status
+            .devices
+            .iter()
+            .map(|d| d.device_id.as_str())
+            .collect();
+        devices.sort();
+        assert_eq!(devices, ["d", "e"]);
+        assert_eq!(
+            c.online(9, "", Platform::Ios, 1).await,
+            None,
+            "refused: alone"
+        );
+        let many =
+            futures::future::join_all((100..164).map(|u| c.online(u, "d", Platform::Web, 1)));
+        assert!(many.await.iter().all(Option::is_some));
+        let g = &gateway.grpc;
+        assert_eq!(g.onlines_batched.get(), 66);
+        assert_eq!(g.onlines_alone.get(), 1);
+        assert!(
+            g.online_batches.get() <= 2 + 32,
+            "{} calls",
+            g.online_batches.get()
+        );
+    }
+
+    /// A shard that does not serve `OnlineBatch` (an older version) gets every online alone:
+    /// the batch is tried once, and not again.
+    #[tokio::test]
+    async fn a_shard_without_online_batches_gets_every_online_alone() {
+        let (c, metrics, gateway) = older_shard(&["OnlineBatch"]).await;
+        assert_eq!(c.online(7, "e", Platform::Ios, 1).await, None);
+        assert_eq!(c.online(7, "f", Platform::Ios, 1).await, None);
+        assert_eq!(gateway.grpc.onlines_alone.get(), 2);
+        assert_eq!(gateway.grpc.online_batches.get(), 1, "tried once");
+        let served = metrics
+            .grpc
+            .requests
+            .get(crate::metrics::GrpcAnswer {
+                side: "server",
+                method: "OnlineBatch",
+                code: "ok",
+            })
+            .get();
+        assert_eq!(served, 0);
     }
 
     #[test]

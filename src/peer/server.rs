@@ -30,6 +30,9 @@ use crate::store::SubscriptionMode;
 
 /// Most users in one gRPC batch call.
 const MAX_BATCH: usize = 100_000;
+/// Most onlines in one `OnlineBatch` call (each a write in flight at once; a gateway sends
+/// 512 at most).
+const MAX_ONLINES: usize = 4096;
 
 /// How often a shard pings each gateway's event stream.
 pub const PING: Duration = Duration::from_secs(2);
@@ -404,6 +407,57 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 .online_session(user, &device, platform, r.session)
                 .await?;
             Ok(view.into())
+        })
+        .await
+    }
+
+    type OnlineBatchStream =
+        Pin<Box<dyn futures::Stream<Item = Result<v1::OnlineResult, tonic::Status>> + Send>>;
+
+    /// Onlines of users this shard owns, all at once (one that waits for the store holds up
+    /// none of the others), each checked and done as a lone `Online` is; each result goes out
+    /// as soon as it is done.
+    async fn online_batch(
+        &self,
+        req: Request<v1::OnlineBatchRequest>,
+    ) -> Reply<Self::OnlineBatchStream> {
+        self.serve("OnlineBatch", req, |r| async move {
+            if r.onlines.len() > MAX_ONLINES {
+                return Err(Error::BadRequest(format!(
+                    "at most {MAX_ONLINES} onlines per call"
+                )));
+            }
+            let span = tracing::Span::current();
+            let results: futures::stream::FuturesUnordered<_> = r
+                .onlines
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let (shard, own) = (self.shard.clone(), self.own.clone());
+                    async move {
+                        let res = async {
+                            let user = owned(&own, o.user_id)?;
+                            let device = validate_device_id(&o.device_id)?;
+                            let platform = proto::platform_from_i32(o.platform)?;
+                            shard
+                                .online_session(user, &device, platform, o.session)
+                                .await
+                        }
+                        .await;
+                        let (code, status) = match res {
+                            Ok(view) => (0, Some(view.into())),
+                            Err(e) => (e.status().as_u16() as u32, None),
+                        };
+                        Ok(v1::OnlineResult {
+                            index: i as u32,
+                            code,
+                            status,
+                        })
+                    }
+                    .instrument(span.clone())
+                })
+                .collect();
+            Ok(Box::pin(results) as Self::OnlineBatchStream)
         })
         .await
     }
