@@ -245,6 +245,18 @@ impl Lane {
         }
     }
 
+    /// Counts a batch of `n` going out, and answers the ring's epoch it goes with.
+    fn begin(
+        &self,
+        batches: &prometheus::IntCounter,
+        items: &prometheus::IntCounter,
+        n: usize,
+    ) -> u64 {
+        batches.inc();
+        items.inc_by(n as u64);
+        self.ring.borrow().epoch()
+    }
+
     /// Lets the batch fill before it goes: the lane yields to the runtime, which reads the
     /// requests that have arrived (each queues its item), and takes what they queued; it goes
     /// once [`QUIET_PASSES`] passes in a row added nothing, once it holds [`FILL`], or when the
@@ -287,12 +299,8 @@ impl Kind for Beats {
     const IN_FLIGHT: usize = 1;
 
     async fn send(&self, lane: &Lane, beats: Vec<Beat>) {
-        lane.metrics.grpc.heartbeat_batches.inc();
-        lane.metrics
-            .grpc
-            .heartbeats_batched
-            .inc_by(beats.len() as u64);
-        let epoch = lane.ring.borrow().epoch();
+        let g = &lane.metrics.grpc;
+        let epoch = lane.begin(&g.heartbeat_batches, &g.heartbeats_batched, beats.len());
         let (dones, heartbeats): (Vec<_>, Vec<_>) = beats
             .into_iter()
             .map(|b| {
@@ -431,12 +439,8 @@ impl Kind for Onlines {
         if onlines.is_empty() || self.unsupported.load(Ordering::Relaxed) {
             return;
         }
-        lane.metrics.grpc.online_batches.inc();
-        lane.metrics
-            .grpc
-            .onlines_batched
-            .inc_by(onlines.len() as u64);
-        let epoch = lane.ring.borrow().epoch();
+        let g = &lane.metrics.grpc;
+        let epoch = lane.begin(&g.online_batches, &g.onlines_batched, onlines.len());
         let (mut dones, msgs): (Vec<_>, Vec<_>) = onlines
             .into_iter()
             .map(|o| {
