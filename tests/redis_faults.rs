@@ -253,6 +253,7 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
     .await
     .expect("gateway starts");
     let (shard_http, gateway_http) = (shard.local_addr(), gateway.local_addr());
+    let gateway_metrics = gateway.metrics().clone();
     let nodes: Vec<(&str, Arc<Metrics>)> = vec![
         ("shard", shard.metrics().clone()),
         ("gateway", gateway.metrics().clone()),
@@ -281,12 +282,16 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
         }
     }
 
-    // Load: each worker sets the status of its own users in turn (a visible change: a save).
+    // Load: each worker changes its own users in turn (a visible change: a save). Half the
+    // workers set statuses; the other half post onlines of a device whose platform changes
+    // each time, which the gateway sends in batches (`OnlineBatch`) that mix users of the
+    // stopped master with the others.
     let started = Instant::now();
     let done = CancellationToken::new();
     let mut workers = Vec::new();
     for (class, users) in [("victim", &on_victim), ("healthy", &elsewhere)] {
-        for chunk in users.chunks(5) {
+        for (w, chunk) in users.chunks(5).enumerate() {
+            let onlines = w % 2 == 1;
             let (http, api, done, chunk) =
                 (http.clone(), api.clone(), done.clone(), chunk.to_vec());
             workers.push(tokio::spawn(async move {
@@ -298,11 +303,18 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
                     n += 1;
                     let at = started.elapsed();
                     let t = Instant::now();
-                    let r = http
-                        .put(format!("{api}/status/{u}"))
-                        .json(&serde_json::json!({"status": status, "customText": format!("n{n}")}))
-                        .send()
-                        .await;
+                    let r = if onlines {
+                        let platform = if n % 2 == 0 { "IOS" } else { "WEB" };
+                        http.post(format!("{api}/online"))
+                            .json(&serde_json::json!({"userId": u, "deviceId": "d", "platform": platform}))
+                            .send()
+                            .await
+                    } else {
+                        http.put(format!("{api}/status/{u}"))
+                            .json(&serde_json::json!({"status": status, "customText": format!("n{n}")}))
+                            .send()
+                            .await
+                    };
                     let (code, body) = match r {
                         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
                         Err(e) => (0, e.to_string()),
@@ -439,8 +451,11 @@ async fn a_stalled_master_fails_only_its_users_within_the_timeout_and_keeps_the_
         not_ready.len()
     );
 
-    // Users on healthy masters: never an error, never near the timeout.
+    // Users on healthy masters: never an error, never near the timeout (their onlines shared
+    // batches with the stopped master's users).
     assert!(healthy.len() > 100, "too little load: {}", healthy.len());
+    let batched = metric(&gateway_metrics, "presence_onlines_batched_total");
+    assert!(batched > 100, "{batched} onlines went in batches");
     assert!(
         healthy_errors.is_empty(),
         "requests for users on healthy masters failed: {:?}",

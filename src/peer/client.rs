@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use super::coalesce::{Answer, Coalescer};
+use super::coalesce::{Answer, Coalescer, OnlineAnswer};
 use super::{inject_trace, Timed};
 use crate::error::Error;
 use crate::membership::Probe;
@@ -114,7 +114,8 @@ pub struct Router {
     coalesce_onlines: bool,
 }
 
-fn retriable(e: &Error) -> bool {
+/// Whether the routed path tries a call again (on the owner of a fresh ring) after `e`.
+pub(super) fn retriable(e: &Error) -> bool {
     matches!(e, Error::WrongOwner { .. } | Error::ShardUnavailable(_))
 }
 
@@ -319,8 +320,10 @@ impl Presence for Router {
         session: Session,
     ) -> Result<StatusView, Error> {
         if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce_onlines) {
-            if let Some(reply) = c.online(user, device, platform, session).await {
-                return StatusView::try_from(reply);
+            match c.online(user, device, platform, session).await {
+                OnlineAnswer::Done(reply) => return StatusView::try_from(reply),
+                OnlineAnswer::Failed(e) => return Err(e),
+                OnlineAnswer::Alone => {}
             }
         }
         let device = device.to_owned();

@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::client::Clients;
+use super::client::{retriable, Clients};
 use super::{inject_trace, Timed};
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::presence::{Platform, UserId};
 use crate::proto::v1;
@@ -38,6 +39,9 @@ const QUEUE: usize = 8192;
 const FILL: usize = 64;
 /// Scheduler passes in a row that add nothing to a batch before it goes.
 const QUIET_PASSES: u32 = 2;
+/// The most an online batch counts as out (one of its lane's `IN_FLIGHT`) while its results
+/// come in.
+const ONLINE_HOLD: Duration = Duration::from_millis(50);
 
 struct Beat {
     user: UserId,
@@ -69,13 +73,26 @@ impl Answer {
     }
 }
 
+/// How an online sent in a batch ended.
+#[derive(Debug)]
+pub enum OnlineAnswer {
+    /// Its owner did it: the user's status.
+    Done(v1::StatusReply),
+    /// Its owner refused it for good (bad input, a limit, its store failing): the error the
+    /// routed path would have answered.
+    Failed(Error),
+    /// Anything else (no owner, a refusal the routed path retries, such as a wrong owner during
+    /// a handoff; a failed or timed-out call; a full lane): the caller sends it alone.
+    Alone,
+}
+
 struct Online {
     msg: v1::OnlineRequest,
     /// When it queued: one that waited longer than its lane's timeout is not sent (its caller
     /// takes the routed path with the rest of its deadline).
     queued: Instant,
-    /// The user's status when the shard did it; `None`: send it alone.
-    done: oneshot::Sender<Option<v1::StatusReply>>,
+    /// Dropped unanswered: the caller sends it alone.
+    done: oneshot::Sender<OnlineAnswer>,
 }
 
 /// The gateway's end: one lane (a queue and its sender task) per shard address and kind.
@@ -129,15 +146,14 @@ impl Coalescer {
         answer
     }
 
-    /// Sends the online in a batch to its owner: the user's status once the owner did it, or
-    /// `None` when the caller is to send it alone on the routed path.
+    /// Sends the online in a batch to its owner.
     pub async fn online(
         &self,
         user: UserId,
         device: &str,
         platform: Platform,
         session: u64,
-    ) -> Option<v1::StatusReply> {
+    ) -> OnlineAnswer {
         let (done, answer) = oneshot::channel();
         let online = Online {
             msg: v1::OnlineRequest {
@@ -151,10 +167,10 @@ impl Coalescer {
             done,
         };
         let answer = match self.enqueue::<Onlines>(&self.onlines, user, online) {
-            true => answer.await.ok().flatten(),
-            false => None,
+            true => answer.await.unwrap_or(OnlineAnswer::Alone),
+            false => OnlineAnswer::Alone,
         };
-        if answer.is_none() {
+        if matches!(answer, OnlineAnswer::Alone) {
             self.metrics.grpc.onlines_alone.inc();
         }
         answer
@@ -182,7 +198,7 @@ impl Coalescer {
         let (tx, rx) = mpsc::channel(QUEUE);
         let lane = Lane {
             owner: owner.to_owned(),
-            timeout: self.deadline / 4,
+            timeout: self.deadline / K::TIMEOUT_SHARE,
             window: self.window,
             ring: self.ring.clone(),
             clients: self.clients.clone(),
@@ -200,7 +216,16 @@ trait Kind: Default + Send + Sync + 'static {
     type Item: Send + 'static;
     /// Batches out at once to one shard.
     const IN_FLIGHT: usize;
-    fn send(&self, lane: &Lane, items: Vec<Self::Item>) -> impl Future<Output = ()> + Send;
+    /// A batch's timeout is the route deadline divided by this.
+    const TIMEOUT_SHARE: u32;
+    /// Sends the batch; `permit` is one of the lane's [`Kind::IN_FLIGHT`], held while the
+    /// batch counts as out.
+    fn send(
+        &self,
+        lane: &Lane,
+        items: Vec<Self::Item>,
+        permit: OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// The sender task of one shard and kind: takes whatever queued, sends it as one batch.
@@ -239,8 +264,7 @@ impl Lane {
             let this = this.clone();
             tokio::spawn(async move {
                 let (lane, kind) = &*this;
-                kind.send(lane, items).await;
-                drop(permit);
+                kind.send(lane, items, permit).await;
             });
         }
     }
@@ -297,8 +321,10 @@ struct Pipe {
 impl Kind for Beats {
     type Item = Beat;
     const IN_FLIGHT: usize = 1;
+    /// A quarter of the route deadline: a stalled shard's heartbeats then take the routed path.
+    const TIMEOUT_SHARE: u32 = 4;
 
-    async fn send(&self, lane: &Lane, beats: Vec<Beat>) {
+    async fn send(&self, lane: &Lane, beats: Vec<Beat>, _out: OwnedSemaphorePermit) {
         let g = &lane.metrics.grpc;
         let epoch = lane.begin(&g.heartbeat_batches, &g.heartbeats_batched, beats.len());
         let (dones, heartbeats): (Vec<_>, Vec<_>) = beats
@@ -420,22 +446,26 @@ struct Onlines {
 impl Kind for Onlines {
     type Item = Online;
     /// An online waits for its store (a durable change), so a batch is out longer than a
-    /// heartbeat's: a few at once keep a slow write from holding up the lane.
+    /// heartbeat's: a few at once, each counted out for [`ONLINE_HOLD`] at most.
     const IN_FLIGHT: usize = 4;
+    /// Half the route deadline: long enough for the shard's own answer when its store is slow
+    /// (the store's timeout), with half left for the routed path.
+    const TIMEOUT_SHARE: u32 = 2;
 
-    /// Sends the batch, and answers each online as its result comes back. Those with no result
-    /// within the lane's timeout (a quarter of the route deadline), or whose call failed, go
-    /// alone; so do those that queued longer than that (not sent at all), and a shard that does
-    /// not serve `OnlineBatch` (an older version) sends every online alone.
-    async fn send(&self, lane: &Lane, onlines: Vec<Online>) {
+    /// Sends the batch, and answers each online as its result comes back: the status, or the
+    /// shard's error when the routed path would not try again. Those with no result within the
+    /// lane's timeout, or a retriable error, or whose call failed, go alone; so do those that
+    /// queued longer than that (not sent at all), and a shard that does not serve `OnlineBatch`
+    /// (an older version) gets every online alone. The batch stops counting as out once it is
+    /// answered or after [`ONLINE_HOLD`], so that onlines waiting for a slow Redis master do not
+    /// hold up the lane.
+    async fn send(&self, lane: &Lane, onlines: Vec<Online>, out: OwnedSemaphorePermit) {
         let now = Instant::now();
-        // A caller gone (a cancelled request) or queued too long: not sent.
-        let (onlines, late): (Vec<_>, Vec<_>) = onlines
+        // A caller gone (a cancelled request) or queued too long: not sent (dropped: alone).
+        let onlines: Vec<_> = onlines
             .into_iter()
-            .partition(|o| !o.done.is_closed() && now.duration_since(o.queued) < lane.timeout);
-        for o in late {
-            let _ = o.done.send(None);
-        }
+            .filter(|o| !o.done.is_closed() && now.duration_since(o.queued) < lane.timeout)
+            .collect();
         if onlines.is_empty() || self.unsupported.load(Ordering::Relaxed) {
             return;
         }
@@ -450,7 +480,7 @@ impl Kind for Onlines {
             .unzip();
         let t = Timed::new(lane.metrics.clone(), "client", "OnlineBatch");
         let until = now + lane.timeout;
-        let answered = tokio::time::timeout_at(until, async {
+        let call = tokio::time::timeout_at(until, async {
             let mut c = lane.clients.get(&lane.owner)?;
             let mut req = tonic::Request::new(v1::OnlineBatchRequest {
                 epoch,
@@ -461,18 +491,39 @@ impl Kind for Onlines {
             while let Some(r) = results.message().await? {
                 let done = dones.get_mut(r.index as usize).and_then(Option::take);
                 if let Some(done) = done {
-                    let _ = done.send((r.code == 0).then_some(r.status).flatten());
+                    let _ = done.send(OnlineAnswer::of(r));
                 }
             }
             Ok(())
-        })
-        .await
+        });
+        tokio::pin!(call);
+        let answered = tokio::select! {
+            r = &mut call => r,
+            _ = tokio::time::sleep(ONLINE_HOLD) => {
+                drop(out);
+                call.await
+            }
+        }
         .unwrap_or_else(|_| Err(timed_out()));
         if matches!(&answered, Err(s) if s.code() == tonic::Code::Unimplemented) {
             self.unsupported.store(true, Ordering::Relaxed);
         }
         let _ = t.finish(answered.map(tonic::Response::new));
-        // Dropped senders answer `None`: those go alone.
+        // Onlines left unanswered drop their senders: they go alone.
+    }
+}
+
+impl OnlineAnswer {
+    /// The answer of one result of a batch.
+    fn of(r: v1::OnlineResult) -> OnlineAnswer {
+        match (r.code, r.status, r.error) {
+            (0, Some(status), _) => OnlineAnswer::Done(status),
+            (_, _, Some(e)) => match Error::from_item(e) {
+                e if retriable(&e) => OnlineAnswer::Alone,
+                e => OnlineAnswer::Failed(e),
+            },
+            _ => OnlineAnswer::Alone,
+        }
     }
 }
 
@@ -612,15 +663,14 @@ mod tests {
     }
 
     /// Onlines in a batch come back with the user's status as the shard has it; one the shard
-    /// refuses (a bad device id) is handed back to go alone, with the exact error of the routed
-    /// path. Concurrent onlines share calls.
+    /// refuses for good (a bad device id) with the error the routed path would answer, not sent
+    /// again. Concurrent onlines share calls.
     #[tokio::test]
-    async fn onlines_in_a_batch_get_their_status_and_a_refused_one_goes_alone() {
+    async fn onlines_in_a_batch_get_their_status_or_their_error() {
         let (c, _, gateway) = older_shard(&[]).await;
-        let status = c
-            .online(7, "e", Platform::Ios, 1)
-            .await
-            .expect("done in a batch");
+        let OnlineAnswer::Done(status) = c.online(7, "e", Platform::Ios, 1).await else {
+            panic!("not done in a batch");
+        };
         assert_eq!(status.status, v1::Status::Online as i32);
         let mut devices: Vec<_> = status
             .devices
@@ -629,17 +679,20 @@ mod tests {
             .collect();
         devices.sort();
         assert_eq!(devices, ["d", "e"]);
-        assert_eq!(
-            c.online(9, "", Platform::Ios, 1).await,
-            None,
-            "refused: alone"
+        let refused = c.online(9, "", Platform::Ios, 1).await;
+        let routed = crate::presence::validate_device_id("").unwrap_err();
+        assert!(
+            matches!(&refused, OnlineAnswer::Failed(e) if *e == routed),
+            "{refused:?}, not {routed:?}"
         );
         let many =
             futures::future::join_all((100..164).map(|u| c.online(u, "d", Platform::Web, 1)));
-        assert!(many.await.iter().all(Option::is_some));
+        for a in many.await {
+            assert!(matches!(a, OnlineAnswer::Done(_)), "{a:?}");
+        }
         let g = &gateway.grpc;
         assert_eq!(g.onlines_batched.get(), 66);
-        assert_eq!(g.onlines_alone.get(), 1);
+        assert_eq!(g.onlines_alone.get(), 0);
         assert!(
             g.online_batches.get() <= 2 + 32,
             "{} calls",
@@ -647,13 +700,45 @@ mod tests {
         );
     }
 
+    /// A result's answer: the status; a final error as it is; a refusal the routed path tries
+    /// again (a wrong owner during a handoff, a shard not ready), or no error at all, alone.
+    #[test]
+    fn an_online_result_is_done_failed_or_alone() {
+        let result = |code: u32, status, error: Option<Error>| v1::OnlineResult {
+            index: 0,
+            code,
+            status,
+            error: error.map(Error::to_item),
+        };
+        let done = result(0, Some(v1::StatusReply::default()), None);
+        assert!(matches!(OnlineAnswer::of(done), OnlineAnswer::Done(_)));
+        let full = result(409, None, Some(Error::TooManyDevices(4)));
+        assert!(matches!(
+            OnlineAnswer::of(full),
+            OnlineAnswer::Failed(Error::TooManyDevices(4))
+        ));
+        for e in [
+            Error::WrongOwner { epoch: 3 },
+            Error::ShardUnavailable("partition loading".into()),
+        ] {
+            let r = result(e.status().as_u16() as u32, None, Some(e));
+            assert!(matches!(OnlineAnswer::of(r), OnlineAnswer::Alone));
+        }
+        assert!(matches!(
+            OnlineAnswer::of(result(500, None, None)),
+            OnlineAnswer::Alone
+        ));
+    }
+
     /// A shard that does not serve `OnlineBatch` (an older version) gets every online alone:
     /// the batch is tried once, and not again.
     #[tokio::test]
     async fn a_shard_without_online_batches_gets_every_online_alone() {
         let (c, metrics, gateway) = older_shard(&["OnlineBatch"]).await;
-        assert_eq!(c.online(7, "e", Platform::Ios, 1).await, None);
-        assert_eq!(c.online(7, "f", Platform::Ios, 1).await, None);
+        for device in ["e", "f"] {
+            let a = c.online(7, device, Platform::Ios, 1).await;
+            assert!(matches!(a, OnlineAnswer::Alone), "{a:?}");
+        }
         assert_eq!(gateway.grpc.onlines_alone.get(), 2);
         assert_eq!(gateway.grpc.online_batches.get(), 1, "tried once");
         let served = metrics

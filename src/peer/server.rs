@@ -444,14 +444,15 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                                 .await
                         }
                         .await;
-                        let (code, status) = match res {
-                            Ok(view) => (0, Some(view.into())),
-                            Err(e) => (e.status().as_u16() as u32, None),
+                        let (code, status, error) = match res {
+                            Ok(view) => (0, Some(view.into()), None),
+                            Err(e) => (e.status().as_u16() as u32, None, Some(e.to_item())),
                         };
                         Ok(v1::OnlineResult {
                             index: i as u32,
                             code,
                             status,
+                            error,
                         })
                     }
                     .instrument(span.clone())
