@@ -165,39 +165,6 @@ impl From<Error> for tonic::Status {
     }
 }
 
-impl Error {
-    /// The error as one item of a batch reply carries it: its gRPC status's parts.
-    pub fn to_item(self) -> crate::proto::v1::ItemError {
-        let status = tonic::Status::from(self);
-        let metadata = [REASON, EPOCH, LIMIT]
-            .into_iter()
-            .filter_map(|k| {
-                let v = status.metadata().get(k)?.to_str().ok()?;
-                Some((k.to_owned(), v.to_owned()))
-            })
-            .collect();
-        crate::proto::v1::ItemError {
-            code: status.code() as i32,
-            message: status.message().to_owned(),
-            metadata,
-        }
-    }
-
-    /// Rebuilds the error of one item of a batch reply, as [`Error::from`] a status does.
-    pub fn from_item(item: crate::proto::v1::ItemError) -> Error {
-        let mut status = tonic::Status::new(tonic::Code::from(item.code), item.message);
-        for (k, v) in item.metadata {
-            if let (Ok(k), Ok(v)) = (
-                tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
-                v.parse(),
-            ) {
-                status.metadata_mut().insert(k, v);
-            }
-        }
-        Error::from(status)
-    }
-}
-
 impl From<tonic::Status> for Error {
     /// Rebuilds the error a peer sent; transport failures become `ShardUnavailable`.
     fn from(s: tonic::Status) -> Error {
@@ -308,8 +275,6 @@ mod tests {
             let back = Error::from(tonic::Status::from(e.clone()));
             assert_eq!(back, e);
             assert_eq!(back.status(), e.status());
-            // ...and as one item of a batch reply.
-            assert_eq!(Error::from_item(e.clone().to_item()), e);
         }
         let transport = tonic::Status::unavailable("connection refused");
         let leak = Error::StoreUnavailable("10.0.0.7:6379: READONLY You can't write".into());

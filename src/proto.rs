@@ -290,9 +290,57 @@ impl From<v1::SeenDevice> for Seen {
     }
 }
 
+/// An error as one item of a batch reply carries it: the parts of the gRPC status its own call
+/// would answer (`error.rs` maps the error to and from that status).
+pub fn item_error(e: Error) -> v1::ItemError {
+    let status = tonic::Status::from(e);
+    let metadata = status
+        .metadata()
+        .iter()
+        .filter_map(|kv| match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect();
+    v1::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        metadata,
+    }
+}
+
+/// The error of one item of a batch reply, rebuilt as from its own call's status.
+pub fn error_of_item(item: v1::ItemError) -> Error {
+    let mut status = tonic::Status::new(tonic::Code::from(item.code), item.message);
+    for (k, v) in item.metadata {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+            v.parse(),
+        ) {
+            status.metadata_mut().insert(k, v);
+        }
+    }
+    Error::from(status)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_item_error_rebuilds_the_same_error() {
+        for e in [
+            Error::BadRequest("deviceId must not be empty".into()),
+            Error::TooManyDevices(16),
+            Error::StoreUnavailable("redis cluster did not answer in time".into()),
+            Error::WrongOwner { epoch: 42 },
+            Error::RateLimited(6),
+        ] {
+            assert_eq!(error_of_item(item_error(e.clone())), e);
+        }
+    }
 
     #[test]
     fn views_round_trip() {

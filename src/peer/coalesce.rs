@@ -518,7 +518,7 @@ impl OnlineAnswer {
     fn of(r: v1::OnlineResult) -> OnlineAnswer {
         match (r.code, r.status, r.error) {
             (0, Some(status), _) => OnlineAnswer::Done(status),
-            (_, _, Some(e)) => match Error::from_item(e) {
+            (_, _, Some(e)) => match crate::proto::error_of_item(e) {
                 e if retriable(&e) => OnlineAnswer::Alone,
                 e => OnlineAnswer::Failed(e),
             },
@@ -708,7 +708,7 @@ mod tests {
             index: 0,
             code,
             status,
-            error: error.map(Error::to_item),
+            error: error.map(crate::proto::item_error),
         };
         let done = result(0, Some(v1::StatusReply::default()), None);
         assert!(matches!(OnlineAnswer::of(done), OnlineAnswer::Done(_)));

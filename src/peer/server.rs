@@ -446,7 +446,9 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                         .await;
                         let (code, status, error) = match res {
                             Ok(view) => (0, Some(view.into()), None),
-                            Err(e) => (e.status().as_u16() as u32, None, Some(e.to_item())),
+                            Err(e) => {
+                                (e.status().as_u16() as u32, None, Some(proto::item_error(e)))
+                            }
                         };
                         Ok(v1::OnlineResult {
                             index: i as u32,
