@@ -634,6 +634,16 @@ mod tests {
         (c, metrics, gateway)
     }
 
+    /// Calls of `method` the shard answered ok.
+    fn served_ok(metrics: &Metrics, method: &'static str) -> u64 {
+        let answer = crate::metrics::GrpcAnswer {
+            side: "server",
+            method,
+            code: "ok",
+        };
+        metrics.grpc.requests.get(answer).get()
+    }
+
     /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling
     /// upgrade) answers `Unimplemented` to it: its lane then sends unary `HeartbeatBatch` calls,
     /// whose answers are the shard's, and does not try the stream again.
@@ -650,15 +660,7 @@ mod tests {
             1,
             "the stream was tried once"
         );
-        let unary = metrics
-            .grpc
-            .requests
-            .get(crate::metrics::GrpcAnswer {
-                side: "server",
-                method: "HeartbeatBatch",
-                code: "ok",
-            })
-            .get();
+        let unary = served_ok(&metrics, "HeartbeatBatch");
         assert_eq!(unary, 3, "the shard served each batch as a unary call");
     }
 
@@ -741,15 +743,7 @@ mod tests {
         }
         assert_eq!(gateway.grpc.onlines_alone.get(), 2);
         assert_eq!(gateway.grpc.online_batches.get(), 1, "tried once");
-        let served = metrics
-            .grpc
-            .requests
-            .get(crate::metrics::GrpcAnswer {
-                side: "server",
-                method: "OnlineBatch",
-                code: "ok",
-            })
-            .get();
+        let served = served_ok(&metrics, "OnlineBatch");
         assert_eq!(served, 0);
     }
 
