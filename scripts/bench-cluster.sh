@@ -25,7 +25,7 @@
 #               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s; "all-1w" and "shards3-1w": each
 #               process with PRESENCE_WORKER_THREADS=1, so that the cluster's 4 processes do not
 #               run 8 workers on 2 cores), CL_PERF=1 or CL_PERF=<process name, e.g. shard1> (a
-#               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT), CL_PER_PROCESS=1
+#               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT; CL_PERF_FREQ samples/s, default 999), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics), CL_MODE=online (measure `POST /online`
 #               of a device that changes platform each time, a durable change, instead of heartbeats)
