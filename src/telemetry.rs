@@ -1,5 +1,7 @@
 //! Logs through `tracing`, and OpenTelemetry trace export over OTLP when an endpoint is set.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
@@ -7,6 +9,21 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{Config, ConfigError, LogFormat};
+
+/// Whether this process exports traces: only then does a batched request carry its trace
+/// context to the shard (`peer::item_trace`), so that it costs nothing otherwise.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports traces (OTLP is configured).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Marks this process as exporting traces (`init` does, when OTLP is configured; tests that
+/// install their own exporter do too).
+pub fn set_exporting(on: bool) {
+    EXPORTING.store(on, Ordering::Relaxed);
+}
 
 /// Keeps the trace pipeline alive; flushes it on drop.
 pub struct Telemetry {
@@ -57,6 +74,7 @@ pub fn init(config: &Config) -> Result<Telemetry, ConfigError> {
             let tracer = p.tracer("presence-service");
             opentelemetry::global::set_tracer_provider(p.clone());
             provider = Some(p);
+            set_exporting(true);
             Some(tracing_opentelemetry::layer().with_tracer(tracer))
         }
     };

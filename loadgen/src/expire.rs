@@ -188,6 +188,7 @@ pub async fn run(format: Format, a: ExpireArgs) -> anyhow::Result<()> {
                         user_id: first + k,
                         device_id: device_of(k),
                         active: true,
+                        trace: Default::default(),
                     })
                     .collect();
                 async move {

@@ -335,6 +335,8 @@ impl Presence for Router {
                     device_id: device.clone(),
                     platform: v1::Platform::from(platform) as i32,
                     session,
+                    // A lone call's trace context goes in its metadata (`req`).
+                    trace: Default::default(),
                 };
                 async move { c.online(req(msg)).await }
             })
@@ -380,6 +382,7 @@ impl Presence for Router {
                 user_id: user,
                 device_id: device.clone(),
                 active,
+                trace: Default::default(),
             };
             async move { c.heartbeat(req(msg)).await }
         })

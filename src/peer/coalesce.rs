@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::client::{retriable, Clients};
-use super::{inject_trace, Timed};
+use super::{inject_trace, item_trace, Timed};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::presence::{Platform, UserId};
@@ -47,6 +47,8 @@ struct Beat {
     user: UserId,
     device: String,
     active: bool,
+    /// The trace context of the request it came from ([`item_trace`]).
+    trace: HashMap<String, String>,
     done: oneshot::Sender<Answer>,
 }
 
@@ -134,6 +136,7 @@ impl Coalescer {
             user,
             device: device.to_owned(),
             active,
+            trace: item_trace(),
             done,
         };
         let answer = match self.enqueue::<Beats>(&self.beats, user, beat) {
@@ -162,6 +165,7 @@ impl Coalescer {
                 device_id: device.to_owned(),
                 platform: v1::Platform::from(platform) as i32,
                 session,
+                trace: item_trace(),
             },
             queued: Instant::now(),
             done,
@@ -335,6 +339,7 @@ impl Kind for Beats {
                     user_id: b.user,
                     device_id: b.device,
                     active: b.active,
+                    trace: b.trace,
                 };
                 (b.done, h)
             })
@@ -642,6 +647,72 @@ mod tests {
             code: "ok",
         };
         metrics.grpc.requests.get(answer).get()
+    }
+
+    /// A traced request keeps its trace through a batch: the shard's work on its heartbeat and
+    /// on its online is a span of that trace, the child of the request's span, though both went
+    /// in batches; an untraced request's item carries no context and makes no span of its own.
+    #[tokio::test]
+    async fn a_batched_request_keeps_its_trace_on_the_shard() {
+        use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+        use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        // This test's thread only (a current-thread runtime: the shard's tasks run here too).
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _default = tracing::subscriber::set_default(subscriber);
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        crate::telemetry::set_exporting(true);
+
+        let (c, _, gateway) = older_shard(&[]).await;
+        let request = tracing::info_span!("request");
+        let parent = request.context().span().span_context().clone();
+        assert!(parent.is_sampled());
+        let beat = c.heartbeat(7, "d", true).instrument(request.clone()).await;
+        assert_eq!(beat, Answer::Accepted);
+        let online = c.online(7, "d2", Platform::Ios, 1);
+        let online = online.instrument(request.clone()).await;
+        assert!(matches!(online, OnlineAnswer::Done(_)), "{online:?}");
+        assert_eq!(c.heartbeat(7, "d", false).await, Answer::Accepted);
+        assert_eq!(gateway.grpc.heartbeats_batched.get(), 2);
+        assert_eq!(gateway.grpc.onlines_batched.get(), 1);
+
+        let items: Vec<_> = exporter
+            .get_finished_spans()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.name == "grpc.item")
+            .collect();
+        let mut methods: Vec<String> = items
+            .iter()
+            .map(|s| {
+                let m = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "rpc.method");
+                m.map(|kv| kv.value.to_string()).unwrap_or_default()
+            })
+            .collect();
+        methods.sort();
+        assert_eq!(
+            methods,
+            ["HeartbeatBatch", "OnlineBatch"],
+            "one span per traced item"
+        );
+        for s in &items {
+            assert_eq!(s.span_context.trace_id(), parent.trace_id());
+            assert_eq!(s.parent_span_id, parent.span_id());
+        }
+        crate::telemetry::set_exporting(false);
     }
 
     /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling

@@ -2,10 +2,12 @@
 //! gateway's router that implements [`crate::service::Presence`] by calling the owning shard
 //! ([`client`]). Trace context crosses every call in W3C `traceparent` metadata.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
@@ -140,6 +142,40 @@ pub(crate) fn extract_trace<T>(req: &tonic::Request<T>, method: &'static str) ->
     span
 }
 
+/// The trace context a batch item carries to the shard: the current span's, when this process
+/// exports traces and the span is sampled; else empty (and nothing is looked up).
+pub(crate) fn item_trace() -> HashMap<String, String> {
+    if !crate::telemetry::exporting() {
+        return HashMap::new();
+    }
+    trace_map(&tracing::Span::current().context())
+}
+
+/// `cx` as W3C trace context fields, if it is sampled.
+fn trace_map(cx: &opentelemetry::Context) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    if cx.span().span_context().is_sampled() {
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(cx, &mut map));
+    }
+    map
+}
+
+/// The span one batch item runs in: a child of the trace its request came with, or `batch`
+/// when it came with none.
+pub(crate) fn item_span(
+    trace: &HashMap<String, String>,
+    method: &'static str,
+    batch: &tracing::Span,
+) -> tracing::Span {
+    if trace.is_empty() {
+        return batch.clone();
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(trace));
+    let span = tracing::info_span!("grpc.item", rpc.method = method);
+    let _ = span.set_parent(parent);
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +205,28 @@ mod tests {
         let back = prop.extract(&MetadataExtractor(&md));
         assert_eq!(back.span().span_context().trace_id(), sc.trace_id());
         assert_eq!(back.span().span_context().span_id(), sc.span_id());
+    }
+
+    /// A batch item carries a sampled context as W3C fields, and nothing for an unsampled one.
+    #[test]
+    fn only_a_sampled_context_goes_with_a_batch_item() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let context = |flags| {
+            let sc = SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                TraceState::default(),
+            );
+            opentelemetry::Context::new().with_remote_span_context(sc)
+        };
+        let sampled = trace_map(&context(TraceFlags::SAMPLED));
+        assert_eq!(
+            sampled.get("traceparent").map(String::as_str),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert!(trace_map(&context(TraceFlags::default())).is_empty());
+        assert!(trace_map(&opentelemetry::Context::new()).is_empty());
     }
 }

@@ -15,7 +15,7 @@ use tonic::{Request, Response};
 use tracing::Instrument;
 
 use super::client::Clients;
-use super::{extract_trace, Timed};
+use super::{extract_trace, item_span, Timed};
 use crate::error::Error;
 use crate::metrics::{Direction, HandoverPoll, Metrics};
 use crate::ownership::{Action, Ownership, Table};
@@ -344,17 +344,23 @@ async fn beat_batch(
             "at most {MAX_BATCH} heartbeats per call"
         )));
     }
-    let beats = r.heartbeats.into_iter().map(|h| async move {
-        let res = async {
-            let user = owned(own, h.user_id)?;
-            let device = validate_device_id(&h.device_id)?;
-            shard.heartbeat(user, &device, h.active).await
+    // Items run inside the call's span (if any); one that came with a trace gets its own.
+    let inside = tracing::Span::none();
+    let beats = r.heartbeats.into_iter().map(|h| {
+        let span = item_span(&h.trace, "HeartbeatBatch", &inside);
+        async move {
+            let res = async {
+                let user = owned(own, h.user_id)?;
+                let device = validate_device_id(&h.device_id)?;
+                shard.heartbeat(user, &device, h.active).await
+            }
+            .await;
+            match res {
+                Ok(()) => 0,
+                Err(e) => e.status().as_u16() as u32,
+            }
         }
-        .await;
-        match res {
-            Ok(()) => 0,
-            Err(e) => e.status().as_u16() as u32,
-        }
+        .instrument(span)
     });
     let codes = futures::future::join_all(beats).await;
     Ok(v1::HeartbeatBatchReply { codes })
@@ -434,6 +440,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 .enumerate()
                 .map(|(i, o)| {
                     let (shard, own) = (self.shard.clone(), self.own.clone());
+                    let span = item_span(&o.trace, "OnlineBatch", &span);
                     async move {
                         let res = async {
                             let user = owned(&own, o.user_id)?;
@@ -457,7 +464,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                             error,
                         })
                     }
-                    .instrument(span.clone())
+                    .instrument(span)
                 })
                 .collect();
             Ok(Box::pin(results) as Self::OnlineBatchStream)
