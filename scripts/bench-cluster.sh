@@ -345,7 +345,7 @@ bench_cluster() {
         for n in "${!PROC[@]}"; do each0[$n]="$(cpu_ticks "${PROC[$n]}")"; done
       fi
       if [[ -n "${CL_PERF:-}" ]]; then # a profile of the lead process (gateway) mid-run
-        (sleep 3 && perf record -F ${CL_PERF_FREQ:-999} -g -p "${PROC[${CL_PERF:-}]:-$lead}" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
+        (sleep 3 && perf record -F ${CL_PERF_FREQ:-999} ${CL_PERF_CALLGRAPH:--g} -p "${PROC[${CL_PERF:-}]:-$lead}" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
       local -a measured=(--mode heartbeat --no-online)
       [[ "${CL_MODE:-heartbeat}" == online ]] && measured=(--mode online)
