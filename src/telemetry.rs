@@ -15,13 +15,13 @@ use crate::config::{Config, ConfigError, LogFormat};
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process exports traces (OTLP is configured).
-pub fn exporting() -> bool {
+pub(crate) fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
 /// Marks this process as exporting traces (`init` does, when OTLP is configured; tests that
 /// install their own exporter do too).
-pub fn set_exporting(on: bool) {
+pub(crate) fn set_exporting(on: bool) {
     EXPORTING.store(on, Ordering::Relaxed);
 }
 

@@ -671,7 +671,15 @@ mod tests {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
+        /// Turns exporting off again, also when an assertion fails.
+        struct Exporting;
+        impl Drop for Exporting {
+            fn drop(&mut self) {
+                crate::telemetry::set_exporting(false);
+            }
+        }
         crate::telemetry::set_exporting(true);
+        let _exporting = Exporting;
 
         let (c, _, gateway) = older_shard(&[]).await;
         let request = tracing::info_span!("request");
@@ -712,7 +720,6 @@ mod tests {
             assert_eq!(s.span_context.trace_id(), parent.trace_id());
             assert_eq!(s.parent_span_id, parent.span_id());
         }
-        crate::telemetry::set_exporting(false);
     }
 
     /// A shard that does not serve `HeartbeatStream` (an older version, during a rolling

@@ -1,6 +1,7 @@
 //! The peer transport between nodes, over gRPC: the shard's service ([`server`]) and the
 //! gateway's router that implements [`crate::service::Presence`] by calling the owning shard
-//! ([`client`]). Trace context crosses every call in W3C `traceparent` metadata.
+//! ([`client`]). Trace context crosses every call in W3C `traceparent` metadata, and every item
+//! of a batch in its own `trace` field ([`item_trace`], [`item_span`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -160,20 +161,37 @@ fn trace_map(cx: &opentelemetry::Context) -> HashMap<String, String> {
     map
 }
 
-/// The span one batch item runs in: a child of the trace its request came with, or `batch`
-/// when it came with none.
+/// The most fields, and the longest value, of a batch item's trace context that a shard reads
+/// (the gateway sends `traceparent` and `tracestate`): a larger one is ignored, not parsed.
+const MAX_TRACE_FIELDS: usize = 2;
+const MAX_TRACE_VALUE: usize = 1024;
+
+/// The span one batch item runs in: a child of the trace its request came with
+/// ([`item_parent`]), when this process exports traces; else `batch`.
 pub(crate) fn item_span(
     trace: &HashMap<String, String>,
     method: &'static str,
     batch: &tracing::Span,
 ) -> tracing::Span {
-    if trace.is_empty() {
+    if trace.is_empty() || !crate::telemetry::exporting() {
         return batch.clone();
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(trace));
+    let Some(parent) = item_parent(trace) else {
+        return batch.clone();
+    };
     let span = tracing::info_span!("grpc.item", rpc.method = method);
     let _ = span.set_parent(parent);
     span
+}
+
+/// The trace context a batch item carries, if it is valid and within the limits (a larger one
+/// is not parsed).
+fn item_parent(trace: &HashMap<String, String>) -> Option<opentelemetry::Context> {
+    if trace.len() > MAX_TRACE_FIELDS || trace.values().any(|v| v.len() > MAX_TRACE_VALUE) {
+        return None;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(trace));
+    parent.span().span_context().is_valid().then_some(parent)
 }
 
 #[cfg(test)]
@@ -228,5 +246,32 @@ mod tests {
         );
         assert!(trace_map(&context(TraceFlags::default())).is_empty());
         assert!(trace_map(&opentelemetry::Context::new()).is_empty());
+    }
+
+    /// A shard makes an item its own span only for a valid context within the limits: a
+    /// malformed, oversized or empty one leaves the item in the batch's span.
+    #[test]
+    fn a_malformed_or_oversized_item_context_is_ignored() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string();
+        let map = |pairs: &[(&str, String)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        };
+        let asked = |m: &HashMap<String, String>| item_parent(m).is_some();
+        assert!(asked(&map(&[("traceparent", valid.clone())])));
+        assert!(!asked(&map(&[("traceparent", "garbage".into())])));
+        assert!(!asked(&map(&[])));
+        assert!(!asked(&map(&[
+            ("traceparent", valid.clone()),
+            ("tracestate", "x".repeat(2000))
+        ])));
+        assert!(!asked(&map(&[
+            ("traceparent", valid.clone()),
+            ("tracestate", "a=1".into()),
+            ("baggage", "b=2".into()),
+        ])));
     }
 }
