@@ -28,7 +28,8 @@
 #               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT; CL_PERF_FREQ samples/s, default 999), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics), CL_MODE=online (measure `POST /online`
-#               of a device that changes platform each time, a durable change, instead of heartbeats)
+#               of a device that changes platform each time, a durable change, instead of heartbeats;
+#               CL_MODE=status: `GET /status/{userId}` of the users put online first)
 #      lease:   LEASE_BINS (presence-service binaries, space-separated; default BIN_DIR's),
 #               LEASE_SOCKETS (10000), LEASE_INTERVAL (each socket's heartbeat interval, 2s),
 #               LEASE_DURATION (30s), LEASE_ROUNDS (1)
@@ -348,7 +349,10 @@ bench_cluster() {
         (sleep 3 && perf record -F ${CL_PERF_FREQ:-999} ${CL_PERF_CALLGRAPH:--g} -p "${PROC[${CL_PERF:-}]:-$lead}" -o "$OUT/$cfg.round$r.perf.data" -- sleep 4 >/dev/null 2>&1) &
       fi
       local -a measured=(--mode heartbeat --no-online)
-      [[ "${CL_MODE:-heartbeat}" == online ]] && measured=(--mode online)
+      case "${CL_MODE:-heartbeat}" in
+        online) measured=(--mode online) ;;
+        status) measured=(--mode status --no-online) ;;
+      esac
       line="$("$LOADGEN" --format json http "${measured[@]}" --target "$url" --users "$users" \
         --connections "${CL_CONNECTIONS:-64}" --duration "$dur" --server-pid "$lead" 2>/dev/null | tail -n 1)"
       c1="$(cpu_ticks "${pids[@]}")"

@@ -552,6 +552,10 @@ pub struct GrpcMetrics {
     pub online_batches: IntCounter,
     pub onlines_batched: IntCounter,
     pub onlines_alone: IntCounter,
+    /// Status-read batches a gateway sent, the reads they carried, and those sent alone after.
+    pub read_batches: IntCounter,
+    pub reads_batched: IntCounter,
+    pub reads_alone: IntCounter,
 }
 
 impl GrpcMetrics {
@@ -597,6 +601,18 @@ impl GrpcMetrics {
             onlines_alone: r.counter(
                 "presence_onlines_sent_alone_total",
                 "Onlines a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed or timed out, queue full).",
+            ),
+            read_batches: r.counter(
+                "presence_status_batches_total",
+                "Status-read batches from a gateway to the shards (each a StatusBatch call).",
+            ),
+            reads_batched: r.counter(
+                "presence_status_reads_batched_total",
+                "Status reads a gateway sent to the shards in batches (divided by presence_status_batches_total: the mean batch).",
+            ),
+            reads_alone: r.counter(
+                "presence_status_reads_sent_alone_total",
+                "Status reads a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed or timed out, queue full).",
             ),
         }
     }

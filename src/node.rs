@@ -301,8 +301,11 @@ impl Node {
                     Router::new(ring, clients.clone(), config.route_timeout, metrics.clone())
                         .coalescing(
                             config.coalesce_window,
-                            config.coalesce_heartbeats,
-                            config.coalesce_online,
+                            crate::peer::Coalesce {
+                                heartbeats: config.coalesce_heartbeats,
+                                onlines: config.coalesce_online,
+                                reads: config.coalesce_status,
+                            },
                         );
                 (Arc::new(router), None, None)
             }

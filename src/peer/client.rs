@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use super::coalesce::{Answer, Coalescer, OnlineAnswer};
+use super::coalesce::{Answer, Coalescer, ItemAnswer};
 use super::{inject_trace, Timed};
 use crate::error::Error;
 use crate::membership::Probe;
@@ -107,11 +107,18 @@ pub struct Router {
     clients: Arc<Clients>,
     deadline: Duration,
     metrics: Arc<Metrics>,
-    /// Heartbeats (`PRESENCE_COALESCE_HEARTBEATS`) and onlines (`PRESENCE_COALESCE_ONLINE`)
-    /// go in batches first, when on.
+    /// Heartbeats (`PRESENCE_COALESCE_HEARTBEATS`), onlines (`PRESENCE_COALESCE_ONLINE`) and
+    /// status reads (`PRESENCE_COALESCE_STATUS`) go in batches first, when on.
     coalescer: Option<Coalescer>,
-    coalesce_heartbeats: bool,
-    coalesce_onlines: bool,
+    coalesce: Coalesce,
+}
+
+/// Which calls a gateway sends to the shards in batches first.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Coalesce {
+    pub heartbeats: bool,
+    pub onlines: bool,
+    pub reads: bool,
 }
 
 /// Whether the routed path tries a call again (on the owner of a fresh ring) after `e`.
@@ -132,22 +139,15 @@ impl Router {
             deadline,
             metrics,
             coalescer: None,
-            coalesce_heartbeats: false,
-            coalesce_onlines: false,
+            coalesce: Coalesce::default(),
         }
     }
 
-    /// Sends heartbeats and/or onlines in per-shard batches (see `coalesce`), each lane
-    /// letting a batch fill for at most `window`.
-    pub fn coalescing(
-        mut self,
-        window: std::time::Duration,
-        heartbeats: bool,
-        onlines: bool,
-    ) -> Router {
-        self.coalesce_heartbeats = heartbeats;
-        self.coalesce_onlines = onlines;
-        self.coalescer = (heartbeats || onlines).then(|| {
+    /// Sends the calls `which` names in per-shard batches (see `coalesce`), each lane letting a
+    /// batch fill for at most `window`.
+    pub fn coalescing(mut self, window: std::time::Duration, which: Coalesce) -> Router {
+        self.coalesce = which;
+        self.coalescer = (which.heartbeats || which.onlines || which.reads).then(|| {
             Coalescer::new(
                 self.ring.clone(),
                 self.clients.clone(),
@@ -319,11 +319,11 @@ impl Presence for Router {
         platform: Platform,
         session: Session,
     ) -> Result<StatusView, Error> {
-        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce_onlines) {
+        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.onlines) {
             match c.online(user, device, platform, session).await {
-                OnlineAnswer::Done(reply) => return StatusView::try_from(reply),
-                OnlineAnswer::Failed(e) => return Err(e),
-                OnlineAnswer::Alone => {}
+                ItemAnswer::Done(reply) => return StatusView::try_from(reply),
+                ItemAnswer::Failed(e) => return Err(e),
+                ItemAnswer::Alone => {}
             }
         }
         let device = device.to_owned();
@@ -368,7 +368,7 @@ impl Presence for Router {
     }
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
-        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce_heartbeats) {
+        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.heartbeats) {
             match c.heartbeat(user, device, active).await {
                 Answer::Accepted => return Ok(()),
                 Answer::NotOnline => return Err(Error::DeviceNotOnline),
@@ -391,12 +391,20 @@ impl Presence for Router {
     }
 
     async fn status(&self, user: UserId, viewer: Viewer) -> Result<StatusView, Error> {
+        if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.reads) {
+            match c.status(user, viewer.to_wire()).await {
+                ItemAnswer::Done(reply) => return StatusView::try_from(reply),
+                ItemAnswer::Failed(e) => return Err(e),
+                ItemAnswer::Alone => {}
+            }
+        }
         let reply = self
             .route(user, "Status", |mut c, epoch| {
                 let msg = v1::UserRequest {
                     epoch,
                     user_id: user,
                     viewer: viewer.to_wire(),
+                    trace: Default::default(),
                 };
                 async move { c.status(req(msg)).await }
             })
@@ -420,6 +428,7 @@ impl Presence for Router {
                 epoch,
                 user_id: user,
                 viewer: 0,
+                trace: Default::default(),
             };
             async move { c.subscriptions(req(msg)).await }
         })
@@ -473,6 +482,7 @@ impl Presence for Router {
                     epoch,
                     user_id: user,
                     viewer: 0,
+                    trace: Default::default(),
                 };
                 async move { c.clear_status(req(msg)).await }
             })
@@ -487,6 +497,7 @@ impl Presence for Router {
                     epoch,
                     user_id: user,
                     viewer: 0,
+                    trace: Default::default(),
                 };
                 async move { c.privacy(req(msg)).await }
             })

@@ -1,7 +1,8 @@
-//! Coalescing on a gateway: heartbeats and onlines that queue while earlier batches are in
-//! flight go to each shard as one batch, and each answer goes back to its request. Heartbeats go
-//! on a `HeartbeatStream` kept open per shard; onlines (bursts of them: a reconnect storm) as
-//! `OnlineBatch` calls, whose results come back one by one as the shard finishes each.
+//! Coalescing on a gateway: heartbeats, onlines and status reads that queue while earlier
+//! batches are in flight go to each shard as one batch, and each answer goes back to its request.
+//! Heartbeats go on a `HeartbeatStream` kept open per shard; onlines (bursts of them: a reconnect
+//! storm) as `OnlineBatch` calls and status reads (`GET /status/{userId}`, each with its own
+//! viewer) as `StatusBatch` calls, whose results come back one by one as the shard finishes each.
 //!
 //! The batching adapts to load: each shard has a lane per kind, whose task takes whatever has
 //! queued and sends it as one batch, with a few batches out at once at most. A batch goes once a
@@ -9,12 +10,14 @@
 //! it holds the requests that arrived together and what arrived while the previous call was
 //! out; a lone request waits only for those passes.
 //! Coalescing never changes an answer: a heartbeat the shard accepted is done, one of a device
-//! that is not online gets that answer, an online the shard did answers with the user's status,
-//! and any other (refused by the shard, or whose batch failed or timed out) is handed back to
-//! the caller, who sends it alone on the routed path with its retries, deadline and exact error.
+//! that is not online gets that answer, an online or a read the shard did answers with the
+//! user's status, and any other (refused by the shard, or whose batch failed or timed out) is
+//! handed back to the caller, who sends it alone on the routed path with its retries, deadline
+//! and exact error.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +26,10 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::client::{retriable, Clients};
+use super::client::{retriable, Clients, ShardClient};
 use super::{inject_trace, item_trace, Timed};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{GrpcMetrics, Metrics};
 use crate::presence::{Platform, UserId};
 use crate::proto::v1;
 use crate::ring::Ring;
@@ -39,9 +42,9 @@ const QUEUE: usize = 8192;
 const FILL: usize = 64;
 /// Scheduler passes in a row that add nothing to a batch before it goes.
 const QUIET_PASSES: u32 = 2;
-/// The most an online batch counts as out (one of its lane's `IN_FLIGHT`) while its results
-/// come in.
-const ONLINE_HOLD: Duration = Duration::from_millis(50);
+/// The most an online or read batch counts as out (one of its lane's `IN_FLIGHT`) while its
+/// results come in.
+const ITEM_HOLD: Duration = Duration::from_millis(50);
 
 struct Beat {
     user: UserId,
@@ -75,10 +78,10 @@ impl Answer {
     }
 }
 
-/// How an online sent in a batch ended.
+/// How an online or a status read sent in a batch ended.
 #[derive(Debug)]
-pub enum OnlineAnswer {
-    /// Its owner did it: the user's status.
+pub enum ItemAnswer {
+    /// Its owner did it: the user's status (as the read's viewer sees it).
     Done(v1::StatusReply),
     /// Its owner refused it for good (bad input, a limit, its store failing): the error the
     /// routed path would have answered.
@@ -88,13 +91,14 @@ pub enum OnlineAnswer {
     Alone,
 }
 
-struct Online {
-    msg: v1::OnlineRequest,
+/// An online or a status read waiting for its lane's next batch.
+struct Queued<M> {
+    msg: M,
     /// When it queued: one that waited longer than its lane's timeout is not sent (its caller
     /// takes the routed path with the rest of its deadline).
     queued: Instant,
     /// Dropped unanswered: the caller sends it alone.
-    done: oneshot::Sender<OnlineAnswer>,
+    done: oneshot::Sender<ItemAnswer>,
 }
 
 /// The gateway's end: one lane (a queue and its sender task) per shard address and kind.
@@ -107,7 +111,8 @@ pub struct Coalescer {
     /// How long a batch waits to fill (`PRESENCE_COALESCE_WINDOW`).
     window: Duration,
     beats: Mutex<HashMap<String, mpsc::Sender<Beat>>>,
-    onlines: Mutex<HashMap<String, mpsc::Sender<Online>>>,
+    onlines: Mutex<HashMap<String, mpsc::Sender<Queued<v1::OnlineRequest>>>>,
+    reads: Mutex<HashMap<String, mpsc::Sender<Queued<v1::UserRequest>>>>,
 }
 
 impl Coalescer {
@@ -126,6 +131,7 @@ impl Coalescer {
             window,
             beats: Mutex::new(HashMap::new()),
             onlines: Mutex::new(HashMap::new()),
+            reads: Mutex::new(HashMap::new()),
         }
     }
 
@@ -156,28 +162,55 @@ impl Coalescer {
         device: &str,
         platform: Platform,
         session: u64,
-    ) -> OnlineAnswer {
-        let (done, answer) = oneshot::channel();
-        let online = Online {
-            msg: v1::OnlineRequest {
-                epoch: 0,
-                user_id: user,
-                device_id: device.to_owned(),
-                platform: v1::Platform::from(platform) as i32,
-                session,
-                trace: item_trace(),
-            },
-            queued: Instant::now(),
-            done,
+    ) -> ItemAnswer {
+        let msg = v1::OnlineRequest {
+            epoch: 0,
+            user_id: user,
+            device_id: device.to_owned(),
+            platform: v1::Platform::from(platform) as i32,
+            session,
+            trace: item_trace(),
         };
-        let answer = match self.enqueue::<Onlines>(&self.onlines, user, online) {
-            true => answer.await.unwrap_or(OnlineAnswer::Alone),
-            false => OnlineAnswer::Alone,
-        };
-        if matches!(answer, OnlineAnswer::Alone) {
+        let answer = self.by_item::<OnlineCall>(&self.onlines, user, msg).await;
+        if matches!(answer, ItemAnswer::Alone) {
             self.metrics.grpc.onlines_alone.inc();
         }
         answer
+    }
+
+    /// Sends the status read (of `user`, as `viewer` on the wire sees it) in a batch to its
+    /// owner.
+    pub async fn status(&self, user: UserId, viewer: u64) -> ItemAnswer {
+        let msg = v1::UserRequest {
+            epoch: 0,
+            user_id: user,
+            viewer,
+            trace: item_trace(),
+        };
+        let answer = self.by_item::<ReadCall>(&self.reads, user, msg).await;
+        if matches!(answer, ItemAnswer::Alone) {
+            self.metrics.grpc.reads_alone.inc();
+        }
+        answer
+    }
+
+    /// Queues `msg` on its `C` lane and waits for its answer.
+    async fn by_item<C: ItemCall>(
+        &self,
+        lanes: &Mutex<HashMap<String, mpsc::Sender<Queued<C::Msg>>>>,
+        user: UserId,
+        msg: C::Msg,
+    ) -> ItemAnswer {
+        let (done, answer) = oneshot::channel();
+        let item = Queued {
+            msg,
+            queued: Instant::now(),
+            done,
+        };
+        match self.enqueue::<ByItem<C>>(lanes, user, item) {
+            true => answer.await.unwrap_or(ItemAnswer::Alone),
+            false => ItemAnswer::Alone,
+        }
     }
 
     /// Queues `item` on the `K` lane of `user`'s owner, which starts on first use; false when
@@ -440,63 +473,129 @@ impl Beats {
     }
 }
 
-/// Onlines, as `OnlineBatch` calls.
-#[derive(Default)]
-struct Onlines {
-    /// The shard does not serve `OnlineBatch` (an older version, during a rolling upgrade):
-    /// every online goes alone, with no batch tried first.
-    unsupported: AtomicBool,
+/// A kind whose batch is one call answered item by item, each result as the shard finishes
+/// it: onlines (`OnlineBatch`) and status reads (`StatusBatch`).
+trait ItemCall: Send + Sync + 'static {
+    type Msg: Send + 'static;
+    /// The batch call's gRPC method.
+    const METHOD: &'static str;
+    /// The gateway's counters of this kind's batches and of the items they carried.
+    fn counters(g: &GrpcMetrics) -> (&prometheus::IntCounter, &prometheus::IntCounter);
+    /// The item, stamped with the ring epoch its batch goes with.
+    fn with_epoch(msg: Self::Msg, epoch: u64) -> Self::Msg;
+    /// The batch call (its trace context in its metadata).
+    fn call(
+        c: ShardClient,
+        epoch: u64,
+        msgs: Vec<Self::Msg>,
+    ) -> impl Future<Output = Result<tonic::Streaming<v1::ItemResult>, tonic::Status>> + Send;
 }
 
-impl Kind for Onlines {
-    type Item = Online;
-    /// An online waits for its store (a durable change), so a batch is out longer than a
-    /// heartbeat's: a few at once, each counted out for [`ONLINE_HOLD`] at most.
+/// Onlines, as `OnlineBatch` calls.
+struct OnlineCall;
+
+impl ItemCall for OnlineCall {
+    type Msg = v1::OnlineRequest;
+    const METHOD: &'static str = "OnlineBatch";
+    fn counters(g: &GrpcMetrics) -> (&prometheus::IntCounter, &prometheus::IntCounter) {
+        (&g.online_batches, &g.onlines_batched)
+    }
+    fn with_epoch(msg: Self::Msg, epoch: u64) -> Self::Msg {
+        v1::OnlineRequest { epoch, ..msg }
+    }
+    async fn call(
+        mut c: ShardClient,
+        epoch: u64,
+        onlines: Vec<Self::Msg>,
+    ) -> Result<tonic::Streaming<v1::ItemResult>, tonic::Status> {
+        let mut req = tonic::Request::new(v1::OnlineBatchRequest { epoch, onlines });
+        inject_trace(&mut req);
+        Ok(c.online_batch(req).await?.into_inner())
+    }
+}
+
+/// Status reads, as `StatusBatch` calls.
+struct ReadCall;
+
+impl ItemCall for ReadCall {
+    type Msg = v1::UserRequest;
+    const METHOD: &'static str = "StatusBatch";
+    fn counters(g: &GrpcMetrics) -> (&prometheus::IntCounter, &prometheus::IntCounter) {
+        (&g.read_batches, &g.reads_batched)
+    }
+    fn with_epoch(msg: Self::Msg, epoch: u64) -> Self::Msg {
+        v1::UserRequest { epoch, ..msg }
+    }
+    async fn call(
+        mut c: ShardClient,
+        epoch: u64,
+        reads: Vec<Self::Msg>,
+    ) -> Result<tonic::Streaming<v1::ItemResult>, tonic::Status> {
+        let mut req = tonic::Request::new(v1::StatusBatchRequest { epoch, reads });
+        inject_trace(&mut req);
+        Ok(c.status_batch(req).await?.into_inner())
+    }
+}
+
+/// The lane kind of an [`ItemCall`].
+struct ByItem<C> {
+    /// The shard does not serve the batch call (an older version, during a rolling upgrade):
+    /// every item goes alone, with no batch tried first.
+    unsupported: AtomicBool,
+    call: PhantomData<fn() -> C>,
+}
+
+impl<C> Default for ByItem<C> {
+    fn default() -> Self {
+        ByItem {
+            unsupported: AtomicBool::new(false),
+            call: PhantomData,
+        }
+    }
+}
+
+impl<C: ItemCall> Kind for ByItem<C> {
+    type Item = Queued<C::Msg>;
+    /// An online waits for its store (a durable change), and a read of a user not in memory
+    /// reads it, so a batch is out longer than a heartbeat's: a few at once, each counted out
+    /// for [`ITEM_HOLD`] at most.
     const IN_FLIGHT: usize = 4;
     /// Half the route deadline: long enough for the shard's own answer when its store is slow
     /// (the store's timeout), with half left for the routed path.
     const TIMEOUT_SHARE: u32 = 2;
 
-    /// Sends the batch, and answers each online as its result comes back: the status, or the
+    /// Sends the batch, and answers each item as its result comes back: the status, or the
     /// shard's error when the routed path would not try again. Those with no result within the
     /// lane's timeout, or a retriable error, or whose call failed, go alone; so do those that
-    /// queued longer than that (not sent at all), and a shard that does not serve `OnlineBatch`
-    /// (an older version) gets every online alone. The batch stops counting as out once it is
-    /// answered or after [`ONLINE_HOLD`], so that onlines waiting for a slow Redis master do not
+    /// queued longer than that (not sent at all), and a shard that does not serve the call (an
+    /// older version) gets every item alone. The batch stops counting as out once it is
+    /// answered or after [`ITEM_HOLD`], so that items waiting for a slow Redis master do not
     /// hold up the lane.
-    async fn send(&self, lane: &Lane, onlines: Vec<Online>, out: OwnedSemaphorePermit) {
+    async fn send(&self, lane: &Lane, items: Vec<Queued<C::Msg>>, out: OwnedSemaphorePermit) {
         let now = Instant::now();
         // A caller gone (a cancelled request) or queued too long: not sent (dropped: alone).
-        let onlines: Vec<_> = onlines
+        let items: Vec<_> = items
             .into_iter()
             .filter(|o| !o.done.is_closed() && now.duration_since(o.queued) < lane.timeout)
             .collect();
-        if onlines.is_empty() || self.unsupported.load(Ordering::Relaxed) {
+        if items.is_empty() || self.unsupported.load(Ordering::Relaxed) {
             return;
         }
-        let g = &lane.metrics.grpc;
-        let epoch = lane.begin(&g.online_batches, &g.onlines_batched, onlines.len());
-        let (mut dones, msgs): (Vec<_>, Vec<_>) = onlines
+        let (batches, batched) = C::counters(&lane.metrics.grpc);
+        let epoch = lane.begin(batches, batched, items.len());
+        let (mut dones, msgs): (Vec<_>, Vec<_>) = items
             .into_iter()
-            .map(|o| {
-                let msg = v1::OnlineRequest { epoch, ..o.msg };
-                (Some(o.done), msg)
-            })
+            .map(|o| (Some(o.done), C::with_epoch(o.msg, epoch)))
             .unzip();
-        let t = Timed::new(lane.metrics.clone(), "client", "OnlineBatch");
+        let t = Timed::new(lane.metrics.clone(), "client", C::METHOD);
         let until = now + lane.timeout;
         let call = tokio::time::timeout_at(until, async {
-            let mut c = lane.clients.get(&lane.owner)?;
-            let mut req = tonic::Request::new(v1::OnlineBatchRequest {
-                epoch,
-                onlines: msgs,
-            });
-            inject_trace(&mut req);
-            let mut results = c.online_batch(req).await?.into_inner();
+            let c = lane.clients.get(&lane.owner)?;
+            let mut results = C::call(c, epoch, msgs).await?;
             while let Some(r) = results.message().await? {
                 let done = dones.get_mut(r.index as usize).and_then(Option::take);
                 if let Some(done) = done {
-                    let _ = done.send(OnlineAnswer::of(r));
+                    let _ = done.send(ItemAnswer::of(r));
                 }
             }
             Ok(())
@@ -504,7 +603,7 @@ impl Kind for Onlines {
         tokio::pin!(call);
         let answered = tokio::select! {
             r = &mut call => r,
-            _ = tokio::time::sleep(ONLINE_HOLD) => {
+            _ = tokio::time::sleep(ITEM_HOLD) => {
                 drop(out);
                 call.await
             }
@@ -514,20 +613,20 @@ impl Kind for Onlines {
             self.unsupported.store(true, Ordering::Relaxed);
         }
         let _ = t.finish(answered.map(tonic::Response::new));
-        // Onlines left unanswered drop their senders: they go alone.
+        // Items left unanswered drop their senders: they go alone.
     }
 }
 
-impl OnlineAnswer {
+impl ItemAnswer {
     /// The answer of one result of a batch.
-    fn of(r: v1::OnlineResult) -> OnlineAnswer {
+    fn of(r: v1::ItemResult) -> ItemAnswer {
         match (r.code, r.status, r.error) {
-            (0, Some(status), _) => OnlineAnswer::Done(status),
+            (0, Some(status), _) => ItemAnswer::Done(status),
             (_, _, Some(e)) => match crate::proto::error_of_item(e) {
-                e if retriable(&e) => OnlineAnswer::Alone,
-                e => OnlineAnswer::Failed(e),
+                e if retriable(&e) => ItemAnswer::Alone,
+                e => ItemAnswer::Failed(e),
             },
-            _ => OnlineAnswer::Alone,
+            _ => ItemAnswer::Alone,
         }
     }
 }
@@ -574,7 +673,8 @@ mod tests {
         assert_eq!(lanes(&c), ["127.0.0.1:2", "127.0.0.1:3"]);
     }
 
-    /// A shard on loopback, user 7's device "d" online, whose service answers `Unimplemented`
+    /// A shard on loopback, user 7's device "d" online, and user 11's, who shows itself to
+    /// nobody (privacy), whose service answers `Unimplemented`
     /// to the methods in `older` as a server without them does; and a coalescer of a gateway
     /// whose ring has that shard alone. Answers the shard's and the gateway's metrics too.
     async fn older_shard(older: &[&str]) -> (Coalescer, Arc<Metrics>, Arc<Metrics>) {
@@ -597,6 +697,14 @@ mod tests {
             Table::owning_all(),
         ));
         shard.online(7, "d", Platform::Web).await.unwrap();
+        shard.online(11, "d", Platform::Web).await.unwrap();
+        let nobody = crate::privacy::Privacy::new(
+            crate::privacy::Visibility::Nobody,
+            Default::default(),
+            &[],
+            &[],
+        );
+        shard.set_privacy(11, nobody).await.unwrap();
         let service = ShardService {
             shard,
             own: Table::owning_all(),
@@ -649,9 +757,10 @@ mod tests {
         metrics.grpc.requests.get(answer).get()
     }
 
-    /// A traced request keeps its trace through a batch: the shard's work on its heartbeat and
-    /// on its online is a span of that trace, the child of the request's span, though both went
-    /// in batches; an untraced request's item carries no context and makes no span of its own.
+    /// A traced request keeps its trace through a batch: the shard's work on its heartbeat, its
+    /// online and its status read is a span of that trace, the child of the request's span,
+    /// though each went in a batch; an untraced request's item carries no context and makes no
+    /// span of its own.
     #[tokio::test]
     async fn a_batched_request_keeps_its_trace_on_the_shard() {
         use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -689,10 +798,14 @@ mod tests {
         assert_eq!(beat, Answer::Accepted);
         let online = c.online(7, "d2", Platform::Ios, 1);
         let online = online.instrument(request.clone()).await;
-        assert!(matches!(online, OnlineAnswer::Done(_)), "{online:?}");
+        assert!(matches!(online, ItemAnswer::Done(_)), "{online:?}");
+        let read = c.status(7, 0).instrument(request.clone()).await;
+        assert!(matches!(read, ItemAnswer::Done(_)), "{read:?}");
         assert_eq!(c.heartbeat(7, "d", false).await, Answer::Accepted);
+        assert!(matches!(c.status(7, 0).await, ItemAnswer::Done(_)));
         assert_eq!(gateway.grpc.heartbeats_batched.get(), 2);
         assert_eq!(gateway.grpc.onlines_batched.get(), 1);
+        assert_eq!(gateway.grpc.reads_batched.get(), 2);
 
         let items: Vec<_> = exporter
             .get_finished_spans()
@@ -713,7 +826,7 @@ mod tests {
         methods.sort();
         assert_eq!(
             methods,
-            ["HeartbeatBatch", "OnlineBatch"],
+            ["HeartbeatBatch", "OnlineBatch", "StatusBatch"],
             "one span per traced item"
         );
         for s in &items {
@@ -748,7 +861,7 @@ mod tests {
     #[tokio::test]
     async fn onlines_in_a_batch_get_their_status_or_their_error() {
         let (c, _, gateway) = older_shard(&[]).await;
-        let OnlineAnswer::Done(status) = c.online(7, "e", Platform::Ios, 1).await else {
+        let ItemAnswer::Done(status) = c.online(7, "e", Platform::Ios, 1).await else {
             panic!("not done in a batch");
         };
         assert_eq!(status.status, v1::Status::Online as i32);
@@ -762,13 +875,13 @@ mod tests {
         let refused = c.online(9, "", Platform::Ios, 1).await;
         let routed = crate::presence::validate_device_id("").unwrap_err();
         assert!(
-            matches!(&refused, OnlineAnswer::Failed(e) if *e == routed),
+            matches!(&refused, ItemAnswer::Failed(e) if *e == routed),
             "{refused:?}, not {routed:?}"
         );
         let many =
             futures::future::join_all((100..164).map(|u| c.online(u, "d", Platform::Web, 1)));
         for a in many.await {
-            assert!(matches!(a, OnlineAnswer::Done(_)), "{a:?}");
+            assert!(matches!(a, ItemAnswer::Done(_)), "{a:?}");
         }
         let g = &gateway.grpc;
         assert_eq!(g.onlines_batched.get(), 66);
@@ -784,29 +897,29 @@ mod tests {
     /// again (a wrong owner during a handoff, a shard not ready), or no error at all, alone.
     #[test]
     fn an_online_result_is_done_failed_or_alone() {
-        let result = |code: u32, status, error: Option<Error>| v1::OnlineResult {
+        let result = |code: u32, status, error: Option<Error>| v1::ItemResult {
             index: 0,
             code,
             status,
             error: error.map(crate::proto::item_error),
         };
         let done = result(0, Some(v1::StatusReply::default()), None);
-        assert!(matches!(OnlineAnswer::of(done), OnlineAnswer::Done(_)));
+        assert!(matches!(ItemAnswer::of(done), ItemAnswer::Done(_)));
         let full = result(409, None, Some(Error::TooManyDevices(4)));
         assert!(matches!(
-            OnlineAnswer::of(full),
-            OnlineAnswer::Failed(Error::TooManyDevices(4))
+            ItemAnswer::of(full),
+            ItemAnswer::Failed(Error::TooManyDevices(4))
         ));
         for e in [
             Error::WrongOwner { epoch: 3 },
             Error::ShardUnavailable("partition loading".into()),
         ] {
             let r = result(e.status().as_u16() as u32, None, Some(e));
-            assert!(matches!(OnlineAnswer::of(r), OnlineAnswer::Alone));
+            assert!(matches!(ItemAnswer::of(r), ItemAnswer::Alone));
         }
         assert!(matches!(
-            OnlineAnswer::of(result(500, None, None)),
-            OnlineAnswer::Alone
+            ItemAnswer::of(result(500, None, None)),
+            ItemAnswer::Alone
         ));
     }
 
@@ -817,12 +930,72 @@ mod tests {
         let (c, metrics, gateway) = older_shard(&["OnlineBatch"]).await;
         for device in ["e", "f"] {
             let a = c.online(7, device, Platform::Ios, 1).await;
-            assert!(matches!(a, OnlineAnswer::Alone), "{a:?}");
+            assert!(matches!(a, ItemAnswer::Alone), "{a:?}");
         }
         assert_eq!(gateway.grpc.onlines_alone.get(), 2);
         assert_eq!(gateway.grpc.online_batches.get(), 1, "tried once");
         let served = served_ok(&metrics, "OnlineBatch");
         assert_eq!(served, 0);
+    }
+
+    /// Status reads in a batch come back as each read's viewer sees the user: the truth for a
+    /// service read and hidden (OFFLINE, no devices) for a viewer the user hides from, though
+    /// both went in one batch; a read the shard refuses for good (an invalid viewer) with the
+    /// error the routed path would answer. Concurrent reads share calls.
+    #[tokio::test]
+    async fn status_reads_in_a_batch_get_each_viewers_view() {
+        let (c, metrics, gateway) = older_shard(&[]).await;
+        let (truth, hidden) = tokio::join!(c.status(11, 0), c.status(11, 12));
+        let ItemAnswer::Done(truth) = truth else {
+            panic!("not done in a batch: {truth:?}");
+        };
+        assert_eq!(truth.status, v1::Status::Online as i32);
+        assert_eq!(truth.devices.len(), 1);
+        let ItemAnswer::Done(hidden) = hidden else {
+            panic!("not done in a batch: {hidden:?}");
+        };
+        assert_eq!(hidden.status, v1::Status::Offline as i32);
+        assert!(hidden.devices.is_empty(), "{hidden:?}");
+        assert_eq!(hidden.last_active_time, 0, "{hidden:?}");
+        assert_eq!(gateway.grpc.read_batches.get(), 1, "both in one batch");
+
+        let refused = c.status(7, u64::MAX).await;
+        let routed = crate::presence::validate_user_id(u64::MAX).unwrap_err();
+        assert!(
+            matches!(&refused, ItemAnswer::Failed(e) if *e == routed),
+            "{refused:?}, not {routed:?}"
+        );
+        let many = futures::future::join_all((100..164).map(|u| c.status(u, 0)));
+        for a in many.await {
+            let ItemAnswer::Done(view) = a else {
+                panic!("not done in a batch: {a:?}");
+            };
+            assert_eq!(view.status, v1::Status::Offline as i32);
+        }
+        let g = &gateway.grpc;
+        assert_eq!(g.reads_batched.get(), 67);
+        assert_eq!(g.reads_alone.get(), 0);
+        assert!(g.read_batches.get() <= 2 + 32, "{}", g.read_batches.get());
+        assert_eq!(
+            served_ok(&metrics, "StatusBatch"),
+            g.read_batches.get(),
+            "the shard served every batch"
+        );
+        assert_eq!(served_ok(&metrics, "Status"), 0, "and no lone read");
+    }
+
+    /// A shard that does not serve `StatusBatch` (an older version) gets every read alone: the
+    /// batch is tried once, and not again.
+    #[tokio::test]
+    async fn a_shard_without_status_batches_gets_every_read_alone() {
+        let (c, metrics, gateway) = older_shard(&["StatusBatch"]).await;
+        for _ in 0..2 {
+            let a = c.status(7, 0).await;
+            assert!(matches!(a, ItemAnswer::Alone), "{a:?}");
+        }
+        assert_eq!(gateway.grpc.reads_alone.get(), 2);
+        assert_eq!(gateway.grpc.read_batches.get(), 1, "tried once");
+        assert_eq!(served_ok(&metrics, "StatusBatch"), 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 
-pub use client::{GrpcProbe, Router};
+pub use client::{Coalesce, GrpcProbe, Router};
 pub use server::{Handoff, ShardService};
 
 /// Counts and times one gRPC call on either side.

@@ -33,6 +33,50 @@ const MAX_BATCH: usize = 100_000;
 /// Most onlines in one `OnlineBatch` call (each a write in flight at once; a gateway sends
 /// 512 at most).
 const MAX_ONLINES: usize = 4096;
+/// Most reads in one `StatusBatch` call (each may read the store; a gateway sends 512 at most).
+const MAX_READS: usize = 4096;
+
+/// The results of a batch answered item by item (`OnlineBatch`, `StatusBatch`).
+type ItemResults =
+    Pin<Box<dyn futures::Stream<Item = Result<v1::ItemResult, tonic::Status>> + Send>>;
+
+/// Runs every item of a batch at once (one that waits for the store holds up none of the
+/// others), each inside the call's span, or in its own when it came with a trace; each result
+/// goes out as soon as it is done: the user's status, or the error (its HTTP code and what its
+/// own call's status would carry).
+fn item_results<T, Fut>(
+    items: Vec<T>,
+    method: &'static str,
+    trace: impl Fn(&T) -> &std::collections::HashMap<String, String>,
+    run: impl Fn(T) -> Fut,
+) -> ItemResults
+where
+    Fut: std::future::Future<Output = Result<crate::presence::StatusView, Error>> + Send + 'static,
+{
+    let span = tracing::Span::current();
+    let results: futures::stream::FuturesUnordered<_> = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let span = item_span(trace(&item), method, &span);
+            let res = run(item);
+            async move {
+                let (code, status, error) = match res.await {
+                    Ok(view) => (0, Some(view.into()), None),
+                    Err(e) => (e.status().as_u16() as u32, None, Some(proto::item_error(e))),
+                };
+                Ok(v1::ItemResult {
+                    index: i as u32,
+                    code,
+                    status,
+                    error,
+                })
+            }
+            .instrument(span)
+        })
+        .collect();
+    Box::pin(results)
+}
 
 /// How often a shard pings each gateway's event stream.
 pub const PING: Duration = Duration::from_secs(2);
@@ -417,12 +461,10 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         .await
     }
 
-    type OnlineBatchStream =
-        Pin<Box<dyn futures::Stream<Item = Result<v1::OnlineResult, tonic::Status>> + Send>>;
+    type OnlineBatchStream = ItemResults;
 
-    /// Onlines of users this shard owns, all at once (one that waits for the store holds up
-    /// none of the others), each checked and done as a lone `Online` is; each result goes out
-    /// as soon as it is done.
+    /// Onlines of users this shard owns, each checked and done as a lone `Online` is, all at
+    /// once; each result goes out as soon as it is done.
     async fn online_batch(
         &self,
         req: Request<v1::OnlineBatchRequest>,
@@ -433,41 +475,18 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                     "at most {MAX_ONLINES} onlines per call"
                 )));
             }
-            let span = tracing::Span::current();
-            let results: futures::stream::FuturesUnordered<_> = r
-                .onlines
-                .into_iter()
-                .enumerate()
-                .map(|(i, o)| {
-                    let (shard, own) = (self.shard.clone(), self.own.clone());
-                    let span = item_span(&o.trace, "OnlineBatch", &span);
-                    async move {
-                        let res = async {
-                            let user = owned(&own, o.user_id)?;
-                            let device = validate_device_id(&o.device_id)?;
-                            let platform = proto::platform_from_i32(o.platform)?;
-                            shard
-                                .online_session(user, &device, platform, o.session)
-                                .await
-                        }
-                        .await;
-                        let (code, status, error) = match res {
-                            Ok(view) => (0, Some(view.into()), None),
-                            Err(e) => {
-                                (e.status().as_u16() as u32, None, Some(proto::item_error(e)))
-                            }
-                        };
-                        Ok(v1::OnlineResult {
-                            index: i as u32,
-                            code,
-                            status,
-                            error,
-                        })
-                    }
-                    .instrument(span)
-                })
-                .collect();
-            Ok(Box::pin(results) as Self::OnlineBatchStream)
+            let run = |o: v1::OnlineRequest| {
+                let (shard, own) = (self.shard.clone(), self.own.clone());
+                async move {
+                    let user = owned(&own, o.user_id)?;
+                    let device = validate_device_id(&o.device_id)?;
+                    let platform = proto::platform_from_i32(o.platform)?;
+                    shard
+                        .online_session(user, &device, platform, o.session)
+                        .await
+                }
+            };
+            Ok(item_results(r.onlines, "OnlineBatch", |o| &o.trace, run))
         })
         .await
     }
@@ -585,6 +604,33 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             let user = self.user(r.user_id)?;
             let viewer = viewer_of(r.viewer)?;
             Ok(self.shard.status(user, viewer).await?.into())
+        })
+        .await
+    }
+
+    type StatusBatchStream = ItemResults;
+
+    /// Status reads of users this shard owns, each checked and done as a lone `Status` is (as
+    /// its own viewer sees the user), all at once; each result goes out as soon as it is done.
+    async fn status_batch(
+        &self,
+        req: Request<v1::StatusBatchRequest>,
+    ) -> Reply<Self::StatusBatchStream> {
+        self.serve("StatusBatch", req, |r| async move {
+            if r.reads.len() > MAX_READS {
+                return Err(Error::BadRequest(format!(
+                    "at most {MAX_READS} reads per call"
+                )));
+            }
+            let run = |q: v1::UserRequest| {
+                let (shard, own) = (self.shard.clone(), self.own.clone());
+                async move {
+                    let user = owned(&own, q.user_id)?;
+                    let viewer = viewer_of(q.viewer)?;
+                    shard.status(user, viewer).await
+                }
+            };
+            Ok(item_results(r.reads, "StatusBatch", |q| &q.trace, run))
         })
         .await
     }
