@@ -361,7 +361,7 @@ bench_cluster() {
           echo "$cfg round $r: $n cpu_us_per_heartbeat=$(us_per_heartbeat "$line" "$(($(cpu_ticks "${PROC[$n]}") - each0[$n]))")"
         done
       fi
-      [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_heartbeat(s_batched|_batches)_total|^presence_heartbeats_sent_alone" | tr '\n' ' '
+      [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_(heartbeat(s_batched|_batches)|online(s_batched|_batches)|status(_reads_batched|_batches))_total|_sent_alone_total" | tr '\n' ' '
       echo "$cfg round $r: $line"
       echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(us_per_heartbeat "$line" "$((c1 - c0))")" \
         "wrong_owner_retries=$(metric "$url" presence_wrong_owner_retries_total)"

@@ -431,6 +431,69 @@ async fn a_burst_of_onlines_goes_in_batches_and_keeps_its_answers() {
     println!("301 onlines in {calls} batch calls, {alone} sent alone");
 }
 
+/// Issue 13: concurrent status reads through a gateway reach the shards in `StatusBatch`
+/// calls, far fewer than reads, and each keeps its answer: ONLINE with its device for a user
+/// online, OFFLINE for one never seen; none is sent twice, and no shard serves a lone read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_status_reads_go_in_batches_and_keep_their_answers() {
+    let c = common::blocking(|| Cluster::in_process(3, 1).start());
+    let online = users(150);
+    for &u in &online {
+        let body = json!({ "userId": u, "deviceId": format!("d{u}"), "platform": "PC" });
+        let (code, v) = c.post(0, "/api/v1/presence/online", body).await;
+        assert_eq!(code, 200, "{v}");
+    }
+    let never = users(150);
+    let g = Proc::Gateway(0);
+    let counters = || async {
+        (
+            c.metric(g, "presence_status_reads_batched_total").await,
+            c.metric(g, "presence_status_batches_total").await,
+            c.metric(g, "presence_status_reads_sent_alone_total").await,
+        )
+    };
+    let (sent0, calls0, alone0) = counters().await;
+    let paths: Vec<String> = online
+        .iter()
+        .chain(&never)
+        .map(|u| format!("/api/v1/presence/status/{u}"))
+        .collect();
+    let reads = futures::future::join_all(paths.iter().map(|p| c.get(0, p))).await;
+    for (u, (code, v)) in online.iter().zip(&reads) {
+        assert_eq!(*code, 200, "{v}");
+        assert_eq!(v["data"]["userId"], *u, "{v}");
+        assert_eq!(v["data"]["status"], "ONLINE", "{v}");
+        assert_eq!(v["data"]["devices"][0]["deviceId"], format!("d{u}"), "{v}");
+    }
+    for (u, (code, v)) in never.iter().zip(&reads[online.len()..]) {
+        assert_eq!(*code, 200, "{v}");
+        assert_eq!(v["data"]["userId"], *u, "{v}");
+        assert_eq!(v["data"]["status"], "OFFLINE", "{v}");
+    }
+    let (sent, calls, alone) = counters().await;
+    let (sent, calls, alone) = (sent - sent0, calls - calls0, alone - alone0);
+    assert_eq!(sent, 300.0, "every read went in a batch, once");
+    assert_eq!(alone, 0.0, "none went again alone");
+    assert!(
+        calls <= 150.0,
+        "{calls} batch calls for 300 reads: not coalesced"
+    );
+    let served = |method: &str| {
+        format!("presence_grpc_requests_total{{code=\"ok\",method=\"{method}\",side=\"server\"}}")
+    };
+    assert_eq!(
+        c.shard_sum(&served("StatusBatch")).await,
+        calls,
+        "the shards served each batch"
+    );
+    assert_eq!(
+        c.shard_sum(&served("Status")).await,
+        0.0,
+        "and no lone read"
+    );
+    println!("300 status reads in {calls} batch calls");
+}
+
 /// Issue 13: a batch goes once the gateway has read the requests that came with it, not when
 /// its window is out: with a 30 s window, a lone heartbeat is answered at once, and heartbeats
 /// that come together still share calls.
