@@ -433,7 +433,8 @@ async fn a_burst_of_onlines_goes_in_batches_and_keeps_its_answers() {
 
 /// Issue 13: concurrent status reads through a gateway reach the shards in `StatusBatch`
 /// calls, far fewer than reads, and each keeps its answer: ONLINE with its device for a user
-/// online, OFFLINE for one never seen; none is sent twice, and no shard serves a lone read.
+/// online, OFFLINE for one never seen; none is sent twice, and no shard serves a lone read. A
+/// socket's `query` of one user goes the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_status_reads_go_in_batches_and_keep_their_answers() {
     let c = common::blocking(|| Cluster::in_process(3, 1).start());
@@ -491,6 +492,17 @@ async fn concurrent_status_reads_go_in_batches_and_keep_their_answers() {
         0.0,
         "and no lone read"
     );
+    // A socket's query of one user is such a read too.
+    let mut ws = common::ws::Ws::connect(&c.base(0), never[0], "q").await;
+    let before = c.metric(g, "presence_status_reads_batched_total").await;
+    let v = ws
+        .request(json!({ "type": "query", "userIds": [online[0]] }))
+        .await;
+    assert_eq!(v["type"], "reply", "{v}");
+    assert_eq!(v["data"][0]["userId"], online[0], "{v}");
+    assert_eq!(v["data"][0]["status"], "ONLINE", "{v}");
+    let after = c.metric(g, "presence_status_reads_batched_total").await;
+    assert_eq!(after - before, 1.0, "the query went in a batch");
     println!("300 status reads in {calls} batch calls");
 }
 

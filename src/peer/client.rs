@@ -413,6 +413,17 @@ impl Presence for Router {
     }
 
     async fn views(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<StatusView>, Error> {
+        // The view of one user (a socket's `query` or `subscribe` of one target) is its status
+        // as the viewer sees it: a read in a batch, like `GET /status/{userId}`.
+        if let ([user], Some(c)) = (users, self.coalescer.as_ref()) {
+            if self.coalesce.reads {
+                match c.status(*user, viewer.to_wire()).await {
+                    ItemAnswer::Done(reply) => return Ok(vec![StatusView::try_from(reply)?]),
+                    ItemAnswer::Failed(e) => return Err(e),
+                    ItemAnswer::Alone => {}
+                }
+            }
+        }
         self.scatter(users, viewer, "Views", |mut c, msg| async move {
             c.views(req(msg)).await.map(|r| r.map(|v| v.views))
         })
