@@ -121,15 +121,17 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_COALESCE_ONLINE", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub coalesce_online: bool,
 
-    /// Whether a gateway sends status reads (`GET /status/{userId}`, each with its own viewer)
-    /// to shards in batches (a `StatusBatch` call per shard for whatever queued while earlier
+    /// Whether a gateway sends status reads (`GET /status/{userId}`, and the view of one user
+    /// for a WebSocket `query` or a subscribe of one target; each with its own viewer) to shards
+    /// in batches (a `StatusBatch` call per shard for whatever queued while earlier
     /// batches were out, each read answered as the shard finishes it) rather than one call each.
     #[arg(long, env = "PRESENCE_COALESCE_STATUS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub coalesce_status: bool,
 
-    /// The most a gateway's batch for one shard waits to fill: it goes once the runtime has
-    /// read the requests that arrived with it (a few scheduler passes that add nothing), or
-    /// holds 64, or this is out; 0 sends whatever queued while the previous batch was out.
+    /// The most a gateway's batch for one shard (of any kind) waits to fill: it goes once the
+    /// runtime has read the requests that arrived with it (a few scheduler passes that add
+    /// nothing), or holds 64, or this is out; 0 sends whatever queued while the previous batch
+    /// was out.
     #[arg(long, env = "PRESENCE_COALESCE_WINDOW", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub coalesce_window: Duration,
 

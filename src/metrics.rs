@@ -600,7 +600,7 @@ impl GrpcMetrics {
             ),
             onlines_alone: r.counter(
                 "presence_onlines_sent_alone_total",
-                "Onlines a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed or timed out, queue full).",
+                "Onlines a gateway sent alone on the routed path after coalescing did not settle them (a refusal the routed path retries, batch failed or timed out, queue full, a shard without OnlineBatch).",
             ),
             read_batches: r.counter(
                 "presence_status_batches_total",
@@ -612,7 +612,7 @@ impl GrpcMetrics {
             ),
             reads_alone: r.counter(
                 "presence_status_reads_sent_alone_total",
-                "Status reads a gateway sent alone on the routed path after coalescing did not settle them (refused by the shard, batch failed or timed out, queue full).",
+                "Status reads a gateway sent alone on the routed path after coalescing did not settle them (a refusal the routed path retries, batch failed or timed out, queue full, a shard without StatusBatch).",
             ),
         }
     }

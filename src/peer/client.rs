@@ -121,6 +121,17 @@ pub struct Coalesce {
     pub reads: bool,
 }
 
+/// `call`, ended at `until`: a call still out then fails as a peer's deadline does (unavailable,
+/// and not tried again: the deadline is out).
+async fn by_deadline<T>(
+    until: Instant,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout_at(until.into(), call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("route deadline")))
+}
+
 /// Whether the routed path tries a call again (on the owner of a fresh ring) after `e`.
 pub(super) fn retriable(e: &Error) -> bool {
     matches!(e, Error::WrongOwner { .. } | Error::ShardUnavailable(_))
@@ -189,7 +200,23 @@ impl Router {
         F: Fn(ShardClient, u64) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let until = Instant::now() + self.deadline;
+        self.route_until(user, method, Instant::now() + self.deadline, call)
+            .await
+    }
+
+    /// [`Self::route`] by `until`: a request that first tried a batch goes alone with what is
+    /// left of its deadline, and every attempt ends by then (as unavailable: 503).
+    async fn route_until<T, F, Fut>(
+        &self,
+        user: UserId,
+        method: &'static str,
+        until: Instant,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(ShardClient, u64) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut rx = self.ring.clone();
         let mut attempt = 0;
         loop {
@@ -199,7 +226,8 @@ impl Router {
                 Some(owner) => match self.clients.get(owner) {
                     Ok(client) => {
                         let t = Timed::new(self.metrics.clone(), "client", method);
-                        t.finish(call(client, ring.epoch()).await)
+                        let answer = by_deadline(until, call(client, ring.epoch())).await;
+                        t.finish(answer)
                     }
                     Err(e) => Err(e),
                 },
@@ -224,6 +252,7 @@ impl Router {
         users: &[UserId],
         viewer: Viewer,
         method: &'static str,
+        until: Instant,
         call: F,
     ) -> Result<Vec<T>, Error>
     where
@@ -234,7 +263,6 @@ impl Router {
         let users: Vec<UserId> = users.iter().copied().filter(|u| seen.insert(*u)).collect();
         let mut out: Vec<Option<T>> = (0..users.len()).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..users.len()).collect();
-        let until = Instant::now() + self.deadline;
         let mut rx = self.ring.clone();
         let mut attempt = 0;
         while !pending.is_empty() {
@@ -260,17 +288,13 @@ impl Router {
                         Err(e) => return (idxs, Err(e)),
                     };
                     let t = Timed::new(self.metrics.clone(), "client", method);
-                    let r = t.finish(
-                        call(
-                            c,
-                            v1::BatchRequest {
-                                epoch,
-                                user_ids: ids,
-                                viewer: viewer.to_wire(),
-                            },
-                        )
-                        .await,
-                    );
+                    let msg = v1::BatchRequest {
+                        epoch,
+                        user_ids: ids,
+                        viewer: viewer.to_wire(),
+                    };
+                    let answer = by_deadline(until, call(c, msg)).await;
+                    let r = t.finish(answer);
                     (idxs, r)
                 }
             });
@@ -319,6 +343,7 @@ impl Presence for Router {
         platform: Platform,
         session: Session,
     ) -> Result<StatusView, Error> {
+        let until = Instant::now() + self.deadline;
         if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.onlines) {
             match c.online(user, device, platform, session).await {
                 ItemAnswer::Done(reply) => return StatusView::try_from(reply),
@@ -328,7 +353,7 @@ impl Presence for Router {
         }
         let device = device.to_owned();
         let reply = self
-            .route(user, "Online", |mut c, epoch| {
+            .route_until(user, "Online", until, |mut c, epoch| {
                 let msg = v1::OnlineRequest {
                     epoch,
                     user_id: user,
@@ -368,6 +393,7 @@ impl Presence for Router {
     }
 
     async fn heartbeat(&self, user: UserId, device: &str, active: bool) -> Result<(), Error> {
+        let until = Instant::now() + self.deadline;
         if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.heartbeats) {
             match c.heartbeat(user, device, active).await {
                 Answer::Accepted => return Ok(()),
@@ -376,7 +402,7 @@ impl Presence for Router {
             }
         }
         let device = device.to_owned();
-        self.route(user, "Heartbeat", |mut c, epoch| {
+        self.route_until(user, "Heartbeat", until, |mut c, epoch| {
             let msg = v1::HeartbeatRequest {
                 epoch,
                 user_id: user,
@@ -391,6 +417,7 @@ impl Presence for Router {
     }
 
     async fn status(&self, user: UserId, viewer: Viewer) -> Result<StatusView, Error> {
+        let until = Instant::now() + self.deadline;
         if let Some(c) = self.coalescer.as_ref().filter(|_| self.coalesce.reads) {
             match c.status(user, viewer.to_wire()).await {
                 ItemAnswer::Done(reply) => return StatusView::try_from(reply),
@@ -399,7 +426,7 @@ impl Presence for Router {
             }
         }
         let reply = self
-            .route(user, "Status", |mut c, epoch| {
+            .route_until(user, "Status", until, |mut c, epoch| {
                 let msg = v1::UserRequest {
                     epoch,
                     user_id: user,
@@ -415,6 +442,7 @@ impl Presence for Router {
     async fn views(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<StatusView>, Error> {
         // The view of one user (a socket's `query` or `subscribe` of one target) is its status
         // as the viewer sees it: a read in a batch, like `GET /status/{userId}`.
+        let until = Instant::now() + self.deadline;
         if let ([user], Some(c)) = (users, self.coalescer.as_ref()) {
             if self.coalesce.reads {
                 match c.status(*user, viewer.to_wire()).await {
@@ -424,7 +452,7 @@ impl Presence for Router {
                 }
             }
         }
-        self.scatter(users, viewer, "Views", |mut c, msg| async move {
+        self.scatter(users, viewer, "Views", until, |mut c, msg| async move {
             c.views(req(msg)).await.map(|r| r.map(|v| v.views))
         })
         .await?
@@ -468,7 +496,8 @@ impl Presence for Router {
     }
 
     async fn batch(&self, users: &[UserId], viewer: Viewer) -> Result<Vec<BatchEntry>, Error> {
-        self.scatter(users, viewer, "Batch", |mut c, msg| async move {
+        let until = Instant::now() + self.deadline;
+        self.scatter(users, viewer, "Batch", until, |mut c, msg| async move {
             c.batch(req(msg)).await.map(|r| r.map(|b| b.entries))
         })
         .await?

@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -338,6 +337,29 @@ impl Lane {
     }
 }
 
+/// How long a lane takes a shard's `Unimplemented` for an answer before it tries the call again:
+/// the shard may be upgraded meanwhile (a rolling upgrade keeps its address).
+const RETRY_UNSUPPORTED: Duration = Duration::from_secs(30);
+
+/// Whether a lane's shard lacks a call (an older version): since when it said so, if it did
+/// within [`RETRY_UNSUPPORTED`].
+#[derive(Default)]
+struct Unsupported(Mutex<Option<Instant>>);
+
+impl Unsupported {
+    /// The shard answered `Unimplemented` now.
+    fn mark(&self) {
+        *self.0.lock() = Some(Instant::now());
+    }
+
+    /// Whether the shard said so less than [`RETRY_UNSUPPORTED`] ago.
+    fn now(&self) -> bool {
+        self.0
+            .lock()
+            .is_some_and(|t| t.elapsed() < RETRY_UNSUPPORTED)
+    }
+}
+
 /// Heartbeats, on a `HeartbeatStream` per shard.
 #[derive(Default)]
 struct Beats {
@@ -345,8 +367,9 @@ struct Beats {
     /// ([`Kind::IN_FLIGHT`]), so the lock is never contended; it also keeps a batch's request
     /// and answer together.
     pipe: tokio::sync::Mutex<Option<Pipe>>,
-    /// The shard does not serve `HeartbeatStream`: unary `HeartbeatBatch` calls instead.
-    unary: AtomicBool,
+    /// The shard does not serve `HeartbeatStream`: unary `HeartbeatBatch` calls instead (the
+    /// stream is tried again after [`RETRY_UNSUPPORTED`]).
+    unary: Unsupported,
 }
 
 /// A `HeartbeatStream`: batches go in on `tx`, and each one's answer comes back on `replies`.
@@ -379,7 +402,7 @@ impl Kind for Beats {
             .unzip();
         let t = Timed::new(lane.metrics.clone(), "client", "HeartbeatBatch");
         let req = v1::HeartbeatBatchRequest { epoch, heartbeats };
-        let answer = match self.unary.load(Ordering::Relaxed) {
+        let answer = match self.unary.now() {
             false => self.streamed(lane, req).await,
             true => self.unary(lane, req, Instant::now() + lane.timeout).await,
         };
@@ -422,7 +445,7 @@ impl Beats {
             None => match tokio::time::timeout_at(until, self.open(lane)).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
-                    self.unary.store(true, Ordering::Relaxed);
+                    self.unary.mark();
                     return self.unary(lane, req, until).await;
                 }
                 Ok(Err(s)) => return Err(s),
@@ -540,15 +563,15 @@ impl ItemCall for ReadCall {
 /// The lane kind of an [`ItemCall`].
 struct ByItem<C> {
     /// The shard does not serve the batch call (an older version, during a rolling upgrade):
-    /// every item goes alone, with no batch tried first.
-    unsupported: AtomicBool,
+    /// every item goes alone, with no batch tried first (until [`RETRY_UNSUPPORTED`] is out).
+    unsupported: Unsupported,
     call: PhantomData<fn() -> C>,
 }
 
 impl<C> Default for ByItem<C> {
     fn default() -> Self {
         ByItem {
-            unsupported: AtomicBool::new(false),
+            unsupported: Unsupported::default(),
             call: PhantomData,
         }
     }
@@ -578,7 +601,7 @@ impl<C: ItemCall> Kind for ByItem<C> {
             .into_iter()
             .filter(|o| !o.done.is_closed() && now.duration_since(o.queued) < lane.timeout)
             .collect();
-        if items.is_empty() || self.unsupported.load(Ordering::Relaxed) {
+        if items.is_empty() || self.unsupported.now() {
             return;
         }
         let (batches, batched) = C::counters(&lane.metrics.grpc);
@@ -610,7 +633,7 @@ impl<C: ItemCall> Kind for ByItem<C> {
         }
         .unwrap_or_else(|_| Err(timed_out()));
         if matches!(&answered, Err(s) if s.code() == tonic::Code::Unimplemented) {
-            self.unsupported.store(true, Ordering::Relaxed);
+            self.unsupported.mark();
         }
         let _ = t.finish(answered.map(tonic::Response::new));
         // Items left unanswered drop their senders: they go alone.
@@ -678,6 +701,20 @@ mod tests {
     /// to the methods in `older` as a server without them does; and a coalescer of a gateway
     /// whose ring has that shard alone. Answers the shard's and the gateway's metrics too.
     async fn older_shard(older: &[&str]) -> (Coalescer, Arc<Metrics>, Arc<Metrics>) {
+        let (addr, metrics) = shard_at(older).await;
+        let (ring, gateway) = gateway_of(addr);
+        let c = Coalescer::new(
+            ring,
+            Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
+            gateway.clone(),
+            Duration::from_secs(4),
+            Duration::from_millis(1),
+        );
+        (c, metrics, gateway)
+    }
+
+    /// The shard of [`older_shard`]: its address and metrics.
+    async fn shard_at(older: &[&str]) -> (String, Arc<Metrics>) {
         use crate::ownership::Table;
         use crate::peer::ShardService;
         use crate::presence::Rules;
@@ -733,18 +770,15 @@ mod tests {
                 .add_routes(router.into())
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
+        (addr, metrics)
+    }
+
+    /// A gateway's ring of the shard at `addr` alone, and its metrics.
+    fn gateway_of(addr: String) -> (watch::Receiver<Arc<Ring>>, Arc<Metrics>) {
         let (tx, ring) = watch::channel(Arc::new(Ring::new([addr])));
         // The ring's sender lives as long as the test: a closed ring would read as no owner.
         std::mem::forget(tx);
-        let gateway = Arc::new(Metrics::new());
-        let c = Coalescer::new(
-            ring,
-            Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
-            gateway.clone(),
-            Duration::from_secs(4),
-            Duration::from_millis(1),
-        );
-        (c, metrics, gateway)
+        (ring, Arc::new(Metrics::new()))
     }
 
     /// Calls of `method` the shard answered ok.
@@ -893,10 +927,11 @@ mod tests {
         );
     }
 
-    /// A result's answer: the status; a final error as it is; a refusal the routed path tries
-    /// again (a wrong owner during a handoff, a shard not ready), or no error at all, alone.
+    /// A result's answer (an online's or a read's): the status; a final error as it is; a
+    /// refusal the routed path tries again (a wrong owner during a handoff, a shard not ready),
+    /// or no error at all, alone.
     #[test]
-    fn an_online_result_is_done_failed_or_alone() {
+    fn an_item_result_is_done_failed_or_alone() {
         let result = |code: u32, status, error: Option<Error>| v1::ItemResult {
             index: 0,
             code,
@@ -975,7 +1010,8 @@ mod tests {
         let g = &gateway.grpc;
         assert_eq!(g.reads_batched.get(), 67);
         assert_eq!(g.reads_alone.get(), 0);
-        assert!(g.read_batches.get() <= 2 + 32, "{}", g.read_batches.get());
+        // Each `join_all` queues all its reads before the lane runs (one thread): a batch each.
+        assert!(g.read_batches.get() <= 2 + 2, "{}", g.read_batches.get());
         assert_eq!(
             served_ok(&metrics, "StatusBatch"),
             g.read_batches.get(),
@@ -996,6 +1032,53 @@ mod tests {
         assert_eq!(gateway.grpc.reads_alone.get(), 2);
         assert_eq!(gateway.grpc.read_batches.get(), 1, "tried once");
         assert_eq!(served_ok(&metrics, "StatusBatch"), 0);
+    }
+
+    /// Through a gateway's router, a read of an older shard (no `StatusBatch`) still gets the
+    /// view its viewer may see: alone, on the routed path, as a `Status` call.
+    #[tokio::test]
+    async fn a_router_reads_an_older_shard_alone_with_the_same_view() {
+        use crate::peer::{Coalesce, Router};
+        use crate::privacy::Viewer;
+        use crate::service::Presence;
+
+        let (addr, metrics) = shard_at(&["StatusBatch"]).await;
+        let (ring, gateway) = gateway_of(addr);
+        let clients = Clients::new(Duration::from_secs(1), Duration::from_secs(1));
+        let all = Coalesce {
+            heartbeats: true,
+            onlines: true,
+            reads: true,
+        };
+        let router = Router::new(ring, clients, Duration::from_secs(4), gateway.clone())
+            .coalescing(Duration::from_millis(1), all);
+        let truth = router.status(11, Viewer::Truth).await.unwrap();
+        assert_eq!(truth.status, crate::presence::Status::Online);
+        assert_eq!(truth.devices.len(), 1);
+        let hidden = router.status(11, Viewer::User(12)).await.unwrap();
+        assert_eq!(hidden.status, crate::presence::Status::Offline);
+        assert!(hidden.devices.is_empty());
+        assert_eq!(served_ok(&metrics, "Status"), 2, "each read went alone");
+        assert_eq!(gateway.grpc.reads_alone.get(), 2);
+        assert_eq!(
+            gateway.grpc.read_batches.get(),
+            1,
+            "the batch was tried once"
+        );
+    }
+
+    /// A shard's `Unimplemented` holds for [`RETRY_UNSUPPORTED`]; then the call is tried again
+    /// (the shard may have been upgraded at the same address).
+    #[tokio::test(start_paused = true)]
+    async fn an_older_shard_is_tried_again_after_a_while() {
+        let u = Unsupported::default();
+        assert!(!u.now(), "supported until it says otherwise");
+        u.mark();
+        assert!(u.now());
+        tokio::time::advance(RETRY_UNSUPPORTED - Duration::from_millis(1)).await;
+        assert!(u.now());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!u.now(), "tried again");
     }
 
     #[test]

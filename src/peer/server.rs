@@ -34,7 +34,7 @@ const MAX_BATCH: usize = 100_000;
 /// 512 at most).
 const MAX_ONLINES: usize = 4096;
 /// Most reads in one `StatusBatch` call (each may read the store; a gateway sends 512 at most).
-const MAX_READS: usize = 4096;
+const MAX_READS: usize = 1024;
 
 /// The results of a batch answered item by item (`OnlineBatch`, `StatusBatch`).
 type ItemResults =
