@@ -136,8 +136,10 @@ sampler() {
     for i in 1 2 3; do
       local pid="${PROC[shard$i]:-}"
       if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        o+="\t$(curl -fsS -m 1 "$(shard_url "$i")/metrics" 2>/dev/null | awk '$1 == "presence_online_devices" { print $2 + 0 }')"
-        r+="\t$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)"
+        # A shard just killed can still pass `kill -0` (not reaped yet): its reads fail, and
+        # must not end the sampler (errexit), whose stop would then fail the run.
+        o+="\t$(curl -fsS -m 1 "$(shard_url "$i")/metrics" 2>/dev/null | awk '$1 == "presence_online_devices" { print $2 + 0 }' || true)"
+        r+="\t$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)"
       else
         o+="\t" r+="\t"
       fi
@@ -150,7 +152,13 @@ sampler() {
 # is restarted with each cluster.
 SAMPLER=
 sampler_start() { sampler & SAMPLER=$!; LOADGEN_PIDS+=("$SAMPLER"); }
-sampler_stop() { [[ -n "$SAMPLER" ]] && kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=; }
+sampler_stop() {
+  if [[ -n "$SAMPLER" ]]; then
+    kill "$SAMPLER" 2>/dev/null || true # it may have ended already
+    wait "$SAMPLER" 2>/dev/null || true
+  fi
+  SAMPLER=
+}
 
 header
 R="$OUT/results.env"   # KEY=value figures for the report
