@@ -1020,6 +1020,65 @@ mod tests {
         assert_eq!(served_ok(&metrics, "Status"), 0, "and no lone read");
     }
 
+    /// A shard refuses a batch of more items than it takes at once, as a bad request naming the
+    /// limit, and runs none of them; a batch at the limit is served.
+    #[tokio::test]
+    async fn a_shard_refuses_a_batch_over_its_limit() {
+        let (addr, metrics) = shard_at(&[]).await;
+        let mut c = Clients::new(Duration::from_secs(1), Duration::from_secs(5))
+            .get(&addr)
+            .unwrap();
+        let read = |user_id| v1::UserRequest {
+            user_id,
+            ..Default::default()
+        };
+        let reads = |n: u64| v1::StatusBatchRequest {
+            epoch: 0,
+            reads: (1..=n).map(read).collect(),
+        };
+        let e = c.status_batch(reads(1025)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(e.message(), "at most 1024 reads per call");
+        let mut ok = c.status_batch(reads(1024)).await.unwrap().into_inner();
+        let mut answered = 0;
+        while let Some(r) = ok.message().await.unwrap() {
+            assert_eq!(r.code, 0, "{r:?}");
+            answered += 1;
+        }
+        assert_eq!(answered, 1024);
+
+        let online = |user_id| v1::OnlineRequest {
+            user_id,
+            device_id: "d".into(),
+            platform: v1::Platform::Web as i32,
+            ..Default::default()
+        };
+        let onlines = v1::OnlineBatchRequest {
+            epoch: 0,
+            onlines: (1000..1000 + 4097).map(online).collect(),
+        };
+        let e = c.online_batch(onlines).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(e.message(), "at most 4096 onlines per call");
+        let now = c.status(read(1000)).await.unwrap().into_inner();
+        assert_eq!(now.status, v1::Status::Offline as i32, "none was run");
+
+        let beat = |user_id| v1::HeartbeatRequest {
+            user_id,
+            device_id: "d".into(),
+            ..Default::default()
+        };
+        let beats = v1::HeartbeatBatchRequest {
+            epoch: 0,
+            heartbeats: (1..=100_001).map(beat).collect(),
+        };
+        let e = c.heartbeat_batch(beats).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(e.message(), "at most 100000 heartbeats per call");
+        assert_eq!(served_ok(&metrics, "StatusBatch"), 1);
+        assert_eq!(served_ok(&metrics, "OnlineBatch"), 0);
+    }
+
     /// A shard that does not serve `StatusBatch` (an older version) gets every read alone: the
     /// batch is tried once, and not again.
     #[tokio::test]

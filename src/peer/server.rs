@@ -36,6 +36,14 @@ const MAX_ONLINES: usize = 4096;
 /// Most reads in one `StatusBatch` call (each may read the store; a gateway sends 512 at most).
 const MAX_READS: usize = 1024;
 
+/// Refuses a batch of more than `max` items (`noun` names them in the error).
+fn at_most<T>(items: &[T], max: usize, noun: &str) -> Result<(), Error> {
+    if items.len() > max {
+        return Err(Error::BadRequest(format!("at most {max} {noun} per call")));
+    }
+    Ok(())
+}
+
 /// The results of a batch answered item by item (`OnlineBatch`, `StatusBatch`).
 type ItemResults =
     Pin<Box<dyn futures::Stream<Item = Result<v1::ItemResult, tonic::Status>> + Send>>;
@@ -383,11 +391,7 @@ async fn beat_batch(
     own: &Table,
     r: v1::HeartbeatBatchRequest,
 ) -> Result<v1::HeartbeatBatchReply, Error> {
-    if r.heartbeats.len() > MAX_BATCH {
-        return Err(Error::BadRequest(format!(
-            "at most {MAX_BATCH} heartbeats per call"
-        )));
-    }
+    at_most(&r.heartbeats, MAX_BATCH, "heartbeats")?;
     // Items run inside the call's span (if any); one that came with a trace gets its own.
     let inside = tracing::Span::none();
     let beats = r.heartbeats.into_iter().map(|h| {
@@ -436,11 +440,7 @@ impl ShardService {
 
     /// Checks a batch of users: size, ids, ownership.
     fn users(&self, ids: &[u64]) -> Result<(), Error> {
-        if ids.len() > MAX_BATCH {
-            return Err(Error::BadRequest(format!(
-                "at most {MAX_BATCH} users per call"
-            )));
-        }
+        at_most(ids, MAX_BATCH, "users")?;
         ids.iter().try_for_each(|&u| self.user(u).map(|_| ()))
     }
 }
@@ -470,11 +470,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         req: Request<v1::OnlineBatchRequest>,
     ) -> Reply<Self::OnlineBatchStream> {
         self.serve("OnlineBatch", req, |r| async move {
-            if r.onlines.len() > MAX_ONLINES {
-                return Err(Error::BadRequest(format!(
-                    "at most {MAX_ONLINES} onlines per call"
-                )));
-            }
+            at_most(&r.onlines, MAX_ONLINES, "onlines")?;
             let run = |o: v1::OnlineRequest| {
                 let (shard, own) = (self.shard.clone(), self.own.clone());
                 async move {
@@ -617,11 +613,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
         req: Request<v1::StatusBatchRequest>,
     ) -> Reply<Self::StatusBatchStream> {
         self.serve("StatusBatch", req, |r| async move {
-            if r.reads.len() > MAX_READS {
-                return Err(Error::BadRequest(format!(
-                    "at most {MAX_READS} reads per call"
-                )));
-            }
+            at_most(&r.reads, MAX_READS, "reads")?;
             let run = |q: v1::UserRequest| {
                 let (shard, own) = (self.shard.clone(), self.own.clone());
                 async move {
