@@ -448,7 +448,7 @@ impl StoreMetrics {
             ),
             retries: r.counters(
                 "presence_store_retries_total",
-                "Background store work (timer changes, refreshes, repairs) retried after a failure, by operation.",
+                "Background store work (timer changes, refreshes, repairs, the fence check after a stall) retried after a failure, by operation.",
             ),
             backlog: r.gauge(
                 "presence_store_backlog",
@@ -494,6 +494,8 @@ pub struct RingMetrics {
     pub handoffs: Counters<Direction>,
     pub handoff_duration: Histograms<Direction>,
     pub handover_polls: Counters<HandoverPoll>,
+    pub fenced: IntCounter,
+    pub stalls: IntCounter,
 }
 
 impl RingMetrics {
@@ -524,6 +526,14 @@ impl RingMetrics {
             handover_polls: r.counters(
                 "presence_handover_polls_total",
                 "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them; failed: no answer, the grace bounds the wait).",
+            ),
+            fenced: r.counter(
+                "presence_partitions_fenced_total",
+                "Partitions this shard held that another shard had fenced (a write under this shard's fence was refused, or a check after a stall found it: it missed a ring change), released and loaded again.",
+            ),
+            stalls: r.counter(
+                "presence_stalls_total",
+                "Times this shard's process stalled (a 500 ms timer came more than 1 s late: stopped, paused or starved); each is followed by a check of its partitions' fences.",
             ),
         };
         for &d in Direction::ALL {

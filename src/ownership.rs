@@ -21,6 +21,8 @@
 //!   whose previous owner is gone loads at once.
 //! - A failed load goes back to pending with a backoff (100 ms doubling to 5 s); ring changes are
 //!   taken meanwhile, so a failing store never makes the shard deaf to the ring.
+//! - A partition the store shows fenced by another shard (checked after a stall) is released and
+//!   gained again from its interim owner: this shard missed a ring change.
 //! - Draining releases everything and takes nothing more.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -306,6 +308,51 @@ impl Ownership {
         self.tick(now)
     }
 
+    /// Another shard fenced `partitions` after this one loaded them, on a ring this one never
+    /// applied (this one was stopped while its peers dropped it from the ring and took them
+    /// over, and the ring came back before it ran again). What it holds of them is stale: those
+    /// it owns are released, and gained again as after a ring change, from the shard that owns
+    /// each in the ring without this one (the interim owner): loaded once it hands them over, or
+    /// after the grace. Others are left as they are.
+    pub fn fenced(&mut self, partitions: &[u32], now: Instant) -> Vec<Action> {
+        if !self.serving || self.hold_until.is_some() {
+            return Vec::new();
+        }
+        let without_me = Ring::new(
+            self.ring
+                .members()
+                .iter()
+                .filter(|m| **m != self.me)
+                .cloned(),
+        );
+        let mut lost = Vec::new();
+        for &p in partitions {
+            let Some(part) = self.parts.get_mut(p as usize) else {
+                continue;
+            };
+            if part.state == State::Owned {
+                let from = without_me.owner(p);
+                *part = Part {
+                    state: State::Pending,
+                    ready_at: Some(if from.is_some() {
+                        now + self.grace
+                    } else {
+                        now
+                    }),
+                    load: 0,
+                    from: from.map(Arc::from),
+                };
+                lost.push(p);
+            }
+        }
+        if lost.is_empty() {
+            return Vec::new();
+        }
+        let mut actions = vec![Action::Release(lost)];
+        actions.extend(self.tick(now));
+        actions
+    }
+
     /// Graceful shutdown: release everything, take nothing more.
     pub fn drain(&mut self) -> Vec<Action> {
         self.serving = false;
@@ -386,6 +433,13 @@ impl Table {
         self.owned.store(owned, Ordering::Relaxed);
         self.epoch.store(own.ring.epoch(), Ordering::Relaxed);
         self.serving.store(own.serving, Ordering::Relaxed);
+    }
+
+    /// The partitions served now.
+    pub fn owned_partitions(&self) -> Vec<u32> {
+        (0..PARTITIONS)
+            .filter(|&p| self.states[p as usize].load(Ordering::Acquire) == OWNED)
+            .collect()
     }
 
     /// The users of these partitions are gone from memory (after their release): a handover
@@ -474,6 +528,9 @@ mod tests {
         ExpectNone(State),
         /// This many loads are outstanding.
         ExpectLoads(usize),
+        /// The store shows another shard's fence on `ME`'s first `n` partitions, and on one
+        /// partition it does not own.
+        Fenced(usize),
         /// The partitions released so far, counted since the last check, equal the ones
         /// the ring took away (or all, after a drain): at least this many.
         ExpectReleasedAtLeast(usize),
@@ -504,10 +561,13 @@ mod tests {
             for a in actions {
                 match a {
                     Action::Release(ps) => {
-                        // A released partition is refused before its users go.
+                        // A released partition is refused before its users go (one fenced by
+                        // another shard is loading again already).
                         self.table.sync(&self.own);
                         for p in &ps {
-                            assert_eq!(self.own.state(*p), State::Released);
+                            assert_ne!(self.own.state(*p), State::Owned);
+                            let user = (1..).find(|u| partition_of(*u) == *p).unwrap();
+                            assert!(self.table.check(user).is_err(), "partition {p} refused");
                         }
                         self.released += ps.len();
                     }
@@ -568,6 +628,15 @@ mod tests {
                             ExpectNone(State::Loading),
                         ]))
                         .await
+                    }
+                    Step::Fenced(n) => {
+                        let mut ps: Vec<u32> = self.ring.partitions_of(&addr(ME));
+                        ps.truncate(n);
+                        let other = (0..PARTITIONS)
+                            .find(|p| !ps.contains(p) && self.own.state(*p) == State::Released);
+                        ps.extend(other);
+                        let a = self.own.fenced(&ps, now);
+                        self.take(a);
                     }
                     Step::Drain => {
                         let a = self.own.drain();
@@ -846,6 +915,85 @@ mod tests {
                 ExpectMine(State::Owned),
             ])
             .await;
+    }
+
+    /// A shard that comes back from a stall on the same ring (it never saw the ring move away
+    /// and back, while interim owners fenced its partitions) and finds them fenced releases what
+    /// it holds of them and gains them again from their interim owners (the owners in the ring
+    /// without it): loaded once handed over, or after the grace; the rest stays owned, and a
+    /// fence on what it does not own changes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_fenced_by_another_shard_is_released_and_gained_again() {
+        let mut h = Harness::settled(vec![0, 1, 2]).await;
+        let mine = h.ring.partitions_of(&addr(ME));
+        let interim = Ring::new([addr(1), addr(2)]);
+        let mut from: Vec<usize> = mine[..40]
+            .iter()
+            .map(|&p| {
+                (1..3)
+                    .find(|&n| interim.owner(p) == Some(addr(n).as_str()))
+                    .unwrap()
+            })
+            .collect();
+        from.sort();
+        from.dedup();
+        h.run(&[
+            ExpectReleasedAtLeast(0),
+            Fenced(40),
+            ExpectReleasedAtLeast(40),
+            ExpectLoads(0),
+            ExpectAwaiting(from.clone()),
+        ])
+        .await;
+        assert_eq!(h.released, 0, "released nothing else");
+        assert_eq!(h.own.count(State::Pending), 40);
+        assert_eq!(h.own.count(State::Owned), mine.len() - 40);
+        let first = from[0];
+        h.run(&[HandedOverBy(first), ExpectLoads(1)]).await;
+        assert!(
+            h.loads[0]
+                .1
+                .iter()
+                .all(|p| interim.owner(*p) == Some(addr(first).as_str())),
+            "loads what shard {first} handed over"
+        );
+        h.run(&[
+            // A fence found on what is loading or waiting changes nothing.
+            Fenced(40),
+            ExpectLoads(1),
+            ExpectReleasedAtLeast(0),
+            LoadDone,
+            // The other interim owner never answers: the grace bounds the wait.
+            Wait(GRACE),
+            ExpectLoads(if from.len() > 1 { 1 } else { 0 }),
+        ])
+        .await;
+        assert_eq!(h.released, 0);
+        if from.len() > 1 {
+            h.run(&[LoadDone]).await;
+        }
+        h.run(&[
+            ExpectMine(State::Owned),
+            Drain,
+            Fenced(3),
+            ExpectLoads(0),
+            ExpectMine(State::Released),
+        ])
+        .await;
+    }
+
+    /// A lone shard (nobody held its partitions meanwhile, as far as its ring knows) loads a
+    /// partition found fenced again at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_shard_loads_a_fenced_partition_again_at_once() {
+        let mut h = Harness::settled(vec![0]).await;
+        h.run(&[
+            Fenced(2),
+            ExpectReleasedAtLeast(2),
+            ExpectLoads(1),
+            LoadDoneAndOwned,
+        ])
+        .await;
     }
 
     #[tokio::test(start_paused = true)]

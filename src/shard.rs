@@ -122,6 +122,10 @@ pub struct Shard {
     table: Arc<Table>,
     /// Per partition: the fencing token this shard writes with (0 before it took it over).
     fences: Box<[AtomicU64]>,
+    /// Partitions another shard fenced since this one did ([`Shard::check_fences`]), until the
+    /// ownership driver takes them ([`Shard::take_fenced`]); `fence_lost` wakes it.
+    fenced: Mutex<hashbrown::HashSet<u32>>,
+    fence_lost: tokio::sync::Notify,
     backlog: Mutex<Backlog>,
     wake: tokio::sync::Notify,
     /// Status changes per user (`PRESENCE_STATUS_RATE`).
@@ -270,6 +274,8 @@ impl Shard {
             sink: std::sync::OnceLock::new(),
             table,
             fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
+            fenced: Mutex::new(hashbrown::HashSet::new()),
+            fence_lost: tokio::sync::Notify::new(),
             backlog: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             status_rate: RateLimiter::new(Rate::OFF, 1, 1),
@@ -933,6 +939,38 @@ impl Shard {
             }
         }
         released
+    }
+
+    /// Waits until [`Shard::check_fences`] found partitions another shard fenced.
+    pub async fn fence_lost(&self) {
+        self.fence_lost.notified().await
+    }
+
+    /// Compares the store's fences of `partitions` with this shard's: each one another shard has
+    /// fenced since goes to the ownership driver ([`Shard::fence_lost`]). Answers how many.
+    pub async fn check_fences(&self, partitions: &[u32]) -> Result<usize, Error> {
+        let stored = self.store.fences(partitions).await?;
+        let mut fenced = self.fenced.lock();
+        let before = fenced.len();
+        for (&p, theirs) in partitions.iter().zip(stored) {
+            let mine = self.fences[p as usize].load(Ordering::Acquire);
+            if mine != 0 && theirs != mine {
+                fenced.insert(p);
+            }
+        }
+        let found = fenced.len() - before;
+        drop(fenced);
+        if found > 0 {
+            self.fence_lost.notify_one();
+        }
+        Ok(found)
+    }
+
+    /// The partitions found fenced by another shard since the last call: it took them over while
+    /// this one still held them (this one missed a ring change), so what this one holds of them
+    /// is stale.
+    pub fn take_fenced(&self) -> Vec<u32> {
+        self.fenced.lock().drain().collect()
     }
 
     /// What this shard last saw of the online devices of `partitions`, which it let go lately:

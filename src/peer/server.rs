@@ -86,6 +86,23 @@ where
     Box::pin(results)
 }
 
+/// How late a wake-up of the stall watch must be to count as a stall, at most: the process was
+/// stopped or starved that long. Peers drop a shard after two failed health checks (two
+/// intervals at least), so a third of the handoff grace (3 intervals by default), when shorter,
+/// is the threshold instead. The watch wakes twice as often.
+const STALL: Duration = Duration::from_secs(1);
+/// Most tries at checking the fences after a stall (one per tick); a refused write still finds
+/// a fence lost after that.
+const STALL_CHECKS: u32 = 20;
+
+/// What woke the ownership driver.
+#[derive(PartialEq, Eq)]
+enum Wake {
+    Ring,
+    Fenced,
+    Time,
+}
+
 /// How often a shard pings each gateway's event stream.
 pub const PING: Duration = Duration::from_secs(2);
 
@@ -99,6 +116,8 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_millis(500);
 /// view into the [`Table`] that requests read.
 pub struct Handoff {
     me: String,
+    /// `PRESENCE_HANDOFF_GRACE`: the stall watch's threshold follows it.
+    grace: Duration,
     machine: tokio::sync::Mutex<Ownership>,
     table: Arc<Table>,
     /// The gateways' interest: partitions that become owned catch them up.
@@ -125,6 +144,7 @@ impl Handoff {
         let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
         Arc::new(Handoff {
             me,
+            grace,
             machine: tokio::sync::Mutex::new(machine),
             table,
             fanout,
@@ -153,6 +173,7 @@ impl Handoff {
         mut ring: watch::Receiver<Arc<Ring>>,
         cancel: CancellationToken,
     ) {
+        tokio::spawn(self.clone().watch_stalls(shard.clone(), cancel.clone()));
         let mut machine = self.machine.lock().await;
         let mut actions = machine.ring_changed(ring.borrow_and_update().clone(), Instant::now());
         loop {
@@ -172,20 +193,85 @@ impl Handoff {
                     None => std::future::pending().await,
                 }
             };
-            let changed = tokio::select! {
+            let event = tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.stop.cancelled() => return,
-                r = ring.changed() => if r.is_err() { return } else { true },
-                _ = wake => false,
+                r = ring.changed() => if r.is_err() { return } else { Wake::Ring },
+                _ = shard.fence_lost() => Wake::Fenced,
+                _ = wake => Wake::Time,
             };
             machine = self.machine.lock().await;
-            actions = if changed {
+            actions = if event == Wake::Ring {
                 machine.ring_changed(ring.borrow_and_update().clone(), Instant::now())
+            } else if event == Wake::Fenced {
+                let fenced = shard.take_fenced();
+                let actions = machine.fenced(&fenced, Instant::now());
+                if let Some(Action::Release(lost)) = actions.first() {
+                    self.metrics.ring.fenced.inc_by(lost.len() as u64);
+                    tracing::warn!(
+                        partitions = lost.len(),
+                        "another shard fenced partitions this one held (it missed a ring change); loading them again"
+                    );
+                }
+                actions
             } else {
                 let mut a = self.poll_handovers(&mut machine).await;
                 a.extend(machine.tick(Instant::now()));
                 a
             };
+        }
+    }
+
+    /// Watches for stalls of this process (SIGSTOP, a paused VM, starvation): a peer may have
+    /// dropped this shard from its ring and taken its partitions over meanwhile, and the ring
+    /// may have come back to what this shard still follows, so it never saw the move. After a
+    /// stall, the fences of the partitions it serves are checked against the store's: those
+    /// another shard fenced load again ([`Ownership::fenced`]), before a write of theirs is
+    /// refused. A failed check is tried again next tick, [`STALL_CHECKS`] times at most, each
+    /// counted in `presence_store_retries_total{op="fences"}`.
+    async fn watch_stalls(self: Arc<Self>, shard: Arc<Shard>, cancel: CancellationToken) {
+        let stall = STALL.min(self.grace / 3).max(Duration::from_millis(20));
+        let tick = stall / 2;
+        let mut last = Instant::now();
+        let mut checks_left = 0;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let now = Instant::now();
+            let late = now.duration_since(last).saturating_sub(tick);
+            last = now;
+            if late > stall {
+                self.metrics.ring.stalls.inc();
+                tracing::warn!(late = ?late, "this process stalled; checking the fences of its partitions");
+                checks_left = STALL_CHECKS;
+            }
+            if checks_left == 0 {
+                continue;
+            }
+            checks_left -= 1;
+            let owned = self.table.owned_partitions();
+            match shard.check_fences(&owned).await {
+                Ok(found) => {
+                    checks_left = 0;
+                    tracing::info!(
+                        partitions = owned.len(),
+                        fenced = found,
+                        "fences checked after a stall"
+                    );
+                }
+                Err(e) => {
+                    self.metrics
+                        .store
+                        .retries
+                        .get(crate::metrics::StoreOp { op: "fences" })
+                        .inc();
+                    tracing::warn!(error = %e, tries_left = checks_left, "checking fences after a stall failed");
+                }
+            }
+            last = Instant::now();
         }
     }
 
@@ -870,6 +956,115 @@ mod tests {
         assert_eq!(view.status, v1::Status::Online as i32);
         assert_eq!(view.devices.len(), 1);
         assert!(table.check(user).is_ok(), "the partition is owned");
+        cancel.cancel();
+    }
+
+    /// A shard that missed a ring change (stopped while the ring moved away and back) still
+    /// holds a partition that another shard fenced and wrote meanwhile. A refused write alone
+    /// changes nothing (its ring may be the stale one); once it notices the stall, it checks its
+    /// fences, releases the partition and loads it again under a new fence: it serves what the
+    /// other shard wrote, and its writes land again (the other's are now the refused ones).
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_back_from_a_stall_loads_what_another_fenced_meanwhile() {
+        use crate::presence::{Settings, Status};
+        use crate::privacy::Viewer;
+
+        let store = FaultyStore::new(true);
+        let metrics = Arc::new(Metrics::new());
+        let user: UserId = 4242;
+        let table = Table::new();
+        let shard = Arc::new(Shard::new(
+            store.clone(),
+            Rules::default(),
+            Duration::from_secs(30),
+            metrics.clone(),
+            table.clone(),
+        ));
+        let me = "10.0.0.1:50051".to_owned();
+        let handoff = Handoff::new(
+            me.clone(),
+            Duration::from_millis(100),
+            metrics.clone(),
+            table.clone(),
+            Fanout::new(metrics.clone(), 64),
+            Clients::new(Duration::from_millis(100), Duration::from_millis(100)),
+        );
+        let (_tx, ring) = watch::channel(Arc::new(Ring::new([me])));
+        let cancel = CancellationToken::new();
+        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let owned = async {
+            while table.check(user).is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), owned)
+            .await
+            .expect("owned after the start grace");
+        shard.online(user, "d", Platform::Web).await.unwrap();
+
+        // Meanwhile, on a ring this shard never saw: another shard took the partition over
+        // (fencing it) and wrote a change.
+        let other = Shard::new(
+            store.twin() as Arc<dyn Store>,
+            Rules::default(),
+            Duration::from_secs(30),
+            Arc::new(Metrics::new()),
+            Table::owning_all(),
+        );
+        other.recover(&[partition_of(user)]).await.unwrap();
+        let busy = Settings {
+            manual: Some(Status::Busy),
+            ..Default::default()
+        };
+        let written = other.set_status(user, busy).await.unwrap();
+        assert_eq!(
+            shard.status(user, Viewer::Truth).await.unwrap().status,
+            Status::Online,
+            "stale until a write of its own is refused"
+        );
+
+        let away = Settings {
+            manual: Some(Status::Away),
+            ..Default::default()
+        };
+        let refused = shard.set_status(user, away.clone()).await.unwrap_err();
+        assert!(matches!(refused, Error::WrongOwner { .. }), "{refused:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let refused = shard.set_status(user, away.clone()).await.unwrap_err();
+        assert!(matches!(refused, Error::WrongOwner { .. }), "{refused:?}");
+        assert_eq!(metrics.ring.stalls.get(), 0);
+        assert_eq!(metrics.ring.fenced.get(), 0);
+
+        // The process stalls (paused time jumps, as a SIGSTOP's does on resume).
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let again = async {
+            loop {
+                match shard.set_status(user, away.clone()).await {
+                    Ok(view) => return view,
+                    Err(Error::WrongOwner { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        };
+        let view = tokio::time::timeout(Duration::from_secs(5), again)
+            .await
+            .expect("loaded again");
+        assert_eq!(view.status, Status::Away);
+        assert!(
+            view.version > written.version,
+            "{} after the other's {}",
+            view.version,
+            written.version
+        );
+        assert_eq!(metrics.ring.stalls.get(), 1);
+        assert_eq!(metrics.ring.fenced.get(), 1, "one partition loaded again");
+        let late = other
+            .set_status(user, Settings::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(late, Error::WrongOwner { .. }), "{late:?}");
         cancel.cancel();
     }
 }

@@ -118,6 +118,13 @@ impl Store for FaultyStore {
         self.inner.fence(partitions).await
     }
 
+    async fn fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
+        let f = &self.faults;
+        pass(&f.load_gate).await;
+        injected(&f.fail_load)?;
+        self.inner.fences(partitions).await
+    }
+
     async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
         self.inner.live_users(partitions).await
     }

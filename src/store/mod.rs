@@ -34,6 +34,10 @@ pub trait Store: Send + Sync + 'static {
     /// writes under an older token (a previous owner's) are refused from now on.
     async fn fence(&self, partitions: &[u32]) -> Result<Vec<u64>, Error>;
 
+    /// The current fencing token of each of `partitions` (0 for one never fenced), changing
+    /// nothing: whether another shard has taken one over since this one fenced it.
+    async fn fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error>;
+
     /// Forgets what the store holds for `partitions`: a store private to this process, once
     /// another shard owns them, holds nothing true about them.
     async fn forget(&self, _partitions: &[u32]) {}
@@ -199,6 +203,14 @@ impl Store for MemoryStore {
                 *f += 1;
                 *f
             })
+            .collect())
+    }
+
+    async fn fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
+        let fences = self.fences.lock();
+        Ok(partitions
+            .iter()
+            .map(|p| fences.get(p).copied().unwrap_or(0))
             .collect())
     }
 

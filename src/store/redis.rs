@@ -1493,6 +1493,26 @@ impl Store for RedisStore {
             .collect()
     }
 
+    async fn fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
+        let cmds = partitions
+            .iter()
+            .map(|&p| {
+                let mut c = redis::cmd("GET");
+                c.arg(fence_key(p));
+                (self.partition_slots[p as usize], c)
+            })
+            .collect();
+        self.exec("fences", cmds)
+            .await?
+            .into_iter()
+            .map(|v| match v {
+                Value::Nil => Ok(0),
+                other => redis::from_redis_value::<u64>(&other)
+                    .map_err(|_| store_err("unexpected reply to GET of a fence")),
+            })
+            .collect()
+    }
+
     async fn live_users(&self, partitions: &[u32]) -> Result<Vec<UserId>, Error> {
         let cmds = partitions
             .iter()
@@ -1932,6 +1952,39 @@ mod tests {
             .take(n)
             .collect();
         (store, metrics, users)
+    }
+
+    /// The fences of partitions on every master, read without changing them: what the last
+    /// `fence` answered.
+    #[tokio::test]
+    #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
+    async fn fences_reads_what_fence_set_on_every_master() {
+        let urls = crate::store::test_redis_urls().expect("test_redis_urls panics when unset");
+        let store = RedisStore::connect(test_options(urls), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let topo = store.topology().unwrap();
+        // One partition per master (distinct nodes), among partitions no other test fences.
+        let mut picked: Vec<u32> = Vec::new();
+        let mut nodes = std::collections::HashSet::new();
+        for p in (crate::ring::PARTITIONS - 2000)..crate::ring::PARTITIONS {
+            if nodes.insert(topo.slots[store.partition_slots[p as usize] as usize]) {
+                picked.push(p);
+            }
+        }
+        assert!(picked.len() >= 3, "a partition on each master: {picked:?}");
+        let before = store.fences(&picked).await.unwrap();
+        let set = store.fence(&picked).await.unwrap();
+        assert_eq!(store.fences(&picked).await.unwrap(), set);
+        assert_eq!(
+            store.fences(&picked).await.unwrap(),
+            set,
+            "reading changes nothing"
+        );
+        for (b, s) in before.iter().zip(&set) {
+            assert_eq!(s, &(b + 1), "fence is an increment of what fences read");
+        }
+        assert!(store.fences(&[]).await.unwrap().is_empty());
     }
 
     /// Issue 13, on a real cluster: one group of writes to one node that mixes written, stale

@@ -44,6 +44,8 @@ pub struct Chaos {
     pub beating: Vec<u64>,
     /// The Redis Cluster of the shards.
     pub redis: String,
+    /// When the silent users must read OFFLINE ([`ghost_deadline`] unless the scenario says).
+    pub ghost: common::scenario::Deadline,
     writer: Option<Writer>,
     observers: Vec<Observer>,
 }
@@ -79,6 +81,7 @@ impl Chaos {
             silent,
             beating,
             redis: redis.to_owned(),
+            ghost: ghost_deadline(),
             writer: Some(writer),
             observers,
         }
@@ -93,9 +96,10 @@ impl Chaos {
         ]
     }
 
-    /// The silent users read OFFLINE by their last heartbeat + timeout + 5 s (ghosts).
+    /// The silent users read OFFLINE by [`Chaos::ghost`]: by default their last heartbeat +
+    /// timeout + 5 s.
     pub fn expect_silent_offline(&self) -> Step {
-        Step::ExpectOffline(self.silent.clone(), ghost_deadline())
+        Step::ExpectOffline(self.silent.clone(), self.ghost)
     }
 
     pub async fn run(&mut self, steps: Vec<Step>) {
@@ -251,7 +255,7 @@ macro_rules! scenarios {
             #[tokio::test(flavor = "multi_thread")]
             #[ignore = "needs Redis Cluster: bash scripts/test.sh"]
             async fn $name() {
-                $runner(stringify!($name), $($arg),*).await
+                $runner(stringify!($name), $($arg),*).await;
             }
         )*
     };

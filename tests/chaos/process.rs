@@ -1,51 +1,58 @@
 //! Chaos scenarios: process faults. `kill -9` and SIGSTOP/SIGCONT (4 s) of a shard, a gateway, a
-//! Redis master and a Redis replica, each under load (see [`crate::Chaos`]), each checked by the
-//! history checker. Scenarios that stop Redis nodes run on a Redis Cluster of their own
+//! Redis master and a Redis replica, and a shard stopped for longer than the route timeout, each
+//! under load (see [`crate::Chaos`]), each checked by the history checker. Scenarios that stop Redis nodes run on a Redis Cluster of their own
 //! ([`OwnRedis`]), so a stopped master disturbs no other test.
 
 use std::time::Duration;
 
 use crate::common::cluster::{Cluster, Proc};
+use crate::common::history::Figures;
 use crate::common::redis_cluster::{slot_of, OwnRedis};
 use crate::common::redis_url;
-use crate::common::scenario::Step;
+use crate::common::scenario::{Deadline, Step, TIMEOUT};
 use crate::common::ws::Ws;
 use crate::common::{blocking, uid};
 use crate::{signal, Chaos, Paused, RingWatch, USERS};
 
-/// How long a stopped process stays stopped.
+/// How long a stopped process stays stopped, and how long the load runs on after a kill.
 const STALL: Duration = Duration::from_secs(4);
 
-/// What happens to a process: `kill -9`, or SIGSTOP for [`STALL`] then SIGCONT.
+/// The nodes' `PRESENCE_ROUTE_TIMEOUT` (the default): a gateway answers every request by then.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What happens to a process: `kill -9`, or SIGSTOP for a while then SIGCONT.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Hit {
     Kill,
-    Stop,
+    Stop(Duration),
 }
+
+const STOP: Hit = Hit::Stop(STALL);
 
 crate::scenarios! {
     shard_kill_9 => node_fault(Proc::Shard(1), Hit::Kill, USERS),
-    shard_sigstop_4s => node_fault(Proc::Shard(1), Hit::Stop, USERS),
+    shard_sigstop_4s => node_fault(Proc::Shard(1), STOP, USERS),
+    shard_sigstop_8s => shard_stall_past_the_route_timeout(),
     gateway_kill_9 => node_fault(Proc::Gateway(1), Hit::Kill, USERS),
     // Fewer users: the load's heartbeats to the stopped gateway wait (256 in flight at most).
-    gateway_sigstop_4s => node_fault(Proc::Gateway(1), Hit::Stop, 100),
-    redis_master_sigstop_4s => redis_fault(7800, true, Hit::Stop),
+    gateway_sigstop_4s => node_fault(Proc::Gateway(1), STOP, 100),
+    redis_master_sigstop_4s => redis_fault(7800, true, STOP),
     redis_master_kill_9 => redis_fault(7810, true, Hit::Kill),
-    redis_replica_sigstop_4s => redis_fault(7820, false, Hit::Stop),
+    redis_replica_sigstop_4s => redis_fault(7820, false, STOP),
     redis_replica_kill_9 => redis_fault(7830, false, Hit::Kill),
     sockets_shard_kill_9 => sockets_through_a_shard_kill(),
 }
 
 /// `hit` on process `pid` under the load; after a kill, [`STALL`] passes too.
 async fn hit_process(c: &mut Chaos, pid: u32, hit: Hit) {
-    let paused = match hit {
+    let (paused, stall) = match hit {
         Hit::Kill => {
             signal(pid, "KILL");
-            None
+            (None, STALL)
         }
-        Hit::Stop => Some(Paused::stop(pid)),
+        Hit::Stop(stall) => (Some(Paused::stop(pid)), stall),
     };
-    c.run(vec![Step::Sleep(STALL)]).await;
+    c.run(vec![Step::Sleep(stall)]).await;
     if let Some(p) = paused {
         p.resume();
     }
@@ -53,8 +60,19 @@ async fn hit_process(c: &mut Chaos, pid: u32, hit: Hit) {
 
 /// Scenario `name`: `hit` on node `p` of the cluster. A killed shard restarts; a killed gateway
 /// stays down (its writes are the touched ones).
-async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) {
+async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) -> Figures {
     let mut c = Chaos::start(name, Cluster::processes(3, 2), &redis_url(), users).await;
+    // A shard stopped longer than the failure detection (two health checks, 2 s apart): the
+    // ring moves off it and back.
+    let moved = match (p, hit) {
+        (Proc::Shard(_), Hit::Stop(stall)) if stall > STALL => Some(stall),
+        _ => None,
+    };
+    if let Some(stall) = moved {
+        // The interim owners reload the stopped shard's users with a fresh timeout (it cannot
+        // hand over when it last saw them), up to the stall after their last heartbeat.
+        c.ghost = Deadline::AfterLastHeartbeat(TIMEOUT + stall + Duration::from_secs(5));
+    }
     c.until_fault().await;
     match (p, hit) {
         (Proc::Shard(i), Hit::Kill) => {
@@ -81,12 +99,40 @@ async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) {
             c.after_heal(matches!(p, Proc::Shard(_))).await;
         }
     }
+    if moved.is_some() {
+        // Back on the same ring, the stopped shard noticed its stall and found the partitions
+        // the interim owners fenced: it gained them again rather than serve stale state and
+        // time its users out under a fence that every write of theirs fails.
+        let cl = &c.s.cluster;
+        let stalls = cl.metric(p, "presence_stalls_total").await;
+        let fenced = cl.metric(p, "presence_partitions_fenced_total").await;
+        println!("{name}: the stopped shard saw {stalls} stalls, gained {fenced} fenced partitions again");
+        assert!(stalls >= 1.0, "{name}: no stall seen");
+        assert!(fenced >= 1.0, "{name}: no fenced partition gained again");
+    }
     let touched = match p {
         Proc::Shard(i) => c.writers_on_shard(i),
         Proc::Gateway(_) => Vec::new(),
     };
     c.finish(move |u, gateway| touched.contains(&u) || Proc::Gateway(gateway) == p)
-        .await;
+        .await
+}
+
+/// A shard stopped (SIGSTOP) for 8 s, longer than the route timeout: besides the history's
+/// guarantees, every request to it is answered by the route timeout (503 at worst), however it
+/// went: a batch that timed out, then the routed path with what was left of the deadline. The
+/// margin is for a loaded machine; a request that started the route timeout afresh after its
+/// batch took 1.25 times it (heartbeats), 1.5 times (reads and onlines).
+async fn shard_stall_past_the_route_timeout(name: &'static str) {
+    const MARGIN: Duration = Duration::from_millis(1000);
+    let f = node_fault(name, Proc::Shard(1), Hit::Stop(STALL * 2), USERS).await;
+    let most = ROUTE_TIMEOUT + MARGIN;
+    assert!(
+        f.slowest_ms <= most.as_millis() as u64,
+        "{name}: the slowest answer took {} ms, not within the route timeout ({ROUTE_TIMEOUT:?}) \
+         and {MARGIN:?}",
+        f.slowest_ms
+    );
 }
 
 /// The pid of Redis node `port` of the cluster in `dir`.
@@ -141,7 +187,7 @@ async fn redis_fault(name: &'static str, base: u16, master: bool, hit: Hit) {
     // Users on the master hit may see errors (503) until it returns or fails over.
     c.finish(move |u, _| master && on_master.serves(slot_of(u)))
         .await;
-    if master && hit == Hit::Stop {
+    if master && hit == STOP {
         assert!(
             wrong.is_empty(),
             "{name}: presence_ring_members changed during the stall"

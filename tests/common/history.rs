@@ -105,6 +105,9 @@ pub struct Figures {
     pub pushed_offline: Vec<(String, OfflineRead)>,
     /// OFFLINE reads and pushes after a heartbeat that itself came later than the timeout.
     pub excused: usize,
+    /// The slowest answer of the scenario, ms: to a heartbeat of the load (any answer) or to an
+    /// acknowledged write.
+    pub slowest_ms: u64,
 }
 
 impl Figures {
@@ -113,7 +116,7 @@ impl Figures {
         format!(
             "CHAOS {name}: acknowledged writes {}, lost {}, false OFFLINE {}, max ghost {:.1} s, \
              errors for untouched users {} (touched {}), events {}, converged in {} ms; \
-             OFFLINE after a late heartbeat {}",
+             OFFLINE after a late heartbeat {}, slowest answer {} ms",
             self.acked,
             self.lost,
             self.false_offline,
@@ -122,7 +125,8 @@ impl Figures {
             self.touched_errors,
             self.events,
             self.converged_ms,
-            self.excused
+            self.excused,
+            self.slowest_ms
         )
     }
 }
@@ -335,7 +339,8 @@ impl History {
             .map(|a| a.acked.saturating_sub(a.sent))
             .max()
             .unwrap_or(0);
-        let push_delay = 1000 + outcome.load.max_latency_ms.max(slowest_ack);
+        f.slowest_ms = outcome.load.max_latency_ms.max(slowest_ack);
+        let push_delay = 1000 + f.slowest_ms;
         for (observer, mut read) in std::mem::take(&mut f.pushed_offline) {
             read.sent = read.answered.saturating_sub(push_delay);
             if outcome.load.is_false_offline(&read) {
