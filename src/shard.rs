@@ -954,7 +954,9 @@ impl Shard {
         let before = fenced.len();
         for (&p, theirs) in partitions.iter().zip(stored) {
             let mine = self.fences[p as usize].load(Ordering::Acquire);
-            if mine != 0 && theirs != mine {
+            // Another shard's fence is a later increment: higher. A lower one is this shard's own
+            // newer fence, taken while the read was in flight.
+            if mine != 0 && theirs > mine {
                 fenced.insert(p);
             }
         }

@@ -88,6 +88,22 @@ impl OwnRedis {
             "redis://"
         };
         assert!(r.urls.starts_with(scheme), "no urls: {}", r.urls);
+        // Each node is healthy by its own account; the first node's view of the others (what
+        // the scenarios read) may still show a replica as a master with no slots until gossip
+        // catches up.
+        let settled = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let nodes = r.cli(r.port, &["CLUSTER", "NODES"]);
+            let replicas = nodes.lines().filter(|l| l.contains("slave")).count();
+            if r.masters().len() == 3 && replicas == 3 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < settled,
+                "the cluster's view did not settle: {nodes}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         r
     }
 
