@@ -91,8 +91,7 @@ where
 /// intervals at least), so a third of the handoff grace (3 intervals by default), when shorter,
 /// is the threshold instead. The watch wakes twice as often.
 const STALL: Duration = Duration::from_secs(1);
-/// Most tries at checking the fences after a stall (one per tick); a refused write still finds
-/// a fence lost after that.
+/// Most tries at checking the fences after a stall (one per tick); the next stall checks again.
 const STALL_CHECKS: u32 = 20;
 
 /// What woke the ownership driver.
@@ -210,7 +209,7 @@ impl Handoff {
                     self.metrics.ring.fenced.inc_by(lost.len() as u64);
                     tracing::warn!(
                         partitions = lost.len(),
-                        "another shard fenced partitions this one held (it missed a ring change); loading them again"
+                        "another shard fenced partitions this one held (it missed a ring change); taking them back from it"
                     );
                 }
                 actions
@@ -268,7 +267,11 @@ impl Handoff {
                         .retries
                         .get(crate::metrics::StoreOp { op: "fences" })
                         .inc();
-                    tracing::warn!(error = %e, tries_left = checks_left, "checking fences after a stall failed");
+                    if checks_left == 0 {
+                        tracing::error!(error = %e, tries = STALL_CHECKS, "checking fences after a stall failed; giving up until the next stall");
+                    } else {
+                        tracing::warn!(error = %e, tries_left = checks_left, "checking fences after a stall failed");
+                    }
                 }
             }
             last = Instant::now();
