@@ -475,7 +475,7 @@ impl StoreMetrics {
         for op in ["stale", "fenced"] {
             m.refused_writes.get(StoreOp { op });
         }
-        for op in ["save", "refresh", "repair"] {
+        for op in ["save", "refresh", "repair", "fences"] {
             m.retries.get(StoreOp { op });
         }
         for &k in RedisError::ALL {
@@ -529,7 +529,7 @@ impl RingMetrics {
             ),
             fenced: r.counter(
                 "presence_partitions_fenced_total",
-                "Partitions this shard held that another shard had fenced (a write under this shard's fence was refused, or a check after a stall found it: it missed a ring change), released and loaded again.",
+                "Partitions this shard held that another shard had fenced meanwhile, found by the fence check after a stall (it missed a ring change): released, and taken back from that shard.",
             ),
             stalls: r.counter(
                 "presence_stalls_total",

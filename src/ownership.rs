@@ -81,6 +81,17 @@ impl Part {
         load: 0,
         from: None,
     };
+
+    /// Gained at `now`: from `from`, which it waits for (a grace at most), or from nobody (it
+    /// loads at once).
+    fn pending(from: Option<&str>, now: Instant, grace: Duration) -> Part {
+        Part {
+            state: State::Pending,
+            ready_at: Some(if from.is_some() { now + grace } else { now }),
+            load: 0,
+            from: from.map(Arc::from),
+        }
+    }
 }
 
 /// The ownership of one shard: a pure state machine.
@@ -177,7 +188,7 @@ impl Ownership {
         let before: &Ring = if prev.members().contains(&self.me) {
             &prev
         } else {
-            others = Ring::new(next.members().iter().filter(|m| **m != self.me).cloned());
+            others = next.without(&self.me);
             &others
         };
         for p in 0..PARTITIONS {
@@ -188,16 +199,7 @@ impl Ownership {
             let from = before
                 .owner(p)
                 .filter(|owner| *owner != self.me && next.members().iter().any(|m| m == owner));
-            *part = Part {
-                state: State::Pending,
-                ready_at: Some(if from.is_some() {
-                    now + self.grace
-                } else {
-                    now
-                }),
-                load: 0,
-                from: from.map(Arc::from),
-            };
+            *part = Part::pending(from, now, self.grace);
         }
         actions.extend(self.tick(now));
         actions
@@ -318,30 +320,14 @@ impl Ownership {
         if !self.serving || self.hold_until.is_some() {
             return Vec::new();
         }
-        let without_me = Ring::new(
-            self.ring
-                .members()
-                .iter()
-                .filter(|m| **m != self.me)
-                .cloned(),
-        );
+        let without_me = self.ring.without(&self.me);
         let mut lost = Vec::new();
         for &p in partitions {
             let Some(part) = self.parts.get_mut(p as usize) else {
                 continue;
             };
             if part.state == State::Owned {
-                let from = without_me.owner(p);
-                *part = Part {
-                    state: State::Pending,
-                    ready_at: Some(if from.is_some() {
-                        now + self.grace
-                    } else {
-                        now
-                    }),
-                    load: 0,
-                    from: from.map(Arc::from),
-                };
+                *part = Part::pending(without_me.owner(p), now, self.grace);
                 lost.push(p);
             }
         }
@@ -531,12 +517,20 @@ mod tests {
         /// The store shows another shard's fence on `ME`'s first `n` partitions, and on one
         /// partition it does not own.
         Fenced(usize),
+        /// Exactly this many partitions were released since the last check (which resets the
+        /// count).
+        ExpectReleased(usize),
         /// The partitions released so far, counted since the last check, equal the ones
         /// the ring took away (or all, after a drain): at least this many.
         ExpectReleasedAtLeast(usize),
     }
 
     const ME: usize = 0;
+
+    /// The first user of partition `p`.
+    fn a_user_of(p: u32) -> UserId {
+        (1..).find(|u| partition_of(*u) == p).unwrap()
+    }
 
     struct Harness {
         own: Ownership,
@@ -566,7 +560,7 @@ mod tests {
                         self.table.sync(&self.own);
                         for p in &ps {
                             assert_ne!(self.own.state(*p), State::Owned);
-                            let user = (1..).find(|u| partition_of(*u) == *p).unwrap();
+                            let user = a_user_of(*p);
                             assert!(self.table.check(user).is_err(), "partition {p} refused");
                         }
                         self.released += ps.len();
@@ -684,7 +678,7 @@ mod tests {
                         assert_eq!(released, expect, "step {i}: released partitions");
                         // The table serves exactly the owned partitions.
                         for &p in mine.iter().take(64) {
-                            let user = (1..).find(|u| partition_of(*u) == p).unwrap();
+                            let user = a_user_of(p);
                             assert_eq!(
                                 self.table.check(user).is_ok(),
                                 state == State::Owned,
@@ -697,6 +691,10 @@ mod tests {
                     }
                     Step::ExpectLoads(n) => {
                         assert_eq!(self.loads.len(), n, "step {i}: outstanding loads")
+                    }
+                    Step::ExpectReleased(n) => {
+                        assert_eq!(self.released, n, "step {i}: released");
+                        self.released = 0;
                     }
                     Step::ExpectReleasedAtLeast(n) => {
                         assert!(
@@ -803,7 +801,7 @@ mod tests {
         let actions = h.own.ring_changed(ring, Instant::now());
         h.table.sync(&h.own);
         assert!(matches!(&actions[0], Action::Release(ps) if ps.contains(&p)));
-        let user = (1..).find(|u| partition_of(*u) == p).unwrap();
+        let user = a_user_of(p);
         assert!(h.table.check(user).is_err());
         assert!(
             !h.table.is_released(p),
@@ -940,12 +938,11 @@ mod tests {
         h.run(&[
             ExpectReleasedAtLeast(0),
             Fenced(40),
-            ExpectReleasedAtLeast(40),
+            ExpectReleased(40),
             ExpectLoads(0),
             ExpectAwaiting(from.clone()),
         ])
         .await;
-        assert_eq!(h.released, 0, "released nothing else");
         assert_eq!(h.own.count(State::Pending), 40);
         assert_eq!(h.own.count(State::Owned), mine.len() - 40);
         let first = from[0];
@@ -960,22 +957,25 @@ mod tests {
         h.run(&[
             // A fence found on what is loading or waiting changes nothing.
             Fenced(40),
+            ExpectReleased(0),
             ExpectLoads(1),
-            ExpectReleasedAtLeast(0),
             LoadDone,
             // The other interim owner never answers: the grace bounds the wait.
             Wait(GRACE),
             ExpectLoads(if from.len() > 1 { 1 } else { 0 }),
+            ExpectReleased(0),
         ])
         .await;
-        assert_eq!(h.released, 0);
         if from.len() > 1 {
             h.run(&[LoadDone]).await;
         }
         h.run(&[
             ExpectMine(State::Owned),
             Drain,
+            ExpectReleasedAtLeast(1),
+            // Draining: a fence found changes nothing.
             Fenced(3),
+            ExpectReleased(0),
             ExpectLoads(0),
             ExpectMine(State::Released),
         ])

@@ -102,6 +102,11 @@ impl Ring {
         &self.members
     }
 
+    /// The ring of the other members: where `member`'s partitions go while it is away.
+    pub fn without(&self, member: &str) -> Ring {
+        Ring::new(self.members.iter().filter(|m| *m != member).cloned())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }

@@ -124,7 +124,9 @@ pub struct Shard {
     fences: Box<[AtomicU64]>,
     /// Partitions another shard fenced since this one did ([`Shard::check_fences`]), until the
     /// ownership driver takes them ([`Shard::take_fenced`]); `fence_lost` wakes it.
-    fenced: Mutex<hashbrown::HashSet<u32>>,
+    /// With the fence this shard held then: an entry whose partition was loaded again since
+    /// (under a newer fence of its own) is dropped.
+    fenced: Mutex<hashbrown::HashMap<u32, u64>>,
     fence_lost: tokio::sync::Notify,
     backlog: Mutex<Backlog>,
     wake: tokio::sync::Notify,
@@ -274,7 +276,7 @@ impl Shard {
             sink: std::sync::OnceLock::new(),
             table,
             fences: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
-            fenced: Mutex::new(hashbrown::HashSet::new()),
+            fenced: Mutex::new(hashbrown::HashMap::new()),
             fence_lost: tokio::sync::Notify::new(),
             backlog: Mutex::default(),
             wake: tokio::sync::Notify::new(),
@@ -947,20 +949,28 @@ impl Shard {
     }
 
     /// Compares the store's fences of `partitions` with this shard's: each one another shard has
-    /// fenced since goes to the ownership driver ([`Shard::fence_lost`]). Answers how many.
+    /// fenced since goes to the ownership driver ([`Shard::fence_lost`]). Answers how many; a
+    /// failed read is counted (`presence_store_retries_total{op="fences"}`) for the caller to
+    /// try again.
     pub async fn check_fences(&self, partitions: &[u32]) -> Result<usize, Error> {
-        let stored = self.store.fences(partitions).await?;
+        let stored = match self.store.fences(partitions).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.retry("fences", 1, &e);
+                return Err(e);
+            }
+        };
         let mut fenced = self.fenced.lock();
-        let before = fenced.len();
+        let mut found = 0;
         for (&p, theirs) in partitions.iter().zip(stored) {
             let mine = self.fences[p as usize].load(Ordering::Acquire);
             // Another shard's fence is a later increment: higher. A lower one is this shard's own
             // newer fence, taken while the read was in flight.
             if mine != 0 && theirs > mine {
-                fenced.insert(p);
+                fenced.insert(p, mine);
+                found += 1;
             }
         }
-        let found = fenced.len() - before;
         drop(fenced);
         if found > 0 {
             self.fence_lost.notify_one();
@@ -972,7 +982,12 @@ impl Shard {
     /// this one still held them (this one missed a ring change), so what this one holds of them
     /// is stale.
     pub fn take_fenced(&self) -> Vec<u32> {
-        self.fenced.lock().drain().collect()
+        self.fenced
+            .lock()
+            .drain()
+            .filter(|&(p, mine)| self.fences[p as usize].load(Ordering::Acquire) == mine)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     /// What this shard last saw of the online devices of `partitions`, which it let go lately:
@@ -1246,7 +1261,7 @@ impl Shard {
             .retries
             .get(StoreOp { op })
             .inc_by(n as u64);
-        tracing::warn!(op, users = n, error = %e, "store write failed, retrying with backoff");
+        tracing::warn!(op, users = n, error = %e, "background store work failed, retrying with backoff");
     }
 
     /// `show` of each distinct user, in request order: from memory, else from the store (one

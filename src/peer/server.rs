@@ -91,8 +91,8 @@ where
 /// intervals at least), so a third of the handoff grace (3 intervals by default), when shorter,
 /// is the threshold instead. The watch wakes twice as often.
 const STALL: Duration = Duration::from_secs(1);
-/// Most tries at checking the fences after a stall (one per tick); the next stall checks again.
-const STALL_CHECKS: u32 = 20;
+/// Longest wait between two tries at checking the fences after a stall, when they fail.
+const STALL_CHECK_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What woke the ownership driver.
 #[derive(PartialEq, Eq)]
@@ -224,15 +224,22 @@ impl Handoff {
     /// Watches for stalls of this process (SIGSTOP, a paused VM, starvation): a peer may have
     /// dropped this shard from its ring and taken its partitions over meanwhile, and the ring
     /// may have come back to what this shard still follows, so it never saw the move. After a
-    /// stall, the fences of the partitions it serves are checked against the store's: those
-    /// another shard fenced load again ([`Ownership::fenced`]), before a write of theirs is
-    /// refused. A failed check is tried again next tick, [`STALL_CHECKS`] times at most, each
-    /// counted in `presence_store_retries_total{op="fences"}`.
+    /// stall, and for twice the grace after it (a peer's failure detection and its grace may end
+    /// after this shard runs again), the fences of the partitions it serves are compared with
+    /// the store's on every tick: those another shard fenced are taken back from it
+    /// ([`Ownership::fenced`]). The overdue timers of the stall fire first; their writes are
+    /// refused, which changes nothing. A check that fails is counted and tried again with a
+    /// backoff (a tick doubling to 5 s) until one succeeds after the window; a check that itself
+    /// took longer than a stall opens the window again (its answer may predate the stall).
     async fn watch_stalls(self: Arc<Self>, shard: Arc<Shard>, cancel: CancellationToken) {
         let stall = STALL.min(self.grace / 3).max(Duration::from_millis(20));
         let tick = stall / 2;
+        let window = self.grace * 2;
         let mut last = Instant::now();
-        let mut checks_left = 0;
+        // While checking: until when, and when to try next (after a failure).
+        let mut until: Option<Instant> = None;
+        let (mut next_try, mut backoff) = (last, tick);
+        let mut found = 0;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -245,33 +252,35 @@ impl Handoff {
             if late > stall {
                 self.metrics.ring.stalls.inc();
                 tracing::warn!(late = ?late, "this process stalled; checking the fences of its partitions");
-                checks_left = STALL_CHECKS;
+                until = Some(now + window);
+                next_try = now;
             }
-            if checks_left == 0 {
+            let Some(end) = until else { continue };
+            if now < next_try {
                 continue;
             }
-            checks_left -= 1;
             let owned = self.table.owned_partitions();
             match shard.check_fences(&owned).await {
-                Ok(found) => {
-                    checks_left = 0;
-                    tracing::info!(
-                        partitions = owned.len(),
-                        fenced = found,
-                        "fences checked after a stall"
-                    );
+                Ok(n) => {
+                    found += n;
+                    backoff = tick;
+                    let done = Instant::now();
+                    if done.duration_since(now) > stall {
+                        until = Some(done + window);
+                    } else if done >= end {
+                        tracing::info!(
+                            partitions = owned.len(),
+                            fenced = found,
+                            "fences checked after a stall"
+                        );
+                        until = None;
+                        found = 0;
+                    }
                 }
                 Err(e) => {
-                    self.metrics
-                        .store
-                        .retries
-                        .get(crate::metrics::StoreOp { op: "fences" })
-                        .inc();
-                    if checks_left == 0 {
-                        tracing::error!(error = %e, tries = STALL_CHECKS, "checking fences after a stall failed; giving up until the next stall");
-                    } else {
-                        tracing::warn!(error = %e, tries_left = checks_left, "checking fences after a stall failed");
-                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "checking fences after a stall failed");
+                    next_try = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(STALL_CHECK_BACKOFF);
                 }
             }
             last = Instant::now();
@@ -1068,6 +1077,24 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(late, Error::WrongOwner { .. }), "{late:?}");
+
+        // A peer whose failure detection ended after this shard ran again fences late: within
+        // twice the grace of the stall, the checks go on and see it too.
+        other.recover(&[partition_of(user)]).await.unwrap();
+        let seen = async {
+            while metrics.ring.fenced.get() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(200), seen)
+            .await
+            .expect("a late fence within the window is seen");
+        // Then the checks stop: a fence long after the stall is not looked for.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        other.recover(&[partition_of(user)]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(metrics.ring.fenced.get(), 2);
+        assert_eq!(metrics.ring.stalls.get(), 1);
         cancel.cancel();
     }
 }

@@ -44,8 +44,8 @@ pub struct Chaos {
     pub beating: Vec<u64>,
     /// The Redis Cluster of the shards.
     pub redis: String,
-    /// When the silent users must read OFFLINE ([`ghost_deadline`] unless the scenario says).
-    pub ghost: common::scenario::Deadline,
+    /// Silent users that may read OFFLINE later than [`ghost_deadline`], and by when.
+    pub late_ghosts: Option<(Vec<u64>, common::scenario::Deadline)>,
     writer: Option<Writer>,
     observers: Vec<Observer>,
 }
@@ -81,7 +81,7 @@ impl Chaos {
             silent,
             beating,
             redis: redis.to_owned(),
-            ghost: ghost_deadline(),
+            late_ghosts: None,
             writer: Some(writer),
             observers,
         }
@@ -96,10 +96,18 @@ impl Chaos {
         ]
     }
 
-    /// The silent users read OFFLINE by [`Chaos::ghost`]: by default their last heartbeat +
-    /// timeout + 5 s.
-    pub fn expect_silent_offline(&self) -> Step {
-        Step::ExpectOffline(self.silent.clone(), self.ghost)
+    /// The silent users read OFFLINE by their last heartbeat + timeout + 5 s (ghosts), those of
+    /// [`Chaos::late_ghosts`] by their own deadline.
+    pub fn expect_silent_offline(&self) -> Vec<Step> {
+        let Some((late, deadline)) = &self.late_ghosts else {
+            return vec![Step::ExpectOffline(self.silent.clone(), ghost_deadline())];
+        };
+        let (late, others): (Vec<u64>, Vec<u64>) =
+            self.silent.iter().partition(|u| late.contains(u));
+        vec![
+            Step::ExpectOffline(others, ghost_deadline()),
+            Step::ExpectOffline(late, *deadline),
+        ]
     }
 
     pub async fn run(&mut self, steps: Vec<Step>) {
@@ -117,7 +125,7 @@ impl Chaos {
     /// After the heal: the silent users read OFFLINE in time (ghosts) while the cluster settles
     /// (`settle`), then a second passes.
     pub async fn after_heal(&mut self, settle: bool) {
-        let mut together = vec![self.expect_silent_offline()];
+        let mut together = self.expect_silent_offline();
         if settle {
             together.push(Step::WaitSettled);
         }
@@ -130,11 +138,16 @@ impl Chaos {
 
     /// The writers that shard `i` owns (with every declared shard up).
     pub fn writers_on_shard(&self, i: usize) -> Vec<u64> {
+        self.on_shard(&self.writers, i)
+    }
+
+    /// Those of `users` that shard `i` owns (with every declared shard up).
+    pub fn on_shard(&self, users: &[u64], i: usize) -> Vec<u64> {
         let c = &self.s.cluster;
         let all: Vec<usize> = (0..c.shards()).collect();
         let ring = c.ring_of(&all);
         let addr = c.shard_addr(i);
-        self.writers
+        users
             .iter()
             .copied()
             .filter(|&u| ring.owner_of(u) == Some(addr.as_str()))

@@ -65,13 +65,15 @@ async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) -> Figu
     // A shard stopped longer than the failure detection (two health checks, 2 s apart): the
     // ring moves off it and back.
     let moved = match (p, hit) {
-        (Proc::Shard(_), Hit::Stop(stall)) if stall > STALL => Some(stall),
+        (Proc::Shard(i), Hit::Stop(stall)) if stall > STALL => Some((i, stall)),
         _ => None,
     };
-    if let Some(stall) = moved {
+    if let Some((i, stall)) = moved {
         // The interim owners reload the stopped shard's users with a fresh timeout (it cannot
         // hand over when it last saw them), up to the stall after their last heartbeat.
-        c.ghost = Deadline::AfterLastHeartbeat(TIMEOUT + stall + Duration::from_secs(5));
+        let late = c.on_shard(&c.silent, i);
+        let deadline = Deadline::AfterLastHeartbeat(TIMEOUT + stall + Duration::from_secs(5));
+        c.late_ghosts = Some((late, deadline));
     }
     c.until_fault().await;
     match (p, hit) {
