@@ -147,20 +147,6 @@ fn redis_pid(dir: &str, port: u16) -> u32 {
         .expect("a pid")
 }
 
-/// A replica's port (from `CLUSTER NODES`).
-fn a_replica(r: &OwnRedis) -> u16 {
-    let text = r.cli(r.port, &["CLUSTER", "NODES"]);
-    text.lines()
-        .find(|l| {
-            l.split_whitespace()
-                .nth(2)
-                .is_some_and(|f| f.contains("slave"))
-        })
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|a| a.split('@').next()?.rsplit(':').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no replica in {text}"))
-}
-
 /// Scenario `name`: `hit` on the second master (`master`) or a replica of a Redis Cluster of
 /// its own on `base..base+5`. `presence_ring_members` is read on every node all along: a
 /// stalled master must not change it.
@@ -173,7 +159,7 @@ async fn redis_fault(name: &'static str, base: u16, master: bool, hit: Hit) {
     let port = if master {
         masters[1].port
     } else {
-        a_replica(&r)
+        *r.replicas().first().expect("a replica")
     };
     let on_master = masters[1].clone();
     let mut c = Chaos::start(name, Cluster::processes(3, 2), &r.urls, USERS).await;

@@ -93,14 +93,13 @@ impl OwnRedis {
         // catches up.
         let settled = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
-            let nodes = r.cli(r.port, &["CLUSTER", "NODES"]);
-            let replicas = nodes.lines().filter(|l| l.contains("slave")).count();
-            if r.masters().len() == 3 && replicas == 3 {
+            let (masters, replicas) = (r.masters(), r.replicas());
+            if masters.len() == 3 && replicas.len() == 3 {
                 break;
             }
             assert!(
                 std::time::Instant::now() < settled,
-                "the cluster's view did not settle: {nodes}"
+                "the cluster's view did not settle: masters {masters:?}, replicas {replicas:?}"
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
@@ -135,6 +134,23 @@ impl OwnRedis {
             .output()
             .expect("running redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The ports of the replicas that `CLUSTER NODES` of node `port` lists, sorted.
+    pub fn replicas(&self) -> Vec<u16> {
+        let text = self.cli(self.port, &["CLUSTER", "NODES"]);
+        let mut out: Vec<u16> = text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 8 || !f[2].contains("slave") {
+                    return None;
+                }
+                f[1].split('@').next()?.rsplit(':').next()?.parse().ok()
+            })
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// The masters that `CLUSTER NODES` of node `port` lists as healthy, by port.
