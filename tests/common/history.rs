@@ -77,6 +77,8 @@ pub struct Failed {
     pub status: String,
     pub gateway: usize,
     pub sent: u64,
+    /// When the failure was answered (or the request gave up), ms since the epoch.
+    pub answered: u64,
     pub what: String,
 }
 
@@ -105,8 +107,8 @@ pub struct Figures {
     pub pushed_offline: Vec<(String, OfflineRead)>,
     /// OFFLINE reads and pushes after a heartbeat that itself came later than the timeout.
     pub excused: usize,
-    /// The slowest answer of the scenario, ms: to a heartbeat of the load (any answer) or to an
-    /// acknowledged write.
+    /// The slowest answer of the scenario, ms: to a heartbeat of the load or to a write, whatever
+    /// the answer.
     pub slowest_ms: u64,
 }
 
@@ -339,8 +341,16 @@ impl History {
             .map(|a| a.acked.saturating_sub(a.sent))
             .max()
             .unwrap_or(0);
+        let slowest_failure = self
+            .failed()
+            .iter()
+            .map(|w| w.answered.saturating_sub(w.sent))
+            .max()
+            .unwrap_or(0);
         f.slowest_ms = outcome.load.max_latency_ms.max(slowest_ack);
+        // The push delay stays that of what succeeded; the slowest answer counts failures too.
         let push_delay = 1000 + f.slowest_ms;
+        f.slowest_ms = f.slowest_ms.max(slowest_failure);
         for (observer, mut read) in std::mem::take(&mut f.pushed_offline) {
             read.sent = read.answered.saturating_sub(push_delay);
             if outcome.load.is_false_offline(&read) {
@@ -471,6 +481,7 @@ async fn write(
         status: status.into(),
         gateway,
         sent,
+        answered: h.now(),
         what,
     });
 }
