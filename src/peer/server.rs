@@ -1032,7 +1032,7 @@ mod tests {
         assert_eq!(
             shard.status(user, Viewer::Truth).await.unwrap().status,
             Status::Online,
-            "stale until a write of its own is refused"
+            "stale until it notices its stall"
         );
 
         let away = Settings {

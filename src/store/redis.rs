@@ -836,6 +836,18 @@ impl RedisStore {
         self.topology.read().clone()
     }
 
+    /// `verb` (`INCR`, `GET`) of each partition's fence key, each routed to its partition's slot.
+    fn fence_cmds(&self, verb: &str, partitions: &[u32]) -> Vec<(u16, Cmd)> {
+        partitions
+            .iter()
+            .map(|&p| {
+                let mut c = redis::cmd(verb);
+                c.arg(fence_key(p));
+                (self.partition_slots[p as usize], c)
+            })
+            .collect()
+    }
+
     /// Runs commands, each with the slot it must go to: one pipeline per node, all nodes at
     /// once. Failed node groups are retried after a topology refresh; the whole operation,
     /// retries, refreshes and dials included, ends by the store's timeout.
@@ -1470,15 +1482,9 @@ impl Store for RedisStore {
     }
 
     async fn fence(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
-        let cmds = partitions
-            .iter()
-            .map(|&p| {
-                let mut c = redis::cmd("INCR");
-                c.arg(fence_key(p));
-                (self.partition_slots[p as usize], c)
-            })
-            .collect();
-        let replies = self.exec("fence", cmds).await?;
+        let replies = self
+            .exec("fence", self.fence_cmds("INCR", partitions))
+            .await?;
         let slots: Vec<u16> = partitions
             .iter()
             .map(|&p| self.partition_slots[p as usize])
@@ -1494,15 +1500,7 @@ impl Store for RedisStore {
     }
 
     async fn fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
-        let cmds = partitions
-            .iter()
-            .map(|&p| {
-                let mut c = redis::cmd("GET");
-                c.arg(fence_key(p));
-                (self.partition_slots[p as usize], c)
-            })
-            .collect();
-        self.exec("fences", cmds)
+        self.exec("fences", self.fence_cmds("GET", partitions))
             .await?
             .into_iter()
             .map(|v| match v {

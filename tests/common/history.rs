@@ -335,18 +335,14 @@ impl History {
         // When a pushed OFFLINE was decided is not known, only when it arrived: as early as
         // the slowest answer of the scenario (a fault that holds heartbeats or writes holds
         // the shard's events as well) plus a second before that.
-        let slowest_ack = self
-            .acks()
-            .iter()
-            .map(|a| a.acked.saturating_sub(a.sent))
-            .max()
-            .unwrap_or(0);
-        let slowest_failure = self
-            .failed()
-            .iter()
-            .map(|w| w.answered.saturating_sub(w.sent))
-            .max()
-            .unwrap_or(0);
+        let slowest = |answers: &mut dyn Iterator<Item = (u64, u64)>| {
+            answers
+                .map(|(sent, answered)| answered.saturating_sub(sent))
+                .max()
+                .unwrap_or(0)
+        };
+        let slowest_ack = slowest(&mut self.acks().iter().map(|a| (a.sent, a.acked)));
+        let slowest_failure = slowest(&mut self.failed().iter().map(|w| (w.sent, w.answered)));
         f.slowest_ms = outcome.load.max_latency_ms.max(slowest_ack);
         // The push delay stays that of what succeeded; the slowest answer counts failures too.
         let push_delay = 1000 + f.slowest_ms;

@@ -136,18 +136,30 @@ impl OwnRedis {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The ports of the replicas that `CLUSTER NODES` of node `port` lists, sorted.
-    pub fn replicas(&self) -> Vec<u16> {
+    /// Each node that `CLUSTER NODES` of node `port` lists: its id, port, flags, and the fields
+    /// after the link state (its slots, for a master).
+    fn nodes(&self) -> Vec<(String, u16, String, Vec<String>)> {
         let text = self.cli(self.port, &["CLUSTER", "NODES"]);
-        let mut out: Vec<u16> = text
-            .lines()
+        text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                if f.len() < 8 || !f[2].contains("slave") {
+                if f.len() < 8 {
                     return None;
                 }
-                f[1].split('@').next()?.rsplit(':').next()?.parse().ok()
+                let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                let rest = f[8..].iter().map(|s| s.to_string()).collect();
+                Some((f[0].to_owned(), port, f[2].to_owned(), rest))
             })
+            .collect()
+    }
+
+    /// The ports of the replicas that `CLUSTER NODES` of node `port` lists, sorted.
+    pub fn replicas(&self) -> Vec<u16> {
+        let mut out: Vec<u16> = self
+            .nodes()
+            .into_iter()
+            .filter(|(_, _, flags, _)| flags.contains("slave"))
+            .map(|(_, port, _, _)| port)
             .collect();
         out.sort_unstable();
         out
@@ -155,16 +167,12 @@ impl OwnRedis {
 
     /// The masters that `CLUSTER NODES` of node `port` lists as healthy, by port.
     pub fn masters(&self) -> Vec<Master> {
-        let text = self.cli(self.port, &["CLUSTER", "NODES"]);
-        let mut out: Vec<Master> = text
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
-                    return None;
-                }
-                let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
-                let slots = f[8..]
+        let mut out: Vec<Master> = self
+            .nodes()
+            .into_iter()
+            .filter(|(_, _, flags, _)| flags.contains("master") && !flags.contains("fail"))
+            .map(|(id, port, _, rest)| {
+                let slots = rest
                     .iter()
                     .filter(|s| !s.starts_with('['))
                     .filter_map(|s| match s.split_once('-') {
@@ -172,11 +180,7 @@ impl OwnRedis {
                         None => s.parse().ok().map(|a| (a, a)),
                     })
                     .collect();
-                Some(Master {
-                    id: f[0].to_owned(),
-                    port,
-                    slots,
-                })
+                Master { id, port, slots }
             })
             .collect();
         out.sort_by_key(|m| m.port);
