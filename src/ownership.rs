@@ -72,6 +72,10 @@ struct Part {
     load: u64,
     /// For `Pending` within its grace: the previous owner, still a member, to ask for a handover.
     from: Option<Arc<str>>,
+    /// For `Pending` after another shard fenced it ([`Ownership::fenced`]): the fence found in
+    /// the store. Only a handover from a shard that held it under that fence (or a later one)
+    /// counts; 0 for any other gain.
+    fence: u64,
 }
 
 impl Part {
@@ -80,6 +84,7 @@ impl Part {
         ready_at: None,
         load: 0,
         from: None,
+        fence: 0,
     };
 
     /// Gained at `now`: from `from`, which it waits for (a grace at most), or from nobody (it
@@ -90,6 +95,7 @@ impl Part {
             ready_at: Some(if from.is_some() { now + grace } else { now }),
             load: 0,
             from: from.map(Arc::from),
+            fence: 0,
         }
     }
 }
@@ -237,6 +243,7 @@ impl Ownership {
                 ready_at: None,
                 load: id,
                 from: None,
+                fence: 0,
             };
         }
         vec![Action::Load {
@@ -271,6 +278,7 @@ impl Ownership {
                     ready_at: Some(retry),
                     load: 0,
                     from: None,
+                    fence: 0,
                 };
             }
         }
@@ -292,42 +300,57 @@ impl Ownership {
         by
     }
 
-    /// Their previous owner has let go of `partitions`: those still waiting for it load now,
-    /// without the rest of the grace.
-    pub fn handed_over(&mut self, partitions: &[u32], now: Instant) -> Vec<Action> {
+    /// Whether a previous owner's answer that it let go of `partition`, which it last held
+    /// under fence `held` (0: never, or a peer too old to say), hands it over: the partition
+    /// waits for a previous owner, and, if it was taken back after another shard fenced it,
+    /// the answer comes from the shard that held the fence found (the previous owner of a
+    /// fenced partition is a guess: its owner in the ring without this shard, which a shard
+    /// that joined meanwhile makes wrong; the guessed shard, never having held it, would
+    /// answer at once and the partition would be fenced over its real holder).
+    pub fn takes_handover(&self, partition: u32, held: u64) -> bool {
+        self.parts.get(partition as usize).is_some_and(|part| {
+            part.state == State::Pending && part.from.is_some() && held >= part.fence
+        })
+    }
+
+    /// Their previous owner has let go of `partitions`, each last held under the fence given:
+    /// those it hands over ([`Ownership::takes_handover`]) load now, without the rest of the
+    /// grace; the others wait on.
+    pub fn handed_over(&mut self, partitions: &[(u32, u64)], now: Instant) -> Vec<Action> {
         if !self.serving {
             return Vec::new();
         }
-        for &p in partitions {
-            let Some(part) = self.parts.get_mut(p as usize) else {
-                continue;
-            };
-            if part.state == State::Pending && part.from.is_some() {
+        for &(p, held) in partitions {
+            if self.takes_handover(p, held) {
+                let part = &mut self.parts[p as usize];
                 part.ready_at = Some(now);
                 part.from = None;
+                part.fence = 0;
             }
         }
         self.tick(now)
     }
 
-    /// Another shard fenced `partitions` after this one loaded them, on a ring this one never
-    /// applied (this one was stopped while its peers dropped it from the ring and took them
-    /// over, and the ring came back before it ran again). What it holds of them is stale: those
-    /// it owns are released, and gained again as after a ring change, from the shard that owns
-    /// each in the ring without this one (the interim owner): loaded once it hands them over, or
+    /// Another shard fenced `partitions` (each with the fence found in the store) after this
+    /// one loaded them, on a ring this one never applied (this one was stopped while its peers
+    /// dropped it from the ring and took them over, and the ring came back before it ran
+    /// again). What it holds of them is stale: those it owns are released, and gained again as
+    /// after a ring change, from the shard that owns each in the ring without this one (the
+    /// interim owner): loaded once that shard hands them over having held the fence found, or
     /// after the grace. Others are left as they are.
-    pub fn fenced(&mut self, partitions: &[u32], now: Instant) -> Vec<Action> {
+    pub fn fenced(&mut self, partitions: &[(u32, u64)], now: Instant) -> Vec<Action> {
         if !self.serving || self.hold_until.is_some() {
             return Vec::new();
         }
         let without_me = self.ring.without(&self.me);
         let mut lost = Vec::new();
-        for &p in partitions {
+        for &(p, found) in partitions {
             let Some(part) = self.parts.get_mut(p as usize) else {
                 continue;
             };
             if part.state == State::Owned {
                 *part = Part::pending(without_me.owner(p), now, self.grace);
+                part.fence = found;
                 lost.push(p);
             }
         }
@@ -502,8 +525,9 @@ mod tests {
         LoadFailed,
         /// SIGTERM.
         Drain,
-        /// Shard `n` answers a handover poll: it has let go of what it owned.
-        HandedOverBy(usize),
+        /// Shard `n` answers a handover poll: it has let go of what this shard awaits from it,
+        /// which it last held under this fence (0: it never held them, or it is too old to say).
+        HandedOverBy(usize, u64),
         /// The partitions waiting for a handover, by previous owner (indexes, sorted).
         ExpectAwaiting(Vec<usize>),
         /// The oldest load finishes, and leaves every partition of `ME` owned, none loading.
@@ -514,8 +538,8 @@ mod tests {
         ExpectNone(State),
         /// This many loads are outstanding.
         ExpectLoads(usize),
-        /// The store shows another shard's fence on `ME`'s first `n` partitions, and on one
-        /// partition it does not own.
+        /// The store shows another shard's fence ([`FOUND`]) on `ME`'s first `n` partitions, and
+        /// on one partition it does not own.
         Fenced(usize),
         /// Exactly this many partitions were released since the last check (which resets the
         /// count).
@@ -526,6 +550,8 @@ mod tests {
     }
 
     const ME: usize = 0;
+    /// The fence another shard took, as a [`Step::Fenced`] finds it.
+    const FOUND: u64 = 9;
 
     /// The first user of partition `p`.
     fn a_user_of(p: u32) -> UserId {
@@ -629,20 +655,22 @@ mod tests {
                         let other = (0..PARTITIONS)
                             .find(|p| !ps.contains(p) && self.own.state(*p) == State::Released);
                         ps.extend(other);
-                        let a = self.own.fenced(&ps, now);
+                        let found: Vec<(u32, u64)> = ps.iter().map(|&p| (p, FOUND)).collect();
+                        let a = self.own.fenced(&found, now);
                         self.take(a);
                     }
                     Step::Drain => {
                         let a = self.own.drain();
                         self.take(a);
                     }
-                    Step::HandedOverBy(n) => {
-                        let asked: Vec<u32> = self
+                    Step::HandedOverBy(n, held) => {
+                        let asked: Vec<(u32, u64)> = self
                             .own
                             .awaiting_handover()
                             .into_iter()
                             .filter(|(o, _)| **o == addr(n))
                             .flat_map(|(_, ps)| ps)
+                            .map(|p| (p, held))
                             .collect();
                         assert!(!asked.is_empty(), "step {i}: nothing awaits shard {n}");
                         let a = self.own.handed_over(&asked, now);
@@ -776,10 +804,12 @@ mod tests {
                 ExpectAwaiting(vec![1, 2]),
                 ExpectLoads(0),
                 // 1 has let go: its part loads at once, 2's still waits.
-                HandedOverBy(1),
+                // An answer without fences (an older peer) hands over a partition gained on a
+                // ring change.
+                HandedOverBy(1, 0),
                 ExpectLoads(1),
                 ExpectAwaiting(vec![2]),
-                HandedOverBy(2),
+                HandedOverBy(2, 0),
                 ExpectLoads(2),
                 ExpectAwaiting(vec![]),
                 LoadDone,
@@ -946,7 +976,18 @@ mod tests {
         assert_eq!(h.own.count(State::Pending), 40);
         assert_eq!(h.own.count(State::Owned), mine.len() - 40);
         let first = from[0];
-        h.run(&[HandedOverBy(first), ExpectLoads(1)]).await;
+        h.run(&[
+            // The guessed interim owner never held the fence found (another shard joined
+            // meanwhile and took them): its answer hands nothing over; all still wait.
+            HandedOverBy(first, 0),
+            HandedOverBy(first, FOUND - 1),
+            ExpectLoads(0),
+            ExpectAwaiting(from.clone()),
+        ])
+        .await;
+        assert_eq!(h.own.count(State::Pending), 40);
+        // It held them under that fence: they load now.
+        h.run(&[HandedOverBy(first, FOUND), ExpectLoads(1)]).await;
         assert!(
             h.loads[0]
                 .1
@@ -984,6 +1025,31 @@ mod tests {
 
     /// A lone shard (nobody held its partitions meanwhile, as far as its ring knows) loads a
     /// partition found fenced again at once.
+    /// The guessed interim owner of a fenced partition answers that it let go of it, but never
+    /// held it: the partition waits for the whole grace, as for a previous owner that never
+    /// answers, and is not fenced over its real holder at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_from_a_shard_that_never_held_the_fence_found_waits_for_the_grace() {
+        let mut h = Harness::settled(vec![0, 1]).await;
+        h.run(&[
+            ExpectReleasedAtLeast(0),
+            Fenced(10),
+            ExpectReleased(10),
+            ExpectAwaiting(vec![1]),
+            Wait(GRACE / 2),
+            HandedOverBy(1, 0),
+            ExpectLoads(0),
+            ExpectAwaiting(vec![1]),
+            Wait(GRACE / 2 - Duration::from_millis(1)),
+            ExpectLoads(0),
+            Wait(Duration::from_millis(1)),
+            ExpectLoads(1),
+            ExpectAwaiting(vec![]),
+            LoadDoneAndOwned,
+        ])
+        .await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lone_shard_loads_a_fenced_partition_again_at_once() {
         let mut h = Harness::settled(vec![0]).await;

@@ -124,9 +124,9 @@ pub struct Shard {
     fences: Box<[AtomicU64]>,
     /// Partitions another shard fenced since this one did ([`Shard::check_fences`]), until the
     /// ownership driver takes them ([`Shard::take_fenced`]); `fence_lost` wakes it.
-    /// With the fence this shard held then: an entry whose partition was loaded again since
-    /// (under a newer fence of its own) is dropped.
-    fenced: Mutex<hashbrown::HashMap<u32, u64>>,
+    /// With the fence this shard held then (an entry whose partition was loaded again since,
+    /// under a newer fence of its own, is dropped) and the fence found in the store.
+    fenced: Mutex<hashbrown::HashMap<u32, (u64, u64)>>,
     fence_lost: tokio::sync::Notify,
     backlog: Mutex<Backlog>,
     wake: tokio::sync::Notify,
@@ -967,7 +967,7 @@ impl Shard {
             // Another shard's fence is a later increment: higher. A lower one is this shard's own
             // newer fence, taken while the read was in flight.
             if mine != 0 && theirs > mine {
-                fenced.insert(p, mine);
+                fenced.insert(p, (mine, theirs));
                 found += 1;
             }
         }
@@ -978,16 +978,24 @@ impl Shard {
         Ok(found)
     }
 
-    /// The partitions found fenced by another shard since the last call: it took them over while
-    /// this one still held them (this one missed a ring change), so what this one holds of them
-    /// is stale.
-    pub fn take_fenced(&self) -> Vec<u32> {
+    /// The partitions found fenced by another shard since the last call, each with the fence
+    /// found: it took them over while this one still held them (this one missed a ring
+    /// change), so what this one holds of them is stale.
+    pub fn take_fenced(&self) -> Vec<(u32, u64)> {
         self.fenced
             .lock()
             .drain()
-            .filter(|&(p, mine)| self.fences[p as usize].load(Ordering::Acquire) == mine)
-            .map(|(p, _)| p)
+            .filter(|&(p, (mine, _))| self.fences[p as usize].load(Ordering::Acquire) == mine)
+            .map(|(p, (_, found))| (p, found))
             .collect()
+    }
+
+    /// The fence this shard last held `partition` under (0: never), whether it still does or
+    /// let it go since: a handover answer carries it.
+    pub fn fence_held(&self, partition: u32) -> u64 {
+        self.fences
+            .get(partition as usize)
+            .map_or(0, |f| f.load(Ordering::Acquire))
     }
 
     /// What this shard last saw of the online devices of `partitions`, which it let go lately:

@@ -718,12 +718,10 @@ mod tests {
         use crate::ownership::Table;
         use crate::peer::ShardService;
         use crate::presence::Rules;
-        use crate::proto::v1::presence_shard_server::PresenceShardServer;
         use crate::push::fanout::Fanout;
         use crate::service::Presence;
         use crate::shard::Shard;
         use crate::store::faulty::FaultyStore;
-        use tonic::server::NamedService;
 
         let metrics = Arc::new(Metrics::new());
         let shard = Arc::new(Shard::new(
@@ -749,27 +747,7 @@ mod tests {
             fanout: Fanout::new(metrics.clone(), 64),
             stop: tokio_util::sync::CancellationToken::new(),
         };
-        let mut router =
-            tonic::service::Routes::new(PresenceShardServer::new(service)).into_axum_router();
-        for method in older {
-            let path = format!(
-                "/{}/{method}",
-                <PresenceShardServer<ShardService> as NamedService>::NAME
-            );
-            router = router.route(
-                &path,
-                axum::routing::post(|| async {
-                    tonic::Status::unimplemented("an older shard").into_http::<axum::body::Body>()
-                }),
-            );
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_routes(router.into())
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
+        let addr = crate::peer::serve_on_loopback(service, older).await;
         (addr, metrics)
     }
 

@@ -23,6 +23,37 @@ pub mod upstream;
 pub use client::{Coalesce, GrpcProbe, Router};
 pub use server::{Handoff, ShardService};
 
+/// Serves `service` on a loopback port, answering `Unimplemented` to the methods in `older`, as
+/// a shard without them (an older version) does. Answers its address. For tests.
+#[cfg(test)]
+pub(crate) async fn serve_on_loopback(service: ShardService, older: &[&str]) -> String {
+    use crate::proto::v1::presence_shard_server::PresenceShardServer;
+    use tonic::server::NamedService;
+
+    let mut router =
+        tonic::service::Routes::new(PresenceShardServer::new(service)).into_axum_router();
+    for method in older {
+        let path = format!(
+            "/{}/{method}",
+            <PresenceShardServer<ShardService> as NamedService>::NAME
+        );
+        router = router.route(
+            &path,
+            axum::routing::post(|| async {
+                tonic::Status::unimplemented("an older shard").into_http::<axum::body::Body>()
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(router.into())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
 /// Counts and times one gRPC call on either side.
 pub(crate) struct Timed {
     metrics: Arc<Metrics>,

@@ -385,13 +385,24 @@ impl Handoff {
                 }
                 Ok(r) => {
                     let asked: std::collections::HashSet<u32> = asked.into_iter().collect();
-                    let released: Vec<u32> = r
+                    // What it let go of, with the fence it held each under; only what it hands
+                    // over counts (a guessed owner of a fenced partition that never held it
+                    // does not: the partition waits on, for the grace at most).
+                    let (released, refused): (Vec<_>, Vec<_>) = r
                         .released
                         .into_iter()
                         .filter(|p| asked.contains(p))
-                        .collect();
+                        .map(|p| (p, r.fences.get(&p).copied().unwrap_or(0)))
+                        .partition(|&(p, held)| machine.takes_handover(p, held));
+                    if !refused.is_empty() {
+                        tracing::warn!(
+                            owner = %owner,
+                            partitions = refused.len(),
+                            "a shard answered that it let go of partitions fenced since by another; waiting for their holder, or the grace"
+                        );
+                    }
                     let released_set: std::collections::HashSet<u32> =
-                        released.iter().copied().collect();
+                        released.iter().map(|&(p, _)| p).collect();
                     let mut handed = self.handed.lock();
                     for d in r.devices {
                         let seen = Seen::from(d);
@@ -688,7 +699,16 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 .into_iter()
                 .map(v1::SeenDevice::from)
                 .collect();
-            Ok(v1::HandoverReply { released, devices })
+            let fences = released
+                .iter()
+                .map(|&p| (p, self.shard.fence_held(p)))
+                .filter(|&(_, f)| f != 0)
+                .collect();
+            Ok(v1::HandoverReply {
+                released,
+                devices,
+                fences,
+            })
         })
         .await
     }
@@ -1095,6 +1115,121 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(metrics.ring.fenced.get(), 2);
         assert_eq!(metrics.ring.stalls.get(), 1);
+        cancel.cancel();
+    }
+
+    /// A shard that finds a partition fenced by another takes it back from its guessed interim
+    /// owner (its owner in the ring without this shard) only if that shard held the fence
+    /// found. Here the guess is right once (it fenced the partition, then let go: handed back at
+    /// once, without the grace), then wrong (a shard this one's ring does not have fenced it:
+    /// the guessed shard answers that it let go, having never held that fence, and the
+    /// partition waits for the whole grace rather than being fenced over its real holder).
+    #[tokio::test]
+    async fn a_fenced_partition_is_handed_back_only_by_the_shard_that_held_its_fence() {
+        use crate::presence::Rules;
+
+        let grace = Duration::from_secs(2);
+        let store = FaultyStore::new(true);
+        let metrics = Arc::new(Metrics::new());
+        // The guessed interim owner: a shard on loopback that serves nothing now.
+        let guessed = Arc::new(Shard::new(
+            store.twin() as Arc<dyn Store>,
+            Rules::default(),
+            Duration::from_secs(30),
+            Arc::new(Metrics::new()),
+            Table::new(),
+        ));
+        let guessed_metrics = Arc::new(Metrics::new());
+        let guessed_addr = crate::peer::serve_on_loopback(
+            ShardService {
+                shard: guessed.clone(),
+                own: Table::new(),
+                metrics: guessed_metrics.clone(),
+                fanout: Fanout::new(guessed_metrics, 64),
+                stop: CancellationToken::new(),
+            },
+            &[],
+        )
+        .await;
+        let me = "10.0.0.1:50051".to_owned();
+        let ring = Ring::new([me.clone(), guessed_addr]);
+        let user: UserId = (1..)
+            .find(|&u| ring.owner(partition_of(u)) == Some(me.as_str()))
+            .unwrap();
+        let p = partition_of(user);
+        let table = Table::new();
+        let shard = Arc::new(Shard::new(
+            store.clone(),
+            Rules::default(),
+            Duration::from_secs(30),
+            metrics.clone(),
+            table.clone(),
+        ));
+        let handoff = Handoff::new(
+            me,
+            grace,
+            metrics.clone(),
+            table.clone(),
+            Fanout::new(metrics.clone(), 64),
+            Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        let (_tx, ring) = watch::channel(Arc::new(ring));
+        let cancel = CancellationToken::new();
+        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let owned_again = |fenced: u64| {
+            let (table, metrics) = (table.clone(), metrics.clone());
+            async move {
+                while metrics.ring.fenced.get() < fenced || table.check(user).is_err() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), owned_again(0))
+            .await
+            .expect("owned after the start grace");
+        shard.online(user, "d", Platform::Web).await.unwrap();
+
+        // The guess is right: the guessed shard fenced the partition, then let go of it.
+        guessed.recover(&[p]).await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(shard.check_fences(&[p]).await.unwrap(), 1);
+        tokio::time::timeout(grace * 5, owned_again(1))
+            .await
+            .expect("taken back");
+        let took = started.elapsed();
+        assert!(
+            took < grace,
+            "handed back by its holder at once, took {took:?}"
+        );
+        let polls = |r| metrics.ring.handover_polls.get(r).get();
+        assert!(polls(HandoverPoll::Released) >= 1);
+
+        // The guess is wrong: a shard this one's ring lacks fenced it; the guessed one never
+        // held that fence and answers that it let go (it serves nothing).
+        let joined = Shard::new(
+            store.twin() as Arc<dyn Store>,
+            Rules::default(),
+            Duration::from_secs(30),
+            Arc::new(Metrics::new()),
+            Table::owning_all(),
+        );
+        joined.recover(&[p]).await.unwrap();
+        let waiting = polls(HandoverPoll::Waiting);
+        let started = std::time::Instant::now();
+        assert_eq!(shard.check_fences(&[p]).await.unwrap(), 1);
+        tokio::time::timeout(grace * 5, owned_again(2))
+            .await
+            .expect("taken back after the grace");
+        let took = started.elapsed();
+        assert!(took >= grace, "waited for the grace, took {took:?}");
+        assert!(
+            polls(HandoverPoll::Waiting) > waiting,
+            "the guessed shard was asked, and its answer did not count"
+        );
+        assert_eq!(
+            shard.status(user, Viewer::Truth).await.unwrap().status,
+            crate::presence::Status::Online
+        );
         cancel.cancel();
     }
 }
