@@ -207,6 +207,21 @@ impl Ownership {
                 .filter(|owner| *owner != self.me && next.members().iter().any(|m| m == owner));
             *part = Part::pending(from, now, self.grace);
         }
+        // A partition taken back after another shard fenced it, still waiting: its interim owner
+        // is guessed again on the new ring (the shard that joined may be its holder).
+        let mut without_me = None;
+        for p in 0..PARTITIONS {
+            let part = &mut self.parts[p as usize];
+            if part.state == State::Pending && part.fence != 0 && part.from.is_some() {
+                let ring = without_me.get_or_insert_with(|| next.without(&self.me));
+                part.from = ring.owner(p).map(Arc::from);
+                if part.from.is_none() {
+                    // Its holder left: nobody to wait for.
+                    part.ready_at = Some(now);
+                    part.fence = 0;
+                }
+            }
+        }
         actions.extend(self.tick(now));
         actions
     }
@@ -313,6 +328,28 @@ impl Ownership {
         })
     }
 
+    /// The fence a handover of `partition` must show: the one found in the store when it was
+    /// taken back after another shard fenced it (or found since); 0 when any answer counts.
+    pub fn fence_awaited(&self, partition: u32) -> u64 {
+        self.parts.get(partition as usize).map_or(0, |part| {
+            if part.state == State::Pending && part.from.is_some() {
+                part.fence
+            } else {
+                0
+            }
+        })
+    }
+
+    /// The store shows `found` on a partition waiting for the holder of a fence
+    /// ([`Ownership::fence_awaited`]): a later fence (a shard that took it over since) is the one
+    /// a handover must show from now on.
+    pub fn fence_found(&mut self, partition: u32, found: u64) {
+        if self.fence_awaited(partition) != 0 {
+            let part = &mut self.parts[partition as usize];
+            part.fence = part.fence.max(found);
+        }
+    }
+
     /// Their previous owner has let go of `partitions`, each last held under the fence given:
     /// those it hands over ([`Ownership::takes_handover`]) load now, without the rest of the
     /// grace; the others wait on.
@@ -350,7 +387,9 @@ impl Ownership {
             };
             if part.state == State::Owned {
                 *part = Part::pending(without_me.owner(p), now, self.grace);
-                part.fence = found;
+                if part.from.is_some() {
+                    part.fence = found;
+                }
                 lost.push(p);
             }
         }
@@ -541,6 +580,8 @@ mod tests {
         /// The store shows another shard's fence ([`FOUND`]) on `ME`'s first `n` partitions, and
         /// on one partition it does not own.
         Fenced(usize),
+        /// The store shows this fence on every partition waiting for a fence's holder.
+        StoreShows(u64),
         /// Exactly this many partitions were released since the last check (which resets the
         /// count).
         ExpectReleased(usize),
@@ -552,6 +593,21 @@ mod tests {
     const ME: usize = 0;
     /// The fence another shard took, as a [`Step::Fenced`] finds it.
     const FOUND: u64 = 9;
+
+    /// The shards (indexes) that own `partitions` in `interim`, sorted, once each.
+    fn interim_owners(interim: &Ring, partitions: &[u32]) -> Vec<usize> {
+        let mut from: Vec<usize> = partitions
+            .iter()
+            .map(|&p| {
+                (0..8)
+                    .find(|&n| interim.owner(p) == Some(addr(n).as_str()))
+                    .unwrap()
+            })
+            .collect();
+        from.sort();
+        from.dedup();
+        from
+    }
 
     /// The first user of partition `p`.
     fn a_user_of(p: u32) -> UserId {
@@ -658,6 +714,13 @@ mod tests {
                         let found: Vec<(u32, u64)> = ps.iter().map(|&p| (p, FOUND)).collect();
                         let a = self.own.fenced(&found, now);
                         self.take(a);
+                    }
+                    Step::StoreShows(f) => {
+                        for p in 0..PARTITIONS {
+                            if self.own.fence_awaited(p) != 0 {
+                                self.own.fence_found(p, f);
+                            }
+                        }
                     }
                     Step::Drain => {
                         let a = self.own.drain();
@@ -955,16 +1018,7 @@ mod tests {
         let mut h = Harness::settled(vec![0, 1, 2]).await;
         let mine = h.ring.partitions_of(&addr(ME));
         let interim = Ring::new([addr(1), addr(2)]);
-        let mut from: Vec<usize> = mine[..40]
-            .iter()
-            .map(|&p| {
-                (1..3)
-                    .find(|&n| interim.owner(p) == Some(addr(n).as_str()))
-                    .unwrap()
-            })
-            .collect();
-        from.sort();
-        from.dedup();
+        let from = interim_owners(&interim, &mine[..40]);
         h.run(&[
             ExpectReleasedAtLeast(0),
             Fenced(40),
@@ -1023,8 +1077,6 @@ mod tests {
         .await;
     }
 
-    /// A lone shard (nobody held its partitions meanwhile, as far as its ring knows) loads a
-    /// partition found fenced again at once.
     /// The guessed interim owner of a fenced partition answers that it let go of it, but never
     /// held it: the partition waits for the whole grace, as for a previous owner that never
     /// answers, and is not fenced over its real holder at once.
@@ -1050,6 +1102,41 @@ mod tests {
         .await;
     }
 
+    /// A fenced partition still waiting when the ring changes waits for its owner in the new
+    /// ring without this shard (the shard that joined may be its holder), and for the newest
+    /// fence the store shows: an answer from a shard that held an earlier one does not count.
+    #[tokio::test(start_paused = true)]
+    async fn a_fenced_partition_waits_for_the_holder_in_the_newest_ring() {
+        let mut h = Harness::settled(vec![0, 1]).await;
+        let fenced: Vec<u32> = h.ring.partitions_of(&addr(ME))[..40].to_vec();
+        h.run(&[
+            ExpectReleasedAtLeast(0),
+            Fenced(40),
+            ExpectReleased(40),
+            ExpectAwaiting(vec![1]),
+            Members(vec![0, 1, 2]),
+        ])
+        .await;
+        // Still mine: waiting for their owner in the ring of 1 and 2.
+        let mine = h.ring.partitions_of(&addr(ME));
+        let still: Vec<u32> = fenced.into_iter().filter(|p| mine.contains(p)).collect();
+        let from = interim_owners(&Ring::new([addr(1), addr(2)]), &still);
+        assert_eq!(from, vec![1, 2], "the 40 spread over both");
+        h.run(&[
+            ExpectAwaiting(from),
+            // Shard 2 fenced them once more since.
+            StoreShows(FOUND + 1),
+            HandedOverBy(2, FOUND),
+            ExpectLoads(0),
+            HandedOverBy(2, FOUND + 1),
+            ExpectLoads(1),
+            ExpectAwaiting(vec![1]),
+        ])
+        .await;
+    }
+
+    /// A lone shard (nobody held its partitions meanwhile, as far as its ring knows) loads a
+    /// partition found fenced again at once.
     #[tokio::test(start_paused = true)]
     async fn a_lone_shard_loads_a_fenced_partition_again_at_once() {
         let mut h = Harness::settled(vec![0]).await;

@@ -661,7 +661,7 @@ impl Shard {
     }
 
     fn fence_of(&self, user: UserId) -> u64 {
-        self.fences[partition_of(user) as usize].load(Ordering::Acquire)
+        self.fence_held(partition_of(user))
     }
 
     fn version_in_memory(&self, user: UserId) -> Option<u64> {
@@ -953,13 +953,7 @@ impl Shard {
     /// failed read is counted (`presence_store_retries_total{op="fences"}`) for the caller to
     /// try again.
     pub async fn check_fences(&self, partitions: &[u32]) -> Result<usize, Error> {
-        let stored = match self.store.fences(partitions).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                self.retry("fences", 1, &e);
-                return Err(e);
-            }
-        };
+        let stored = self.stored_fences(partitions).await?;
         let mut fenced = self.fenced.lock();
         let mut found = 0;
         for (&p, theirs) in partitions.iter().zip(stored) {
@@ -988,6 +982,14 @@ impl Shard {
             .filter(|&(p, (mine, _))| self.fences[p as usize].load(Ordering::Acquire) == mine)
             .map(|(p, (_, found))| (p, found))
             .collect()
+    }
+
+    /// The store's fences of `partitions` now; a failed read is counted
+    /// (`presence_store_retries_total{op="fences"}`) for the caller to try again.
+    pub async fn stored_fences(&self, partitions: &[u32]) -> Result<Vec<u64>, Error> {
+        self.store.fences(partitions).await.inspect_err(|e| {
+            self.retry("fences", 1, e);
+        })
     }
 
     /// The fence this shard last held `partition` under (0: never), whether it still does or

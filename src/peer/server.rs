@@ -214,7 +214,7 @@ impl Handoff {
                 }
                 actions
             } else {
-                let mut a = self.poll_handovers(&mut machine).await;
+                let mut a = self.poll_handovers(&mut machine, &shard).await;
                 a.extend(machine.tick(Instant::now()));
                 a
             };
@@ -356,7 +356,10 @@ impl Handoff {
     /// Asks each previous owner still awaited whether it has let go of the partitions this
     /// shard gained from it; what it has let go loads now, with the devices' times it hands
     /// over. A previous owner that does not answer is asked again; the grace bounds the wait.
-    async fn poll_handovers(&self, machine: &mut Ownership) -> Vec<Action> {
+    /// A partition taken back after another shard fenced it is handed over only by the shard
+    /// that held the store's fence ([`Ownership::takes_handover`]), read again here: a shard
+    /// that took it over since the fence was found makes an earlier holder's answer stale.
+    async fn poll_handovers(&self, machine: &mut Ownership, shard: &Shard) -> Vec<Action> {
         let awaited = machine.awaiting_handover();
         if awaited.is_empty() {
             return Vec::new();
@@ -376,8 +379,27 @@ impl Handoff {
             .await;
             (owner, partitions, reply)
         });
+        let replies = futures::future::join_all(asks).await;
+        let fenced: Vec<u32> = replies
+            .iter()
+            .filter_map(|(_, _, r)| r.as_ref().ok())
+            .flat_map(|r| r.released.iter().copied())
+            .filter(|&p| machine.fence_awaited(p) != 0)
+            .collect();
+        let mut unread = std::collections::HashSet::new();
+        if !fenced.is_empty() {
+            match shard.stored_fences(&fenced).await {
+                Ok(stored) => {
+                    for (&p, f) in fenced.iter().zip(stored) {
+                        machine.fence_found(p, f);
+                    }
+                }
+                // Not taken this time: asked again at the next poll, the grace at most.
+                Err(_) => unread.extend(fenced),
+            }
+        }
         let mut free = Vec::new();
-        for (owner, asked, reply) in futures::future::join_all(asks).await {
+        for (owner, asked, reply) in replies {
             let result = match reply {
                 Err(e) => {
                     tracing::debug!(owner = %owner, error = %e, "handover poll failed");
@@ -393,12 +415,15 @@ impl Handoff {
                         .into_iter()
                         .filter(|p| asked.contains(p))
                         .map(|p| (p, r.fences.get(&p).copied().unwrap_or(0)))
-                        .partition(|&(p, held)| machine.takes_handover(p, held));
+                        .partition(|&(p, held)| {
+                            !unread.contains(&p) && machine.takes_handover(p, held)
+                        });
                     if !refused.is_empty() {
-                        tracing::warn!(
+                        tracing::debug!(
                             owner = %owner,
                             partitions = refused.len(),
-                            "a shard answered that it let go of partitions fenced since by another; waiting for their holder, or the grace"
+                            fences_sent = r.fences_sent,
+                            "a shard let go of partitions fenced since by another, without having held the store's fence (or without saying: an older shard); waiting for their holder, or the grace"
                         );
                     }
                     let released_set: std::collections::HashSet<u32> =
@@ -708,6 +733,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 released,
                 devices,
                 fences,
+                fences_sent: true,
             })
         })
         .await
@@ -1190,6 +1216,8 @@ mod tests {
         shard.online(user, "d", Platform::Web).await.unwrap();
 
         // The guess is right: the guessed shard fenced the partition, then let go of it.
+        let polls = |r| metrics.ring.handover_polls.get(r).get();
+        let released = polls(HandoverPoll::Released);
         guessed.recover(&[p]).await.unwrap();
         let started = std::time::Instant::now();
         assert_eq!(shard.check_fences(&[p]).await.unwrap(), 1);
@@ -1201,8 +1229,7 @@ mod tests {
             took < grace,
             "handed back by its holder at once, took {took:?}"
         );
-        let polls = |r| metrics.ring.handover_polls.get(r).get();
-        assert!(polls(HandoverPoll::Released) >= 1);
+        assert!(polls(HandoverPoll::Released) > released, "handed over");
 
         // The guess is wrong: a shard this one's ring lacks fenced it; the guessed one never
         // held that fence and answers that it let go (it serves nothing).
@@ -1229,6 +1256,21 @@ mod tests {
         assert_eq!(
             shard.status(user, Viewer::Truth).await.unwrap().status,
             crate::presence::Status::Online
+        );
+
+        // The guessed shard held the fence found, but another took the partition over after
+        // it was found: the fence is read again before a handover counts.
+        guessed.recover(&[p]).await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(shard.check_fences(&[p]).await.unwrap(), 1);
+        joined.recover(&[p]).await.unwrap();
+        tokio::time::timeout(grace * 5, owned_again(3))
+            .await
+            .expect("taken back after the grace");
+        let took = started.elapsed();
+        assert!(
+            took >= grace,
+            "the stale holder's answer did not count, took {took:?}"
         );
         cancel.cancel();
     }
