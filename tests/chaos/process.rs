@@ -1,5 +1,5 @@
 //! Chaos scenarios: process faults. `kill -9` and SIGSTOP/SIGCONT (4 s) of a shard, a gateway, a
-//! Redis master and a Redis replica, and a shard stopped for longer than the route timeout, each
+//! Redis master and a Redis replica, and a shard stopped for longer than the route timeout (alone, and while a fourth shard joins), each
 //! under load (see [`crate::Chaos`]), each checked by the history checker. Scenarios that stop Redis nodes run on a Redis Cluster of their own
 //! ([`OwnRedis`]), so a stopped master disturbs no other test.
 
@@ -33,6 +33,7 @@ crate::scenarios! {
     shard_kill_9 => node_fault(Proc::Shard(1), Hit::Kill, USERS),
     shard_sigstop_4s => node_fault(Proc::Shard(1), STOP, USERS),
     shard_sigstop_8s => shard_stall_past_the_route_timeout(),
+    shard_sigstop_8s_while_one_joins => shard_stall_while_a_shard_joins(),
     gateway_kill_9 => node_fault(Proc::Gateway(1), Hit::Kill, USERS),
     // Fewer users: the load's heartbeats to the stopped gateway wait (256 in flight at most).
     gateway_sigstop_4s => node_fault(Proc::Gateway(1), STOP, 100),
@@ -102,15 +103,7 @@ async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) -> Figu
         }
     }
     if moved.is_some() {
-        // Back on the same ring, the stopped shard noticed its stall and found the partitions
-        // the interim owners fenced: it gained them again rather than serve stale state and
-        // time its users out under a fence that every write of theirs fails.
-        let cl = &c.s.cluster;
-        let stalls = cl.metric(p, "presence_stalls_total").await;
-        let fenced = cl.metric(p, "presence_partitions_fenced_total").await;
-        println!("{name}: the stopped shard saw {stalls} stalls, gained {fenced} fenced partitions again");
-        assert!(stalls >= 1.0, "{name}: no stall seen");
-        assert!(fenced >= 1.0, "{name}: no fenced partition gained again");
+        took_back(&c, p).await;
     }
     let touched = match p {
         Proc::Shard(i) => c.writers_on_shard(i),
@@ -118,6 +111,73 @@ async fn node_fault(name: &'static str, p: Proc, hit: Hit, users: usize) -> Figu
     };
     c.finish(move |u, gateway| touched.contains(&u) || Proc::Gateway(gateway) == p)
         .await
+}
+
+/// Back on the same ring, the stopped shard `p` noticed its stall and found the partitions the
+/// interim owners fenced: it gained them again rather than serve stale state and time its users
+/// out under a fence that every write of theirs fails.
+async fn took_back(c: &Chaos, p: Proc) {
+    let (name, cl) = (c.name, &c.s.cluster);
+    let stalls = cl.metric(p, "presence_stalls_total").await;
+    let fenced = cl.metric(p, "presence_partitions_fenced_total").await;
+    println!(
+        "{name}: the stopped shard saw {stalls} stalls, gained {fenced} fenced partitions again"
+    );
+    assert!(stalls >= 1.0, "{name}: no stall seen");
+    assert!(fenced >= 1.0, "{name}: no fenced partition gained again");
+}
+
+/// Shard 1 stopped (SIGSTOP) for 8 s, and a fourth shard started 5 s into the stop, once the
+/// ring had moved off shard 1: the newcomer takes partitions over from the interim owners
+/// (some of them shard 1's), and shard 1, running again, may find them fenced before it sees
+/// the newcomer in its ring, so its guess of their interim owner is wrong (the shard that
+/// handed them on to the newcomer). It must not fence them over the newcomer on that shard's
+/// word. Checked like every scenario, and the cluster settles on four shards. Writers of shard 1
+/// or of the newcomer may see errors. The silent users of shard 1 (in the ring of three or of
+/// four) may read ONLINE longer than in `shard_sigstop_8s`: those the newcomer takes are loaded
+/// from the store with a fresh timeout (their times are not stored, and the shard the newcomer
+/// asks for them, shard 1, never loaded them again), once its start grace is over; so until
+/// the newcomer's start + grace + timeout + 5 s.
+async fn shard_stall_while_a_shard_joins(name: &'static str) {
+    // The nodes' handoff grace: the default, three health intervals of 2 s.
+    const GRACE: Duration = Duration::from_secs(6);
+    let stall = STALL * 2;
+    let spec = Cluster::processes(3, 2).spare(1);
+    let mut c = Chaos::start(name, spec, &redis_url(), USERS).await;
+    let (three, four) = (
+        c.s.cluster.ring_of(&[0, 1, 2]),
+        c.s.cluster.ring_of(&[0, 1, 2, 3]),
+    );
+    let (one, joined) = (c.s.cluster.shard_addr(1), c.s.cluster.shard_addr(3));
+    let of = |users: &[u64], addrs: &[&str]| -> Vec<u64> {
+        users
+            .iter()
+            .copied()
+            .filter(|&u| {
+                [&three, &four]
+                    .iter()
+                    .any(|r| r.owner_of(u).is_some_and(|o| addrs.contains(&o)))
+            })
+            .collect()
+    };
+    let late = of(&c.silent, &[&one]);
+    let touched = of(&c.writers, &[&one, &joined]);
+    c.until_fault().await;
+    let pid = c.s.cluster.pid(Proc::Shard(1)).expect("a running child");
+    let paused = Paused::stop(pid);
+    let join_at = Duration::from_secs(5);
+    c.run(vec![Step::Sleep(join_at), Step::AddShard]).await;
+    // Silent users' last heartbeats were before the load's clock read this.
+    let joined_at = c.s.load().epoch.elapsed();
+    let deadline =
+        Deadline::AfterLastHeartbeat(joined_at + GRACE + TIMEOUT + Duration::from_secs(5));
+    c.late_ghosts = Some((late, deadline));
+    c.run(vec![Step::Sleep(stall.saturating_sub(join_at))])
+        .await;
+    paused.resume();
+    c.after_heal(true).await;
+    took_back(&c, Proc::Shard(1)).await;
+    c.finish(move |u, _| touched.contains(&u)).await;
 }
 
 /// A shard stopped (SIGSTOP) for 8 s, longer than the route timeout: besides the history's
