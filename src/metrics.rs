@@ -525,7 +525,7 @@ impl RingMetrics {
             ),
             handover_polls: r.counters(
                 "presence_handover_polls_total",
-                "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them, or let go of a partition fenced since by another shard that it never held under that fence; failed: no answer, the grace bounds the wait).",
+                "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them, or let them go without having held the store's fence, and every member is asked next; failed: no answer, the grace bounds the wait).",
             ),
             fenced: r.counter(
                 "presence_partitions_fenced_total",

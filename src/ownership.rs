@@ -18,7 +18,10 @@
 //! - A gained partition whose previous owner is still a member waits until that owner says it
 //!   has let go (a handover: [`Ownership::awaiting_handover`], [`Ownership::handed_over`]), or a
 //!   grace at most, so that the previous owner has seen the same ring and stopped serving it; one
-//!   whose previous owner is gone loads at once.
+//!   whose previous owner is gone loads at once. A handover counts only from a shard that held
+//!   the partition under the store's fence ([`Ownership::takes_handover`]): the previous owner is
+//!   a guess, and one that never loaded the partition has none of its devices' times; then every
+//!   member is asked.
 //! - A failed load goes back to pending with a backoff (100 ms doubling to 5 s); ring changes are
 //!   taken meanwhile, so a failing store never makes the shard deaf to the ring.
 //! - A partition the store shows fenced by another shard (checked after a stall) is released and
@@ -72,10 +75,15 @@ struct Part {
     load: u64,
     /// For `Pending` within its grace: the previous owner, still a member, to ask for a handover.
     from: Option<Arc<str>>,
-    /// For `Pending` after another shard fenced it ([`Ownership::fenced`]): the fence found in
-    /// the store. Only a handover from a shard that held it under that fence (or a later one)
-    /// counts; 0 for any other gain.
+    /// For `Pending` within its grace: the fence a handover must show, the store's as last read
+    /// (when it was taken back after another shard fenced it, [`Ownership::fenced`], or when a
+    /// previous owner said it let go, [`Ownership::fence_found`]). Only a handover from a shard
+    /// that held it under that fence (or a later one) counts; 0: any.
     fence: u64,
+    /// For `Pending` within its grace: a shard asked let go of it without having held the
+    /// store's fence (it never loaded it, or was a wrong guess), so the one that did is another:
+    /// every member is asked.
+    anyone: bool,
 }
 
 impl Part {
@@ -85,6 +93,7 @@ impl Part {
         load: 0,
         from: None,
         fence: 0,
+        anyone: false,
     };
 
     /// Gained at `now`: from `from`, which it waits for (a grace at most), or from nobody (it
@@ -96,6 +105,7 @@ impl Part {
             load: 0,
             from: from.map(Arc::from),
             fence: 0,
+            anyone: false,
         }
     }
 }
@@ -259,6 +269,7 @@ impl Ownership {
                 load: id,
                 from: None,
                 fence: 0,
+                anyone: false,
             };
         }
         vec![Action::Load {
@@ -294,66 +305,73 @@ impl Ownership {
                     load: 0,
                     from: None,
                     fence: 0,
+                    anyone: false,
                 };
             }
         }
     }
 
-    /// The gained partitions still waiting for their previous owner, by that owner: ask each
-    /// whether it has let go, and report what it has with [`Ownership::handed_over`].
+    /// The gained partitions still waiting for their previous owner, by that owner (or by every
+    /// other member, for those whose holder is another): ask each whether it has let go, and
+    /// report what it has with [`Ownership::handed_over`].
     pub fn awaiting_handover(&self) -> Vec<(Arc<str>, Vec<u32>)> {
         let mut by: Vec<(Arc<str>, Vec<u32>)> = Vec::new();
+        let mut add = |owner: &str, p: u32| match by.iter_mut().find(|(o, _)| &**o == owner) {
+            Some((_, ps)) => ps.push(p),
+            None => by.push((Arc::from(owner), vec![p])),
+        };
         for (p, part) in self.parts.iter().enumerate() {
             let (State::Pending, Some(from)) = (part.state, &part.from) else {
                 continue;
             };
-            match by.iter_mut().find(|(o, _)| o == from) {
-                Some((_, ps)) => ps.push(p as u32),
-                None => by.push((from.clone(), vec![p as u32])),
+            if part.anyone {
+                for m in self.ring.members().iter().filter(|m| **m != self.me) {
+                    add(m, p as u32);
+                }
+            } else {
+                add(from, p as u32);
             }
         }
         by
     }
 
-    /// Whether a previous owner's answer that it let go of `partition`, which it last held
-    /// under fence `held` (0: never, or a peer too old to say), hands it over: the partition
-    /// waits for a previous owner, and, if it was taken back after another shard fenced it,
-    /// the answer comes from the shard that held the fence found (the previous owner of a
-    /// fenced partition is a guess: its owner in the ring without this shard, which a shard
-    /// that joined meanwhile makes wrong; the guessed shard, never having held it, would
-    /// answer at once and the partition would be fenced over its real holder).
-    pub fn takes_handover(&self, partition: u32, held: u64) -> bool {
-        self.parts.get(partition as usize).is_some_and(|part| {
-            part.state == State::Pending && part.from.is_some() && held >= part.fence
-        })
+    /// Whether `partition` waits for a handover (within its grace).
+    pub fn awaits_handover(&self, partition: u32) -> bool {
+        self.parts
+            .get(partition as usize)
+            .is_some_and(|part| part.state == State::Pending && part.from.is_some())
     }
 
-    /// The fence a handover of `partition` must show: the one found in the store when it was
-    /// taken back after another shard fenced it (or found since); 0 when any answer counts.
-    pub fn fence_awaited(&self, partition: u32) -> u64 {
-        self.parts.get(partition as usize).map_or(0, |part| {
-            if part.state == State::Pending && part.from.is_some() {
-                part.fence
-            } else {
-                0
-            }
-        })
+    /// Whether a shard's answer that it let go of `partition`, which it last held under fence
+    /// `held` (`None`: an older shard that does not say), hands it over: the partition waits
+    /// for a handover, and the answer comes from the shard that held the store's fence
+    /// ([`Ownership::fence_found`]), or, from an older shard, no fence was read. The previous
+    /// owner asked is a guess (its owner in the previous ring, or, for a partition taken back
+    /// after another shard fenced it, in the ring without this shard); a guessed shard that
+    /// never loaded it would answer at once, without the devices' times of its holder, and a
+    /// fenced partition would be fenced over its real holder.
+    pub fn takes_handover(&self, partition: u32, held: Option<u64>) -> bool {
+        self.awaits_handover(partition) && {
+            let fence = self.parts[partition as usize].fence;
+            held.map_or(fence == 0, |held| held >= fence)
+        }
     }
 
-    /// The store shows `found` on a partition waiting for the holder of a fence
-    /// ([`Ownership::fence_awaited`]): a later fence (a shard that took it over since) is the one
-    /// a handover must show from now on.
+    /// The store shows `found` on a partition waiting for a handover: a handover must show that
+    /// fence (or a later one) from now on.
     pub fn fence_found(&mut self, partition: u32, found: u64) {
-        if self.fence_awaited(partition) != 0 {
+        if self.awaits_handover(partition) {
             let part = &mut self.parts[partition as usize];
             part.fence = part.fence.max(found);
         }
     }
 
-    /// Their previous owner has let go of `partitions`, each last held under the fence given:
-    /// those it hands over ([`Ownership::takes_handover`]) load now, without the rest of the
-    /// grace; the others wait on.
-    pub fn handed_over(&mut self, partitions: &[(u32, u64)], now: Instant) -> Vec<Action> {
+    /// Shards let go of `partitions`, each having last held it under the fence given (`None`:
+    /// an older shard that does not say): those handed over ([`Ownership::takes_handover`]) load
+    /// now, without the rest of the grace. One let go of by a shard that did not hold the
+    /// store's fence waits on, and every member is asked for it from now on: its holder is
+    /// another.
+    pub fn handed_over(&mut self, partitions: &[(u32, Option<u64>)], now: Instant) -> Vec<Action> {
         if !self.serving {
             return Vec::new();
         }
@@ -363,6 +381,9 @@ impl Ownership {
                 part.ready_at = Some(now);
                 part.from = None;
                 part.fence = 0;
+                part.anyone = false;
+            } else if held.is_some() && self.awaits_handover(p) {
+                self.parts[p as usize].anyone = true;
             }
         }
         self.tick(now)
@@ -565,8 +586,9 @@ mod tests {
         /// SIGTERM.
         Drain,
         /// Shard `n` answers a handover poll: it has let go of what this shard awaits from it,
-        /// which it last held under this fence (0: it never held them, or it is too old to say).
-        HandedOverBy(usize, u64),
+        /// which it last held under this fence (0: never; `None`: an older shard, which does
+        /// not say).
+        HandedOverBy(usize, Option<u64>),
         /// The partitions waiting for a handover, by previous owner (indexes, sorted).
         ExpectAwaiting(Vec<usize>),
         /// The oldest load finishes, and leaves every partition of `ME` owned, none loading.
@@ -717,7 +739,7 @@ mod tests {
                     }
                     Step::StoreShows(f) => {
                         for p in 0..PARTITIONS {
-                            if self.own.fence_awaited(p) != 0 {
+                            if self.own.awaits_handover(p) {
                                 self.own.fence_found(p, f);
                             }
                         }
@@ -727,7 +749,7 @@ mod tests {
                         self.take(a);
                     }
                     Step::HandedOverBy(n, held) => {
-                        let asked: Vec<(u32, u64)> = self
+                        let asked: Vec<(u32, Option<u64>)> = self
                             .own
                             .awaiting_handover()
                             .into_iter()
@@ -867,12 +889,12 @@ mod tests {
                 ExpectAwaiting(vec![1, 2]),
                 ExpectLoads(0),
                 // 1 has let go: its part loads at once, 2's still waits.
-                // An answer without fences (an older peer) hands over a partition gained on a
+                // An answer without fences (an older shard) hands over a partition gained on a
                 // ring change.
-                HandedOverBy(1, 0),
+                HandedOverBy(1, None),
                 ExpectLoads(1),
                 ExpectAwaiting(vec![2]),
-                HandedOverBy(2, 0),
+                HandedOverBy(2, None),
                 ExpectLoads(2),
                 ExpectAwaiting(vec![]),
                 LoadDone,
@@ -1033,15 +1055,17 @@ mod tests {
         h.run(&[
             // The guessed interim owner never held the fence found (another shard joined
             // meanwhile and took them): its answer hands nothing over; all still wait.
-            HandedOverBy(first, 0),
-            HandedOverBy(first, FOUND - 1),
+            HandedOverBy(first, None),
+            HandedOverBy(first, Some(0)),
+            HandedOverBy(first, Some(FOUND - 1)),
             ExpectLoads(0),
             ExpectAwaiting(from.clone()),
         ])
         .await;
         assert_eq!(h.own.count(State::Pending), 40);
         // It held them under that fence: they load now.
-        h.run(&[HandedOverBy(first, FOUND), ExpectLoads(1)]).await;
+        h.run(&[HandedOverBy(first, Some(FOUND)), ExpectLoads(1)])
+            .await;
         assert!(
             h.loads[0]
                 .1
@@ -1089,7 +1113,7 @@ mod tests {
             ExpectReleased(10),
             ExpectAwaiting(vec![1]),
             Wait(GRACE / 2),
-            HandedOverBy(1, 0),
+            HandedOverBy(1, Some(0)),
             ExpectLoads(0),
             ExpectAwaiting(vec![1]),
             Wait(GRACE / 2 - Duration::from_millis(1)),
@@ -1126,11 +1150,59 @@ mod tests {
             ExpectAwaiting(from),
             // Shard 2 fenced them once more since.
             StoreShows(FOUND + 1),
-            HandedOverBy(2, FOUND),
+            HandedOverBy(2, Some(FOUND)),
             ExpectLoads(0),
-            HandedOverBy(2, FOUND + 1),
+            HandedOverBy(2, Some(FOUND + 1)),
             ExpectLoads(1),
             ExpectAwaiting(vec![1]),
+        ])
+        .await;
+    }
+
+    /// A gained partition's previous owner let it go without having held the store's fence (it
+    /// never loaded it: the ring moved on while it waited, or a stall hid the move): it has none
+    /// of the devices' times, so every member is asked from then on, and the one that held the
+    /// fence hands it over. An older shard's answer (no fences) hands over as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_previous_owner_that_never_held_the_fence_sends_the_poll_to_every_member() {
+        let mut h = Harness::new();
+        h.run(&[Members(vec![1, 2]), Wait(GRACE * 2), Members(vec![0, 1, 2])])
+            .await;
+        let mine = h.ring.partitions_of(&addr(ME));
+        let asked_of = |h: &Harness, n: usize| -> usize {
+            h.own
+                .awaiting_handover()
+                .iter()
+                .filter(|(o, _)| **o == addr(n))
+                .map(|(_, ps)| ps.len())
+                .sum()
+        };
+        let from_1 = asked_of(&h, 1);
+        assert!(
+            from_1 > 0 && from_1 < mine.len(),
+            "{from_1} of {}",
+            mine.len()
+        );
+        h.run(&[
+            ExpectAwaiting(vec![1, 2]),
+            StoreShows(FOUND),
+            // Shard 1 let its share go under an older fence: shard 2 is asked for it too.
+            HandedOverBy(1, Some(FOUND - 1)),
+            ExpectLoads(0),
+        ])
+        .await;
+        assert_eq!(asked_of(&h, 1), from_1, "still asked of shard 1");
+        assert_eq!(
+            asked_of(&h, 2),
+            mine.len(),
+            "and of shard 2, with its own share"
+        );
+        // Shard 2 held the fence: everything loads.
+        h.run(&[
+            HandedOverBy(2, Some(FOUND)),
+            ExpectLoads(1),
+            ExpectAwaiting(vec![]),
+            LoadDoneAndOwned,
         ])
         .await;
     }

@@ -356,9 +356,10 @@ impl Handoff {
     /// Asks each previous owner still awaited whether it has let go of the partitions this
     /// shard gained from it; what it has let go loads now, with the devices' times it hands
     /// over. A previous owner that does not answer is asked again; the grace bounds the wait.
-    /// A partition taken back after another shard fenced it is handed over only by the shard
-    /// that held the store's fence ([`Ownership::takes_handover`]), read again here: a shard
-    /// that took it over since the fence was found makes an earlier holder's answer stale.
+    /// A shard that says which fence it held each partition under hands over only those it
+    /// held under the store's fence, read here ([`Ownership::takes_handover`]): one that let a
+    /// partition go without having held it (it never loaded it, or it was a wrong guess, as
+    /// after a stall) has none of its devices' times, and every member is asked for it next.
     async fn poll_handovers(&self, machine: &mut Ownership, shard: &Shard) -> Vec<Action> {
         let awaited = machine.awaiting_handover();
         if awaited.is_empty() {
@@ -380,25 +381,28 @@ impl Handoff {
             (owner, partitions, reply)
         });
         let replies = futures::future::join_all(asks).await;
-        let fenced: Vec<u32> = replies
+        let mut let_go: Vec<u32> = replies
             .iter()
             .filter_map(|(_, _, r)| r.as_ref().ok())
+            .filter(|r| r.fences_sent)
             .flat_map(|r| r.released.iter().copied())
-            .filter(|&p| machine.fence_awaited(p) != 0)
+            .filter(|&p| machine.awaits_handover(p))
             .collect();
+        let_go.sort_unstable();
+        let_go.dedup();
         let mut unread = std::collections::HashSet::new();
-        if !fenced.is_empty() {
-            match shard.stored_fences(&fenced).await {
+        if !let_go.is_empty() {
+            match shard.stored_fences(&let_go).await {
                 Ok(stored) => {
-                    for (&p, f) in fenced.iter().zip(stored) {
+                    for (&p, f) in let_go.iter().zip(stored) {
                         machine.fence_found(p, f);
                     }
                 }
                 // Not taken this time: asked again at the next poll, the grace at most.
-                Err(_) => unread.extend(fenced),
+                Err(_) => unread.extend(let_go),
             }
         }
-        let mut free = Vec::new();
+        let mut answers = Vec::new();
         for (owner, asked, reply) in replies {
             let result = match reply {
                 Err(e) => {
@@ -407,48 +411,51 @@ impl Handoff {
                 }
                 Ok(r) => {
                     let asked: std::collections::HashSet<u32> = asked.into_iter().collect();
-                    // What it let go of, with the fence it held each under; only what it hands
-                    // over counts (a guessed owner of a fenced partition that never held it
-                    // does not: the partition waits on, for the grace at most).
-                    let (released, refused): (Vec<_>, Vec<_>) = r
+                    // What it let go of, with the fence it held each under (an older shard
+                    // does not say).
+                    let said: Vec<(u32, Option<u64>)> = r
                         .released
                         .into_iter()
-                        .filter(|p| asked.contains(p))
-                        .map(|p| (p, r.fences.get(&p).copied().unwrap_or(0)))
-                        .partition(|&(p, held)| {
-                            !unread.contains(&p) && machine.takes_handover(p, held)
-                        });
-                    if !refused.is_empty() {
+                        .filter(|p| asked.contains(p) && !unread.contains(p))
+                        .map(|p| {
+                            let held = r.fences.get(&p).copied().unwrap_or(0);
+                            (p, r.fences_sent.then_some(held))
+                        })
+                        .collect();
+                    let taken: std::collections::HashSet<u32> = said
+                        .iter()
+                        .filter(|&&(p, held)| machine.takes_handover(p, held))
+                        .map(|&(p, _)| p)
+                        .collect();
+                    if taken.len() < said.len() {
                         tracing::debug!(
                             owner = %owner,
-                            partitions = refused.len(),
+                            partitions = said.len() - taken.len(),
                             fences_sent = r.fences_sent,
-                            "a shard let go of partitions fenced since by another, without having held the store's fence (or without saying: an older shard); waiting for their holder, or the grace"
+                            "a shard let go of partitions without having held the store's fence (or without saying: an older shard); asking every member, the grace at most"
                         );
                     }
-                    let released_set: std::collections::HashSet<u32> =
-                        released.iter().map(|&(p, _)| p).collect();
                     let mut handed = self.handed.lock();
                     for d in r.devices {
                         let seen = Seen::from(d);
                         let p = partition_of(seen.user);
-                        if released_set.contains(&p) {
+                        if taken.contains(&p) {
                             handed.entry(p).or_default().push(seen);
                         }
                     }
                     drop(handed);
-                    if released.is_empty() {
+                    answers.extend(said);
+                    if taken.is_empty() {
                         HandoverPoll::Waiting
                     } else {
-                        tracing::info!(owner = %owner, partitions = released.len(), "previous owner handed over");
-                        free.extend(released);
+                        tracing::info!(owner = %owner, partitions = taken.len(), "previous owner handed over");
                         HandoverPoll::Released
                     }
                 }
             };
             self.metrics.ring.handover_polls.get(result).inc();
         }
-        machine.handed_over(&free, Instant::now())
+        machine.handed_over(&answers, Instant::now())
     }
 
     async fn release(&self, shard: &Shard, partitions: &[u32]) {
