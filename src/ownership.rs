@@ -84,9 +84,25 @@ struct Part {
     /// store's fence (it never loaded it, or was a wrong guess), so the one that did is another:
     /// every member is asked.
     anyone: bool,
+    /// For `Pending` with `anyone`: the members that let it go without the store's fence. Once
+    /// every other member did, its holder is gone and it loads at once, unless `stalled`.
+    declined: Vec<Arc<str>>,
+    /// Taken back after a stall ([`Ownership::fenced`]): this shard's ring may be the stale one
+    /// (its holder may be a shard it does not know yet), so it waits for the holder or the grace.
+    stalled: bool,
 }
 
 impl Part {
+    /// Waits for nobody: loads at the next tick.
+    fn ready_now(&mut self, now: Instant) {
+        self.ready_at = Some(now);
+        self.from = None;
+        self.fence = 0;
+        self.anyone = false;
+        self.declined.clear();
+        self.stalled = false;
+    }
+
     const RELEASED: Part = Part {
         state: State::Released,
         ready_at: None,
@@ -94,6 +110,8 @@ impl Part {
         from: None,
         fence: 0,
         anyone: false,
+        declined: Vec::new(),
+        stalled: false,
     };
 
     /// Gained at `now`: from `from`, which it waits for (a grace at most), or from nobody (it
@@ -106,6 +124,8 @@ impl Part {
             from: from.map(Arc::from),
             fence: 0,
             anyone: false,
+            declined: Vec::new(),
+            stalled: false,
         }
     }
 }
@@ -222,13 +242,12 @@ impl Ownership {
         let mut without_me = None;
         for p in 0..PARTITIONS {
             let part = &mut self.parts[p as usize];
-            if part.state == State::Pending && part.fence != 0 && part.from.is_some() {
+            if part.state == State::Pending && part.stalled && part.from.is_some() {
                 let ring = without_me.get_or_insert_with(|| next.without(&self.me));
                 part.from = ring.owner(p).map(Arc::from);
                 if part.from.is_none() {
                     // Its holder left: nobody to wait for.
-                    part.ready_at = Some(now);
-                    part.fence = 0;
+                    part.ready_now(now);
                 }
             }
         }
@@ -270,6 +289,8 @@ impl Ownership {
                 from: None,
                 fence: 0,
                 anyone: false,
+                declined: Vec::new(),
+                stalled: false,
             };
         }
         vec![Action::Load {
@@ -306,6 +327,8 @@ impl Ownership {
                     from: None,
                     fence: 0,
                     anyone: false,
+                    declined: Vec::new(),
+                    stalled: false,
                 };
             }
         }
@@ -366,24 +389,35 @@ impl Ownership {
         }
     }
 
-    /// Shards let go of `partitions`, each having last held it under the fence given (`None`:
-    /// an older shard that does not say): those handed over ([`Ownership::takes_handover`]) load
-    /// now, without the rest of the grace. One let go of by a shard that did not hold the
-    /// store's fence waits on, and every member is asked for it from now on: its holder is
-    /// another.
-    pub fn handed_over(&mut self, partitions: &[(u32, Option<u64>)], now: Instant) -> Vec<Action> {
+    /// Shard `owner` let go of `partitions`, each having last held it under the fence given
+    /// (`None`: an older shard that does not say): those it hands over
+    /// ([`Ownership::takes_handover`]) load now, without the rest of the grace. One it let go
+    /// of without having held the store's fence waits on, and every member is asked for it from
+    /// now on: its holder is another. Once every other member has let it go so, its holder is
+    /// gone (killed, or restarted with nothing loaded) and it loads at once; not after a stall,
+    /// when this shard's ring may lack the holder.
+    pub fn handed_over(
+        &mut self,
+        owner: &str,
+        partitions: &[(u32, Option<u64>)],
+        now: Instant,
+    ) -> Vec<Action> {
         if !self.serving {
             return Vec::new();
         }
         for &(p, held) in partitions {
             if self.takes_handover(p, held) {
-                let part = &mut self.parts[p as usize];
-                part.ready_at = Some(now);
-                part.from = None;
-                part.fence = 0;
-                part.anyone = false;
+                self.parts[p as usize].ready_now(now);
             } else if held.is_some() && self.awaits_handover(p) {
-                self.parts[p as usize].anyone = true;
+                let part = &mut self.parts[p as usize];
+                part.anyone = true;
+                if !part.declined.iter().any(|o| &**o == owner) {
+                    part.declined.push(Arc::from(owner));
+                }
+                let mut others = self.ring.members().iter().filter(|m| **m != self.me);
+                if !part.stalled && others.all(|m| part.declined.iter().any(|o| **o == **m)) {
+                    part.ready_now(now);
+                }
             }
         }
         self.tick(now)
@@ -410,6 +444,7 @@ impl Ownership {
                 *part = Part::pending(without_me.owner(p), now, self.grace);
                 if part.from.is_some() {
                     part.fence = found;
+                    part.stalled = true;
                 }
                 lost.push(p);
             }
@@ -758,7 +793,7 @@ mod tests {
                             .map(|p| (p, held))
                             .collect();
                         assert!(!asked.is_empty(), "step {i}: nothing awaits shard {n}");
-                        let a = self.own.handed_over(&asked, now);
+                        let a = self.own.handed_over(&addr(n), &asked, now);
                         self.take(a);
                     }
                     Step::ExpectAwaiting(owners) => {
@@ -1202,6 +1237,34 @@ mod tests {
             HandedOverBy(2, Some(FOUND)),
             ExpectLoads(1),
             ExpectAwaiting(vec![]),
+            LoadDoneAndOwned,
+        ])
+        .await;
+    }
+
+    /// No member holds a gained partition's fence (its holder was killed, or restarted with
+    /// nothing loaded, before the ring moved): once every other member has let it go without
+    /// the fence, it loads at once, without the rest of the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_every_member_let_go_without_its_fence_loads_at_once() {
+        let mut h = Harness::new();
+        h.run(&[
+            Members(vec![1, 2]),
+            Wait(GRACE * 2),
+            Members(vec![0, 1, 2]),
+            StoreShows(FOUND),
+            // Shard 1's share: declined by 1, now asked of 2 as well.
+            HandedOverBy(1, Some(0)),
+            ExpectLoads(0),
+            ExpectAwaiting(vec![1, 2]),
+            // Shard 2 declines its share and shard 1's: shard 1's loads.
+            HandedOverBy(2, Some(FOUND - 1)),
+            ExpectLoads(1),
+            // Shard 1 declines shard 2's share: it loads too.
+            HandedOverBy(1, Some(0)),
+            ExpectLoads(2),
+            ExpectAwaiting(vec![]),
+            LoadDone,
             LoadDoneAndOwned,
         ])
         .await;

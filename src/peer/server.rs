@@ -402,7 +402,8 @@ impl Handoff {
                 Err(_) => unread.extend(let_go),
             }
         }
-        let mut answers = Vec::new();
+        let mut actions = Vec::new();
+        let now = Instant::now();
         for (owner, asked, reply) in replies {
             let result = match reply {
                 Err(e) => {
@@ -444,7 +445,7 @@ impl Handoff {
                         }
                     }
                     drop(handed);
-                    answers.extend(said);
+                    actions.extend(machine.handed_over(&owner, &said, now));
                     if taken.is_empty() {
                         HandoverPoll::Waiting
                     } else {
@@ -455,7 +456,7 @@ impl Handoff {
             };
             self.metrics.ring.handover_polls.get(result).inc();
         }
-        machine.handed_over(&answers, Instant::now())
+        actions
     }
 
     async fn release(&self, shard: &Shard, partitions: &[u32]) {
