@@ -220,7 +220,7 @@ label_enum!(
 );
 label_enum!(
     /// What a handover poll learnt from a previous owner.
-    HandoverPoll("result") { Released = "released", Waiting = "waiting", Failed = "failed" }
+    HandoverPoll("result") { Released = "released", Waiting = "waiting", Declined = "declined", Failed = "failed" }
 );
 label_enum!(
     /// The direction of a partition handoff.
@@ -525,7 +525,7 @@ impl RingMetrics {
             ),
             handover_polls: r.counters(
                 "presence_handover_polls_total",
-                "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them, or let them go without having held the store's fence, and every member is asked next; failed: no answer, the grace bounds the wait).",
+                "Polls of a previous owner for partitions this shard gained, by result (released: it let some go; waiting: it still serves them; declined: it let some go without having held the store's fence, so every member is asked for them next; failed: no answer, the grace bounds the wait).",
             ),
             fenced: r.counter(
                 "presence_partitions_fenced_total",

@@ -246,7 +246,7 @@ impl Ownership {
                 let ring = without_me.get_or_insert_with(|| next.without(&self.me));
                 part.from = ring.owner(p).map(Arc::from);
                 if part.from.is_none() {
-                    // Its holder left: nobody to wait for.
+                    // No other member: nobody to wait for.
                     part.ready_now(now);
                 }
             }
@@ -368,15 +368,16 @@ impl Ownership {
     /// Whether a shard's answer that it let go of `partition`, which it last held under fence
     /// `held` (`None`: an older shard that does not say), hands it over: the partition waits
     /// for a handover, and the answer comes from the shard that held the store's fence
-    /// ([`Ownership::fence_found`]), or, from an older shard, no fence was read. The previous
+    /// ([`Ownership::fence_found`]), or from an older shard (as before fences were sent), unless
+    /// the partition was taken back after a stall. The previous
     /// owner asked is a guess (its owner in the previous ring, or, for a partition taken back
     /// after another shard fenced it, in the ring without this shard); a guessed shard that
     /// never loaded it would answer at once, without the devices' times of its holder, and a
     /// fenced partition would be fenced over its real holder.
     pub fn takes_handover(&self, partition: u32, held: Option<u64>) -> bool {
         self.awaits_handover(partition) && {
-            let fence = self.parts[partition as usize].fence;
-            held.map_or(fence == 0, |held| held >= fence)
+            let part = &self.parts[partition as usize];
+            held.map_or(!part.stalled, |held| held >= part.fence)
         }
     }
 
@@ -395,15 +396,11 @@ impl Ownership {
     /// of without having held the store's fence waits on, and every member is asked for it from
     /// now on: its holder is another. Once every other member has let it go so, its holder is
     /// gone (killed, or restarted with nothing loaded) and it loads at once; not after a stall,
-    /// when this shard's ring may lack the holder.
-    pub fn handed_over(
-        &mut self,
-        owner: &str,
-        partitions: &[(u32, Option<u64>)],
-        now: Instant,
-    ) -> Vec<Action> {
+    /// when this shard's ring may lack the holder. What is ready loads at the next
+    /// [`Ownership::tick`], with what other shards handed over in the same poll.
+    pub fn handed_over(&mut self, owner: &str, partitions: &[(u32, Option<u64>)], now: Instant) {
         if !self.serving {
-            return Vec::new();
+            return;
         }
         for &(p, held) in partitions {
             if self.takes_handover(p, held) {
@@ -420,7 +417,6 @@ impl Ownership {
                 }
             }
         }
-        self.tick(now)
     }
 
     /// Another shard fenced `partitions` (each with the fence found in the store) after this
@@ -690,6 +686,16 @@ mod tests {
             }
         }
 
+        /// How many partitions are awaited from shard `n`.
+        fn asked_of(&self, n: usize) -> usize {
+            self.own
+                .awaiting_handover()
+                .iter()
+                .filter(|(o, _)| **o == addr(n))
+                .map(|(_, ps)| ps.len())
+                .sum()
+        }
+
         fn take(&mut self, actions: Vec<Action>) {
             for a in actions {
                 match a {
@@ -793,7 +799,8 @@ mod tests {
                             .map(|p| (p, held))
                             .collect();
                         assert!(!asked.is_empty(), "step {i}: nothing awaits shard {n}");
-                        let a = self.own.handed_over(&addr(n), &asked, now);
+                        self.own.handed_over(&addr(n), &asked, now);
+                        let a = self.own.tick(now);
                         self.take(a);
                     }
                     Step::ExpectAwaiting(owners) => {
@@ -1087,10 +1094,15 @@ mod tests {
         assert_eq!(h.own.count(State::Pending), 40);
         assert_eq!(h.own.count(State::Owned), mine.len() - 40);
         let first = from[0];
+        let other = 3 - first;
+        let asked = (h.asked_of(first), h.asked_of(other));
+        // An older shard's answer (no fences) hands nothing taken back after a stall over, and
+        // sends nobody else a poll.
+        h.run(&[HandedOverBy(first, None), ExpectLoads(0)]).await;
+        assert_eq!((h.asked_of(first), h.asked_of(other)), asked);
         h.run(&[
             // The guessed interim owner never held the fence found (another shard joined
             // meanwhile and took them): its answer hands nothing over; all still wait.
-            HandedOverBy(first, None),
             HandedOverBy(first, Some(0)),
             HandedOverBy(first, Some(FOUND - 1)),
             ExpectLoads(0),
@@ -1204,15 +1216,7 @@ mod tests {
         h.run(&[Members(vec![1, 2]), Wait(GRACE * 2), Members(vec![0, 1, 2])])
             .await;
         let mine = h.ring.partitions_of(&addr(ME));
-        let asked_of = |h: &Harness, n: usize| -> usize {
-            h.own
-                .awaiting_handover()
-                .iter()
-                .filter(|(o, _)| **o == addr(n))
-                .map(|(_, ps)| ps.len())
-                .sum()
-        };
-        let from_1 = asked_of(&h, 1);
+        let from_1 = h.asked_of(1);
         assert!(
             from_1 > 0 && from_1 < mine.len(),
             "{from_1} of {}",
@@ -1226,9 +1230,9 @@ mod tests {
             ExpectLoads(0),
         ])
         .await;
-        assert_eq!(asked_of(&h, 1), from_1, "still asked of shard 1");
+        assert_eq!(h.asked_of(1), from_1, "still asked of shard 1");
         assert_eq!(
-            asked_of(&h, 2),
+            h.asked_of(2),
             mine.len(),
             "and of shard 2, with its own share"
         );
@@ -1266,6 +1270,23 @@ mod tests {
             ExpectAwaiting(vec![]),
             LoadDone,
             LoadDoneAndOwned,
+        ])
+        .await;
+    }
+
+    /// During a rolling upgrade an older shard answers without fences: it hands a partition
+    /// gained on a ring change over as before, whatever fence the store shows.
+    #[tokio::test(start_paused = true)]
+    async fn an_older_shard_hands_over_as_before() {
+        let mut h = Harness::new();
+        h.run(&[
+            Members(vec![1, 2]),
+            Wait(GRACE * 2),
+            Members(vec![0, 1, 2]),
+            StoreShows(FOUND),
+            HandedOverBy(1, None),
+            ExpectLoads(1),
+            ExpectAwaiting(vec![2]),
         ])
         .await;
     }

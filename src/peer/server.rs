@@ -214,9 +214,8 @@ impl Handoff {
                 }
                 actions
             } else {
-                let mut a = self.poll_handovers(&mut machine, &shard).await;
-                a.extend(machine.tick(Instant::now()));
-                a
+                self.poll_handovers(&mut machine, &shard).await;
+                machine.tick(Instant::now())
             };
         }
     }
@@ -360,10 +359,10 @@ impl Handoff {
     /// held under the store's fence, read here ([`Ownership::takes_handover`]): one that let a
     /// partition go without having held it (it never loaded it, or it was a wrong guess, as
     /// after a stall) has none of its devices' times, and every member is asked for it next.
-    async fn poll_handovers(&self, machine: &mut Ownership, shard: &Shard) -> Vec<Action> {
+    async fn poll_handovers(&self, machine: &mut Ownership, shard: &Shard) {
         let awaited = machine.awaiting_handover();
         if awaited.is_empty() {
-            return Vec::new();
+            return;
         }
         let asks = awaited.into_iter().map(|(owner, partitions)| async move {
             let reply = async {
@@ -392,17 +391,18 @@ impl Handoff {
         let_go.dedup();
         let mut unread = std::collections::HashSet::new();
         if !let_go.is_empty() {
-            match shard.stored_fences(&let_go).await {
-                Ok(stored) => {
+            // Under the ownership lock, as the polls: bounded like one.
+            match tokio::time::timeout(HANDOVER_TIMEOUT, shard.stored_fences(&let_go)).await {
+                Ok(Ok(stored)) => {
                     for (&p, f) in let_go.iter().zip(stored) {
                         machine.fence_found(p, f);
                     }
                 }
-                // Not taken this time: asked again at the next poll, the grace at most.
-                Err(_) => unread.extend(let_go),
+                // Not taken this time (the poll counts as failed): asked again at the next poll,
+                // the grace at most.
+                Ok(Err(_)) | Err(_) => unread.extend(let_go),
             }
         }
-        let mut actions = Vec::new();
         let now = Instant::now();
         for (owner, asked, reply) in replies {
             let result = match reply {
@@ -412,6 +412,7 @@ impl Handoff {
                 }
                 Ok(r) => {
                     let asked: std::collections::HashSet<u32> = asked.into_iter().collect();
+                    let failed = r.released.iter().any(|p| unread.contains(p));
                     // What it let go of, with the fence it held each under (an older shard
                     // does not say).
                     let said: Vec<(u32, Option<u64>)> = r
@@ -445,18 +446,21 @@ impl Handoff {
                         }
                     }
                     drop(handed);
-                    actions.extend(machine.handed_over(&owner, &said, now));
-                    if taken.is_empty() {
-                        HandoverPoll::Waiting
-                    } else {
+                    machine.handed_over(&owner, &said, now);
+                    if !taken.is_empty() {
                         tracing::info!(owner = %owner, partitions = taken.len(), "previous owner handed over");
                         HandoverPoll::Released
+                    } else if failed {
+                        HandoverPoll::Failed
+                    } else if !said.is_empty() {
+                        HandoverPoll::Declined
+                    } else {
+                        HandoverPoll::Waiting
                     }
                 }
             };
             self.metrics.ring.handover_polls.get(result).inc();
         }
-        actions
     }
 
     async fn release(&self, shard: &Shard, partitions: &[u32]) {
@@ -721,6 +725,13 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
             {
                 return Err(Error::BadRequest("partitions out of range".into()));
             }
+            // The fences first: one read after a partition is seen released could be a load's
+            // that started since.
+            let held: HashMap<u32, u64> = r
+                .partitions
+                .iter()
+                .map(|&p| (p, self.shard.fence_held(p)))
+                .collect();
             let released: Vec<u32> = r
                 .partitions
                 .into_iter()
@@ -734,8 +745,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 .collect();
             let fences = released
                 .iter()
-                .map(|&p| (p, self.shard.fence_held(p)))
-                .filter(|&(_, f)| f != 0)
+                .filter_map(|p| held.get(p).filter(|&&f| f != 0).map(|&f| (*p, f)))
                 .collect();
             Ok(v1::HandoverReply {
                 released,
@@ -1249,7 +1259,7 @@ mod tests {
             Table::owning_all(),
         );
         joined.recover(&[p]).await.unwrap();
-        let waiting = polls(HandoverPoll::Waiting);
+        let declined = polls(HandoverPoll::Declined);
         let started = std::time::Instant::now();
         assert_eq!(shard.check_fences(&[p]).await.unwrap(), 1);
         tokio::time::timeout(grace * 5, owned_again(2))
@@ -1258,7 +1268,7 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= grace, "waited for the grace, took {took:?}");
         assert!(
-            polls(HandoverPoll::Waiting) > waiting,
+            polls(HandoverPoll::Declined) > declined,
             "the guessed shard was asked, and its answer did not count"
         );
         assert_eq!(
