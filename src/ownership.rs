@@ -686,6 +686,15 @@ mod tests {
             }
         }
 
+        /// A shard past its start grace that joins the ring of shards 1 and 2: its share awaits
+        /// their handover.
+        async fn joining() -> Harness {
+            let mut h = Harness::new();
+            h.run(&[Members(vec![1, 2]), Wait(GRACE * 2), Members(vec![0, 1, 2])])
+                .await;
+            h
+        }
+
         /// How many partitions are awaited from shard `n`.
         fn asked_of(&self, n: usize) -> usize {
             self.own
@@ -1212,9 +1221,7 @@ mod tests {
     /// fence hands it over. An older shard's answer (no fences) hands over as before.
     #[tokio::test(start_paused = true)]
     async fn a_previous_owner_that_never_held_the_fence_sends_the_poll_to_every_member() {
-        let mut h = Harness::new();
-        h.run(&[Members(vec![1, 2]), Wait(GRACE * 2), Members(vec![0, 1, 2])])
-            .await;
+        let mut h = Harness::joining().await;
         let mine = h.ring.partitions_of(&addr(ME));
         let from_1 = h.asked_of(1);
         assert!(
@@ -1251,11 +1258,8 @@ mod tests {
     /// the fence, it loads at once, without the rest of the grace.
     #[tokio::test(start_paused = true)]
     async fn a_partition_every_member_let_go_without_its_fence_loads_at_once() {
-        let mut h = Harness::new();
+        let mut h = Harness::joining().await;
         h.run(&[
-            Members(vec![1, 2]),
-            Wait(GRACE * 2),
-            Members(vec![0, 1, 2]),
             StoreShows(FOUND),
             // Shard 1's share: declined by 1, now asked of 2 as well.
             HandedOverBy(1, Some(0)),
@@ -1278,11 +1282,8 @@ mod tests {
     /// gained on a ring change over as before, whatever fence the store shows.
     #[tokio::test(start_paused = true)]
     async fn an_older_shard_hands_over_as_before() {
-        let mut h = Harness::new();
+        let mut h = Harness::joining().await;
         h.run(&[
-            Members(vec![1, 2]),
-            Wait(GRACE * 2),
-            Members(vec![0, 1, 2]),
             StoreShows(FOUND),
             HandedOverBy(1, None),
             ExpectLoads(1),

@@ -957,7 +957,7 @@ impl Shard {
         let mut fenced = self.fenced.lock();
         let mut found = 0;
         for (&p, theirs) in partitions.iter().zip(stored) {
-            let mine = self.fences[p as usize].load(Ordering::Acquire);
+            let mine = self.fence_held(p);
             // Another shard's fence is a later increment: higher. A lower one is this shard's own
             // newer fence, taken while the read was in flight.
             if mine != 0 && theirs > mine {
@@ -979,7 +979,7 @@ impl Shard {
         self.fenced
             .lock()
             .drain()
-            .filter(|&(p, (mine, _))| self.fences[p as usize].load(Ordering::Acquire) == mine)
+            .filter(|&(p, (mine, _))| self.fence_held(p) == mine)
             .map(|(p, (_, found))| (p, found))
             .collect()
     }

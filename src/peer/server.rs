@@ -977,6 +977,43 @@ mod tests {
     use crate::store::faulty::FaultyStore;
     use crate::store::Store;
 
+    /// A shard on `store` whose requests read `table` (heartbeat timeout 30 s).
+    fn shard_on(store: Arc<dyn Store>, metrics: Arc<Metrics>, table: Arc<Table>) -> Arc<Shard> {
+        let timeout = Duration::from_secs(30);
+        Arc::new(Shard::new(store, Rules::default(), timeout, metrics, table))
+    }
+
+    /// Runs the ownership driver of `shard` (named `me`, its table `table`) on `ring`, with the
+    /// handoff grace `grace`, catching gateways up through `fanout`, until the token is
+    /// cancelled (the ring's sender lives as long).
+    fn drive(
+        me: &str,
+        ring: Ring,
+        grace: Duration,
+        shard: &Arc<Shard>,
+        table: &Arc<Table>,
+        metrics: &Arc<Metrics>,
+        fanout: Arc<Fanout>,
+    ) -> CancellationToken {
+        let clients = Clients::new(Duration::from_secs(1), Duration::from_secs(1));
+        let handoff = Handoff::new(
+            me.to_owned(),
+            grace,
+            metrics.clone(),
+            table.clone(),
+            fanout,
+            clients,
+        );
+        let (tx, ring) = watch::channel(Arc::new(ring));
+        let cancel = CancellationToken::new();
+        let (shard, stop) = (shard.clone(), cancel.clone());
+        tokio::spawn(async move {
+            handoff.run(shard, ring, stop).await;
+            drop(tx);
+        });
+        cancel
+    }
+
     /// Issue 10, defect 8: when a partition becomes owned, every gateway interested in one of
     /// its users gets the user's current state, whatever it missed while the partition moved.
     #[tokio::test(start_paused = true)]
@@ -1010,17 +1047,8 @@ mod tests {
         assert!(gateway.rx.try_recv().is_err(), "nothing before the handoff");
         let grace = Duration::from_millis(100);
         let me = "10.0.0.1:50051".to_owned();
-        let handoff = Handoff::new(
-            me.clone(),
-            grace,
-            metrics,
-            table.clone(),
-            fanout.clone(),
-            Clients::new(Duration::from_millis(100), Duration::from_millis(100)),
-        );
-        let (_tx, ring) = watch::channel(Arc::new(Ring::new([me])));
-        let cancel = CancellationToken::new();
-        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let ring = Ring::new([me.clone()]);
+        let cancel = drive(&me, ring, grace, &shard, &table, &metrics, fanout.clone());
         let item = tokio::time::timeout(Duration::from_secs(5), gateway.rx.recv())
             .await
             .expect("a catch-up within the start grace and a load")
@@ -1049,25 +1077,12 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let user: UserId = 4242;
         let table = Table::new();
-        let shard = Arc::new(Shard::new(
-            store.clone(),
-            Rules::default(),
-            Duration::from_secs(30),
-            metrics.clone(),
-            table.clone(),
-        ));
-        let me = "10.0.0.1:50051".to_owned();
-        let handoff = Handoff::new(
-            me.clone(),
-            Duration::from_millis(100),
-            metrics.clone(),
-            table.clone(),
-            Fanout::new(metrics.clone(), 64),
-            Clients::new(Duration::from_millis(100), Duration::from_millis(100)),
-        );
-        let (_tx, ring) = watch::channel(Arc::new(Ring::new([me])));
-        let cancel = CancellationToken::new();
-        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let shard = shard_on(store.clone(), metrics.clone(), table.clone());
+        let me = "10.0.0.1:50051";
+        let grace = Duration::from_millis(100);
+        let fanout = Fanout::new(metrics.clone(), 64);
+        let ring = Ring::new([me.to_owned()]);
+        let cancel = drive(me, ring, grace, &shard, &table, &metrics, fanout);
         let owned = async {
             while table.check(user).is_err() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1080,13 +1095,7 @@ mod tests {
 
         // Meanwhile, on a ring this shard never saw: another shard took the partition over
         // (fencing it) and wrote a change.
-        let other = Shard::new(
-            store.twin() as Arc<dyn Store>,
-            Rules::default(),
-            Duration::from_secs(30),
-            Arc::new(Metrics::new()),
-            Table::owning_all(),
-        );
+        let other = shard_on(store.twin(), Arc::new(Metrics::new()), Table::owning_all());
         other.recover(&[partition_of(user)]).await.unwrap();
         let busy = Settings {
             manual: Some(Status::Busy),
@@ -1170,19 +1179,11 @@ mod tests {
     /// partition waits for the whole grace rather than being fenced over its real holder).
     #[tokio::test]
     async fn a_fenced_partition_is_handed_back_only_by_the_shard_that_held_its_fence() {
-        use crate::presence::Rules;
-
         let grace = Duration::from_secs(2);
         let store = FaultyStore::new(true);
         let metrics = Arc::new(Metrics::new());
         // The guessed interim owner: a shard on loopback that serves nothing now.
-        let guessed = Arc::new(Shard::new(
-            store.twin() as Arc<dyn Store>,
-            Rules::default(),
-            Duration::from_secs(30),
-            Arc::new(Metrics::new()),
-            Table::new(),
-        ));
+        let guessed = shard_on(store.twin(), Arc::new(Metrics::new()), Table::new());
         let guessed_metrics = Arc::new(Metrics::new());
         let guessed_addr = crate::peer::serve_on_loopback(
             ShardService {
@@ -1202,24 +1203,9 @@ mod tests {
             .unwrap();
         let p = partition_of(user);
         let table = Table::new();
-        let shard = Arc::new(Shard::new(
-            store.clone(),
-            Rules::default(),
-            Duration::from_secs(30),
-            metrics.clone(),
-            table.clone(),
-        ));
-        let handoff = Handoff::new(
-            me,
-            grace,
-            metrics.clone(),
-            table.clone(),
-            Fanout::new(metrics.clone(), 64),
-            Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
-        );
-        let (_tx, ring) = watch::channel(Arc::new(ring));
-        let cancel = CancellationToken::new();
-        tokio::spawn(handoff.run(shard.clone(), ring, cancel.clone()));
+        let shard = shard_on(store.clone(), metrics.clone(), table.clone());
+        let fanout = Fanout::new(metrics.clone(), 64);
+        let cancel = drive(&me, ring, grace, &shard, &table, &metrics, fanout);
         let owned_again = |fenced: u64| {
             let (table, metrics) = (table.clone(), metrics.clone());
             async move {
@@ -1251,13 +1237,7 @@ mod tests {
 
         // The guess is wrong: a shard this one's ring lacks fenced it; the guessed one never
         // held that fence and answers that it let go (it serves nothing).
-        let joined = Shard::new(
-            store.twin() as Arc<dyn Store>,
-            Rules::default(),
-            Duration::from_secs(30),
-            Arc::new(Metrics::new()),
-            Table::owning_all(),
-        );
+        let joined = shard_on(store.twin(), Arc::new(Metrics::new()), Table::owning_all());
         joined.recover(&[p]).await.unwrap();
         let declined = polls(HandoverPoll::Declined);
         let started = std::time::Instant::now();
