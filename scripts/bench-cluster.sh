@@ -24,7 +24,8 @@
 #               heartbeat in its own call, PRESENCE_COALESCE_HEARTBEATS=false; "shards3-nowindow": batches
 #               do not wait to fill, PRESENCE_COALESCE_WINDOW=0s; "all-1w" and "shards3-1w": each
 #               process with PRESENCE_WORKER_THREADS=1, so that the cluster's 4 processes do not
-#               run 8 workers on 2 cores), CL_PERF=1 or CL_PERF=<process name, e.g. shard1> (a
+#               run 8 workers on 2 cores; "shards3-gw1w": only the gateway at one worker;
+#               "shards3-sh1w": only the shards at one worker each), CL_PERF=1 or CL_PERF=<process name, e.g. shard1> (a
 #               `perf record` of that process, else of the gateway or the all-in-one, mid-run into OUT; CL_PERF_FREQ samples/s, default 999), CL_PER_PROCESS=1
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics), CL_MODE=online (measure `POST /online`
@@ -281,10 +282,10 @@ start_cluster() { # SHARDS GATEWAYS [VAR=value...]
   for ((i = 1; i <= shards; i++)); do
     start "shard$i" PRESENCE_ROLE=shard PRESENCE_REDIS_URL="$SEEDS" PRESENCE_SHARDS="$list" \
       PRESENCE_ADVERTISE="127.0.0.1:$((PORT_BASE + 30 + i))" PRESENCE_GRPC_LISTEN="127.0.0.1:$((PORT_BASE + 30 + i))" \
-      PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 20 + i))" "$@"
+      PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 20 + i))" "$@" ${SHARD_ENV:-}
   done
   for ((i = 1; i <= gateways; i++)); do
-    start "gw$i" PRESENCE_ROLE=gateway PRESENCE_SHARDS="$list" PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 40 + i))" "$@"
+    start "gw$i" PRESENCE_ROLE=gateway PRESENCE_SHARDS="$list" PRESENCE_LISTEN="127.0.0.1:$((PORT_BASE + 40 + i))" "$@" ${GW_ENV:-}
   done
   for ((i = 1; i <= shards; i++)); do wait_ready "http://127.0.0.1:$((PORT_BASE + 20 + i))"; done
   for ((i = 1; i <= gateways; i++)); do wait_ready "http://127.0.0.1:$((PORT_BASE + 40 + i))"; done
@@ -325,6 +326,8 @@ bench_cluster() {
           url="http://127.0.0.1:$((PORT_BASE + 10))"
           wait_ready "$url" ;;
         shards3-1w) start_cluster 3 1 PRESENCE_WORKER_THREADS=1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        shards3-gw1w) GW_ENV=PRESENCE_WORKER_THREADS=1 start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
+        shards3-sh1w) SHARD_ENV=PRESENCE_WORKER_THREADS=1 start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards1) start_cluster 1 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards3) start_cluster 3 1; url="http://127.0.0.1:$((PORT_BASE + 41))" ;;
         shards3-single)
