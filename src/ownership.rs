@@ -173,6 +173,11 @@ impl Ownership {
         self.serving
     }
 
+    /// Whether the shard is within its start grace, taking nothing yet.
+    pub fn starting(&self) -> bool {
+        self.hold_until.is_some()
+    }
+
     pub fn state(&self, partition: u32) -> State {
         self.parts[partition as usize].state
     }
@@ -483,6 +488,8 @@ pub struct Table {
     states: Box<[AtomicU8]>,
     epoch: AtomicU64,
     serving: AtomicBool,
+    /// [`Ownership::starting`], for the health check.
+    starting: AtomicBool,
     owned: AtomicU64,
 }
 
@@ -492,6 +499,7 @@ impl Table {
             states: (0..PARTITIONS).map(|_| AtomicU8::new(RELEASED)).collect(),
             epoch: AtomicU64::new(0),
             serving: AtomicBool::new(true),
+            starting: AtomicBool::new(false),
             owned: AtomicU64::new(0),
         })
     }
@@ -533,6 +541,7 @@ impl Table {
         self.owned.store(owned, Ordering::Relaxed);
         self.epoch.store(own.ring.epoch(), Ordering::Relaxed);
         self.serving.store(own.serving, Ordering::Relaxed);
+        self.starting.store(own.starting(), Ordering::Relaxed);
     }
 
     /// The partitions served now.
@@ -574,6 +583,11 @@ impl Table {
 
     pub fn serving(&self) -> bool {
         self.serving.load(Ordering::Relaxed)
+    }
+
+    /// Whether the shard is within its start grace ([`Ownership::starting`]).
+    pub fn starting(&self) -> bool {
+        self.starting.load(Ordering::Relaxed)
     }
 
     pub fn owned_count(&self) -> usize {

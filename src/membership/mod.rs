@@ -66,14 +66,29 @@ pub fn publish(tx: &watch::Sender<Members>, next: Members) -> bool {
     })
 }
 
+/// What a health check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probed {
+    /// Up and serving.
+    Serving,
+    /// Up, within its start grace (taking no partition yet): changes nothing.
+    Starting,
+    /// No answer, or draining.
+    Down,
+}
+
 /// Answers whether a shard at an address is alive and serving.
 #[async_trait]
 pub trait Probe: Send + Sync + 'static {
-    async fn probe(&self, addr: &str) -> bool;
+    async fn probe(&self, addr: &str) -> Probed;
 }
 
 /// A fixed list of shards, each health-checked every `interval`. Every shard starts as a member;
-/// it leaves after `fall` failed checks in a row and rejoins after `rise` good ones.
+/// it leaves after `fall` failed checks in a row and rejoins after `rise` good ones. A shard
+/// within its start grace counts as neither: a member stays one (a cluster that starts together
+/// forms as before), and one that is not (restarted after its peers dropped it, or added) joins
+/// once its grace is over, so that the shards holding its partitions keep serving them until it
+/// can take them, rather than release them to a shard that takes nothing yet.
 pub struct StaticDiscovery {
     shards: Vec<String>,
     probe: Arc<dyn Probe>,
@@ -117,14 +132,19 @@ impl Discovery for StaticDiscovery {
                 let probe = self.probe.clone();
                 let timeout = self.interval;
                 async move {
-                    let ok = tokio::time::timeout(timeout, probe.probe(s))
+                    let probed = tokio::time::timeout(timeout, probe.probe(s))
                         .await
-                        .unwrap_or(false);
-                    (s.clone(), ok)
+                        .unwrap_or(Probed::Down);
+                    (s.clone(), probed)
                 }
             });
-            for (shard, ok) in futures::future::join_all(checks).await {
+            for (shard, probed) in futures::future::join_all(checks).await {
                 let (healthy, streak) = state.get_mut(&shard).expect("known shard");
+                let ok = match probed {
+                    Probed::Serving => true,
+                    Probed::Down => false,
+                    Probed::Starting => *healthy,
+                };
                 if ok == *healthy {
                     *streak = 0;
                     continue;
@@ -194,33 +214,54 @@ impl Discovery for ManualDiscovery {
 mod tests {
     use super::*;
     use parking_lot::Mutex;
-    use std::collections::HashSet;
+    use std::collections::HashMap;
 
-    struct FakeProbe(Mutex<HashSet<String>>);
+    /// What each shard answers (`Down` for those it does not name).
+    struct FakeProbe(Mutex<HashMap<String, Probed>>);
+
+    impl FakeProbe {
+        fn serving(all: &[String]) -> Arc<FakeProbe> {
+            let answers = all.iter().map(|a| (a.clone(), Probed::Serving)).collect();
+            Arc::new(FakeProbe(Mutex::new(answers)))
+        }
+
+        fn set(&self, addr: &str, p: Probed) {
+            self.0.lock().insert(addr.to_owned(), p);
+        }
+    }
 
     #[async_trait]
     impl Probe for FakeProbe {
-        async fn probe(&self, addr: &str) -> bool {
-            self.0.lock().contains(addr)
+        async fn probe(&self, addr: &str) -> Probed {
+            self.0.lock().get(addr).copied().unwrap_or(Probed::Down)
         }
+    }
+
+    /// Runs a static discovery of `all` on `probe`, checking every second: its published sets.
+    fn run_static(
+        all: &[String],
+        probe: Arc<FakeProbe>,
+    ) -> (watch::Receiver<Members>, CancellationToken) {
+        let d = Arc::new(StaticDiscovery::new(
+            all.to_vec(),
+            probe,
+            Duration::from_secs(1),
+        ));
+        let (tx, rx) = watch::channel(members(Vec::new()));
+        let cancel = CancellationToken::new();
+        tokio::spawn(d.run(tx, cancel.clone()));
+        (rx, cancel)
     }
 
     #[tokio::test(start_paused = true)]
     async fn static_members_follow_health_with_hysteresis() {
         let all = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
-        let probe = Arc::new(FakeProbe(Mutex::new(all.iter().cloned().collect())));
-        let d = Arc::new(StaticDiscovery::new(
-            all.clone(),
-            probe.clone(),
-            Duration::from_secs(1),
-        ));
-        let (tx, mut rx) = watch::channel(members(Vec::new()));
-        let cancel = CancellationToken::new();
-        tokio::spawn(d.run(tx, cancel.clone()));
+        let probe = FakeProbe::serving(&all);
+        let (mut rx, cancel) = run_static(&all, probe.clone());
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow_and_update().clone(), all);
         // b dies: gone after two failed checks (about 2 s), not after one.
-        probe.0.lock().remove("b:1");
+        probe.set("b:1", Probed::Down);
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         assert_eq!(rx.borrow().len(), 3);
         rx.changed().await.unwrap();
@@ -229,9 +270,40 @@ mod tests {
             vec!["a:1".to_owned(), "c:1".to_owned()]
         );
         // b is back: rejoins on the next good check.
-        probe.0.lock().insert("b:1".to_owned());
+        probe.set("b:1", Probed::Serving);
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().len(), 3);
+        cancel.cancel();
+    }
+
+    /// A shard within its start grace changes nothing: members that start together stay
+    /// members; one restarted after it was dropped joins only once it serves, so that the
+    /// shards holding its partitions keep them until it can take them.
+    #[tokio::test(start_paused = true)]
+    async fn a_starting_shard_keeps_its_membership_as_it_was() {
+        let all = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let probe = FakeProbe::serving(&all);
+        for a in &all {
+            probe.set(a, Probed::Starting);
+        }
+        let (mut rx, cancel) = run_static(&all, probe.clone());
+        rx.changed().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(*rx.borrow_and_update().clone(), all, "all start together");
+        for a in &all {
+            probe.set(a, Probed::Serving);
+        }
+        // b is killed: dropped; restarted: starting for 5 s, still out; then serving: back.
+        probe.set("b:1", Probed::Down);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().len(), 2);
+        probe.set("b:1", Probed::Starting);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(rx.borrow().len(), 2, "not back while starting");
+        assert!(!rx.has_changed().unwrap());
+        probe.set("b:1", Probed::Serving);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update().clone(), all);
         cancel.cancel();
     }
 

@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::coalesce::{Answer, Coalescer, ItemAnswer};
 use super::{inject_trace, Timed};
 use crate::error::Error;
-use crate::membership::Probe;
+use crate::membership::{Probe, Probed};
 use crate::metrics::Metrics;
 use crate::presence::{BatchEntry, Platform, Privacy, Settings, StatusView, UserId, Viewer};
 use crate::proto::{self, v1};
@@ -82,13 +82,17 @@ pub struct GrpcProbe {
 
 #[async_trait]
 impl Probe for GrpcProbe {
-    async fn probe(&self, addr: &str) -> bool {
+    async fn probe(&self, addr: &str) -> Probed {
         let Ok(mut c) = self.clients.get(addr) else {
-            return false;
+            return Probed::Down;
         };
         match c.health(v1::HealthRequest {}).await {
-            Ok(r) => r.into_inner().serving,
-            Err(_) => false,
+            Ok(r) => match r.into_inner() {
+                h if !h.serving => Probed::Down,
+                h if h.starting => Probed::Starting,
+                _ => Probed::Serving,
+            },
+            Err(_) => Probed::Down,
         }
     }
 }

@@ -824,6 +824,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 // Serving means "up and not draining": never the store's health, or one
                 // stalled Redis master would take every shard out of every ring.
                 serving: self.own.serving(),
+                starting: self.own.starting(),
                 epoch: self.own.epoch(),
                 owned_partitions: self.own.owned_count() as u32,
                 store_ok: self.metrics.store.up.get() == 1
@@ -1269,6 +1270,63 @@ mod tests {
         assert!(
             took >= grace,
             "the stale holder's answer did not count, took {took:?}"
+        );
+        cancel.cancel();
+    }
+
+    /// A shard reports itself starting on `Health` for its start grace, and serving after it,
+    /// so that static discovery lets it join a ring only once it can take partitions.
+    #[tokio::test]
+    async fn a_shard_answers_health_checks_as_starting_for_its_start_grace() {
+        use crate::membership::{Probe, Probed};
+
+        let grace = Duration::from_millis(600);
+        let metrics = Arc::new(Metrics::new());
+        let table = Table::new();
+        let shard = shard_on(FaultyStore::new(true), metrics.clone(), table.clone());
+        let addr = crate::peer::serve_on_loopback(
+            ShardService {
+                shard: shard.clone(),
+                own: table.clone(),
+                metrics: metrics.clone(),
+                fanout: Fanout::new(metrics.clone(), 64),
+                stop: CancellationToken::new(),
+            },
+            &[],
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let fanout = Fanout::new(metrics.clone(), 64);
+        let cancel = drive(
+            &addr,
+            Ring::new([addr.clone()]),
+            grace,
+            &shard,
+            &table,
+            &metrics,
+            fanout,
+        );
+        let probe = crate::peer::GrpcProbe {
+            clients: Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
+        };
+        let first = probe.probe(&addr).await;
+        assert!(started.elapsed() < grace, "probed too late to tell");
+        assert_eq!(first, Probed::Starting);
+        while started.elapsed() < grace * 5 && probe.probe(&addr).await != Probed::Serving {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(probe.probe(&addr).await, Probed::Serving);
+        assert!(
+            started.elapsed() >= grace,
+            "serving before its grace was over"
+        );
+        while started.elapsed() < grace * 5 && table.owned_count() < PARTITIONS as usize {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            table.owned_count(),
+            PARTITIONS as usize,
+            "it took its partitions"
         );
         cancel.cancel();
     }
