@@ -173,9 +173,16 @@ impl Ownership {
         self.serving
     }
 
-    /// Whether the shard is within its start grace, taking nothing yet.
+    /// Whether the shard is within its start grace, taking nothing yet, while its ring has other
+    /// members: those serve its partitions meanwhile, so it should not be a member yet. A shard
+    /// whose ring has no other member (a cluster starting, whose members are the ready or
+    /// registered shards) is not held back: otherwise the first shard to join would take every
+    /// partition.
     pub fn starting(&self) -> bool {
-        self.hold_until.is_some()
+        self.hold_until.is_some() && {
+            let ring = self.held.as_ref().unwrap_or(&self.ring);
+            ring.members().iter().any(|m| *m != self.me)
+        }
     }
 
     pub fn state(&self, partition: u32) -> State {
@@ -1265,6 +1272,25 @@ mod tests {
             LoadDoneAndOwned,
         ])
         .await;
+    }
+
+    /// A shard is starting (no member yet) during its start grace only while its ring has
+    /// other members, who serve its partitions meanwhile: alone (a cluster forming from ready or
+    /// registered shards), it is not held back, or the first to join would take everything.
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_is_starting_for_its_grace_only_beside_other_members() {
+        let mut h = Harness::new();
+        assert!(!h.own.starting(), "no ring yet");
+        h.run(&[Members(vec![ME])]).await;
+        assert!(!h.own.starting(), "alone");
+        h.run(&[Members(vec![ME, 1])]).await;
+        assert!(h.own.starting());
+        h.table.sync(&h.own);
+        assert!(h.table.starting());
+        h.run(&[Wait(GRACE)]).await;
+        assert!(!h.own.starting(), "the grace is over");
+        h.table.sync(&h.own);
+        assert!(!h.table.starting());
     }
 
     /// No member holds a gained partition's fence (its holder was killed, or restarted with

@@ -88,8 +88,10 @@ pub trait Presence: Send + Sync + 'static {
         mode: SubscriptionMode,
         targets: &[UserId],
     ) -> Result<Vec<UserId>, Error>;
-    /// Whether this node can serve at all (a gateway: some shard is in its ring). Never the
-    /// store's health: one stalled Redis master must fail only its own users' requests, not
-    /// make a node unready or take a shard out of the ring.
+    /// Whether this node can serve at all (a gateway: some shard is in its ring; a shard: its
+    /// start grace is over, so that Kubernetes, which makes ready shards the members, adds it to
+    /// the ring only once it can take partitions). Never the store's health: one stalled Redis
+    /// master must fail only its own users' requests, not make a node unready or take a shard
+    /// out of the ring.
     async fn healthy(&self) -> bool;
 }

@@ -1613,7 +1613,7 @@ impl Presence for Shard {
 
     async fn healthy(&self) -> bool {
         // The store is watched on its own (`presence_store_up`), never here: see the trait.
-        true
+        !self.table.starting()
     }
 }
 
