@@ -716,9 +716,7 @@ mod tests {
     /// The shard of [`older_shard`]: its address and metrics.
     async fn shard_at(older: &[&str]) -> (String, Arc<Metrics>) {
         use crate::ownership::Table;
-        use crate::peer::ShardService;
         use crate::presence::Rules;
-        use crate::push::fanout::Fanout;
         use crate::service::Presence;
         use crate::shard::Shard;
         use crate::store::faulty::FaultyStore;
@@ -740,14 +738,8 @@ mod tests {
             &[],
         );
         shard.set_privacy(11, nobody).await.unwrap();
-        let service = ShardService {
-            shard,
-            own: Table::owning_all(),
-            metrics: metrics.clone(),
-            fanout: Fanout::new(metrics.clone(), 64),
-            stop: tokio_util::sync::CancellationToken::new(),
-        };
-        let addr = crate::peer::serve_on_loopback(service, older).await;
+        let own = Table::owning_all();
+        let addr = crate::peer::serve_on_loopback(shard, own, metrics.clone(), older).await;
         (addr, metrics)
     }
 

@@ -23,12 +23,26 @@ pub mod upstream;
 pub use client::{Coalesce, GrpcProbe, Router};
 pub use server::{Handoff, ShardService};
 
-/// Serves `service` on a loopback port, answering `Unimplemented` to the methods in `older`, as
-/// a shard without them (an older version) does. Answers its address. For tests.
+/// Serves `shard`, whose requests read `own` and whose calls count in `metrics`, on a loopback
+/// port, answering `Unimplemented` to the methods in `older`, as a shard without them (an older
+/// version) does. Answers its address. For tests.
 #[cfg(test)]
-pub(crate) async fn serve_on_loopback(service: ShardService, older: &[&str]) -> String {
+pub(crate) async fn serve_on_loopback(
+    shard: Arc<crate::shard::Shard>,
+    own: Arc<crate::ownership::Table>,
+    metrics: Arc<Metrics>,
+    older: &[&str],
+) -> String {
     use crate::proto::v1::presence_shard_server::PresenceShardServer;
     use tonic::server::NamedService;
+
+    let service = ShardService {
+        shard,
+        own,
+        fanout: crate::push::fanout::Fanout::new(metrics.clone(), 64),
+        metrics,
+        stop: tokio_util::sync::CancellationToken::new(),
+    };
 
     let mut router =
         tonic::service::Routes::new(PresenceShardServer::new(service)).into_axum_router();

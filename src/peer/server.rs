@@ -1188,17 +1188,9 @@ mod tests {
         // The guessed interim owner: a shard on loopback that serves nothing now.
         let guessed = shard_on(store.twin(), Arc::new(Metrics::new()), Table::new());
         let guessed_metrics = Arc::new(Metrics::new());
-        let guessed_addr = crate::peer::serve_on_loopback(
-            ShardService {
-                shard: guessed.clone(),
-                own: Table::new(),
-                metrics: guessed_metrics.clone(),
-                fanout: Fanout::new(guessed_metrics, 64),
-                stop: CancellationToken::new(),
-            },
-            &[],
-        )
-        .await;
+        let guessed_addr =
+            crate::peer::serve_on_loopback(guessed.clone(), Table::new(), guessed_metrics, &[])
+                .await;
         let me = "10.0.0.1:50051".to_owned();
         let ring = Ring::new([me.clone(), guessed_addr]);
         let user: UserId = (1..)
@@ -1288,17 +1280,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let table = Table::new();
         let shard = shard_on(FaultyStore::new(true), metrics.clone(), table.clone());
-        let addr = crate::peer::serve_on_loopback(
-            ShardService {
-                shard: shard.clone(),
-                own: table.clone(),
-                metrics: metrics.clone(),
-                fanout: Fanout::new(metrics.clone(), 64),
-                stop: CancellationToken::new(),
-            },
-            &[],
-        )
-        .await;
+        let addr =
+            crate::peer::serve_on_loopback(shard.clone(), table.clone(), metrics.clone(), &[])
+                .await;
         let started = std::time::Instant::now();
         let fanout = Fanout::new(metrics.clone(), 64);
         // The other member serves nothing (a closed port): its share is loaded after the grace.
