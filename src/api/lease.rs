@@ -15,7 +15,8 @@
 //! lost shard) is brought back as the socket's session, as a socket's own heartbeat would.
 //! A socket's release waits for a round that took its beat, so that no beat of a closed socket
 //! reaches the owner after the close (the close grace's `offline` would take it for a
-//! reconnect).
+//! reconnect), and says when its last beat was answered, so that the close does not take a
+//! beat just before it for a reconnect either.
 //!
 //! Activity that may change what others see goes at once instead ([`report_now`]): a user idle
 //! on the owner, or close to it, turns ONLINE without waiting for a round.
@@ -77,6 +78,9 @@ struct Held {
     active: bool,
     /// The round that last took its beat (0: none).
     taken: u64,
+    /// When its last beat ended (answered, failed or timed out): the owner may have seen the
+    /// device then.
+    ended: Option<tokio::time::Instant>,
 }
 
 /// One beat of a round.
@@ -111,6 +115,7 @@ impl Leases {
                 heard: false,
                 active: false,
                 taken: 0,
+                ended: None,
             },
         );
     }
@@ -134,15 +139,25 @@ impl Leases {
 
     /// Socket `id` closed: its lease ends, once a round that took its beat has ended (at most
     /// `bound`), so that its last beat reaches the owner before whatever the close sends.
-    pub async fn release(&self, id: u64, bound: Duration) {
-        let Some(held) = self.held.lock().remove(&id) else {
-            return;
-        };
+    /// Returns when its last beat ended, at the latest (`None`: it never beat).
+    pub async fn release(&self, id: u64, bound: Duration) -> Option<tokio::time::Instant> {
+        let held = self.held.lock().remove(&id)?;
         if held.taken <= *self.done.borrow() {
-            return;
+            // The round that took its last beat has ended, and that beat marked its end here
+            // (the lease was held until now).
+            return held.ended;
         }
         let mut done = self.done.subscribe();
         let _ = tokio::time::timeout(bound, done.wait_for(|&d| d >= held.taken)).await;
+        // Its beat ended meanwhile (or the bound passed): no later than now.
+        Some(tokio::time::Instant::now())
+    }
+
+    /// The beat of socket `id` ended.
+    fn ended(&self, id: u64) {
+        if let Some(h) = self.held.lock().get_mut(&id) {
+            h.ended = Some(tokio::time::Instant::now());
+        }
     }
 
     /// Takes the beats of round `round`: one per lease heard since its last beat.
@@ -212,6 +227,7 @@ impl Leases {
                         LeaseBeat::Failed
                     }
                 };
+                self.ended(b.id);
                 if label == LeaseBeat::Failed {
                     // The next round tries again, while the socket is open.
                     self.heard(b.id, b.active);
@@ -328,7 +344,8 @@ mod tests {
     }
 
     /// A device the owner no longer holds online comes back as the socket's session with the
-    /// next beat; once the socket released its lease, nothing brings it back.
+    /// next beat, and its release says when that beat ended; once the socket released its
+    /// lease, nothing brings it back.
     #[tokio::test(start_paused = true)]
     async fn a_beat_revives_a_device_the_owner_dropped_but_not_after_the_release() {
         let r = rig().await;
@@ -344,7 +361,10 @@ mod tests {
         assert_eq!(status(&r.shard, 2).await, Status::Online, "revived");
         assert_eq!(beats(&r.metrics, LeaseBeat::Revived), 1);
 
-        r.leases.release(21, TIMEOUT).await;
+        // The beat ended with its round, 10 ms ago: the close's offline must not take it for a
+        // reconnect.
+        let ended = r.leases.release(21, TIMEOUT).await.expect("it beat");
+        assert_eq!(ended.elapsed(), Duration::from_millis(10));
         assert!(r.leases.is_empty());
         r.shard.offline(2, "d", None).await.unwrap();
         r.leases.heard(21, true);
@@ -369,8 +389,9 @@ mod tests {
 
         // Socket 2's lease was not taken: released at once.
         let t = tokio::time::Instant::now();
-        leases.release(2, Duration::from_secs(5)).await;
+        let ended = leases.release(2, Duration::from_secs(5)).await;
         assert_eq!(t.elapsed(), Duration::ZERO);
+        assert_eq!(ended, None, "it never beat");
 
         // Socket 1's round ends 300 ms from now.
         let l = leases.clone();
@@ -378,8 +399,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             l.done.send_replace(round);
         });
-        leases.release(1, Duration::from_secs(5)).await;
+        let ended = leases.release(1, Duration::from_secs(5)).await;
         assert_eq!(t.elapsed(), Duration::from_millis(300));
+        assert_eq!(
+            ended,
+            Some(t + Duration::from_millis(300)),
+            "no earlier than its round"
+        );
 
         // A round that never ends holds a release for its bound only.
         leases.hold(3, 3, "d", Platform::Pc, 3);

@@ -94,6 +94,22 @@ const RECONNECT_MARGIN: Duration = Duration::from_millis(250);
 /// compares milliseconds (the device's last seen, its now, the window, each floored), which can
 /// make a reconnect 2 ms after the stop look older than it.
 const WINDOW_ROUNDING: Duration = Duration::from_millis(2);
+/// Kept between the window and the socket's own last call. Flooring alone needs none (the
+/// shard's floored last seen plus the floored window never passes its floored now); this is a
+/// margin for the gateway and the shard measuring on monotonic clocks of their own.
+const OWN_MARGIN: Duration = Duration::from_millis(1);
+
+/// The close grace's `offline` leaves the device online if it was seen within this window: a
+/// reconnect through another socket or gateway. That is any call the owner saw since the socket
+/// stopped (`since_stop` ago; every call of its own had been answered by then), plus what the
+/// shard's flooring can take off ([`WINDOW_ROUNDING`]), but never as far back as the socket's
+/// own last call the owner answered (`since_own` ago, less [`OWN_MARGIN`]): a beat of its own
+/// a millisecond before the close is not a reconnect. When the two are that close, a reconnect
+/// within 2 ms after the stop may be missed: its device goes OFFLINE, and its next heartbeat is
+/// told so (the safe side; the other would leave a closed device ONLINE until its timeout).
+fn reconnect_window(since_stop: Duration, since_own: Duration) -> Duration {
+    (since_stop + WINDOW_ROUNDING).min(since_own.saturating_sub(OWN_MARGIN))
+}
 /// First retry of a subscription list that could not be read for a welcome; then doubling.
 const RELOAD_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between retries of the subscription list.
@@ -172,6 +188,7 @@ pub async fn upgrade(
         session,
         // The online above was activity.
         reported: tokio::time::Instant::now(),
+        answered: tokio::time::Instant::now(),
         deadline,
         end: None,
     };
@@ -330,6 +347,9 @@ struct Socket {
     /// When this socket's user's activity was last reported to the owner: at once, or marked
     /// for the lease's next round.
     reported: tokio::time::Instant,
+    /// When the owner last answered a call of this socket's own that marks the device seen
+    /// (its `online`, an activity reported at once); the lease's beats are the lease's.
+    answered: tokio::time::Instant,
     /// When the socket's token (plus the grace) runs out; `None`: never (no authentication).
     deadline: Option<tokio::time::Instant>,
     /// Set when a message ends the socket: the close code and reason.
@@ -594,10 +614,12 @@ async fn finish(
 ) {
     let user = sock.user;
     // The lease ends, once a beat of it in flight has arrived.
-    sock.s.leases.release(sock.id, LEASE_RELEASE_BOUND).await;
+    let beat_ended = sock.s.leases.release(sock.id, LEASE_RELEASE_BOUND).await;
     // From here on the socket hears nothing from its client: a heartbeat seen later for this
     // device came through another socket.
     let stopped = tokio::time::Instant::now();
+    // The last time the owner saw the device through this socket, at the latest.
+    let own = beat_ended.map_or(sock.answered, |t| t.max(sock.answered));
     if let Some(done) = done {
         done.cancel();
     }
@@ -647,12 +669,11 @@ async fn finish(
             // Not if the device reconnected meanwhile, here or through another gateway:
             // - registered again under another session (an `online` that reached the owner
             //   first, however soon after the stop it came);
-            // - or seen since the socket stopped (whose own requests had all been answered by
-            //   then), not merely within the last `grace`, plus what millisecond flooring at the
-            //   shard can take off that window (`WINDOW_ROUNDING`).
+            // - or seen since the socket stopped, not merely within the last `grace`
+            //   ([`reconnect_window`]).
             let closed = Closed {
                 session,
-                seen_within: Some(stopped.elapsed() + WINDOW_ROUNDING),
+                seen_within: Some(reconnect_window(stopped.elapsed(), own.elapsed())),
             };
             if let Err(e) = s.presence.offline(user, &device, Some(closed)).await {
                 tracing::warn!(user, error = %e, "offline after socket close failed");
@@ -822,6 +843,13 @@ impl Socket {
 
     /// An active heartbeat, now; a device its owner no longer holds online comes back.
     async fn heartbeat(&mut self) -> Result<(), Error> {
+        let r = self.beat_now().await;
+        // Answered or not, the owner may have seen the device until now.
+        self.answered = tokio::time::Instant::now();
+        r
+    }
+
+    async fn beat_now(&self) -> Result<(), Error> {
         let active = true;
         match self
             .s
@@ -1006,5 +1034,96 @@ impl Socket {
                 "type must be one of heartbeat, setStatus, clearStatus, subscribe, unsubscribe, query, resume, refresh".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::presence::{Status, Viewer};
+    use crate::service::Presence;
+    use crate::shard::test_shard;
+
+    /// Half a millisecond over, so that the shard's flooring of its now takes something off.
+    const GRACE: Duration = Duration::from_micros(500_500);
+    const SESSION: Session = 7;
+
+    /// A device online as `SESSION` at 100.3 ms of the shard's clock, through its socket's own
+    /// call, `own_before` the stop; another path's heartbeat `reconnect` after the stop, if
+    /// any; and the close grace's `offline` a grace after the stop: the status it leaves, on
+    /// paused time (sub-millisecond steps, which the shard floors).
+    async fn after_close(own_before: Duration, reconnect: Option<Duration>) -> Status {
+        let shard = test_shard(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            Arc::new(Metrics::new()),
+        );
+        tokio::time::advance(Duration::from_micros(100_300)).await;
+        shard
+            .online_session(1, "d", Platform::Web, SESSION)
+            .await
+            .unwrap();
+        let own = tokio::time::Instant::now();
+        tokio::time::advance(own_before).await;
+        let stopped = tokio::time::Instant::now();
+        if let Some(r) = reconnect {
+            tokio::time::advance(r).await;
+            shard.heartbeat(1, "d", false).await.unwrap();
+        }
+        tokio::time::sleep_until(stopped + GRACE).await;
+        let closed = Closed {
+            session: SESSION,
+            seen_within: Some(reconnect_window(stopped.elapsed(), own.elapsed())),
+        };
+        shard.offline(1, "d", Some(closed)).await.unwrap();
+        shard.status(1, Viewer::Truth).await.unwrap().status
+    }
+
+    /// The socket's own last call, even 0.7 ms before its close, is not a reconnect: the device
+    /// goes OFFLINE after the grace (within the 2 ms that flooring adds to the window, it was
+    /// read as one, and the device stayed ONLINE until its heartbeat timeout). A heartbeat
+    /// through another path after the stop keeps it ONLINE: even 0.99 ms after (the stop on a
+    /// whole millisecond, which flooring would take off) when the socket's own call was long
+    /// before, 2 ms after when it came just before.
+    #[tokio::test(start_paused = true)]
+    async fn the_close_grace_tells_a_sockets_own_last_call_from_a_reconnect() {
+        let us = Duration::from_micros;
+        let (just_before, long_before) = (us(700), us(299_700));
+        assert_eq!(after_close(just_before, None).await, Status::Offline);
+        assert_eq!(after_close(us(3_000), None).await, Status::Offline);
+        assert_eq!(after_close(long_before, None).await, Status::Offline);
+        assert_eq!(
+            after_close(long_before, Some(us(990))).await,
+            Status::Online
+        );
+        assert_eq!(
+            after_close(long_before, Some(us(100_000))).await,
+            Status::Online
+        );
+        assert_eq!(
+            after_close(just_before, Some(us(2_000))).await,
+            Status::Online
+        );
+        assert_eq!(
+            after_close(just_before, Some(us(100_000))).await,
+            Status::Online
+        );
+    }
+
+    /// The window: since the stop plus 2 ms, never reaching back to the socket's own call.
+    #[test]
+    fn the_reconnect_window_stops_short_of_the_sockets_own_call() {
+        let ms = Duration::from_millis;
+        assert_eq!(reconnect_window(ms(500), ms(800)), ms(502));
+        assert_eq!(reconnect_window(ms(500), ms(502)), ms(501));
+        assert_eq!(
+            reconnect_window(ms(500), ms(500) + Duration::from_micros(700)),
+            Duration::from_micros(499_700)
+        );
+        assert_eq!(
+            reconnect_window(Duration::ZERO, Duration::ZERO),
+            Duration::ZERO
+        );
     }
 }
