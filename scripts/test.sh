@@ -26,7 +26,7 @@
 #   PRESENCE_TEST_REDIS_BASE_PORT  its first port; nodes use it to + 5 (default 7100: set it
 #                                  to test two checkouts side by side).
 #   PRESENCE_TEST_NACOS_PORT       optional: HTTP port of the first Nacos test's server (default
-#                                  18848; the second uses + 10; each also uses + 1000 and + 2000).
+#                                  18848; the others use + 10 and + 20; each also uses + 1000 and + 2000).
 # (Tests that kill a Redis master or reshard start a cluster of their own, on free ports,
 # through scripts/redis-cluster.sh; so does tests/redis_tls.rs, a TLS-only one on 7950-7955
 # with the certificates of tests/fixtures/tls: redis-server must be built with TLS, as

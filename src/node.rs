@@ -452,8 +452,13 @@ impl Node {
                     .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
             ));
             let members = watch_members(&discovery, &background);
+            let listed = members.clone();
             let ring = ring::follow(members, metrics.clone(), background.clone());
             tracker.spawn(own.clone().run(shard.clone(), ring, background.clone()));
+            if discovery.registers() {
+                let over = own.start_grace_over();
+                membership::until_joinable(&*discovery, &listed, own.me(), over).await;
+            }
             discovery
                 .register(own.me())
                 .await

@@ -5,6 +5,8 @@
 //!   client's `run` sees both; deregistering one removes it; a late watcher gets the list at once.
 //! - A shard whose process is killed with `kill -9` leaves the members within seconds, because
 //!   its gRPC connection closes.
+//! - A shard process registers once it can take partitions: beside another member, after its
+//!   start grace (`PRESENCE_HANDOFF_GRACE`); alone, at once.
 //!
 //! The watchers list the service only every 10 minutes here, so every change they see in time
 //! came from a Nacos push.
@@ -14,7 +16,7 @@
 //! fail, saying so: they never install it themselves.
 //!
 //! Environment: `PRESENCE_TEST_NACOS_PORT` (default 18848) is the HTTP port of the first test's
-//! server; the other test uses that port + 10 (each server also uses HTTP + 1000 and + 2000).
+//! server; the others use that port + 10 and + 20 (each server also uses HTTP + 1000 and + 2000).
 
 mod common;
 
@@ -275,24 +277,22 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
         .await
         .expect("register the survivor");
 
-    // The real binary as a shard with Nacos discovery: it registers `victim` once it serves.
-    let vars = node::vars(&[
-        ("PRESENCE_ROLE", "shard"),
-        ("PRESENCE_DISCOVERY", "nacos"),
-        ("PRESENCE_NACOS_ADDR", &nacos.addr),
-        ("PRESENCE_NACOS_GROUP", GROUP),
-        ("PRESENCE_NACOS_SERVICE", &service),
-        ("PRESENCE_ADVERTISE", victim),
-        ("PRESENCE_GRPC_LISTEN", victim),
-    ]);
-    let log = node::log_path("presence-nacos-shard");
-    let mut child = Node::spawn(&vars, node::free_ports(1)[0], &log);
+    // The real binary as a shard with Nacos discovery: it registers `victim` once it serves
+    // and, beside a member, once its start grace is over.
+    let (mut child, log) = spawn_shard(&nacos, &service, victim, "3s");
+    let spawned = Instant::now();
     w.until(
         &[survivor, victim],
         Duration::from_secs(60),
         "the shard process registered",
     )
     .await;
+    let took = spawned.elapsed();
+    eprintln!("nacos: a shard beside a member registered {took:?} after its spawn (grace 3 s)");
+    assert!(
+        took >= Duration::from_secs(3),
+        "registered {took:?} after its spawn, within its start grace"
+    );
 
     let status = child.kill();
     assert_eq!(
@@ -307,6 +307,46 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
 
     w.stop().await;
     let _ = std::fs::remove_file(&log);
+}
+
+/// A cluster forms without waiting: the first shard, alone in its first list, registers at once,
+/// not after its start grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs rnacos: bash scripts/test.sh"]
+async fn a_shard_alone_registers_without_waiting_for_its_start_grace() {
+    let nacos = Nacos::start(20);
+    let service = unique_service("alone");
+    let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
+    let me = "127.0.0.1:19201";
+    let (_child, log) = spawn_shard(&nacos, &service, me, "30s");
+    let spawned = Instant::now();
+    w.until(&[me], Duration::from_secs(60), "the lone shard registered")
+        .await;
+    let took = spawned.elapsed();
+    eprintln!("nacos: a lone shard registered {took:?} after its spawn (grace 30 s)");
+    assert!(
+        took < Duration::from_secs(20),
+        "registered {took:?} after its spawn: it waited for its grace"
+    );
+    w.stop().await;
+    let _ = std::fs::remove_file(&log);
+}
+
+/// The real binary as a shard at `advertise` (also its gRPC address), with Nacos discovery of
+/// `service` and start grace `grace`; and its log.
+fn spawn_shard(nacos: &Nacos, service: &str, advertise: &str, grace: &str) -> (Node, PathBuf) {
+    let vars = node::vars(&[
+        ("PRESENCE_ROLE", "shard"),
+        ("PRESENCE_DISCOVERY", "nacos"),
+        ("PRESENCE_NACOS_ADDR", &nacos.addr),
+        ("PRESENCE_NACOS_GROUP", GROUP),
+        ("PRESENCE_NACOS_SERVICE", service),
+        ("PRESENCE_ADVERTISE", advertise),
+        ("PRESENCE_GRPC_LISTEN", advertise),
+        ("PRESENCE_HANDOFF_GRACE", grace),
+    ]);
+    let log = node::log_path("presence-nacos-shard");
+    (Node::spawn(&vars, node::free_ports(1)[0], &log), log)
 }
 
 #[tokio::test]

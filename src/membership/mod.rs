@@ -50,8 +50,43 @@ pub trait Discovery: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether [`Discovery::register`] is what makes this shard a member (Nacos).
+    fn registers(&self) -> bool {
+        false
+    }
+
+    /// Resolves once [`Discovery::run`] has published its first list of members (at once for
+    /// sources that need no registration).
+    async fn first_list(&self) {}
+
     /// A short name for logs.
     fn kind(&self) -> &'static str;
+}
+
+/// When a shard that registers itself ([`Discovery::registers`]: Nacos) may do so, as it
+/// starts: once it can take partitions. Registering makes it a member of every ring, so its
+/// partitions' interim owners let go of them; within its start grace (`grace_over`) it would
+/// not load them yet. So, beside other members, it waits for its grace to be over: the rule
+/// that `starting` on the health check gives static discovery, and readiness Kubernetes.
+/// Alone (a cluster forming), it registers at once. It tells the two apart by the discovery's
+/// first list of `members` (`me` listed there is an instance of its own not yet expired),
+/// waited for up to the grace. Returns whether it waited for the grace.
+pub async fn until_joinable(
+    discovery: &dyn Discovery,
+    members: &watch::Receiver<Members>,
+    me: &str,
+    grace_over: tokio::time::Instant,
+) -> bool {
+    let _ = tokio::time::timeout_at(grace_over, discovery.first_list()).await;
+    let others = members.borrow().iter().any(|m| m != me);
+    if others {
+        tracing::info!(
+            discovery = discovery.kind(),
+            "other shards are members: registering once the start grace is over"
+        );
+        tokio::time::sleep_until(grace_over).await;
+    }
+    others
 }
 
 /// Publishes `next` if it differs from what `tx` holds. Returns whether it did.
@@ -322,5 +357,71 @@ mod tests {
             ["x:1".to_owned(), "y:1".to_owned()]
         );
         cancel.cancel();
+    }
+
+    /// A discovery that registers, whose first list comes when the test says.
+    struct Registering(watch::Sender<bool>);
+
+    #[async_trait]
+    impl Discovery for Registering {
+        async fn run(self: Arc<Self>, _tx: watch::Sender<Members>, _cancel: CancellationToken) {}
+
+        fn registers(&self) -> bool {
+            true
+        }
+
+        async fn first_list(&self) {
+            let _ = self.0.subscribe().wait_for(|&l| l).await;
+        }
+
+        fn kind(&self) -> &'static str {
+            "registering"
+        }
+    }
+
+    /// How long `until_joinable` holds a shard `me` whose discovery lists `listed` after
+    /// `list_after` (never: `None`), with its start grace over in 3 s; and whether it waited
+    /// for the grace.
+    async fn joinable_after(listed: &[&str], list_after: Option<Duration>) -> (Duration, bool) {
+        const GRACE: Duration = Duration::from_secs(3);
+        let d = Arc::new(Registering(watch::channel(false).0));
+        let (tx, rx) = watch::channel(members(Vec::new()));
+        let start = tokio::time::Instant::now();
+        if let Some(after) = list_after {
+            let (d, listed) = (
+                d.clone(),
+                listed.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                tx.send_replace(members(listed));
+                d.0.send_replace(true);
+            });
+        }
+        let waited = until_joinable(&*d, &rx, "me:1", start + GRACE).await;
+        (start.elapsed(), waited)
+    }
+
+    /// A shard that registers itself does so at once when its first list shows it alone (or
+    /// only an instance of its own not yet expired): a cluster forms without waiting. Beside
+    /// other members it registers once its start grace is over, however early the list came;
+    /// with no list within the grace, it registers then.
+    #[tokio::test(start_paused = true)]
+    async fn a_registering_shard_joins_at_once_alone_and_after_its_grace_beside_others() {
+        let ms = Duration::from_millis;
+        assert_eq!(joinable_after(&[], Some(ms(200))).await, (ms(200), false));
+        assert_eq!(
+            joinable_after(&["me:1"], Some(ms(200))).await,
+            (ms(200), false)
+        );
+        assert_eq!(
+            joinable_after(&["me:1", "other:1"], Some(ms(200))).await,
+            (ms(3000), true)
+        );
+        assert_eq!(
+            joinable_after(&["other:1"], Some(ms(5000))).await,
+            (ms(3000), false)
+        );
+        assert_eq!(joinable_after(&[], None).await, (ms(3000), false));
     }
 }

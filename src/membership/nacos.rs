@@ -44,6 +44,8 @@ pub struct NacosDiscovery {
     group: Option<String>,
     service: String,
     resync: Duration,
+    /// Set once `run` published its first list of members.
+    listed: watch::Sender<bool>,
 }
 
 impl NacosDiscovery {
@@ -97,6 +99,7 @@ impl NacosDiscovery {
             group: (!group.trim().is_empty()).then_some(group),
             service,
             resync: DEFAULT_RESYNC,
+            listed: watch::channel(false).0,
         })
     }
 
@@ -260,6 +263,7 @@ impl Discovery for NacosDiscovery {
                         );
                     }
                     synced = true;
+                    self.listed.send_replace(true);
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -348,6 +352,14 @@ impl Discovery for NacosDiscovery {
 
     fn kind(&self) -> &'static str {
         "nacos"
+    }
+
+    fn registers(&self) -> bool {
+        true
+    }
+
+    async fn first_list(&self) {
+        let _ = self.listed.subscribe().wait_for(|&listed| listed).await;
     }
 }
 

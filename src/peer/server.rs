@@ -117,6 +117,8 @@ pub struct Handoff {
     me: String,
     /// `PRESENCE_HANDOFF_GRACE`: the stall watch's threshold follows it.
     grace: Duration,
+    /// When the machine started: its start grace ends a grace later.
+    started: tokio::time::Instant,
     machine: tokio::sync::Mutex<Ownership>,
     table: Arc<Table>,
     /// The gateways' interest: partitions that become owned catch them up.
@@ -140,12 +142,14 @@ impl Handoff {
         fanout: Arc<Fanout>,
         clients: Arc<Clients>,
     ) -> Arc<Handoff> {
-        let machine = Ownership::new(me.clone(), grace, tokio::time::Instant::now());
+        let started = tokio::time::Instant::now();
+        let machine = Ownership::new(me.clone(), grace, started);
         // Starting, from now: the health check and readiness say so before the driver runs.
         table.sync(&machine);
         Arc::new(Handoff {
             me,
             grace,
+            started,
             machine: tokio::sync::Mutex::new(machine),
             table,
             fanout,
@@ -159,6 +163,11 @@ impl Handoff {
     /// This shard's address in the ring.
     pub fn me(&self) -> &str {
         &self.me
+    }
+
+    /// When the start grace ends (the shard takes partitions from then on).
+    pub fn start_grace_over(&self) -> tokio::time::Instant {
+        self.started + self.grace
     }
 
     /// What requests read: which partitions are served.
