@@ -422,6 +422,7 @@ impl Node {
         let grpc_stop = CancellationToken::new();
         let mut grpc_task = None;
         let mut own_for_drain = None;
+        let mut listed = None;
         if let (Some(parts), Some(shard)) = (shard_parts, shard.clone()) {
             let ShardParts {
                 own,
@@ -452,22 +453,12 @@ impl Node {
                     .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
             ));
             let members = watch_members(&discovery, &background);
-            let listed = members.clone();
+            listed = Some(members.clone());
             let ring = ring::follow(members, metrics.clone(), background.clone());
             tracker.spawn(own.clone().run(shard.clone(), ring, background.clone()));
-            if discovery.registers() {
-                let over = own.start_grace_over();
-                membership::until_joinable(&*discovery, &listed, own.me(), over).await;
-            }
-            discovery
-                .register(own.me())
-                .await
-                .map_err(|e| anyhow::anyhow!("registering with {}: {e}", discovery.kind()))?;
             own_for_drain = Some((own, discovery));
         }
 
-        ready.store(true, Ordering::Relaxed);
-        tracing::info!("ready");
         let timeouts = api::server::Timeouts {
             header: config.http_header_timeout,
             idle: config.http_idle_timeout,
@@ -489,6 +480,32 @@ impl Node {
                 shutdown.clone(),
             ));
         }
+        // A shard that registers (Nacos) does so once it can take partitions (a grace at most);
+        // its HTTP port serves meanwhile (`/livez`; `/readyz` 503), and a shutdown stops the wait.
+        let mut registered = false;
+        if let (Some((own, discovery)), Some(listed)) = (&own_for_drain, &listed) {
+            let joinable = async {
+                if discovery.registers() {
+                    let over = own.start_grace_over();
+                    membership::until_joinable(&**discovery, listed, own.me(), over).await;
+                }
+            };
+            let join = tokio::select! {
+                _ = joinable => true,
+                _ = shutdown.cancelled() => false,
+            };
+            if join {
+                discovery
+                    .register(own.me())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("registering with {}: {e}", discovery.kind()))?;
+                registered = true;
+            }
+        }
+        if !shutdown.is_cancelled() {
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("ready");
+        }
         shutdown.cancelled().await;
         tracing::info!("draining");
         ready.store(false, Ordering::Relaxed);
@@ -501,8 +518,10 @@ impl Node {
         }
 
         if let (Some((own, discovery)), Some(shard)) = (own_for_drain, shard.as_ref()) {
-            if let Err(e) = discovery.deregister(own.me()).await {
-                tracing::warn!(error = %e, "deregistering failed");
+            if registered {
+                if let Err(e) = discovery.deregister(own.me()).await {
+                    tracing::warn!(error = %e, "deregistering failed");
+                }
             }
             own.drain(shard).await;
         }

@@ -279,8 +279,37 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
 
     // The real binary as a shard with Nacos discovery: it registers `victim` once it serves
     // and, beside a member, once its start grace is over.
-    let (mut child, log) = spawn_shard(&nacos, &service, victim, "3s");
+    w.until(
+        &[survivor],
+        Duration::from_secs(10),
+        "the survivor registered",
+    )
+    .await;
+    let (mut child, log, http) = spawn_shard(&nacos, &service, victim, "5s");
     let spawned = Instant::now();
+    // Its HTTP port serves while it waits: alive, not ready, not a member.
+    let get = |path: &'static str| {
+        tokio::task::spawn_blocking(move || common::http::get_blocking(http, path))
+    };
+    while get("/livez").await.unwrap().map(|(s, _)| s) != Some(200) {
+        assert!(
+            spawned.elapsed() < Duration::from_secs(4),
+            "/livez never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alive = spawned.elapsed();
+    let ready = get("/readyz").await.unwrap().map(|(s, _)| s);
+    assert_eq!(
+        ready,
+        Some(503),
+        "ready {alive:?} after its spawn, within its grace"
+    );
+    assert_eq!(
+        *w.rx.borrow().as_slice(),
+        [survivor.to_owned()],
+        "registered within its grace"
+    );
     w.until(
         &[survivor, victim],
         Duration::from_secs(60),
@@ -288,9 +317,9 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
     )
     .await;
     let took = spawned.elapsed();
-    eprintln!("nacos: a shard beside a member registered {took:?} after its spawn (grace 3 s)");
+    eprintln!("nacos: a shard beside a member registered {took:?} after its spawn (grace 5 s)");
     assert!(
-        took >= Duration::from_secs(3),
+        took >= Duration::from_secs(5),
         "registered {took:?} after its spawn, within its start grace"
     );
 
@@ -318,7 +347,7 @@ async fn a_shard_alone_registers_without_waiting_for_its_start_grace() {
     let service = unique_service("alone");
     let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
     let me = "127.0.0.1:19201";
-    let (_child, log) = spawn_shard(&nacos, &service, me, "30s");
+    let (_child, log, _) = spawn_shard(&nacos, &service, me, "30s");
     let spawned = Instant::now();
     w.until(&[me], Duration::from_secs(60), "the lone shard registered")
         .await;
@@ -333,8 +362,8 @@ async fn a_shard_alone_registers_without_waiting_for_its_start_grace() {
 }
 
 /// The real binary as a shard at `advertise` (also its gRPC address), with Nacos discovery of
-/// `service` and start grace `grace`; and its log.
-fn spawn_shard(nacos: &Nacos, service: &str, advertise: &str, grace: &str) -> (Node, PathBuf) {
+/// `service` and start grace `grace`; its log and its HTTP port.
+fn spawn_shard(nacos: &Nacos, service: &str, advertise: &str, grace: &str) -> (Node, PathBuf, u16) {
     let vars = node::vars(&[
         ("PRESENCE_ROLE", "shard"),
         ("PRESENCE_DISCOVERY", "nacos"),
@@ -346,7 +375,8 @@ fn spawn_shard(nacos: &Nacos, service: &str, advertise: &str, grace: &str) -> (N
         ("PRESENCE_HANDOFF_GRACE", grace),
     ]);
     let log = node::log_path("presence-nacos-shard");
-    (Node::spawn(&vars, node::free_ports(1)[0], &log), log)
+    let http = node::free_ports(1)[0];
+    (Node::spawn(&vars, http, &log), log, http)
 }
 
 #[tokio::test]

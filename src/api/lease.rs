@@ -79,7 +79,7 @@ struct Held {
     /// The round that last took its beat (0: none).
     taken: u64,
     /// When its last beat ended (answered, failed or timed out): the owner may have seen the
-    /// device then.
+    /// device up to then (a beat that timed out over gRPC may still land later).
     ended: Option<tokio::time::Instant>,
 }
 
@@ -141,15 +141,18 @@ impl Leases {
     /// `bound`), so that its last beat reaches the owner before whatever the close sends.
     /// Returns when its last beat ended, at the latest (`None`: it never beat).
     pub async fn release(&self, id: u64, bound: Duration) -> Option<tokio::time::Instant> {
+        // Read before the removal: a round ended by then had marked its beat's end here.
+        let done = *self.done.borrow();
         let held = self.held.lock().remove(&id)?;
-        if held.taken <= *self.done.borrow() {
-            // The round that took its last beat has ended, and that beat marked its end here
-            // (the lease was held until now).
+        if held.taken <= done {
+            // The round that took its last beat had ended, and that beat marked its end here
+            // (the lease was still held).
             return held.ended;
         }
         let mut done = self.done.subscribe();
         let _ = tokio::time::timeout(bound, done.wait_for(|&d| d >= held.taken)).await;
-        // Its beat ended meanwhile (or the bound passed): no later than now.
+        // Its beat ended meanwhile, no later than now (or the bound passed: then it may land
+        // later still, a limit of the close grace's window).
         Some(tokio::time::Instant::now())
     }
 

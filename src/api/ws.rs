@@ -110,6 +110,15 @@ const OWN_MARGIN: Duration = Duration::from_millis(1);
 fn reconnect_window(since_stop: Duration, since_own: Duration) -> Duration {
     (since_stop + WINDOW_ROUNDING).min(since_own.saturating_sub(OWN_MARGIN))
 }
+
+/// The last time the owner may have seen the device through a socket, at the latest: its own
+/// calls (`answered`) or its lease's last beat (`beat_ended`, from the release).
+fn last_own_call(
+    answered: tokio::time::Instant,
+    beat_ended: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    beat_ended.map_or(answered, |t| t.max(answered))
+}
 /// First retry of a subscription list that could not be read for a welcome; then doubling.
 const RELOAD_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between retries of the subscription list.
@@ -618,8 +627,7 @@ async fn finish(
     // From here on the socket hears nothing from its client: a heartbeat seen later for this
     // device came through another socket.
     let stopped = tokio::time::Instant::now();
-    // The last time the owner saw the device through this socket, at the latest.
-    let own = beat_ended.map_or(sock.answered, |t| t.max(sock.answered));
+    let own = last_own_call(sock.answered, beat_ended);
     if let Some(done) = done {
         done.cancel();
     }
@@ -844,7 +852,8 @@ impl Socket {
     /// An active heartbeat, now; a device its owner no longer holds online comes back.
     async fn heartbeat(&mut self) -> Result<(), Error> {
         let r = self.beat_now().await;
-        // Answered or not, the owner may have seen the device until now.
+        // Answered or failed, the owner may have seen the device until now (a call that timed
+        // out over gRPC may still land later: a limit of the close grace's window).
         self.answered = tokio::time::Instant::now();
         r
     }
@@ -1049,22 +1058,37 @@ mod tests {
     const GRACE: Duration = Duration::from_micros(500_500);
     const SESSION: Session = 7;
 
-    /// A device online as `SESSION` at 100.3 ms of the shard's clock, through its socket's own
-    /// call, `own_before` the stop; another path's heartbeat `reconnect` after the stop, if
-    /// any; and the close grace's `offline` a grace after the stop: the status it leaves, on
-    /// paused time (sub-millisecond steps, which the shard floors).
-    async fn after_close(own_before: Duration, reconnect: Option<Duration>) -> Status {
+    /// Which of a socket's own calls brought its device online last.
+    #[derive(Clone, Copy)]
+    enum Own {
+        /// Its own call (the connect's `online`, an at-once heartbeat); its lease beat earlier.
+        Call,
+        /// Its lease's beat (a revive); its own calls earlier.
+        Beat,
+    }
+
+    /// A device online as `SESSION` at 100.3 ms of the shard's clock, through its socket (`by`,
+    /// the other of its call and its lease's beat 100 ms before), `own_before` the stop;
+    /// another path's heartbeat `reconnect` after the stop, if any; and the close grace's
+    /// `offline` a grace after the stop: the status it leaves, on paused time (sub-millisecond
+    /// steps, which the shard floors).
+    async fn after_close(by: Own, own_before: Duration, reconnect: Option<Duration>) -> Status {
         let shard = test_shard(
             Duration::from_secs(60),
             Duration::from_millis(100),
             Arc::new(Metrics::new()),
         );
+        let earlier = tokio::time::Instant::now();
         tokio::time::advance(Duration::from_micros(100_300)).await;
         shard
             .online_session(1, "d", Platform::Web, SESSION)
             .await
             .unwrap();
-        let own = tokio::time::Instant::now();
+        let last = tokio::time::Instant::now();
+        let own = match by {
+            Own::Call => last_own_call(last, Some(earlier)),
+            Own::Beat => last_own_call(earlier, Some(last)),
+        };
         tokio::time::advance(own_before).await;
         let stopped = tokio::time::Instant::now();
         if let Some(r) = reconnect {
@@ -1080,35 +1104,35 @@ mod tests {
         shard.status(1, Viewer::Truth).await.unwrap().status
     }
 
-    /// The socket's own last call, even 0.7 ms before its close, is not a reconnect: the device
-    /// goes OFFLINE after the grace (within the 2 ms that flooring adds to the window, it was
-    /// read as one, and the device stayed ONLINE until its heartbeat timeout). A heartbeat
-    /// through another path after the stop keeps it ONLINE: even 0.99 ms after (the stop on a
-    /// whole millisecond, which flooring would take off) when the socket's own call was long
-    /// before, 2 ms after when it came just before.
+    /// The socket's own last call or lease beat, even 0.7 ms before its close, is not a
+    /// reconnect: the device goes OFFLINE after the grace (within the 2 ms that flooring adds
+    /// to the window, it was read as one, and the device stayed ONLINE until its heartbeat
+    /// timeout). A heartbeat through another path after the stop keeps it ONLINE: even 0.99 ms
+    /// after (the stop on a whole millisecond, which flooring would take off) when the socket's
+    /// own call was long before, 2 ms after when it came just before.
     #[tokio::test(start_paused = true)]
     async fn the_close_grace_tells_a_sockets_own_last_call_from_a_reconnect() {
         let us = Duration::from_micros;
         let (just_before, long_before) = (us(700), us(299_700));
-        assert_eq!(after_close(just_before, None).await, Status::Offline);
-        assert_eq!(after_close(us(3_000), None).await, Status::Offline);
-        assert_eq!(after_close(long_before, None).await, Status::Offline);
-        assert_eq!(
-            after_close(long_before, Some(us(990))).await,
-            Status::Online
-        );
-        assert_eq!(
-            after_close(long_before, Some(us(100_000))).await,
-            Status::Online
-        );
-        assert_eq!(
-            after_close(just_before, Some(us(2_000))).await,
-            Status::Online
-        );
-        assert_eq!(
-            after_close(just_before, Some(us(100_000))).await,
-            Status::Online
-        );
+        let reconnect = |after| Some(us(after));
+        for by in [Own::Call, Own::Beat] {
+            assert_eq!(after_close(by, just_before, None).await, Status::Offline);
+            assert_eq!(after_close(by, us(3_000), None).await, Status::Offline);
+            assert_eq!(after_close(by, long_before, None).await, Status::Offline);
+            let cases = [
+                (long_before, 990),
+                (long_before, 100_000),
+                (just_before, 2_000),
+                (just_before, 100_000),
+            ];
+            for (own_before, after) in cases {
+                assert_eq!(
+                    after_close(by, own_before, reconnect(after)).await,
+                    Status::Online,
+                    "a reconnect {after} us after the stop"
+                );
+            }
+        }
     }
 
     /// The window: since the stop plus 2 ms, never reaching back to the socket's own call.

@@ -70,7 +70,7 @@ pub trait Discovery: Send + Sync + 'static {
 /// that `starting` on the health check gives static discovery, and readiness Kubernetes.
 /// Alone (a cluster forming), it registers at once. It tells the two apart by the discovery's
 /// first list of `members` (`me` listed there is an instance of its own not yet expired),
-/// waited for up to the grace. Returns whether it waited for the grace.
+/// waited for up to the grace. Returns whether other members were listed.
 pub async fn until_joinable(
     discovery: &dyn Discovery,
     members: &watch::Receiver<Members>,
