@@ -94,9 +94,7 @@ async fn build_discovery(
     Ok(match config.discovery {
         DiscoveryKind::Static => Arc::new(StaticDiscovery::new(
             config.static_shards(),
-            Arc::new(GrpcProbe {
-                clients: clients.clone(),
-            }),
+            Arc::new(GrpcProbe::new(clients.clone())),
             config.health_interval,
         )),
         DiscoveryKind::Kubernetes => {

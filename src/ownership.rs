@@ -498,6 +498,9 @@ pub struct Table {
     /// [`Ownership::starting`], for the health check.
     starting: AtomicBool,
     owned: AtomicU64,
+    /// Drawn at random for this table (one per shard process): the health check's
+    /// `incarnation`.
+    incarnation: u64,
 }
 
 impl Table {
@@ -508,7 +511,13 @@ impl Table {
             serving: AtomicBool::new(true),
             starting: AtomicBool::new(false),
             owned: AtomicU64::new(0),
+            incarnation: crate::service::new_session(),
         })
+    }
+
+    /// A random number, nonzero, drawn when the table was made: this shard's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// A table that serves every partition, for good: a one-process node.

@@ -108,6 +108,10 @@ pub enum Probed {
     Serving,
     /// Up, within its start grace (taking no partition yet): changes nothing.
     Starting,
+    /// Up and starting, as another process than the one that answered before: it restarted, its
+    /// partitions are unserved and it takes none yet, so it leaves at once (its interim owners
+    /// serve them until it joins again, once its grace is over).
+    Restarted,
     /// No answer, or draining.
     Down,
 }
@@ -179,6 +183,14 @@ impl Discovery for StaticDiscovery {
                     Probed::Serving => true,
                     Probed::Down => false,
                     Probed::Starting => *healthy,
+                    Probed::Restarted => {
+                        if *healthy {
+                            *healthy = false;
+                            *streak = 0;
+                            tracing::info!(shard = %shard, "shard restarted: left until it serves");
+                        }
+                        continue;
+                    }
                 };
                 if ok == *healthy {
                     *streak = 0;
@@ -308,6 +320,37 @@ mod tests {
         probe.set("b:1", Probed::Serving);
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().len(), 3);
+        cancel.cancel();
+    }
+
+    /// A member that restarted (it answers starting, as another process) leaves at the first
+    /// check that sees it, not after two failed ones: its partitions went with its old process.
+    /// It stays out while starting, and joins again once it serves.
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_member_leaves_at_once_and_joins_once_it_serves() {
+        let all = vec!["a:1".to_owned(), "b:1".to_owned(), "c:1".to_owned()];
+        let probe = FakeProbe::serving(&all);
+        let (mut rx, cancel) = run_static(&all, probe.clone());
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update().clone(), all);
+        let t = tokio::time::Instant::now();
+        probe.set("b:1", Probed::Restarted);
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("b left")
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().len(), 2, "b left");
+        assert!(
+            t.elapsed() <= Duration::from_secs(1),
+            "one check: {:?}",
+            t.elapsed()
+        );
+        probe.set("b:1", Probed::Starting);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!rx.has_changed().unwrap(), "out while starting");
+        probe.set("b:1", Probed::Serving);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update().clone(), all);
         cancel.cancel();
     }
 

@@ -75,9 +75,32 @@ impl Clients {
     }
 }
 
-/// Health-checks a shard over gRPC: alive and serving.
+/// Health-checks a shard over gRPC: alive and serving; and, by the incarnation each address
+/// last answered with, whether a starting shard restarted.
 pub struct GrpcProbe {
-    pub clients: Arc<Clients>,
+    clients: Arc<Clients>,
+    incarnations: parking_lot::Mutex<HashMap<String, u64>>,
+}
+
+impl GrpcProbe {
+    pub fn new(clients: Arc<Clients>) -> GrpcProbe {
+        GrpcProbe {
+            clients,
+            incarnations: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// What a health reply says, given the incarnation the shard answered with before (if any).
+/// Pure, for the tests.
+pub fn probed(h: &v1::HealthReply, before: Option<u64>) -> Probed {
+    let restarted = || before.is_some_and(|b| b != 0 && h.incarnation != 0 && b != h.incarnation);
+    match h {
+        h if !h.serving => Probed::Down,
+        h if h.starting && restarted() => Probed::Restarted,
+        h if h.starting => Probed::Starting,
+        _ => Probed::Serving,
+    }
 }
 
 #[async_trait]
@@ -87,11 +110,14 @@ impl Probe for GrpcProbe {
             return Probed::Down;
         };
         match c.health(v1::HealthRequest {}).await {
-            Ok(r) => match r.into_inner() {
-                h if !h.serving => Probed::Down,
-                h if h.starting => Probed::Starting,
-                _ => Probed::Serving,
-            },
+            Ok(r) => {
+                let h = r.into_inner();
+                let before = self
+                    .incarnations
+                    .lock()
+                    .insert(addr.to_owned(), h.incarnation);
+                probed(&h, before)
+            }
             Err(_) => Probed::Down,
         }
     }
@@ -566,5 +592,30 @@ impl Presence for Router {
 
     async fn healthy(&self) -> bool {
         !self.ring.borrow().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A health reply read with the incarnation the shard answered with before: a starting
+    /// shard that answers with another one restarted; unknown (0, an older shard, or never
+    /// asked) is no restart; a serving or draining one is what it says.
+    #[test]
+    fn a_starting_shard_with_another_incarnation_restarted() {
+        let reply = |serving, starting, incarnation| v1::HealthReply {
+            serving,
+            starting,
+            incarnation,
+            ..v1::HealthReply::default()
+        };
+        assert_eq!(probed(&reply(true, true, 7), Some(5)), Probed::Restarted);
+        assert_eq!(probed(&reply(true, true, 7), Some(7)), Probed::Starting);
+        assert_eq!(probed(&reply(true, true, 7), None), Probed::Starting);
+        assert_eq!(probed(&reply(true, true, 7), Some(0)), Probed::Starting);
+        assert_eq!(probed(&reply(true, true, 0), Some(5)), Probed::Starting);
+        assert_eq!(probed(&reply(true, false, 7), Some(5)), Probed::Serving);
+        assert_eq!(probed(&reply(false, true, 7), Some(5)), Probed::Down);
     }
 }

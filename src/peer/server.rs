@@ -836,6 +836,7 @@ impl v1::presence_shard_server::PresenceShard for ShardService {
                 // stalled Redis master would take every shard out of every ring.
                 serving: self.own.serving(),
                 starting: self.own.starting(),
+                incarnation: self.own.incarnation(),
                 epoch: self.own.epoch(),
                 owned_partitions: self.own.owned_count() as u32,
                 store_ok: self.metrics.store.up.get() == 1
@@ -1298,9 +1299,10 @@ mod tests {
         let ring = Ring::new([addr.clone(), "127.0.0.1:1".to_owned()]);
         let mine = ring.partitions_of(&addr).len();
         let cancel = drive(&addr, ring, grace, &shard, &table, &metrics, fanout);
-        let probe = crate::peer::GrpcProbe {
-            clients: Clients::new(Duration::from_secs(1), Duration::from_secs(1)),
-        };
+        let probe = crate::peer::GrpcProbe::new(Clients::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
         let first = probe.probe(&addr).await;
         let ready = shard.healthy().await;
         assert!(started.elapsed() < grace, "probed too late to tell");

@@ -1,4 +1,4 @@
-//! Chaos scenarios: process faults. `kill -9` and SIGSTOP/SIGCONT (4 s) of a shard, a gateway, a
+//! Chaos scenarios: process faults. `kill -9` (and a quick restart) and SIGSTOP/SIGCONT (4 s) of a shard, a gateway, a
 //! Redis master and a Redis replica, and a shard stopped for longer than the route timeout (alone, and while a fourth shard joins), each
 //! under load (see [`crate::Chaos`]), each checked by the history checker. Scenarios that stop Redis nodes run on a Redis Cluster of their own
 //! ([`OwnRedis`]), so a stopped master disturbs no other test.
@@ -31,6 +31,7 @@ const STOP: Hit = Hit::Stop(STALL);
 
 crate::scenarios! {
     shard_kill_9 => node_fault(Proc::Shard(1), Hit::Kill, USERS),
+    shard_kill_9_quick_restart => shard_quick_restart(),
     shard_sigstop_4s => node_fault(Proc::Shard(1), STOP, USERS),
     shard_sigstop_8s => shard_stall_past_the_route_timeout(),
     shard_sigstop_8s_while_one_joins => shard_stall_while_a_shard_joins(),
@@ -179,6 +180,25 @@ async fn shard_stall_while_a_shard_joins(name: &'static str) {
     println!("{name}: {declined} handover answers declined (let go without the fence)");
     assert!(declined >= 1.0, "{name}: no handover declined");
     c.finish(move |u, _| touched.contains(&u)).await;
+}
+
+/// Shard 1 killed (`kill -9`) and started again at once, before its peers' health checks
+/// dropped it (two checks, 2 s apart). Its partitions stay its own on every ring, and the new
+/// process takes none during its start grace (6 s): unless its peers see that it restarted,
+/// its users' calls fail until then. Besides the history's guarantees, no heartbeat waits out
+/// the route timeout (which answers 503).
+async fn shard_quick_restart(name: &'static str) {
+    let mut c = Chaos::start(name, Cluster::processes(3, 2), &redis_url(), USERS).await;
+    c.until_fault().await;
+    c.run(vec![Step::KillShard(1), Step::RestartShard(1)]).await;
+    c.after_heal(true).await;
+    let touched = c.writers_on_shard(1);
+    let f = c.finish(move |u, _| touched.contains(&u)).await;
+    assert!(
+        f.slowest_ms < ROUTE_TIMEOUT.as_millis() as u64,
+        "{name}: the slowest answer took {} ms: calls waited out the route timeout",
+        f.slowest_ms
+    );
 }
 
 /// A shard stopped (SIGSTOP) for 8 s, longer than the route timeout: besides the history's

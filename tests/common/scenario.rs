@@ -261,8 +261,12 @@ impl Scenario {
         let spec = spec.envs_first(ENVS);
         let cluster = blocking(|| spec.start());
         let started = t0.elapsed();
+        // The epoch comes before the onlines: a user's online is its first contact, and one
+        // that never heartbeats after it times out a timeout after the online, not after the
+        // load started.
+        let epoch = Instant::now();
         online_all(&cluster, users).await;
-        let load = Load::start(&cluster, users, Instant::now());
+        let load = Load::start(&cluster, users, epoch);
         wait_only_ours_online(&cluster, users.len()).await;
         let mut s = Scenario {
             cluster,
@@ -645,14 +649,14 @@ impl Load {
         let active: Arc<Vec<AtomicBool>> =
             Arc::new(users.iter().map(|_| AtomicBool::new(true)).collect());
         let now = ms(epoch.elapsed());
+        // Every user was put online since the epoch (before the load started): as good as a
+        // heartbeat sent at the epoch and answered now.
         let last_ok: Arc<Vec<AtomicU64>> =
-            Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
+            Arc::new(users.iter().map(|_| AtomicU64::new(0)).collect());
         let last_ok_answered: Arc<Vec<AtomicU64>> =
             Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
         let last_sent: Arc<Vec<AtomicU64>> =
             Arc::new(users.iter().map(|_| AtomicU64::new(now)).collect());
-        // Every user was put online before the load started: as good as a heartbeat sent at
-        // the epoch and answered now.
         let beats: Arc<Vec<Beats>> =
             Arc::new(users.iter().map(|_| Mutex::new(vec![(0, now)])).collect());
         let stats = Arc::new(LoadStats::default());
