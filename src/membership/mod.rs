@@ -127,7 +127,8 @@ pub trait Probe: Send + Sync + 'static {
 /// within its start grace counts as neither: a member stays one (a cluster that starts together
 /// forms as before), and one that is not (restarted after its peers dropped it, or added) joins
 /// once its grace is over, so that the shards holding its partitions keep serving them until it
-/// can take them, rather than release them to a shard that takes nothing yet.
+/// can take them, rather than release them to a shard that takes nothing yet. A member that
+/// restarted ([`Probed::Restarted`]) leaves at once.
 pub struct StaticDiscovery {
     shards: Vec<String>,
     probe: Arc<dyn Probe>,

@@ -91,16 +91,29 @@ impl GrpcProbe {
     }
 }
 
-/// What a health reply says, given the incarnation the shard answered with before (if any).
-/// Pure, for the tests.
+/// What a health reply says, given the incarnation remembered for the shard (if any): a
+/// starting reply with another one comes from a restarted process (0 before: from a shard that
+/// did not say; 0 now: unknown). Pure, for the tests.
 pub fn probed(h: &v1::HealthReply, before: Option<u64>) -> Probed {
-    let restarted = || before.is_some_and(|b| b != 0 && h.incarnation != 0 && b != h.incarnation);
+    let restarted = || before.is_some_and(|b| h.incarnation != 0 && b != h.incarnation);
     match h {
         h if !h.serving => Probed::Down,
         h if h.starting && restarted() => Probed::Restarted,
         h if h.starting => Probed::Starting,
         _ => Probed::Serving,
     }
+}
+
+/// [`probed`] with the incarnation `known` for `addr`, which the reply updates: from a starting
+/// reply, or the first. A restarted process may answer serving once before its first ring
+/// (with no other member, it is not starting yet); its next, starting reply must still read as
+/// a restart.
+fn remembered(known: &mut HashMap<String, u64>, addr: &str, h: &v1::HealthReply) -> Probed {
+    let before = known.get(addr).copied();
+    if h.starting || before.is_none_or(|b| b == 0) {
+        known.insert(addr.to_owned(), h.incarnation);
+    }
+    probed(h, before)
 }
 
 #[async_trait]
@@ -110,14 +123,7 @@ impl Probe for GrpcProbe {
             return Probed::Down;
         };
         match c.health(v1::HealthRequest {}).await {
-            Ok(r) => {
-                let h = r.into_inner();
-                let before = self
-                    .incarnations
-                    .lock()
-                    .insert(addr.to_owned(), h.incarnation);
-                probed(&h, before)
-            }
+            Ok(r) => remembered(&mut self.incarnations.lock(), addr, &r.into_inner()),
             Err(_) => Probed::Down,
         }
     }
@@ -613,9 +619,22 @@ mod tests {
         assert_eq!(probed(&reply(true, true, 7), Some(5)), Probed::Restarted);
         assert_eq!(probed(&reply(true, true, 7), Some(7)), Probed::Starting);
         assert_eq!(probed(&reply(true, true, 7), None), Probed::Starting);
-        assert_eq!(probed(&reply(true, true, 7), Some(0)), Probed::Starting);
+        assert_eq!(probed(&reply(true, true, 7), Some(0)), Probed::Restarted);
         assert_eq!(probed(&reply(true, true, 0), Some(5)), Probed::Starting);
         assert_eq!(probed(&reply(true, false, 7), Some(5)), Probed::Serving);
         assert_eq!(probed(&reply(false, true, 7), Some(5)), Probed::Down);
+
+        // A restarted process that answers serving once, before its first ring, then starting.
+        let mut known = HashMap::new();
+        let seq = [
+            (reply(true, false, 5), Probed::Serving),
+            (reply(true, false, 7), Probed::Serving),
+            (reply(true, true, 7), Probed::Restarted),
+            (reply(true, true, 7), Probed::Starting),
+            (reply(true, false, 7), Probed::Serving),
+        ];
+        for (i, (h, want)) in seq.iter().enumerate() {
+            assert_eq!(remembered(&mut known, "a:1", h), *want, "reply {i}");
+        }
     }
 }

@@ -190,8 +190,18 @@ async fn shard_stall_while_a_shard_joins(name: &'static str) {
 async fn shard_quick_restart(name: &'static str) {
     let mut c = Chaos::start(name, Cluster::processes(3, 2), &redis_url(), USERS).await;
     c.until_fault().await;
+    let rings = RingWatch::start(&c, 3.0);
     c.run(vec![Step::KillShard(1), Step::RestartShard(1)]).await;
     c.after_heal(true).await;
+    // It left the ring (and came back): the gateways' rings had 2 members for a while.
+    let (reads, other) = rings.finish().await;
+    println!("{name}: presence_ring_members read {reads} times, not 3: {other:?}");
+    assert!(
+        other
+            .iter()
+            .any(|r| r.contains("Gateway") && r.ends_with("Some(2.0)")),
+        "{name}: no gateway's ring left the restarted shard out: {other:?}"
+    );
     let touched = c.writers_on_shard(1);
     let f = c.finish(move |u, _| touched.contains(&u)).await;
     assert!(

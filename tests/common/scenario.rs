@@ -629,9 +629,10 @@ pub struct Load {
     index: HashMap<u64, usize>,
     active: Arc<Vec<AtomicBool>>,
     /// Per user: when (ms since `epoch`) the latest heartbeat that was answered 200 was sent
-    /// (the server cannot have seen it earlier)...
+    /// (the server cannot have seen it earlier; the epoch for the online, sent after it)...
     last_ok: Arc<Vec<AtomicU64>>,
-    /// ...and when that answer came (the server had seen it by then).
+    /// ...and when that answer came (the server had seen it by then; for the online, when the
+    /// load started).
     last_ok_answered: Arc<Vec<AtomicU64>>,
     /// Per user: (sent, answered) of every heartbeat answered 200, to judge OFFLINE reads by.
     beats: Arc<Vec<Beats>>,
