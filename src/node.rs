@@ -419,8 +419,9 @@ impl Node {
         // Shard: the gRPC service, ownership following the ring, registration.
         let grpc_stop = CancellationToken::new();
         let mut grpc_task = None;
+        // The shard's ownership, its discovery and the members it lists: for registering once
+        // joinable, and for the drain.
         let mut own_for_drain = None;
-        let mut listed = None;
         if let (Some(parts), Some(shard)) = (shard_parts, shard.clone()) {
             let ShardParts {
                 own,
@@ -451,10 +452,10 @@ impl Node {
                     .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
             ));
             let members = watch_members(&discovery, &background);
-            listed = Some(members.clone());
+            let listed = members.clone();
             let ring = ring::follow(members, metrics.clone(), background.clone());
             tracker.spawn(own.clone().run(shard.clone(), ring, background.clone()));
-            own_for_drain = Some((own, discovery));
+            own_for_drain = Some((own, discovery, listed));
         }
 
         let timeouts = api::server::Timeouts {
@@ -481,7 +482,7 @@ impl Node {
         // A shard that registers (Nacos) does so once it can take partitions (a grace at most);
         // its HTTP port serves meanwhile (`/livez`; `/readyz` 503), and a shutdown stops the wait.
         let mut registered = false;
-        if let (Some((own, discovery)), Some(listed)) = (&own_for_drain, &listed) {
+        if let Some((own, discovery, listed)) = &own_for_drain {
             let joinable = async {
                 if discovery.registers() {
                     let over = own.start_grace_over();
@@ -515,7 +516,7 @@ impl Node {
             tracing::info!(sockets = hub.sockets(), "closing websockets");
         }
 
-        if let (Some((own, discovery)), Some(shard)) = (own_for_drain, shard.as_ref()) {
+        if let (Some((own, discovery, _)), Some(shard)) = (own_for_drain, shard.as_ref()) {
             if registered {
                 if let Err(e) = discovery.deregister(own.me()).await {
                     tracing::warn!(error = %e, "deregistering failed");

@@ -112,6 +112,11 @@ impl Nacos {
         );
     }
 
+    /// A watcher of `service` that lists it only on a push.
+    async fn watch(&self, service: &str) -> Watch {
+        Watch::start(self.client(service).await.with_resync(NO_RESYNC))
+    }
+
     async fn client(&self, service: &str) -> NacosDiscovery {
         NacosDiscovery::new(
             self.addr.clone(),
@@ -210,7 +215,7 @@ impl Watch {
 async fn registered_shards_are_members_and_deregistration_removes_them() {
     let nacos = Nacos::start(0);
     let service = unique_service("reg");
-    let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
+    let mut w = nacos.watch(&service).await;
 
     // Two shards, two clients (two connections), as two processes.
     let (a, b) = ("127.0.0.1:19001", "[::1]:19002");
@@ -231,7 +236,7 @@ async fn registered_shards_are_members_and_deregistration_removes_them() {
         .expect("register in the other service");
 
     // A watcher that starts now gets the current list from its first listing.
-    let mut late = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
+    let mut late = nacos.watch(&service).await;
     late.until(
         &[a, b],
         Duration::from_secs(5),
@@ -268,7 +273,7 @@ async fn registered_shards_are_members_and_deregistration_removes_them() {
 async fn a_shard_killed_with_sigkill_leaves_the_members() {
     let nacos = Nacos::start(10);
     let service = unique_service("kill");
-    let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
+    let mut w = nacos.watch(&service).await;
 
     let (survivor, victim) = ("127.0.0.1:19101", "127.0.0.1:19102");
     let stays = nacos.client(&service).await;
@@ -345,7 +350,7 @@ async fn a_shard_killed_with_sigkill_leaves_the_members() {
 async fn a_shard_alone_registers_without_waiting_for_its_start_grace() {
     let nacos = Nacos::start(20);
     let service = unique_service("alone");
-    let mut w = Watch::start(nacos.client(&service).await.with_resync(NO_RESYNC));
+    let mut w = nacos.watch(&service).await;
     let me = "127.0.0.1:19201";
     let (_child, log, _) = spawn_shard(&nacos, &service, me, "30s");
     let spawned = Instant::now();

@@ -605,9 +605,10 @@ impl Presence for Router {
 mod tests {
     use super::*;
 
-    /// A health reply read with the incarnation the shard answered with before: a starting
-    /// shard that answers with another one restarted; unknown (0, an older shard, or never
-    /// asked) is no restart; a serving or draining one is what it says.
+    /// A health reply read with the incarnation remembered for the shard: a starting shard that
+    /// answers with another one restarted, also after a 0 (an older shard); unknown now (0) or
+    /// never asked is no restart; a serving or draining one is what it says. A probe remembers
+    /// an incarnation from a starting reply, or the first.
     #[test]
     fn a_starting_shard_with_another_incarnation_restarted() {
         let reply = |serving, starting, incarnation| v1::HealthReply {
