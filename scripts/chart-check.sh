@@ -201,8 +201,8 @@ section "4. what the chart promises, read from the rendered objects"
 if ((have_helm && have_py)); then
     # variant|what `chart_checks.py rendered <variant>` checks in its render
     RENDERED=(
-        "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service, JWT from a JWKS"
-        "external-redis|Redis over TLS with a client certificate, ACL user, Secret-sourced password, Ingress, ServiceMonitor, egress, cert-manager mTLS"
+        "default|workloads, probes, drain, HPA, PDB, spread, RBAC, Service, JWT from a JWKS, worker threads from the CPU request"
+        "external-redis|Redis over TLS with a client certificate, ACL user, Secret-sourced password, Ingress, ServiceMonitor, egress, cert-manager mTLS, config.workerThreads"
         "nacos|no RBAC, no token, Nacos settings, bundled Redis on PVCs with a password, mTLS Secret"
         "disabled|only ConfigMap, workloads and Services, auth off"
     )

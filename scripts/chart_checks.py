@@ -105,6 +105,28 @@ def check_grpc_tls(by, cm, c, secret, server_name):
 
 
 
+def check_workers(by, cm, c, threads=None):
+    """Worker threads: from each container's CPU request (downward API, rounded up) unless
+    config.workerThreads sets them in the ConfigMap, where the env must not override them."""
+    for kind, name, ctr_name in (("Deployment", "presence-gateway", "gateway"),
+                                 ("StatefulSet", "presence-shard", "shard")):
+        ctr = by[(kind, name)]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in ctr.get("env", [])}
+        ref = env.get("PRESENCE_WORKER_THREADS", {}).get("valueFrom", {}).get("resourceFieldRef", {})
+        if threads is None:
+            c.need(ref == {"containerName": ctr_name, "resource": "requests.cpu", "divisor": "1"},
+                   f"{ctr_name}: PRESENCE_WORKER_THREADS from its CPU request (divisor 1)")
+            c.need(ctr.get("resources", {}).get("requests", {}).get("cpu"),
+                   f"{ctr_name}: a CPU request to take the worker threads from")
+        else:
+            c.need("PRESENCE_WORKER_THREADS" not in env,
+                   f"{ctr_name}: config.workerThreads is not overridden by the env")
+    if threads is None:
+        c.need("PRESENCE_WORKER_THREADS" not in cm, "ConfigMap: no PRESENCE_WORKER_THREADS by default")
+    else:
+        c.need(cm.get("PRESENCE_WORKER_THREADS") == str(threads), f"ConfigMap: PRESENCE_WORKER_THREADS={threads}")
+
+
 def rendered_default(docs, c):
     by = by_kind_name(docs)
     cm = by[("ConfigMap", "presence-config")]["data"]
@@ -114,6 +136,7 @@ def rendered_default(docs, c):
            "k8s discovery service/port")
     check_jwt(cm, c)
     c.need(not any(k.startswith("PRESENCE_GRPC_TLS_") for k in cm), "no gRPC TLS by default")
+    check_workers(by, cm, c)
     gw = by[("Deployment", "presence-gateway")]
     sh = by[("StatefulSet", "presence-shard")]
     for w, role in ((gw, "gateway"), (sh, "shard")):
@@ -209,6 +232,7 @@ def rendered_external_redis(docs, c):
     c.need({"server auth", "client auth"} <= set(cert.get("usages", [])), "Certificate: server auth + client auth")
     c.need(cert.get("issuerRef", {}).get("kind") == "ClusterIssuer", "Certificate issuerRef")
     check_grpc_tls(by, cm, c, "presence-grpc-tls", "presence.internal")
+    check_workers(by, cm, c, threads=2)
 
 
 def rendered_nacos(docs, c):

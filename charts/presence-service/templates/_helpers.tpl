@@ -261,6 +261,24 @@ startupProbe:
       fieldPath: metadata.name
 {{- end -}}
 
+{{/*
+PRESENCE_WORKER_THREADS from the container's CPU request, rounded up (250m and 500m give 1,
+1500m gives 2), unless config.workerThreads sets it in the ConfigMap: the chart sets no CPU
+limit, so the binary's own default (the CPUs it may use) would run a worker per CPU of the
+node, each sleeping and waking on a fraction of a core. (list $ "<container name>").
+*/}}
+{{- define "presence.workersEnv" -}}
+{{- $root := index . 0 -}}
+{{- if not $root.Values.config.workerThreads -}}
+- name: PRESENCE_WORKER_THREADS
+  valueFrom:
+    resourceFieldRef:
+      containerName: {{ index . 1 }}
+      resource: requests.cpu
+      divisor: "1"
+{{- end -}}
+{{- end -}}
+
 {{/* The gRPC mTLS Secret's volume and mount (grpcTls.enabled), for both roles. */}}
 {{- define "presence.grpcTlsVolume" -}}
 - name: grpc-tls
