@@ -337,7 +337,12 @@ impl Node {
             leases,
         });
         let listener = TcpListener::bind(config.listen).await?;
-        tracing::info!(addr = %listener.local_addr()?, role = ?config.role, "listening");
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            role = ?config.role,
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
+            "listening"
+        );
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
                 let l = TcpListener::bind(addr).await?;
