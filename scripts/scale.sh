@@ -32,7 +32,8 @@
 # Env: SCALE_DEVICES (1000000), SCALE_TIMEOUT (300s), SCALE_HB_DURATION (30s),
 #      SCALE_EXP_SIZES ("1000 10000 100000"), SCALE_EXP_TIMEOUT (30s: longer than putting the
 #      largest size online and subscribing to it), SCALE_PUSH_SOCKETS (20000),
-#      SCALE_PUSH_DURATION (60s), SCALE_PARTS (main,expire,push: the phases 1-3, 4, 5 to run), SCALE_TIMER_TICK (the servers' PRESENCE_TIMER_TICK; default:
+#      SCALE_PUSH_DURATION (60s), SCALE_PARTS (main,expire,push: the phases 1-3, 4, 5 to run), SCALE_WORKERS (every server's PRESENCE_WORKER_THREADS; 1 is
+#      the Helm chart's default shape; default: theirs), SCALE_TIMER_TICK (the servers' PRESENCE_TIMER_TICK; default:
 #      theirs), REPORT_DIR (docs), SKIP_BUILD=1 (use the binaries in BIN_DIR, default
 #      target/release), PORT_BASE (18500), REDIS_BASE_PORT (7800), OUT (.tmp/scale).
 # Needs redis-server (scripts/redis-cluster.sh), jq, curl and python3; installs matplotlib
@@ -100,6 +101,7 @@ handoff_gained() {
 TIMEOUT_S="$(secs "$TIMEOUT")"
 TICK_ENV=()
 [[ -n "${SCALE_TIMER_TICK:-}" ]] && TICK_ENV=("PRESENCE_TIMER_TICK=$SCALE_TIMER_TICK")
+[[ -n "${SCALE_WORKERS:-}" ]] && TICK_ENV+=("PRESENCE_WORKER_THREADS=$SCALE_WORKERS")
 
 shard_url() { echo "http://127.0.0.1:$((PORT_BASE + 20 + $1))"; }
 gw_url() { echo "http://127.0.0.1:$((PORT_BASE + 40 + $1))"; }
@@ -166,6 +168,7 @@ R="$OUT/results.env"   # KEY=value figures for the report
 fig() { echo "$1=$2" >>"$R"; echo "  $1 = $2" >&2; }
 fig devices "$DEVICES"
 fig timeout_s "$TIMEOUT_S"
+fig workers "${SCALE_WORKERS:-one per CPU (the default)}"
 
 PARTS=",${SCALE_PARTS:-main,expire,push},"
 redis_up

@@ -74,6 +74,8 @@ ROWS = [
      "heartbeat_p99_ms", "ms", "heartbeat_errors", "errors"),
     ("Heartbeat interval that rate represents (devices ÷ rate)", "represented_interval_s", "s"),
     ("Heartbeat timeout of the run", "timeout_s", "s"),
+    ("Runtime worker threads per process (PRESENCE_WORKER_THREADS; the chart's default is 1)",
+     "workers", ""),
     ("kill -9 of shard 2: its devices, partitions", "dead_shard_devices", "",
      "dead_shard_partitions", "partitions"),
     ("Survivors own every partition after", "owned_all_after_kill_s", "s"),
