@@ -99,9 +99,9 @@ handoff_gained() {
       '$1 == n { s += $2 } END { printf f "\n", s }'
 }
 TIMEOUT_S="$(secs "$TIMEOUT")"
-TICK_ENV=()
-[[ -n "${SCALE_TIMER_TICK:-}" ]] && TICK_ENV=("PRESENCE_TIMER_TICK=$SCALE_TIMER_TICK")
-[[ -n "${SCALE_WORKERS:-}" ]] && TICK_ENV+=("PRESENCE_WORKER_THREADS=$SCALE_WORKERS")
+SERVER_ENV=()
+[[ -n "${SCALE_TIMER_TICK:-}" ]] && SERVER_ENV=("PRESENCE_TIMER_TICK=$SCALE_TIMER_TICK")
+[[ -n "${SCALE_WORKERS:-}" ]] && SERVER_ENV+=("PRESENCE_WORKER_THREADS=$SCALE_WORKERS")
 
 shard_url() { echo "http://127.0.0.1:$((PORT_BASE + 20 + $1))"; }
 gw_url() { echo "http://127.0.0.1:$((PORT_BASE + 40 + $1))"; }
@@ -178,7 +178,7 @@ redis_up
 if [[ "$PARTS" == *,main,* ]]; then
 redis_flush
 phase "cluster up"
-start_cluster 3 2 PRESENCE_HEARTBEAT_TIMEOUT="$TIMEOUT" PRESENCE_HEARTBEAT_INTERVAL="$((TIMEOUT_S / 2))s" "${TICK_ENV[@]}"
+start_cluster 3 2 PRESENCE_HEARTBEAT_TIMEOUT="$TIMEOUT" PRESENCE_HEARTBEAT_INTERVAL="$((TIMEOUT_S / 2))s" "${SERVER_ENV[@]}"
 sampler_start
 sleep 3 # the allocator gives back what start-up took, before the baseline is read
 rss0=() ; for i in 1 2 3; do rss0[i]="$(rss_kb "${PROC[shard$i]}")"; done
@@ -279,7 +279,7 @@ fi
 if [[ "$PARTS" == *,expire,* ]]; then
 redis_flush
 phase "expiry burst"
-start_cluster 3 2 PRESENCE_HEARTBEAT_TIMEOUT="$EXP_TIMEOUT" PRESENCE_HEARTBEAT_INTERVAL="$(($(secs "$EXP_TIMEOUT") / 2))s" "${TICK_ENV[@]}"
+start_cluster 3 2 PRESENCE_HEARTBEAT_TIMEOUT="$EXP_TIMEOUT" PRESENCE_HEARTBEAT_INTERVAL="$(($(secs "$EXP_TIMEOUT") / 2))s" "${SERVER_ENV[@]}"
 sampler_start
 k=0
 for n in $EXP_SIZES; do
@@ -304,7 +304,7 @@ fi
 if [[ "$PARTS" == *,push,* ]]; then
 redis_flush
 phase "push"
-start_cluster 3 2
+start_cluster 3 2 "${SERVER_ENV[@]}"
 push_run push-scale "$PUSH_SOCKETS" "$(gw_url 1),$(gw_url 2)" "${PROC[gw1]},${PROC[gw2]}" "$(gw_url 1),$(gw_url 2)" |
   tee "$OUT/push.txt" >&2
 line="$(grep '"result":"push-scale"' "$OUT/push.txt")"

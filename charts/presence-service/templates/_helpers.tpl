@@ -263,20 +263,18 @@ startupProbe:
 
 {{/*
 PRESENCE_WORKER_THREADS from the container's CPU request, rounded up (250m and 500m give 1,
-1500m gives 2), unless config.workerThreads sets it in the ConfigMap: the chart sets no CPU
-limit, so the binary's own default (the CPUs it may use) would run a worker per CPU of the
-node, each sleeping and waking on a fraction of a core. (list $ "<container name>").
+1500m gives 2); the workloads include it unless config.workerThreads sets it in the ConfigMap.
+The chart sets no CPU limit, so the binary's own default (the CPUs it may use) would run a
+worker per CPU of the node, each sleeping and waking on a fraction of a core.
+The argument is the container's name.
 */}}
 {{- define "presence.workersEnv" -}}
-{{- $root := index . 0 -}}
-{{- if not $root.Values.config.workerThreads -}}
 - name: PRESENCE_WORKER_THREADS
   valueFrom:
     resourceFieldRef:
-      containerName: {{ index . 1 }}
+      containerName: {{ . }}
       resource: requests.cpu
       divisor: "1"
-{{- end -}}
 {{- end -}}
 
 {{/* The gRPC mTLS Secret's volume and mount (grpcTls.enabled), for both roles. */}}
