@@ -30,7 +30,10 @@
 #               (each process's CPU per heartbeat), CL_SHOW_BATCH=1
 #               (print the gateway's heartbeat batch metrics), CL_MODE=online (measure `POST /online`
 #               of a device that changes platform each time, a durable change, instead of heartbeats;
-#               CL_MODE=status: `GET /status/{userId}` of the users put online first)
+#               CL_MODE=status: `GET /status/{userId}` of the users put online first), CL_BOUND
+#               (1.5: the ratio the summary counts rounds within). The run ends with each cluster
+#               configuration's CPU per heartbeat ÷ the all-in-one's ("all", and "all-1w" when it
+#               ran), per round, and their median.
 #      lease:   LEASE_BINS (presence-service binaries, space-separated; default BIN_DIR's),
 #               LEASE_SOCKETS (10000), LEASE_INTERVAL (each socket's heartbeat interval, 2s),
 #               LEASE_DURATION (30s), LEASE_ROUNDS (1)
@@ -314,7 +317,9 @@ cluster_pids() { local n; for n in "${!PROC[@]}"; do echo "${PROC[$n]}"; done; }
 bench_cluster() {
   echo "## issue 4: all-in-one vs gateway -> shards, on the Redis Cluster"
   redis_up
-  local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line n
+  local users="${CL_USERS:-10000}" rounds="${CL_ROUNDS:-3}" dur="${CL_DURATION:-10s}" r cfg url lead pids c0 c1 line n cpu
+  local table="$OUT/cluster-cpu.tsv"
+  : >"$table"
   for r in $(seq 1 "$rounds"); do
     for cfg in ${CL_CONFIGS:-all shards1 shards3}; do
       redis_flush
@@ -366,11 +371,37 @@ bench_cluster() {
       fi
       [[ -n "${CL_SHOW_BATCH:-}" ]] && curl -s "$url/metrics" | grep -E "^presence_(heartbeat(s_batched|_batches)|online(s_batched|_batches)|status(_reads_batched|_batches))_total|_sent_alone_total" | tr '\n' ' '
       echo "$cfg round $r: $line"
-      echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$(us_per_heartbeat "$line" "$((c1 - c0))")" \
+      cpu="$(us_per_heartbeat "$line" "$((c1 - c0))")"
+      printf '%s\t%s\t%s\n' "$cfg" "$r" "$cpu" >>"$table"
+      echo "$cfg round $r: processes=${#pids[@]} cpu_all_processes_us_per_heartbeat=$cpu" \
         "wrong_owner_retries=$(metric "$url" presence_wrong_owner_retries_total)"
       stop_all
     done
   done
+  cluster_ratios "$table"
+}
+
+# Issue 13's acceptance, from one run: each cluster configuration's CPU per heartbeat (all its
+# processes) ÷ the one-process baseline's of the same round, for each baseline that ran ("all",
+# the all-in-one at its default workers, and "all-1w"); then the median over the rounds and how
+# many rounds are within CL_BOUND (default 1.5). Rounds interleave the configurations, so a
+# spell of host noise lands on a round, not on one configuration.
+cluster_ratios() { # TABLE (lines: cfg, round, µs per heartbeat)
+  python3 - "$1" "${CL_BOUND:-1.5}" <<'PY'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines() if l]
+bound = float(sys.argv[2])
+cpu = {(c, int(r)): float(v) for c, r, v in rows}
+configs = list(dict.fromkeys(c for c, _, _ in rows))
+for base in [b for b in ("all", "all-1w") if b in configs]:
+    for cfg in [c for c in configs if not c.startswith("all")]:
+        ratios = [cpu[(cfg, r)] / cpu[(base, r)] for (c, r) in sorted(cpu) if c == cfg and (base, r) in cpu]
+        if not ratios:
+            continue
+        within = sum(x <= bound for x in ratios)
+        print(f"ratio {cfg} / {base}: rounds " + " ".join(f"{x:.2f}" for x in ratios)
+              + f"; median {statistics.median(ratios):.2f}; within {bound}: {within} of {len(ratios)}")
+PY
 }
 
 # ------------------------------------------------------------------------------------ issue 5

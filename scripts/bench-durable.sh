@@ -7,9 +7,10 @@
 # Env:   LOADGEN (default ./target/release/presence-loadgen), SEEDS (the seed URLs of a running
 #        Redis Cluster; the first three nodes' masters are flushed before each Redis run),
 #        PORT (default 18310), USERS (10000), CONNECTIONS (64), DURATION (10s), ROUNDS (2),
-#        MIN_REPLICAS (1).
+#        MIN_REPLICAS (1), BOUND (0.5: the ratio the summary counts rounds reaching).
 # Prints per run: rps, errors, p99 ms, the server's CPU per request, and the Redis masters' and
-# replicas' CPU per request (read from /proc; they must run on this machine).
+# replicas' CPU per request (read from /proc; they must run on this machine); per round, Redis ÷
+# memory; at the end, per binary, those ratios' median.
 # Only ever talks to 127.0.0.1; stops the servers it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,7 @@ run() {
   stop_server
 }
 
+declare -A RATIOS=()
 echo "# machine: $(nproc) cores; load: $(cat /proc/loadavg); redis masters: ${MASTERS[*]}"
 echo "# columns: label rps errors p99_ms server_cpu_us_per_request masters_cpu_us_per_request replicas_cpu_us_per_request"
 for round in $(seq 1 "$ROUNDS"); do
@@ -81,7 +83,19 @@ for round in $(seq 1 "$ROUNDS"); do
     for m in "${MASTERS[@]}"; do redis-cli -p "$m" flushall >/dev/null; done
     red="$(run "round$round redis  $bin" "$bin" PRESENCE_REDIS_URL="$SEEDS" PRESENCE_REDIS_MIN_REPLICAS="$MIN_REPLICAS")"
     echo "$red"
-    python3 -c "import sys; m=float(sys.argv[1]); r=float(sys.argv[2]); print(f'round$round ratio  $bin redis/memory = {r/m:.2f}')" \
-      "$(echo "$mem" | awk '{print $4}')" "$(echo "$red" | awk '{print $4}')"
+    ratio="$(python3 -c "import sys; print(f'{float(sys.argv[2]) / float(sys.argv[1]):.2f}')" \
+      "$(echo "$mem" | awk '{print $4}')" "$(echo "$red" | awk '{print $4}')")"
+    echo "round$round ratio  $bin redis/memory = $ratio"
+    RATIOS[$bin]+=" $ratio"
   done
+done
+# Issue 13's acceptance, from one run: each binary's ratios, their median, and how many rounds
+# reach BOUND (default 0.5).
+for bin in "$@"; do
+  python3 - "$bin" "${BOUND:-0.5}" ${RATIOS[$bin]} <<'PY'
+import statistics, sys
+bin, bound, ratios = sys.argv[1], float(sys.argv[2]), [float(x) for x in sys.argv[3:]]
+print(f"ratio {bin} redis/memory: rounds {' '.join(sys.argv[3:])}; median {statistics.median(ratios):.2f}; "
+      f"at least {bound}: {sum(x >= bound for x in ratios)} of {len(ratios)}")
+PY
 done
