@@ -317,6 +317,7 @@ async fn concurrent_heartbeats_go_in_batches_and_keep_their_answers() {
     }
     let stranger = uid();
     let rounds = 5;
+    c.open_connections(0, online.len()).await;
     for _ in 0..rounds {
         let beats = online.iter().map(|&u| {
             let body = json!({ "userId": u, "deviceId": "d", "active": true });
@@ -386,8 +387,9 @@ async fn a_burst_of_onlines_goes_in_batches_and_keeps_its_answers() {
             c.metric(g, "presence_onlines_sent_alone_total").await,
         )
     };
-    let (sent0, calls0, alone0) = counters().await;
     let burst = users(300);
+    c.open_connections(0, burst.len() + 1).await;
+    let (sent0, calls0, alone0) = counters().await;
     let answers = futures::future::join_all(
         burst
             .iter()
@@ -460,12 +462,13 @@ async fn concurrent_status_reads_go_in_batches_and_keep_their_answers() {
         c.shard_sum(&served("StatusBatch")).await,
         c.shard_sum(&served("Status")).await,
     );
-    let (sent0, calls0, alone0) = counters().await;
     let paths: Vec<String> = online
         .iter()
         .chain(&never)
         .map(|u| format!("/api/v1/presence/status/{u}"))
         .collect();
+    c.open_connections(0, paths.len()).await;
+    let (sent0, calls0, alone0) = counters().await;
     let reads = futures::future::join_all(paths.iter().map(|p| c.get(0, p))).await;
     for (u, (code, v)) in online.iter().zip(&reads) {
         assert_eq!(*code, 200, "{v}");
@@ -532,19 +535,13 @@ async fn a_batch_goes_when_nothing_more_is_ready_not_when_the_window_is_out() {
         );
     }
     let g = Proc::Gateway(0);
-    let together = || {
-        futures::future::join_all(online.iter().map(|&u| {
-            let body = json!({ "userId": u, "deviceId": "d", "active": true });
-            c.post(0, "/api/v1/presence/heartbeat", body)
-        }))
-    };
-    // A first round opens the client's connections (one per request in flight; the pool keeps
-    // them), so that the measured round's requests come together rather than one accept apart.
-    for (code, v) in together().await {
-        assert_eq!(code, 200, "{v}");
-    }
+    c.open_connections(0, online.len()).await;
     let calls_before = c.metric(g, "presence_heartbeat_batches_total").await;
-    for (code, v) in together().await {
+    let beats = online.iter().map(|&u| {
+        let body = json!({ "userId": u, "deviceId": "d", "active": true });
+        c.post(0, "/api/v1/presence/heartbeat", body)
+    });
+    for (code, v) in futures::future::join_all(beats).await {
         assert_eq!(code, 200, "{v}");
     }
     let calls = c.metric(g, "presence_heartbeat_batches_total").await - calls_before;

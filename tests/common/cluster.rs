@@ -525,6 +525,20 @@ impl Cluster {
         http::request(&self.client, &self.base(k), method, path, body).await
     }
 
+    /// Opens `n` connections of the test client to gateway `k` (`n` requests at once; the
+    /// client's pool keeps them), so that a burst that follows comes together instead of one
+    /// accept apart: for tests that count how a burst was coalesced.
+    pub async fn open_connections(&self, k: usize, n: usize) {
+        let base = self.base(k);
+        let answers = futures::future::join_all(
+            (0..n).map(|_| http::send_bytes(&self.client, "GET", &base, "/livez", None, None)),
+        )
+        .await;
+        for a in answers {
+            assert_eq!(a.status, 200, "/livez: {}", a.body);
+        }
+    }
+
     /// `GET path` through gateway `k`.
     pub async fn get(&self, k: usize, path: &str) -> (u16, Value) {
         self.request(k, "GET", path, None).await
